@@ -1,0 +1,318 @@
+"""Model hyperparameters: one frozen dataclass with DeepSeek-V3's own field names.
+
+Field names follow `ModelArgs` in DeepSeek-V3's `inference/model.py`, so a config
+reads the same as the official code and maps 1:1 onto HF `config.json` files
+(see `deepseek_jax.interop.hf`). `validate()` runs on construction: an
+impossible combination fails here, naming the field and the fix, long before
+anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_SCORE_FUNCS = ("sigmoid", "softmax")
+_MOE_IMPLS = ("auto", "blocked", "ragged", "dense")
+_REMAT = ("none", "full", "dots_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """DeepSeek-V3-family model shape.
+
+  Attributes (official names; HF `config.json` names in brackets):
+    vocab_size: tokenizer size [vocab_size].
+    dim: model width [hidden_size].
+    inter_dim: hidden width of the dense SwiGLU MLP layers [intermediate_size].
+    moe_inter_dim: hidden width of each routed/shared expert [moe_intermediate_size].
+    n_layers: transformer blocks, dense then MoE [num_hidden_layers].
+    n_dense_layers: the first `n_dense_layers` blocks use a dense MLP
+      [first_k_dense_replace].
+    n_heads: attention heads [num_attention_heads].
+    n_routed_experts: routed experts per MoE layer [n_routed_experts].
+    n_shared_experts: always-on experts, fused into one FFN of width
+      n_shared_experts * moe_inter_dim [n_shared_experts].
+    n_activated_experts: top-k routed experts per token [num_experts_per_tok].
+    n_expert_groups: experts are split into this many groups [n_group].
+    n_limited_groups: each token may only pick experts from this many groups
+      (device-limited routing) [topk_group].
+    score_func: "sigmoid" (V3: gates normalised over the chosen experts) or
+      "softmax" (V2: gates are the raw softmax probabilities).
+    route_scale: gates are multiplied by this [routed_scaling_factor].
+    q_lora_rank: rank of the query compression; 0 or None = direct W_q
+      projection (V2-Lite) [q_lora_rank].
+    kv_lora_rank: rank of the joint KV compression c_kv [kv_lora_rank].
+    qk_nope_head_dim / qk_rope_head_dim / v_head_dim: per-head dims of the
+      non-rotary query/key part, the (shared) rotary part, and the values.
+    original_seq_len: context the RoPE frequencies were trained for
+      [rope_scaling.original_max_position_embeddings].
+    rope_theta: RoPE base.
+    rope_factor / beta_fast / beta_slow / mscale: YaRN context extension; only
+      active when max_seq_len > original_seq_len (as in the official code).
+    max_seq_len: longest sequence the model accepts [max_position_embeddings].
+    n_mtp_depth: number of sequential Multi-Token-Prediction modules D
+      [num_nextn_predict_layers].
+    rms_norm_eps: RMSNorm epsilon.
+    init_std: normal init std for weights (V3 used 0.006).
+    dtype: activation/compute dtype; param_dtype: parameter storage dtype.
+      On CPU keep float32 (XLA:CPU runs bf16 matmuls slower than f32).
+    moe_impl: grouped-matmul kernel for dropless MoE: "blocked" (sorted rows
+      padded to `moe_block_size`, batched einsum: fast on CPU), "ragged"
+      (`jax.lax.ragged_dot`: for GPU/TPU), "dense" (every expert on every
+      token, masked: an exact but E/k-times costlier reference), or "auto".
+    moe_block_size: row block for the "blocked" kernel (0 = choose from shape).
+    remat_policy: activation checkpointing of each block: "none", "full"
+      (recompute everything in the backward pass) or "dots_saveable".
+  """
+
+  vocab_size: int = 102400
+  dim: int = 2048
+  inter_dim: int = 10944
+  moe_inter_dim: int = 1408
+  n_layers: int = 27
+  n_dense_layers: int = 1
+  n_heads: int = 16
+  n_routed_experts: int = 64
+  n_shared_experts: int = 2
+  n_activated_experts: int = 6
+  n_expert_groups: int = 1
+  n_limited_groups: int = 1
+  score_func: str = "softmax"
+  route_scale: float = 1.0
+  q_lora_rank: int | None = 0
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  original_seq_len: int = 4096
+  rope_theta: float = 10000.0
+  rope_factor: float = 40.0
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  max_seq_len: int = 4096
+  n_mtp_depth: int = 0
+  rms_norm_eps: float = 1e-6
+  init_std: float = 0.006
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  moe_impl: str = "auto"
+  moe_block_size: int = 0
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    self.validate()
+
+  # ---- derived quantities -------------------------------------------------
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def use_q_lora(self) -> bool:
+    return bool(self.q_lora_rank)
+
+  @property
+  def n_moe_layers(self) -> int:
+    return self.n_layers - self.n_dense_layers
+
+  @property
+  def use_yarn(self) -> bool:
+    """YaRN is applied only past the original context (official model.py)."""
+    return self.max_seq_len > self.original_seq_len
+
+  @property
+  def softmax_scale(self) -> float:
+    """(d_nope + d_rope)^-0.5, times mscale^2 under YaRN (V3 inference code)."""
+    scale = self.qk_head_dim ** -0.5
+    if self.use_yarn and self.rope_factor > 1.0:
+      m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+      scale *= m * m
+    return scale
+
+  # ---- validation ---------------------------------------------------------
+  def validate(self) -> None:
+    """Raises ValueError naming the field and the fix for impossible configs."""
+    positive = ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads",
+                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim", "original_seq_len", "max_seq_len")
+    for name in positive:
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name}={v!r} must be a positive integer.")
+    non_negative = ("n_dense_layers", "n_shared_experts", "n_mtp_depth",
+                    "moe_block_size", "n_routed_experts", "n_activated_experts",
+                    "moe_inter_dim", "n_expert_groups", "n_limited_groups")
+    for name in non_negative:
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{name}={v!r} must be a non-negative integer.")
+    if self.q_lora_rank is not None and (
+        not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
+      raise ValueError(
+          f"q_lora_rank={self.q_lora_rank!r} must be a non-negative integer "
+          "(0 or None for a direct query projection).")
+    if self.n_dense_layers > self.n_layers:
+      raise ValueError(
+          f"n_dense_layers={self.n_dense_layers} exceeds n_layers={self.n_layers}; "
+          "set n_dense_layers <= n_layers.")
+    if self.qk_rope_head_dim % 2:
+      raise ValueError(
+          f"qk_rope_head_dim={self.qk_rope_head_dim} must be even: RoPE rotates "
+          "pairs of channels.")
+    if self.n_moe_layers > 0:
+      self._validate_moe()
+    if self.score_func not in _SCORE_FUNCS:
+      raise ValueError(f"score_func={self.score_func!r} must be one of {_SCORE_FUNCS}.")
+    if not self.route_scale > 0:
+      raise ValueError(f"route_scale={self.route_scale} must be > 0.")
+    if not self.rope_theta > 0:
+      raise ValueError(f"rope_theta={self.rope_theta} must be > 0.")
+    if self.use_yarn:
+      if not self.rope_factor >= 1.0:
+        raise ValueError(
+            f"rope_factor={self.rope_factor} must be >= 1 when max_seq_len="
+            f"{self.max_seq_len} > original_seq_len={self.original_seq_len} (YaRN).")
+      if not self.beta_fast > self.beta_slow > 0:
+        raise ValueError(
+            f"beta_fast={self.beta_fast}, beta_slow={self.beta_slow}: YaRN needs "
+            "beta_fast > beta_slow > 0.")
+    if not self.rms_norm_eps > 0:
+      raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be > 0.")
+    if not self.init_std > 0:
+      raise ValueError(f"init_std={self.init_std} must be > 0.")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}.")
+    if self.moe_impl not in _MOE_IMPLS:
+      raise ValueError(f"moe_impl={self.moe_impl!r} must be one of {_MOE_IMPLS}.")
+    if self.remat_policy not in _REMAT:
+      raise ValueError(f"remat_policy={self.remat_policy!r} must be one of {_REMAT}.")
+
+  def _validate_moe(self) -> None:
+    e, k = self.n_routed_experts, self.n_activated_experts
+    g, lg = self.n_expert_groups, self.n_limited_groups
+    where = f"(n_layers - n_dense_layers = {self.n_moe_layers} MoE layers)"
+    if e < 1 or self.moe_inter_dim < 1:
+      raise ValueError(
+          f"n_routed_experts={e}, moe_inter_dim={self.moe_inter_dim} must be >= 1 "
+          f"{where}; or set n_dense_layers=n_layers for a dense model.")
+    if not 1 <= k <= e:
+      raise ValueError(
+          f"n_activated_experts={k} must be in [1, n_routed_experts={e}].")
+    if g < 1 or e % g:
+      raise ValueError(
+          f"n_expert_groups={g} must divide n_routed_experts={e}.")
+    if not 1 <= lg <= g:
+      raise ValueError(
+          f"n_limited_groups={lg} must be in [1, n_expert_groups={g}].")
+    if g > 1 and e // g < 2:
+      raise ValueError(
+          f"n_routed_experts/n_expert_groups={e // g}: group scores sum each "
+          "group's top-2 experts, so groups need >= 2 experts; use fewer groups.")
+    if lg * (e // g) < k:
+      raise ValueError(
+          f"n_limited_groups={lg} groups x {e // g} experts/group < "
+          f"n_activated_experts={k}: a token could not find k experts; raise "
+          "n_limited_groups or lower n_activated_experts.")
+
+  # ---- conversion ---------------------------------------------------------
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any], base: "ModelConfig | None" = None
+                ) -> "ModelConfig":
+    """Builds a config from field values (unknown names raise, with a hint)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+      if key not in names:
+        hint = difflib.get_close_matches(key, names, n=1)
+        raise ValueError(
+            f"Unknown ModelConfig field {key!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else f"; fields: {names}"))
+    base = base if base is not None else cls()
+    return dataclasses.replace(base, **values)
+
+  @classmethod
+  def from_json(cls, path: str) -> "ModelConfig":
+    with open(path) as f:
+      try:
+        values = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from None
+    preset = values.pop("preset", None)
+    return cls.from_dict(values, base=get_preset(preset) if preset else None)
+
+
+# --------------------------------------------------------------------------
+# Presets. "tiny" is for tests, "small" for the CPU demo; the two big ones are
+# the published shapes (checked with jax.eval_shape only).
+# --------------------------------------------------------------------------
+def _tiny() -> ModelConfig:
+  return ModelConfig(
+      vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3,
+      n_dense_layers=1, n_heads=4, n_routed_experts=8, n_shared_experts=1,
+      n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
+      score_func="sigmoid", route_scale=2.5, q_lora_rank=32, kv_lora_rank=32,
+      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+      original_seq_len=128, max_seq_len=128, n_mtp_depth=1, init_std=0.02)
+
+
+def _small() -> ModelConfig:
+  return ModelConfig(
+      vocab_size=128, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=4,
+      n_dense_layers=1, n_heads=4, n_routed_experts=8, n_shared_experts=1,
+      n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,
+      score_func="sigmoid", route_scale=2.5, q_lora_rank=64, kv_lora_rank=32,
+      qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+      original_seq_len=256, max_seq_len=256, n_mtp_depth=1, init_std=0.02)
+
+
+def _v2_lite_16b() -> ModelConfig:
+  # DeepSeek-V2-Lite: 15.7B total / 2.4B active, softmax routing, no q LoRA.
+  return ModelConfig(
+      vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408,
+      n_layers=27, n_dense_layers=1, n_heads=16, n_routed_experts=64,
+      n_shared_experts=2, n_activated_experts=6, n_expert_groups=1,
+      n_limited_groups=1, score_func="softmax", route_scale=1.0, q_lora_rank=0,
+      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+      v_head_dim=128, original_seq_len=4096, rope_factor=40.0, mscale=0.707,
+      max_seq_len=4096, n_mtp_depth=0)
+
+
+def _v3_671b() -> ModelConfig:
+  return ModelConfig(
+      vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048,
+      n_layers=61, n_dense_layers=3, n_heads=128, n_routed_experts=256,
+      n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
+      n_limited_groups=4, score_func="sigmoid", route_scale=2.5,
+      q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+      qk_rope_head_dim=64, v_head_dim=128, original_seq_len=4096,
+      rope_theta=10000.0, rope_factor=40.0, beta_fast=32.0, beta_slow=1.0,
+      mscale=1.0, max_seq_len=4096 * 4, n_mtp_depth=1, dtype="bfloat16",
+      param_dtype="float32", remat_policy="full")
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "small": _small,
+    "v2_lite_16b": _v2_lite_16b,
+    "v3_671b": _v3_671b,
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+  """Returns a named preset, optionally with some fields replaced."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+  cfg = PRESETS[name]()
+  return cfg.from_dict(overrides, base=cfg) if overrides else cfg

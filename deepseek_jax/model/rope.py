@@ -1,0 +1,65 @@
+"""Rotary position embedding in DeepSeek's interleaved layout, with YaRN.
+
+DeepSeek rotates interleaved channel pairs (x0, x1), (x2, x3), ... of the
+`qk_rope_head_dim` rotary part, pair j by angle pos * freq_j. Only dot products
+between rotated queries and keys matter, so the layout must just match the
+checkpoint's weights (HF's `rope_interleave=True` holds the same weights).
+
+YaRN (V2 paper, sec. "Long context extension") stretches low frequencies by
+`rope_factor` and keeps high ones, with a linear ramp between the correction
+dims found from `beta_fast` / `beta_slow` rotations over `original_seq_len`
+tokens. As in DeepSeek-V3's `precompute_freqs_cis`, it is applied only when
+max_seq_len > original_seq_len; the matching attention-logit factor mscale^2
+lives in `ModelConfig.softmax_scale`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+
+
+def _correction_dim(n_rotations: float, dim: int, base: float, seq_len: int) -> float:
+  # The channel pair index whose wavelength fits n_rotations times in seq_len.
+  return dim * math.log(seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def yarn_correction_range(cfg: ModelConfig) -> tuple[int, int]:
+  dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+  low = math.floor(_correction_dim(cfg.beta_fast, dim, base, cfg.original_seq_len))
+  high = math.ceil(_correction_dim(cfg.beta_slow, dim, base, cfg.original_seq_len))
+  return max(low, 0), min(high, dim - 1)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Per-pair angular frequencies [qk_rope_head_dim // 2] (float64 numpy)."""
+  dim = cfg.qk_rope_head_dim
+  freqs = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  if cfg.use_yarn:
+    low, high = yarn_correction_range(cfg)
+    if low == high:
+      high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1.0 - ramp  # 1 = keep original (high-frequency) pair
+    freqs = freqs / cfg.rope_factor * (1 - keep) + freqs * keep
+  return freqs.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Rotates interleaved pairs of the last axis of x.
+
+  x: [batch, seq, ..., qk_rope_head_dim]; positions: int [batch, seq].
+  """
+  freqs = jnp.asarray(rope_frequencies(cfg))
+  angles = positions.astype(jnp.float32)[..., None] * freqs   # [b, s, d/2]
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
+  even, odd = pairs[..., 0], pairs[..., 1]
+  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)

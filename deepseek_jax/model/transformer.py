@@ -1,0 +1,187 @@
+"""The DeepSeek-V3 transformer: embedding, dense blocks, MoE blocks, head, MTP.
+
+    logits = Transformer(cfg).apply(variables, tokens)            # [b, s, vocab] f32
+    logits, aux = Transformer(cfg).apply(variables, tokens, targets=targets,
+                                         segment_ids=seg, positions=pos,
+                                         return_aux=True)
+
+`variables` holds two collections: `params` (trained) and `router_bias` (the
+aux-loss-free balancing bias of each MoE layer, moved by the trainer, never
+by the optimizer). `aux` carries what training needs beyond the logits:
+  mtp_logits    [D, b, s, vocab] f32   (only when `targets` is given and D > 0)
+  balance_loss  scalar: sum over MoE layers (MTP blocks included) of the
+                sequence-wise balance loss, unscaled by alpha
+  expert_load   [n_moe_layers, E] tokens routed to each expert in each main
+                MoE layer (padding excluded): input to the bias update
+Blocks of each kind are stacked with `nn.scan` (params get a leading layer
+axis: `dense_layers` [n_dense, ...], `moe_layers` [n_moe, ...]) and wrapped
+in `nn.remat` according to `cfg.remat_policy`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.layers import MLP, Embed, Einsum, RMSNorm
+from deepseek_jax.model.mla import MLA, attention_mask
+from deepseek_jax.model.moe import MoE
+from deepseek_jax.model.mtp import MTPModule, shift_left
+
+
+class DenseBlock(nn.Module):
+  """Pre-norm block: h = x + MLA(norm(x)); out = h + MLP(norm(h))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, valid):
+    h = x + MLA(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x),
+                                       positions, mask)
+    out = MLP(self.cfg, self.cfg.inter_dim, name="ffn")(
+        RMSNorm(self.cfg, name="ffn_norm")(h))
+    zero = {"balance_loss": jnp.zeros((), jnp.float32),
+            "load": jnp.zeros((max(self.cfg.n_routed_experts, 1),), jnp.float32)}
+    return h + out, zero
+
+
+class MoEBlock(nn.Module):
+  """Pre-norm block with a DeepSeekMoE feed-forward."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, valid):
+    h = x + MLA(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x),
+                                       positions, mask)
+    out, aux = MoE(self.cfg, name="ffn")(RMSNorm(self.cfg, name="ffn_norm")(h), valid)
+    return h + out, aux
+
+
+def _remat(block_cls, cfg: ModelConfig):
+  if cfg.remat_policy == "none":
+    return block_cls
+  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            if cfg.remat_policy == "dots_saveable" else None)
+  return nn.remat(block_cls, policy=policy, prevent_cse=False)
+
+
+def _stack(block_cls, cfg: ModelConfig, length: int, name: str):
+  scanned = nn.scan(
+      _remat(block_cls, cfg),
+      variable_axes={"params": 0, "router_bias": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+      length=length)
+  return scanned(cfg, name=name)
+
+
+def check_inputs(cfg: ModelConfig, tokens, segment_ids=None, positions=None) -> None:
+  """Shape checks always; value checks when the arrays are concrete (not traced).
+
+  Called at the top of `Transformer.__call__`, i.e. while tracing and before
+  XLA compiles anything. A jitted train step sees tracers, so the data
+  pipeline validates values on the host (`data.pipeline.validate_batch`).
+  """
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}.")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integer ids; got dtype {tokens.dtype}.")
+  seq = tokens.shape[1]
+  if seq > cfg.max_seq_len:
+    raise ValueError(
+        f"sequence length {seq} exceeds max_seq_len={cfg.max_seq_len}; shorten "
+        "the input or raise ModelConfig.max_seq_len.")
+  for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
+    if arr is not None and tuple(arr.shape) != tuple(tokens.shape):
+      raise ValueError(f"{name} shape {arr.shape} must equal tokens shape {tokens.shape}.")
+  if not isinstance(tokens, jax.core.Tracer):
+    t = np.asarray(tokens)
+    if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
+      bad = int(t.min()) if t.min() < 0 else int(t.max())
+      where = tuple(int(i) for i in np.argwhere(t == bad)[0])
+      raise ValueError(
+          f"token id {bad} at [batch, pos]={where} is outside [0, vocab_size="
+          f"{cfg.vocab_size}); check the tokenizer matches the model config.")
+  if positions is not None and not isinstance(positions, jax.core.Tracer):
+    p = np.asarray(positions)
+    if p.size and (p.min() < 0 or p.max() >= cfg.max_seq_len):
+      raise ValueError(
+          f"positions must lie in [0, max_seq_len={cfg.max_seq_len}); got "
+          f"range [{p.min()}, {p.max()}].")
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, *, segment_ids=None, positions=None, targets=None,
+               return_aux: bool = False):
+    """tokens: int [batch, seq]. segment_ids: int [batch, seq], 0 = padding,
+    attention stays within a segment (default: one document per row).
+    positions: RoPE positions (default arange). targets: next tokens
+    [batch, seq], needed only for MTP (teacher-forced future tokens)."""
+    cfg = self.cfg
+    check_inputs(cfg, tokens, segment_ids, positions)
+    if targets is not None:
+      check_inputs(cfg, targets)
+    b, s = tokens.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, s), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    mask = attention_mask(segment_ids)                   # [b, 1, s, s]
+    valid = segment_ids != 0
+
+    embed = Embed(cfg, name="embed")
+    head = Einsum(cfg.replace(dtype="float32"), (cfg.dim, cfg.vocab_size),
+                  "bsd,dv->bsv", name="head")
+    final_norm = RMSNorm(cfg, name="norm")
+
+    x = embed(tokens)                                     # [b, s, dim]
+    if cfg.n_dense_layers:
+      x, _ = _stack(DenseBlock, cfg, cfg.n_dense_layers, "dense_layers")(
+          x, positions, mask, valid)
+    balance = jnp.zeros((), jnp.float32)
+    load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
+    if cfg.n_moe_layers:
+      x, moe_aux = _stack(MoEBlock, cfg, cfg.n_moe_layers, "moe_layers")(
+          x, positions, mask, valid)
+      balance = moe_aux["balance_loss"].sum()
+      load = moe_aux["load"]
+    h = final_norm(x)
+    logits = head(h)
+    if not return_aux:
+      return logits
+
+    aux = {"balance_loss": balance, "expert_load": load}
+    if targets is not None and cfg.n_mtp_depth:
+      block_cls = MoEBlock if cfg.n_moe_layers else DenseBlock
+      mtp_logits = []
+      for k in range(1, cfg.n_mtp_depth + 1):
+        emb = embed(shift_left(targets, k - 1))           # Emb(t_{i+k})
+        h, mtp_aux = MTPModule(cfg, block_cls, name=f"mtp_{k - 1}")(
+            h, emb, positions, mask, valid)
+        aux["balance_loss"] = aux["balance_loss"] + mtp_aux["balance_loss"]
+        mtp_logits.append(head(h))
+      aux["mtp_logits"] = jnp.stack(mtp_logits)
+    return logits, aux
+
+
+def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8):
+  """Initialises all variables (MTP modules included)."""
+  seq = min(seq, cfg.max_seq_len)
+  tokens = jnp.zeros((batch, seq), jnp.int32)
+  return Transformer(cfg).init(rng, tokens, targets=tokens, return_aux=True)
+
+
+def abstract_variables(cfg: ModelConfig):
+  """Shapes/dtypes of all variables without allocating them (jax.eval_shape)."""
+  return jax.eval_shape(functools.partial(init_variables, cfg), jax.random.key(0))
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
