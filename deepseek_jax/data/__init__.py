@@ -1,0 +1,34 @@
+"""Data: the shipped tokenizer, the generated arithmetic corpus, packing and batching."""
+
+from deepseek_jax.data.pipeline import (
+    BATCH_DTYPES,
+    BatchIterator,
+    Document,
+    TaskDataset,
+    encode_problem,
+    encode_prompt,
+    encode_texts,
+    fim_transform,
+    load_jsonl,
+    load_text,
+    make_task_dataset,
+    pack_documents,
+    text_document,
+    validate_batch,
+)
+from deepseek_jax.data.tasks import (
+    DEFAULT_KINDS,
+    KINDS,
+    R1_TEMPLATE,
+    SHORT_TEMPLATE,
+    Problem,
+    extract_answer,
+    format_completion,
+    format_ok,
+    format_prompt,
+    generate_problems,
+    is_correct,
+    solve,
+    split_of,
+)
+from deepseek_jax.data.tokenizer import Tokenizer, default_tokenizer, load_tokenizer

@@ -1,0 +1,328 @@
+"""Documents -> packed fixed-length rows -> deterministic, resumable batches.
+
+Host-side numpy only; nothing here touches jax. A *document* is
+`<bos> text <eos>` as token ids. Documents are packed whole into rows of
+`seq_len + 1` ids (first fit, in order), and each row splits into model input
+`tokens = row[:-1]` and `targets = row[1:]`. The batch contract, every array
+shaped [batch, seq_len]:
+
+    tokens       int32    model input ids
+    targets      int32    the next id after each input position
+    segment_ids  int32    1, 2, 3, ... per document within its row; 0 = padding.
+                          Attention may only connect equal, non-zero segment ids.
+    positions    int32    index within the document (restarts at 0), for RoPE
+    loss_mask    float32  1 where targets[i] is the next token of the same
+                          document as tokens[i]; 0 on padding, on each
+                          document's last token, and (completion_only=True) on
+                          targets outside the completion.
+
+Example, seq_len=6, documents [b x y e] and [b z e] (b=<bos>, e=<eos>, p=pad):
+
+    row          b  x  y  e  b  z  e
+    tokens       b  x  y  e  b  z        targets   x  y  e  b  z  e
+    segment_ids  1  1  1  1  2  2        positions 0  1  2  3  0  1
+    loss_mask    1  1  1  0  1  1
+
+FIM (DeepSeek-V3 report sec. 4.1, PSM form) optionally rewrites a document as
+`<bos> <fim_begin> prefix <fim_hole> suffix <fim_end> middle <eos>` before packing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from deepseek_jax.data import tasks
+from deepseek_jax.data.tokenizer import Tokenizer
+
+BATCH_DTYPES = {
+    "tokens": np.int32,
+    "targets": np.int32,
+    "segment_ids": np.int32,
+    "positions": np.int32,
+    "loss_mask": np.float32,
+}
+
+
+class Document(NamedTuple):
+    """Token ids of one document and a per-token completion mask.
+
+    completion_mask[j] = 1 when token j is part of what the model should learn
+    to write (the assistant's completion and <eos>); with completion_only=True
+    only such targets carry loss. Plain-text documents are all completion.
+    """
+
+    ids: np.ndarray  # [len] int32
+    completion_mask: np.ndarray  # [len] float32
+
+
+def text_document(ids: Sequence[int]) -> Document:
+    ids = np.asarray(ids, np.int32)
+    return Document(ids, np.ones(len(ids), np.float32))
+
+
+def encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[Document]:
+    """`<bos> text <eos>` documents, every token a completion token."""
+    return [text_document(ids) for ids in tok.encode_batch(texts, add_bos=True, add_eos=True)]
+
+
+def encode_prompt(tok: Tokenizer, problem: tasks.Problem, template: str = "short") -> list[int]:
+    """`<bos> prompt`: what a sampler is given to generate the completion."""
+    return tok.encode(tasks.format_prompt(problem, template), add_bos=True)
+
+
+def encode_problem(tok: Tokenizer, problem: tasks.Problem,
+                   template: str = "short") -> Document:
+    """`<bos> prompt completion <eos>`, completion_mask 1 on completion and <eos>."""
+    prompt = encode_prompt(tok, problem, template)
+    completion = tok.encode(tasks.format_completion(problem), add_eos=True)
+    mask = np.concatenate([np.zeros(len(prompt)), np.ones(len(completion))])
+    return Document(np.asarray(prompt + completion, np.int32), mask.astype(np.float32))
+
+
+def fim_transform(doc: Document, rng: np.random.Generator, *, rate: float,
+                  fim_ids: tuple[int, int, int]) -> Document:
+    """With probability `rate`, PSM fill-in-the-middle rewrite of a <bos> ... <eos> doc.
+
+    Two cut points are drawn uniformly over the text between <bos> and <eos>;
+    fim_ids = (id of <fim_begin>, <fim_hole>, <fim_end>). The document grows by 3.
+    """
+    if rng.random() >= rate:
+        return doc
+    body = doc.ids[1:-1]
+    i, j = np.sort(rng.integers(0, len(body) + 1, size=2))
+    begin, hole, end = (np.asarray([t], np.int32) for t in fim_ids)
+    ids = np.concatenate([doc.ids[:1], begin, body[:i], hole, body[j:], end, body[i:j],
+                          doc.ids[-1:]])
+    return text_document(ids)
+
+
+# ----------------------------------------------------------------------------
+# Packing
+
+
+def pack_documents(docs: Sequence[Document | Sequence[int]], seq_len: int, *,
+                   pad_id: int = 0, completion_only: bool = False) -> dict[str, np.ndarray]:
+    """Packs whole documents into rows; returns the batch contract, [n_rows, seq_len].
+
+    First fit: each document goes into the first row with room, else a new row.
+    Plain id sequences are treated as text documents.
+    """
+    docs = [d if isinstance(d, Document) else text_document(d) for d in docs]
+    cap = seq_len + 1
+    for i, d in enumerate(docs):
+        if len(d.ids) > cap:
+            raise ValueError(
+                f"document {i} has {len(d.ids)} tokens but a row holds seq_len+1={cap}; "
+                f"raise seq_len to >= {len(d.ids) - 1} or filter out long documents")
+        if len(d.ids) < 2:
+            raise ValueError(f"document {i} has {len(d.ids)} token(s), so nothing to "
+                             "predict; drop documents shorter than 2 tokens")
+    free = np.zeros(0, np.int64)  # [n_rows] room left in each row
+    rows: list[list[int]] = []  # document indices per row
+    for i, d in enumerate(docs):
+        fits = np.flatnonzero(free >= len(d.ids))
+        if len(fits) == 0:
+            free = np.append(free, cap)
+            rows.append([])
+            r = len(rows) - 1
+        else:
+            r = int(fits[0])
+        rows[r].append(i)
+        free[r] -= len(d.ids)
+
+    n = len(rows)
+    ids = np.full((n, cap), pad_id, np.int32)
+    seg = np.zeros((n, cap), np.int32)
+    pos = np.zeros((n, cap), np.int32)
+    weight = np.zeros((n, cap), np.float32)  # per target token
+    for r, members in enumerate(rows):
+        start = 0
+        for s, i in enumerate(members, start=1):
+            d, stop = docs[i], start + len(docs[i].ids)
+            ids[r, start:stop] = d.ids
+            seg[r, start:stop] = s
+            pos[r, start:stop] = np.arange(len(d.ids))
+            weight[r, start:stop] = d.completion_mask if completion_only else 1.0
+            start = stop
+    same_doc = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)
+    return {
+        "tokens": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "segment_ids": seg[:, :-1],
+        "positions": pos[:, :-1],
+        "loss_mask": same_doc.astype(np.float32) * weight[:, 1:],
+    }
+
+
+# ----------------------------------------------------------------------------
+# Batching
+
+
+class BatchIterator:
+    """Global batches of packed rows, reshuffled every epoch, looping forever.
+
+    Batch `step` depends only on (rows, batch_size, seed, step): epoch
+    e = step // steps_per_epoch uses the permutation default_rng([seed, e]),
+    and the last partial batch of an epoch is dropped. So resuming is
+    `restore(state)` (or just calling `batch_at(step)`), with no data replay.
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, *, seed: int):
+        self.rows = rows
+        self.batch_size = batch_size
+        self.seed = seed
+        self.n_rows = len(rows["tokens"])
+        if not 0 < batch_size <= self.n_rows:
+            raise ValueError(f"batch_size={batch_size} must be in [1, n_rows={self.n_rows}]; "
+                             "lower batch_size or add documents")
+        self.steps_per_epoch = self.n_rows // batch_size
+        self.step = 0
+        self._perm = (-1, np.zeros(0, np.int64))  # (epoch, permutation) of the last batch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_rows))
+        return self._perm[1]
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        index = self._permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        return {k: v[index] for k, v in self.rows.items()}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state(self) -> dict[str, int]:
+        """What a checkpoint saves: the next step and the seed it belongs to."""
+        return {"step": self.step, "seed": self.seed}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state seed={state['seed']} differs from this iterator's "
+                             f"seed={self.seed}; build the iterator with the saved seed")
+        self.step = int(state["step"])
+
+
+def validate_batch(batch: dict[str, Any], vocab_size: int, max_seq_len: int) -> None:
+    """Host-side checks of the batch contract, to run before any jit."""
+    missing = [k for k in BATCH_DTYPES if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing keys {missing}; expected {list(BATCH_DTYPES)}")
+    shape = np.shape(batch["tokens"])
+    for key, dtype in BATCH_DTYPES.items():
+        value = batch[key]
+        if np.shape(value) != shape or len(shape) != 2:
+            raise ValueError(f"batch[{key!r}] has shape {np.shape(value)}; every entry must "
+                             f"be [batch, seq] like tokens {shape}")
+        if np.asarray(value).dtype != dtype:
+            raise ValueError(f"batch[{key!r}] has dtype {np.asarray(value).dtype}; expected "
+                             f"{np.dtype(dtype).name}")
+    if shape[1] > max_seq_len:
+        raise ValueError(f"batch seq length {shape[1]} exceeds the model's max_seq_len="
+                         f"{max_seq_len}; pack with seq_len <= {max_seq_len} or raise "
+                         "max_seq_len")
+    for key in ("tokens", "targets"):
+        ids = np.asarray(batch[key])
+        bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+        if len(bad):
+            b, s = bad[0]
+            raise ValueError(
+                f"batch[{key!r}][{b}, {s}] = {ids[b, s]} is outside [0, vocab_size="
+                f"{vocab_size}); tokenize with the model's tokenizer or set "
+                f"vocab_size > {ids.max()}")
+    mask = np.asarray(batch["loss_mask"])
+    if not np.all((mask >= 0) & (mask <= 1)):
+        raise ValueError("batch['loss_mask'] must lie in [0, 1] (NaN included is an error)")
+
+
+# ----------------------------------------------------------------------------
+# Files
+
+
+def load_jsonl(path: str | os.PathLike, text_field: str = "text") -> list[str]:
+    """The `text_field` string of every JSON object line; blank lines are skipped."""
+    texts = []
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON "
+                             "object per line") from e
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            fields = list(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}:{lineno}: expected an object with a string field "
+                             f"{text_field!r}, got {fields}; pass text_field=<your field>")
+        texts.append(record[text_field])
+    return texts
+
+
+def load_text(path: str | os.PathLike, *, per_line: bool = False) -> list[str]:
+    """Documents of a UTF-8 text file: blank-line-separated blocks, or one per line.
+
+    Blocks keep their inner newlines; surrounding whitespace lines are dropped.
+    """
+    docs, block = [], []
+    for _, line in _lines(path):
+        if per_line:
+            if line.strip():
+                docs.append(line.rstrip("\r\n"))
+        elif line.strip():
+            block.append(line)
+        elif block:
+            docs.append("".join(block).rstrip("\r\n"))
+            block = []
+    if block:
+        docs.append("".join(block).rstrip("\r\n"))
+    return docs
+
+
+def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte "
+                                 f"{e.start}); re-encode the file as UTF-8") from e
+
+
+# ----------------------------------------------------------------------------
+# The embedded default task
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDataset:
+    """Packed training rows and the held-out problems for exact-match evaluation."""
+
+    train_rows: dict[str, np.ndarray]  # the batch contract, [n_rows, seq_len]
+    test_problems: list[tasks.Problem]
+    n_train_documents: int
+
+
+def make_task_dataset(tok: Tokenizer, *, n_train: int, n_test: int, seq_len: int,
+                      seed: int, max_digits: int = 3, template: str = "short",
+                      completion_only: bool = False,
+                      kinds: Sequence[str] = tasks.DEFAULT_KINDS) -> TaskDataset:
+    """Generates, encodes and packs the arithmetic corpus; keeps the test split unpacked."""
+    train = tasks.generate_problems(n_train, seed=seed, split="train",
+                                    max_digits=max_digits, kinds=kinds)
+    test = tasks.generate_problems(n_test, seed=seed, split="test",
+                                   max_digits=max_digits, kinds=kinds)
+    docs = [encode_problem(tok, p, template) for p in train]
+    rows = pack_documents(docs, seq_len, pad_id=tok.pad_id, completion_only=completion_only)
+    return TaskDataset(train_rows=rows, test_problems=test, n_train_documents=len(docs))

@@ -1,0 +1,260 @@
+"""Verifiable arithmetic problems with worked solutions: the embedded default corpus.
+
+The project trains without network access, so its default job learns a task the
+project generates itself. DeepSeek-R1 (sec. 2.2) trains reasoning with
+*rule-based* rewards on problems whose answer can be checked exactly; this file
+makes such problems and holds the rule-based checks (`extract_answer`,
+`is_correct`, `format_ok`) that SFT evaluation and GRPO rewards reuse.
+
+Each problem carries a column-by-column worked solution in the style a pupil
+writes it. Every line handles one column, least significant first, and ends with
+the partial result so far, so the final answer is a copy of the last partial
+(leading zeros dropped):
+
+    347+58   ->  7+8+0=15 -> 5          (the carry is the tens digit of 15)
+                 4+5+1=10 -> 05
+                 3+0+1=4 -> 405         answer: 405
+    405-398  ->  5-8-0=-3 -> 7          (a negative column means borrow 1)
+                 0-9-1=-10 -> 07
+                 4-3-1=0 -> 007         answer: 7
+    347*8    ->  7*8+0=56 -> 6
+                 4*8+5=37 -> 76
+                 3*8+3=27 -> 776
+                 0*8+2=2 -> 2776        answer: 2776
+
+Kinds: "add", "sub" (never negative: operands are ordered), "mul" (a number times
+one digit 1-9), "chain" ("a+b-c", two steps left to right, each step worked as
+above under a header "a+b:"; intermediates never go negative). Prompts are valid
+Python expressions, so `eval(prompt)` is an independent oracle for the answer.
+
+`max_digits` is the difficulty knob: each operand first draws its digit count
+uniformly from 1..max_digits, so short and long numbers are equally common.
+
+The "train" and "test" splits are a partition of the prompt space by a hash of
+the prompt (`split_of`), so no seed or size can make them share a prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from typing import Sequence
+
+import numpy as np
+
+R1_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the "
+    "Assistant solves it. The assistant first thinks about the reasoning process in "
+    "the mind and then provides the user with the answer. The reasoning process and "
+    "answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer "
+    "here </answer>. User: {prompt}. Assistant:"
+)
+# The tiny CPU model cannot afford ~300 characters of preamble per document.
+SHORT_TEMPLATE = "User: {prompt}\nAssistant:"
+TEMPLATES = {"short": SHORT_TEMPLATE, "r1": R1_TEMPLATE}
+
+KINDS = ("add", "sub", "mul", "chain")
+DEFAULT_KINDS = ("add", "sub", "mul")
+SPLITS = ("train", "test")
+TEST_PERCENT = 10  # share of the prompt space held out for evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    prompt: str  # a Python expression, e.g. "347+58"
+    reasoning: str  # worked solution, one line per column
+    answer: str  # canonical decimal integer, e.g. "405"
+
+
+# ----------------------------------------------------------------------------
+# Worked solutions
+
+
+def _digits(n: int, width: int) -> list[int]:
+    """Decimal digits of n, least significant first, zero-padded to width."""
+    return [(n // 10**i) % 10 for i in range(width)]
+
+
+def _add_lines(a: int, b: int) -> list[str]:
+    lines, partial, carry = [], "", 0
+    width = max(len(str(a)), len(str(b)))
+    for da, db in zip(_digits(a, width), _digits(b, width)):
+        s = da + db + carry
+        partial = str(s % 10) + partial
+        lines.append(f"{da}+{db}+{carry}={s} -> {partial}")
+        carry = s // 10
+    if carry:
+        partial = str(carry) + partial
+        lines.append(f"0+0+{carry}={carry} -> {partial}")
+    return lines
+
+
+def _sub_lines(a: int, b: int) -> list[str]:
+    assert a >= b, (a, b)
+    lines, partial, borrow = [], "", 0
+    width = len(str(a))
+    for da, db in zip(_digits(a, width), _digits(b, width)):
+        x = da - db - borrow
+        partial = str(x % 10) + partial
+        lines.append(f"{da}-{db}-{borrow}={x} -> {partial}")
+        borrow = 1 if x < 0 else 0
+    return lines
+
+
+def _mul_lines(a: int, d: int) -> list[str]:
+    lines, partial, carry = [], "", 0
+    for da in _digits(a, len(str(a))):
+        p = da * d + carry
+        partial = str(p % 10) + partial
+        lines.append(f"{da}*{d}+{carry}={p} -> {partial}")
+        carry = p // 10
+    if carry:
+        partial = str(carry) + partial
+        lines.append(f"0*{d}+{carry}={carry} -> {partial}")
+    return lines
+
+
+_STEP_LINES = {"+": _add_lines, "-": _sub_lines, "*": _mul_lines}
+_APPLY = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+
+
+def solve(expression: str) -> Problem:
+    """Works `expression` ("a op b" or "a op b op c", left to right) into a Problem.
+
+    Raises ValueError for anything else, or when a step would go negative.
+    """
+    tokens = re.fullmatch(r"(\d+)([+\-*])(\d+)(?:([+\-])(\d+))?", expression)
+    if tokens is None:
+        raise ValueError(
+            f"expression={expression!r} is not 'a op b' or 'a op b op c' with "
+            "non-negative integers and op in + - * (no spaces)")
+    a, op1, b, op2, c = tokens.groups()
+    steps = [(int(a), op1, int(b))]
+    if op2 is not None:
+        steps.append((None, op2, int(c)))
+    lines, value = [], None
+    for x, op, y in steps:
+        x = value if x is None else x
+        result = _APPLY[op](x, y)
+        if result < 0:
+            raise ValueError(f"expression={expression!r}: step {x}{op}{y} is negative; "
+                             "order the operands so every step stays >= 0")
+        if op == "*" and not 0 <= y <= 9:
+            raise ValueError(f"expression={expression!r}: the multiplier must be one digit")
+        if len(steps) > 1:
+            lines.append(f"{x}{op}{y}:")
+        lines.extend(_STEP_LINES[op](x, y))
+        value = result
+    return Problem(prompt=expression, reasoning="\n".join(lines), answer=str(value))
+
+
+# ----------------------------------------------------------------------------
+# Generation
+
+
+def split_of(prompt: str) -> str:
+    """'test' for TEST_PERCENT% of all prompts (by a stable hash), else 'train'."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+    return "test" if h % 100 < TEST_PERCENT else "train"
+
+
+def _number(rng: np.random.Generator, max_digits: int) -> int:
+    k = int(rng.integers(1, max_digits + 1))
+    low = 0 if k == 1 else 10 ** (k - 1)
+    return int(rng.integers(low, 10**k))
+
+
+def _expression(rng: np.random.Generator, kind: str, max_digits: int) -> str:
+    if kind == "add":
+        return f"{_number(rng, max_digits)}+{_number(rng, max_digits)}"
+    if kind == "sub":
+        a, b = sorted((_number(rng, max_digits), _number(rng, max_digits)), reverse=True)
+        return f"{a}-{b}"
+    if kind == "mul":
+        return f"{_number(rng, max_digits)}*{int(rng.integers(1, 10))}"
+    # chain: redraw until no step goes negative (at most a few draws on average).
+    while True:
+        a, b, c = (_number(rng, max_digits) for _ in range(3))
+        op1, op2 = ("+", "-")[int(rng.integers(2))], ("+", "-")[int(rng.integers(2))]
+        first = a + b if op1 == "+" else a - b
+        if first >= 0 and (first + c if op2 == "+" else first - c) >= 0:
+            return f"{a}{op1}{b}{op2}{c}"
+
+
+def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: int = 3,
+                      kinds: Sequence[str] = DEFAULT_KINDS) -> list[Problem]:
+    """n distinct problems of the given split, deterministic in all arguments.
+
+    Kinds are drawn uniformly per problem. Raises ValueError when the split of
+    the prompt space holds fewer than n distinct problems.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} must be one of {SPLITS}")
+    if max_digits < 1:
+        raise ValueError(f"max_digits={max_digits} must be >= 1")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds={tuple(kinds)} must be a non-empty subset of {KINDS}")
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    misses, max_misses = 0, 1000 + 100 * n
+    while len(problems) < n:
+        expr = _expression(rng, kinds[int(rng.integers(len(kinds)))], max_digits)
+        if expr in seen or split_of(expr) != split:
+            misses += 1
+            if misses > max_misses:
+                raise ValueError(
+                    f"n={n}: found only {len(problems)} distinct {split!r} problems with "
+                    f"max_digits={max_digits}, kinds={tuple(kinds)}; raise max_digits, "
+                    "add kinds or lower n")
+            continue
+        seen.add(expr)
+        problems.append(solve(expr))
+    return problems
+
+
+# ----------------------------------------------------------------------------
+# Formatting and rule-based rewards (R1 sec. 2.2.2)
+
+
+def format_prompt(problem: Problem, template: str = "short") -> str:
+    """The user turn, ending where the assistant starts writing."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template={template!r} must be one of {tuple(TEMPLATES)}")
+    return TEMPLATES[template].format(prompt=problem.prompt)
+
+
+def format_completion(problem: Problem) -> str:
+    """The target assistant turn: ' <think>{reasoning}</think> <answer>{answer}</answer>'."""
+    return f" <think>{problem.reasoning}</think> <answer>{problem.answer}</answer>"
+
+
+_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
+_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def extract_answer(completion: str) -> str | None:
+    """Stripped content of the first <answer>...</answer> pair, or None."""
+    match = _ANSWER.search(completion)
+    return None if match is None else match.group(1).strip()
+
+
+def is_correct(completion: str, problem: Problem) -> bool:
+    """Accuracy reward: the extracted answer equals problem.answer exactly."""
+    return extract_answer(completion) == problem.answer
+
+
+def format_ok(completion: str) -> bool:
+    """Format reward: exactly '<think>...</think> <answer>...</answer>'.
+
+    Whitespace around and between the two blocks is allowed; each tag must occur
+    once and the answer must be non-empty.
+    """
+    match = _FORMAT.fullmatch(completion)
+    if match is None or any(completion.count(tag) != 1 for tag in _TAGS):
+        return False
+    return bool(match.group(2).strip())
