@@ -1,0 +1,74 @@
+"""Convert checkpoints between Hugging Face DeepSeek-V3 and deepseek_jax.
+
+  # HF directory (config.json + *.safetensors, FP8 or bf16) -> deepseek_jax
+  python -m launch.convert --from_hf /ckpt/DeepSeek-V3 --to_jax /ckpt/v3_jax
+
+  # deepseek_jax directory -> HF (loadable by DeepseekV3ForCausalLM.from_pretrained)
+  python -m launch.convert --from_jax /ckpt/v3_jax --to_hf /ckpt/v3_hf --max_shard_gb 5
+
+The deepseek_jax format is `model_config.json` + `variables.safetensors`
+(see `deepseek_jax.interop.hf`). `--dtype` casts the written weights
+(the router bias stays float32); by default weights are float32 after an HF
+load and keep their dtype on export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from absl import app, flags
+
+from deepseek_jax.interop import hf
+
+_FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory to read.")
+_TO_JAX = flags.DEFINE_string("to_jax", None, "deepseek_jax directory to write.")
+_FROM_JAX = flags.DEFINE_string("from_jax", None, "deepseek_jax directory to read.")
+_TO_HF = flags.DEFINE_string("to_hf", None, "HF checkpoint directory to write.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Weight dtype to write (default: float32 from HF, unchanged to HF).")
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", hf.DEFAULT_MAX_SHARD_BYTES / 2**30,
+                                   "Largest HF safetensors shard, GiB.")
+
+
+def convert(*, from_hf: str | None = None, to_jax: str | None = None,
+            from_jax: str | None = None, to_hf: str | None = None,
+            dtype: str | None = None,
+            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> None:
+  """Runs one conversion; exactly one of (from_hf, to_jax) / (from_jax, to_hf)."""
+  hf_to_jax, jax_to_hf = bool(from_hf or to_jax), bool(from_jax or to_hf)
+  if hf_to_jax == jax_to_hf:
+    raise app.UsageError("give either --from_hf DIR --to_jax DIR or --from_jax DIR --to_hf DIR.")
+  src, dst = (from_hf, to_jax) if hf_to_jax else (from_jax, to_hf)
+  if not src or not dst:
+    raise app.UsageError(f"both a source and a destination are needed (got {src!r} -> {dst!r}).")
+  if os.path.abspath(src) == os.path.abspath(dst):
+    raise app.UsageError(f"source and destination are the same directory {src!r}.")
+  if not os.path.isdir(src):
+    raise app.UsageError(f"source directory {src!r} does not exist.")
+  start = time.time()
+  if hf_to_jax:
+    logging.info("reading HF checkpoint %s", src)
+    cfg, variables = hf.load_hf_checkpoint(src, dtype=dtype)
+    logging.info("read in %.1fs; writing deepseek_jax checkpoint %s", time.time() - start, dst)
+    hf.save_jax_variables(cfg, variables, dst)
+  else:
+    logging.info("reading deepseek_jax checkpoint %s", src)
+    cfg, variables = hf.load_jax_variables(src)
+    logging.info("read in %.1fs; writing HF checkpoint %s", time.time() - start, dst)
+    hf.save_hf_checkpoint(cfg, variables, dst, max_shard_bytes=max_shard_bytes, dtype=dtype)
+  logging.info("done in %.1fs: %s -> %s", time.time() - start, src, dst)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  convert(from_hf=_FROM_HF.value, to_jax=_TO_JAX.value, from_jax=_FROM_JAX.value,
+          to_hf=_TO_HF.value, dtype=_DTYPE.value,
+          max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+
+
+if __name__ == "__main__":
+  app.run(main)
