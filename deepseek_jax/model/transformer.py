@@ -171,16 +171,19 @@ class Transformer(nn.Module):
     return logits, aux
 
 
-def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8):
-  """Initialises all variables (MTP modules included)."""
-  seq = min(seq, cfg.max_seq_len)
-  tokens = jnp.zeros((batch, seq), jnp.int32)
+def _init(cfg: ModelConfig, rng: jax.Array):
+  tokens = jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
   return Transformer(cfg).init(rng, tokens, targets=tokens, return_aux=True)
+
+
+def init_variables(cfg: ModelConfig, rng: jax.Array):
+  """Initialises all variables (MTP modules included), compiled in one jit."""
+  return jax.jit(_init, static_argnums=0)(cfg, rng)
 
 
 def abstract_variables(cfg: ModelConfig):
   """Shapes/dtypes of all variables without allocating them (jax.eval_shape)."""
-  return jax.eval_shape(functools.partial(init_variables, cfg), jax.random.key(0))
+  return jax.eval_shape(functools.partial(_init, cfg), jax.random.key(0))
 
 
 def count_params(tree) -> int:
