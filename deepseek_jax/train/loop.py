@@ -1,0 +1,343 @@
+"""The single-host trainer: `train(model_cfg, train_cfg, workdir)`.
+
+Used by `launch/train.py` and by notebooks alike; it reads no flags or
+environment. The sections of `train` follow big_vision's trainer:
+
+  1. workdir + checkpoints: refuse a workdir trained with another model
+  2. input: tokenizer, documents, packed rows, the resumable BatchIterator;
+     the first batch is validated on the host before anything compiles
+  3. model + update step: TrainState, the jitted step (step.py)
+  4. resume: the latest checkpoint's state and data position, if any
+  5. evaluation: greedy-decode exact match on held-out problems
+  6. the loop: step, NaN check, log, evaluate, checkpoint
+  7. wrap-up: final checkpoint, final eval, loss.png, the summary dict
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.data import pipeline, tasks
+from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
+from deepseek_jax.train import checkpoint, evaluate, metrics
+from deepseek_jax.train.step import (abstract_train_state, compiler_options,
+                                     init_train_state, make_train_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Training hyperparameters (the model's live in ModelConfig).
+
+  Run: steps (optimizer steps in total), seed (init and data order).
+  Data: batch_size rows of seq_len tokens. With `data_files` empty the
+    corpus is the generated arithmetic task (data/tasks.py): n_train_problems
+    training documents, n_eval_problems held-out ones for exact match; with
+    jsonl `data_files` (field `text_field`) there is no exact-match eval.
+    tokenizer_path "" = the shipped character tokenizer. completion_only: loss
+    only on completion tokens.
+  Optimizer (optimizer.py): peak lr, warmup_steps, hold_steps, decay_steps
+    (0 = cosine until the last step minus end_steps), end_lr, end_steps,
+    final_lr (None = end_lr); AdamW b1, b2, eps, weight_decay; clip_norm.
+  Losses: mtp_weight (lambda; V3 0.3 then 0.1), balance_weight (alpha; V3
+    1e-4), bias_update_speed (gamma; V3 1e-3, 0 = off).
+  Logging: every step to metrics.jsonl, every log_every steps to `log`
+    (with tokens/s); eval_every steps (0 = only at the end);
+    eval_batch_size, max_new_tokens for decoding. Checkpoints: ckpt_every
+    steps plus the last step, keep_ckpts most recent.
+  fast_compile: compile the step and the decoder at XLA backend optimisation
+    level 0 (on CPU ~2.5x faster compiles, ~1.6x slower steps): for tests and
+    short runs.
+  """
+
+  steps: int = 1000
+  seed: int = 0
+  # data
+  batch_size: int = 16
+  seq_len: int = 128
+  data_files: tuple[str, ...] = ()
+  text_field: str = "text"
+  tokenizer_path: str = ""
+  n_train_problems: int = 20000
+  n_eval_problems: int = 100
+  max_digits: int = 3
+  task_kinds: tuple[str, ...] = tasks.DEFAULT_KINDS
+  template: str = "short"
+  completion_only: bool = False
+  # optimizer (V3 values)
+  lr: float = 2.2e-4
+  warmup_steps: int = 2000
+  hold_steps: int = 0
+  decay_steps: int = 0
+  end_lr: float = 2.2e-5
+  end_steps: int = 0
+  final_lr: float | None = None
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+  # losses
+  mtp_weight: float = 0.3
+  balance_weight: float = 1e-4
+  bias_update_speed: float = 1e-3
+  # logging, evaluation, checkpoints
+  log_every: int = 10
+  eval_every: int = 0
+  eval_batch_size: int = 50
+  max_new_tokens: int = 96
+  ckpt_every: int = 100
+  keep_ckpts: int = 3
+  # compilation
+  fast_compile: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "data_files", tuple(self.data_files))
+    object.__setattr__(self, "task_kinds", tuple(self.task_kinds))
+    self.validate()
+
+  def validate(self) -> None:
+    for name in ("steps", "batch_size", "seq_len", "log_every", "ckpt_every",
+                 "keep_ckpts", "eval_batch_size", "max_new_tokens"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}={v!r} must be a positive integer.")
+    for name in ("warmup_steps", "hold_steps", "decay_steps", "end_steps", "eval_every",
+                 "n_eval_problems"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{name}={v!r} must be a non-negative integer.")
+    if not self.data_files and self.n_train_problems < 1:
+      raise ValueError(f"n_train_problems={self.n_train_problems} must be >= 1 "
+                       "when no data_files are given.")
+    if not self.lr > 0:
+      raise ValueError(f"lr={self.lr} must be > 0.")
+    if not 0 <= self.end_lr <= self.lr:
+      raise ValueError(f"end_lr={self.end_lr} must be in [0, lr={self.lr}].")
+    for name in ("weight_decay", "mtp_weight", "balance_weight", "bias_update_speed"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ValueError(f"b1={self.b1}, b2={self.b2} must lie in [0, 1).")
+    if self.template not in tasks.TEMPLATES:
+      raise ValueError(f"template={self.template!r} must be one of {tuple(tasks.TEMPLATES)}.")
+    bad = [k for k in self.task_kinds if k not in tasks.KINDS]
+    if bad or not self.task_kinds:
+      raise ValueError(f"task_kinds={self.task_kinds} must be a non-empty subset of "
+                       f"{tasks.KINDS}.")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+      if key not in names:
+        hint = difflib.get_close_matches(key, names, n=1)
+        raise ValueError(f"Unknown TrainConfig field {key!r}"
+                         + (f"; did you mean {hint[0]!r}?" if hint else f"; fields: {names}"))
+    return cls(**values)
+
+
+def check_compatible(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+  """Cross-config checks (each config validates itself on construction)."""
+  if train_cfg.seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
+                     f"{model_cfg.max_seq_len}; lower seq_len or raise model.max_seq_len.")
+
+
+@dataclasses.dataclass
+class Data:
+  iterator: pipeline.BatchIterator
+  tokenizer: Any
+  eval_problems: list[tasks.Problem]
+  n_documents: int
+
+
+def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
+  """Tokenizer + packed rows + iterator (+ held-out problems for the task)."""
+  tok = (load_tokenizer(train_cfg.tokenizer_path) if train_cfg.tokenizer_path
+         else default_tokenizer())
+  if tok.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tok.vocab_size} ids but vocab_size="
+                     f"{model_cfg.vocab_size}; set model.vocab_size >= {tok.vocab_size}.")
+  if train_cfg.data_files:
+    texts = [t for path in train_cfg.data_files
+             for t in pipeline.load_jsonl(path, train_cfg.text_field)]
+    docs = pipeline.encode_texts(tok, texts)
+    rows = pipeline.pack_documents(docs, train_cfg.seq_len, pad_id=tok.pad_id)
+    eval_problems, n_docs = [], len(docs)
+  else:
+    ds = pipeline.make_task_dataset(
+        tok, n_train=train_cfg.n_train_problems, n_test=train_cfg.n_eval_problems,
+        seq_len=train_cfg.seq_len, seed=train_cfg.seed, max_digits=train_cfg.max_digits,
+        template=train_cfg.template, completion_only=train_cfg.completion_only,
+        kinds=train_cfg.task_kinds)
+    rows, eval_problems, n_docs = ds.train_rows, ds.test_problems, ds.n_train_documents
+  it = pipeline.BatchIterator(rows, train_cfg.batch_size, seed=train_cfg.seed)
+  return Data(iterator=it, tokenizer=tok, eval_problems=eval_problems, n_documents=n_docs)
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
+          stop_after: int | None = None, log: Callable[[str], None] = print
+          ) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints) up to train_cfg.steps.
+
+  stop_after: end this call after that global step, with a checkpoint, as if
+    the job were preempted there; a later call resumes (used by tests).
+  log: where progress lines go.
+
+  Returns a summary: final_step, final_loss, eval (list of {step, accuracy,
+  format_ok} of the whole run, from metrics.jsonl), history (per-step scalar
+  metrics of this call), expert_load
+  (np.ndarray [steps of this call, n_moe_layers, E]), samples (a few
+  decoded completions of the last eval), resumed_from (step or None),
+  workdir.
+
+  Raises FloatingPointError on a non-finite loss (the last good checkpoint
+  stays the latest one), ValueError on bad configs or data.
+  """
+  check_compatible(model_cfg, train_cfg)
+  end_step = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
+
+  # 1. Workdir and checkpoints -------------------------------------------------
+  os.makedirs(workdir, exist_ok=True)
+  ckpts, train_diff = checkpoint.open_checkpoints(
+      workdir, model_cfg, train_cfg.to_dict(), every=train_cfg.ckpt_every,
+      keep=train_cfg.keep_ckpts)
+  try:
+    if train_diff:
+      log("note: train config differs from the checkpointed run: " + "; ".join(train_diff))
+
+    # 2. Input -----------------------------------------------------------------
+    data = build_data(model_cfg, train_cfg)
+    pipeline.validate_batch(data.iterator.batch_at(0), model_cfg.vocab_size,
+                            model_cfg.max_seq_len)
+    log(f"data: {data.n_documents} documents in {data.iterator.n_rows} rows of "
+        f"{train_cfg.seq_len} tokens, {data.iterator.steps_per_epoch} steps/epoch; "
+        f"{len(data.eval_problems)} held-out problems")
+
+    # 3. Model and update step ---------------------------------------------------
+    rng = jax.random.key(train_cfg.seed)
+    train_step = make_train_step(model_cfg, train_cfg)
+
+    # 4. Resume ------------------------------------------------------------------
+    resumed_from = ckpts.latest_step()
+    if resumed_from is None:
+      state = init_train_state(model_cfg, train_cfg, rng)
+    else:
+      state, data_state = ckpts.restore(abstract_train_state(model_cfg, train_cfg))
+      data.iterator.restore(data_state)
+      log(f"resuming from {ckpts.directory} at step {resumed_from}")
+    start = int(state.step)
+    if resumed_from is not None and start != data.iterator.step:
+      raise ValueError(f"checkpoint step {start} and data iterator step "
+                       f"{data.iterator.step} disagree; the checkpoint is corrupt.")
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    log(f"model: {n_params:,} parameters; training steps {start} -> {end_step} "
+        f"of {train_cfg.steps}")
+
+    # 5. Evaluation --------------------------------------------------------------
+    run_eval = None
+    if data.eval_problems:
+      prompts = evaluate.encode_prompts(data.tokenizer, data.eval_problems, train_cfg.template)
+      length = evaluate.decode_length(prompts, train_cfg.max_new_tokens, model_cfg.max_seq_len)
+      decoder = evaluate.make_greedy_decoder(
+          model_cfg, length, train_cfg.max_new_tokens, data.tokenizer.eos_id,
+          compiler_options=compiler_options(train_cfg))
+      eval_batch = min(train_cfg.eval_batch_size, len(data.eval_problems))
+
+      def run_eval(state):
+        variables = {"params": state.params, "router_bias": state.router_bias}
+        return evaluate.exact_match(variables, data.tokenizer, data.eval_problems, decoder,
+                                    length=length, batch_size=eval_batch,
+                                    template=train_cfg.template)
+
+    # 6. The loop ----------------------------------------------------------------
+    writer = metrics.MetricsWriter(workdir, start)
+    progress = metrics.Progress(start, end_step)
+    history, loads, samples = [], [], []
+    t_start = time.time()
+
+    def do_eval(step):
+      t = time.time()
+      result = run_eval(state)
+      samples[:] = result["samples"][:5]
+      writer.write(step, {"eval_accuracy": result["accuracy"],
+                          "eval_format_ok": result["format_ok"], "eval_n": result["n"]})
+      ex = result["samples"][0]
+      log(f"eval step {step}: exact match {result['accuracy']:.3f} "
+          f"(format ok {result['format_ok']:.3f}, n={result['n']}, "
+          f"{time.time() - t:.1f}s); e.g. {ex['prompt']} -> {ex['completion']!r}")
+
+    last = None
+    for step in range(start + 1, end_step + 1):
+      batch = next(data.iterator)
+      state, m = train_step(state, batch)
+      m = jax.device_get(m)
+      loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        # Checked before this step's state can be saved: a non-finite gradient
+        # has already poisoned the new parameters.
+        raise FloatingPointError(
+            f"loss={loss} at step {step} (ce={float(m['ce'])}, grad_norm={grad_norm}); "
+            f"stopping. The last good checkpoint is step {ckpts.latest_step()} in "
+            f"{ckpts.directory}; lower lr or raise warmup_steps.")
+      loads.append(np.asarray(m.pop("expert_load")))
+      scalars = {k: float(v) for k, v in m.items()}
+      history.append({"step": step, **scalars})
+      progress.add(scalars["tokens"])
+      last = scalars
+      if step == start + 1:           # compilation: keep it out of tokens/s
+        log(f"first step (compile + run) took {time.time() - t_start:.1f}s")
+        progress.restart_window(step)
+      if step % train_cfg.log_every == 0 or step == end_step or step == start + 1:
+        tps, eta = progress.report(step)
+        scalars["tokens_per_s"] = tps
+        log(metrics.progress_line(step, train_cfg.steps, scalars, tps, eta))
+      writer.write(step, scalars)
+      paused = time.time()
+      if run_eval and train_cfg.eval_every and step % train_cfg.eval_every == 0 \
+          and step != train_cfg.steps:
+        do_eval(step)
+      ckpts.save(step, state, data.iterator.state(), force=step == end_step)
+      progress.t0 += time.time() - paused   # eval/checkpoint time is not step time
+
+    # 7. Wrap-up -----------------------------------------------------------------
+    final_step = int(state.step)
+    ckpts.save(final_step, state, data.iterator.state(), force=True)
+    def evals_so_far():   # the whole run's, resumed calls included
+      return [{"step": r["step"], "accuracy": r["eval_accuracy"],
+               "format_ok": r["eval_format_ok"]}
+              for r in metrics.read_metrics(writer.path) if "eval_accuracy" in r]
+    if run_eval and final_step == train_cfg.steps and not any(
+        e["step"] == final_step for e in evals_so_far()):
+      do_eval(final_step)
+    evals = evals_so_far()
+    plot = metrics.plot_losses(workdir)
+    log(f"done: step {final_step}, {time.time() - t_start:.1f}s"
+        + (f", loss {last['loss']:.4f}" if last else "")
+        + (f", held-out exact match {evals[-1]['accuracy']:.3f}" if evals else "")
+        + (f"; plot {plot}" if plot else ""))
+    n_moe, n_exp = model_cfg.n_moe_layers, max(model_cfg.n_routed_experts, 1)
+    return {
+        "final_step": final_step,
+        "final_loss": last["loss"] if last else None,
+        "eval": evals,
+        "history": history,
+        "expert_load": (np.stack(loads) if loads
+                        else np.zeros((0, n_moe, n_exp), np.float32)),
+        "samples": samples,
+        "resumed_from": resumed_from,
+        "workdir": workdir,
+    }
+  finally:
+    ckpts.close()

@@ -1,0 +1,86 @@
+"""Training objective: next-token CE + MTP CE + sequence-wise balance loss.
+
+  L = CE + (lambda / D) sum_{k=1..D} CE_k + alpha * L_bal        (V3 eqs. 25, 17)
+
+CE is the cross-entropy of the main head, averaged over target tokens weighted
+by `loss_mask`, with the log-softmax in float32. MTP depth k at position i
+predicts t_{i+k+1}, which is `targets[:, i + k]` (see `model/mtp.py`). That
+target is valid only when it is a real target of the batch (its loss_mask is
+non-zero) and belongs to the same packed document as position i: in a packed
+row the next document's tokens must not be predicted from this one's context.
+L_bal arrives from the model already summed over MoE layers and unscaled
+(`aux["balance_loss"]`); alpha is a training hyperparameter (V3: 1e-4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
+  """x[:, i + k] at position i; `fill` in the last k positions. x: [batch, seq]."""
+  if k == 0:
+    return x
+  pad = jnp.full((x.shape[0], k), fill, x.dtype)
+  return jnp.concatenate([x[:, k:], pad], axis=1)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Weighted mean token cross-entropy.
+
+  logits [b, s, V] (any float; log-softmax in float32), targets int [b, s],
+  weights [b, s]. Returns (mean CE, sum of weights). A batch without any
+  weight gives 0, not NaN.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)       # [b, s, V]
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  weights = weights.astype(jnp.float32)
+  total = weights.sum()
+  return (nll * weights).sum() / jnp.maximum(total, 1e-9), total
+
+
+def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,
+                k: int) -> tuple[jax.Array, jax.Array]:
+  """Targets and weights of MTP depth k (1-based): t_{i+k+1} at position i.
+
+  targets_k[i] = targets[i + k]; weight_k[i] = loss_mask[i + k] when position
+  i + k is in the same (non-padding) segment as i, else 0. All [b, s].
+  """
+  targets_k = shift_left(targets, k)
+  same_doc = (shift_left(segment_ids, k) == segment_ids) & (segment_ids != 0)
+  weights_k = shift_left(loss_mask.astype(jnp.float32), k) * same_doc
+  return targets_k, weights_k
+
+
+def total_loss(logits: jax.Array, aux: dict[str, Any], batch: dict[str, jax.Array], *,
+               mtp_weight: float, balance_weight: float
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Returns (L, metrics) for one batch.
+
+  metrics: loss (L), ce (main head), mtp (mean CE over the D depths, before
+  lambda), balance (L_bal before alpha), target_tokens (sum of loss_mask).
+  """
+  ce, n_targets = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+  loss = ce
+  metrics = {"ce": ce, "target_tokens": n_targets}
+  if "mtp_logits" in aux:
+    depth = aux["mtp_logits"].shape[0]
+    mtp_ces = []
+    for k in range(1, depth + 1):
+      t_k, w_k = mtp_targets(batch["targets"], batch["loss_mask"],
+                             batch["segment_ids"], k)
+      mtp_ces.append(cross_entropy(aux["mtp_logits"][k - 1], t_k, w_k)[0])
+    mtp = sum(mtp_ces) / depth
+    loss = loss + mtp_weight * mtp
+    metrics["mtp"] = mtp
+  else:
+    metrics["mtp"] = jnp.zeros((), jnp.float32)
+  balance = aux.get("balance_loss", jnp.zeros((), jnp.float32))
+  loss = loss + balance_weight * balance
+  metrics["balance"] = balance
+  metrics["loss"] = loss
+  return loss, metrics

@@ -1,0 +1,149 @@
+"""Training logs: JSON lines in `workdir/metrics.jsonl`, readable progress lines,
+and the loss plot `workdir/loss.png`.
+
+Every line of metrics.jsonl is one JSON object with a "step" key: one train
+line per step with the step's scalars (loss, ce, mtp, balance, grad_norm, lr,
+load_imbalance, tokens, target_tokens; tokens_per_s on the steps that were
+also printed), and eval lines with `eval_accuracy` and `eval_format_ok`. A resumed run first drops the lines of steps after the
+checkpoint it resumes from (they are about to be recomputed), so the file
+always describes one consistent history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """All JSON lines of a metrics file ([] if it does not exist)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _scalar(v: Any) -> Any:
+  v = np.asarray(v)
+  return v.item() if v.ndim == 0 else v.tolist()
+
+
+class MetricsWriter:
+  """Appends JSON lines; on resume keeps only lines with step <= start_step."""
+
+  def __init__(self, workdir: str, start_step: int):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+    with open(self.path, "w") as f:
+      for r in kept:
+        f.write(json.dumps(r) + "\n")
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    record = {"step": int(step), **{k: _scalar(v) for k, v in values.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """Throughput and ETA over the steps run since the last report.
+
+  Time spent outside steps (evaluation, checkpoints) is excluded from
+  tokens/s via `pause()` / `resume()`; the first step (compilation) is
+  excluded from the rate too.
+  """
+
+  def __init__(self, start_step: int, total_steps: int, clock: Callable[[], float] = time.time):
+    self.total = total_steps
+    self.clock = clock
+    self.step0, self.t0, self.tokens = start_step, clock(), 0.0
+    self.compiled = False
+    self.rate_steps = 0.0      # steps / second, last window
+    self.rate_tokens = 0.0
+
+  def restart_window(self, step: int) -> None:
+    self.step0, self.t0, self.tokens = step, self.clock(), 0.0
+
+  def add(self, tokens: float) -> None:
+    self.tokens += tokens
+
+  def report(self, step: int) -> tuple[float, float]:
+    """(tokens/s, eta seconds) since the window began; starts a new window."""
+    dt = max(self.clock() - self.t0, 1e-9)
+    n = step - self.step0
+    if n > 0:
+      self.rate_steps, self.rate_tokens = n / dt, self.tokens / dt
+    eta = (self.total - step) / self.rate_steps if self.rate_steps else float("inf")
+    self.restart_window(step)
+    return self.rate_tokens, eta
+
+
+def progress_line(step: int, total: int, m: dict[str, Any], tokens_per_s: float,
+                  eta_s: float) -> str:
+  return (f"step {step:>6d}/{total} | loss {m['loss']:.4f} ce {m['ce']:.4f} "
+          f"mtp {m['mtp']:.4f} bal {m['balance']:.3f} | gnorm {m['grad_norm']:.3f} "
+          f"lr {m['lr']:.2e} | load max/mean {m['load_imbalance']:.2f} | "
+          f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}")
+
+
+def plot_losses(workdir: str) -> str | None:
+  """Plots loss/ce (and eval accuracy if any) from metrics.jsonl to loss.png."""
+  records = read_metrics(os.path.join(workdir, METRICS_FILE))
+  train = [r for r in records if "loss" in r]
+  evals = [r for r in records if "eval_accuracy" in r]
+  if not train:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  steps = np.array([r["step"] for r in train])
+  window = max(1, len(train) // 50)
+  curves = [("loss", "loss (total)"), ("ce", "next-token CE")]
+  if any(r.get("mtp") for r in train):
+    curves.append(("mtp", "MTP CE"))
+  for key, label in curves:
+    values = np.array([r[key] for r in train])
+    line, = ax.plot(steps, values, alpha=0.25)
+    if window > 1:   # moving average over `window` steps, drawn solid
+      smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+      ax.plot(steps[window - 1:], smooth, color=line.get_color(), label=label)
+    else:
+      line.set_alpha(1.0)
+      line.set_label(label)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / token)")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  handles, labels = ax.get_legend_handles_labels()
+  if evals:
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-",
+             color="tab:red", label="held-out exact match")
+    ax2.set_ylabel("held-out exact match")
+    ax2.set_ylim(0, 1)
+    h2, l2 = ax2.get_legend_handles_labels()
+    handles, labels = handles + h2, labels + l2
+  ax.legend(handles, labels, loc="upper right")
+  fig.tight_layout()
+  path = os.path.join(workdir, PLOT_FILE)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

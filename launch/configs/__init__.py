@@ -1,0 +1,63 @@
+"""Experiment configs: Python files whose `get_config()` returns a ConfigDict.
+
+A config has three parts, all overridable from the command line:
+  config.preset      a ModelConfig preset name ("tiny", "small", ...)
+  config.model.<f>   ModelConfig fields replacing the preset's (None = keep
+                     the preset's value; every field exists as a typed
+                     placeholder so `--config.model.n_layers=6` works)
+  config.<f>         TrainConfig fields (steps, batch_size, lr, ...)
+`launch/train.py` turns it into (ModelConfig, TrainConfig) with `build_configs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ml_collections import ConfigDict, config_dict
+
+from deepseek_jax.config import ModelConfig, get_preset
+from deepseek_jax.train.loop import TrainConfig, check_compatible
+
+_NON_TRAIN_KEYS = ("preset", "model")
+
+
+def _placeholder_for(default: Any, explicit: Any = None):
+  kind = type(default) if default is not None else float
+  ref = config_dict.placeholder(kind)
+  if explicit is not None:
+    ref.set(explicit)
+  return ref
+
+
+def base_config(preset: str, **model_overrides: Any) -> ConfigDict:
+  """A config with TrainConfig defaults and the given preset / model overrides."""
+  config = ConfigDict()
+  config.preset = preset
+  defaults = ModelConfig()
+  unknown = set(model_overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+  if unknown:
+    raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+  config.model = ConfigDict({
+      f.name: _placeholder_for(getattr(defaults, f.name), model_overrides.get(f.name))
+      for f in dataclasses.fields(ModelConfig)})
+  train = TrainConfig()
+  for f in dataclasses.fields(TrainConfig):
+    value = getattr(train, f.name)
+    config[f.name] = value if value is not None else _placeholder_for(None)
+  return config
+
+
+def build_configs(config: ConfigDict, preset: str | None = None
+                  ) -> tuple[ModelConfig, TrainConfig]:
+  """(ModelConfig, TrainConfig) from a config; `preset` replaces config.preset.
+
+  Raises ValueError naming the offending field (before anything compiles).
+  """
+  preset = preset or config.preset
+  overrides = {k: v for k, v in config.model.items() if v is not None}
+  model_cfg = get_preset(preset, **overrides)
+  train_values = {k: v for k, v in config.items() if k not in _NON_TRAIN_KEYS}
+  train_cfg = TrainConfig.from_dict(train_values)
+  check_compatible(model_cfg, train_cfg)
+  return model_cfg, train_cfg

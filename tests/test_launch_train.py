@@ -1,0 +1,77 @@
+"""`python -m launch.train` end to end: metrics, automatic resume, config errors."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "launch/configs/tiny.py"
+
+
+def _run(*args, timeout=240):
+  env = dict(os.environ)
+  env.update({
+      "JAX_PLATFORMS": "cpu",
+      # Same compilation options as the in-process tests (tests/conftest.py),
+      # so the persistent cache serves both.
+      "JAX_NUM_CPU_DEVICES": "8",
+      "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+      "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(),
+                                                "deepseek_jax_test_jax_cache"),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+      "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", ""),
+  })
+  return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  # decay_steps fixed so the schedule (and the compiled step) is the same for
+  # both invocations: the second only extends the run.
+  common = [f"--config={TINY}", f"--workdir={workdir}", "--config.decay_steps=4"]
+  first = _run(*common, "--config.steps=3")
+  assert first.returncode == 0, first.stderr[-3000:]
+  train_lines = [r for r in _metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in train_lines] == [1, 2, 3]
+  for r in train_lines:
+    for key in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_imbalance",
+                "tokens", "tokens_per_s"):
+      assert key in r and r[key] == r[key], (key, r)      # present and not NaN
+  assert train_lines[0]["lr"] == 0.0 and train_lines[1]["lr"] > 0  # warmup from 0
+  evals = [r for r in _metrics(workdir) if "eval_accuracy" in r]
+  assert [r["step"] for r in evals] == [3] and 0 <= evals[0]["eval_accuracy"] <= 1
+  assert "step      3/3" in first.stdout
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+  assert os.path.exists(os.path.join(workdir, "loss.png"))
+
+  second = _run(*common, "--config.steps=5")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resuming from" in second.stdout and "at step 3" in second.stdout
+  assert "training steps 3 -> 5" in second.stdout
+  assert "step      1/" not in second.stdout              # did not restart
+  steps = [r["step"] for r in _metrics(workdir) if "loss" in r]
+  assert steps == [1, 2, 3, 4, 5]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "5"))
+
+
+@pytest.mark.parametrize("flag,field", [
+    ("--config.model.n_activated_experts=9", "n_activated_experts"),
+    ("--preset=huge", "preset"),
+    ("--config.seq_len=1000", "seq_len"),
+])
+def test_config_errors_exit_before_compiling(tmp_path, flag, field):
+  workdir = str(tmp_path / "bad")
+  result = _run(f"--config={TINY}", f"--workdir={workdir}", flag, timeout=120)
+  assert result.returncode != 0
+  assert "config error" in result.stderr and field in result.stderr, result.stderr[-2000:]
+  assert not os.path.exists(workdir)       # failed before the trainer started

@@ -1,0 +1,385 @@
+"""Training stack: schedule, decay mask, losses, bias update, step, resume, NaN stop.
+
+Oracles: a piecewise schedule formula, numpy loops for cross-entropy, hand
+computations for the MTP shift and the bias update, and a straight run for
+resume equivalence. Every jitted step shares one tiny configuration (the
+`launch/configs/tiny.py` one, which the launch test runs too) so that the
+persistent compilation cache compiles it once per session.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from deepseek_jax import get_preset
+from deepseek_jax.data import pipeline, tasks
+from deepseek_jax.data.tokenizer import default_tokenizer
+from deepseek_jax.model import abstract_variables
+from deepseek_jax.train import checkpoint, evaluate, loop, losses, optimizer, step
+from launch.configs import build_configs
+from launch.configs import tiny as tiny_config
+
+# One compile per session for the shared tiny step, shared with the launch test.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "deepseek_jax_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="module")
+def configs():
+  return build_configs(tiny_config.get_config())
+
+
+# ---------------------------------------------------------------------------
+# optimizer.py
+# ---------------------------------------------------------------------------
+def _v3_schedule_formula(t, peak, W, H, D, end, E, final):
+  """The V3 schedule written out directly (report sec. 4.2), in steps."""
+  if t < W:
+    return peak * t / W
+  if t < W + H:
+    return peak
+  if t < W + H + D:
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (t - W - H) / D))
+  if t < W + H + D + E:
+    return end
+  return final
+
+
+@pytest.mark.parametrize("W,H,D,E", [(20, 30, 50, 10), (0, 0, 40, 0), (5, 0, 0, 7)])
+def test_lr_schedule_matches_piecewise_v3_formula(W, H, D, E):
+  peak, end, final = 2.2e-4, 2.2e-5, 7.3e-6
+  sched = optimizer.lr_schedule(peak, warmup_steps=W, hold_steps=H, decay_steps=D,
+                                end_lr=end, end_steps=E, final_lr=final)
+  for t in range(W + H + D + E + 5):
+    want = _v3_schedule_formula(t, peak, W, H, D, end, E, final)
+    if D == 0 and W + H <= t < W + H + E:    # no decay segment: straight to end_lr
+      want = end
+    np.testing.assert_allclose(float(sched(t)), want, rtol=1e-5, atol=1e-12,
+                               err_msg=f"step {t}")
+
+
+def test_lr_schedule_rejects_negative_lengths():
+  with pytest.raises(ValueError, match="warmup_steps"):
+    optimizer.lr_schedule(1e-3, warmup_steps=-1)
+
+
+def test_weight_decay_mask_skips_norm_scales_and_one_dim_params():
+  params = abstract_variables(get_preset("tiny"))["params"]
+  mask = optimizer.weight_decay_mask(params)
+  flat = {jax.tree_util.keystr(p): m
+          for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+  # Stacked scales are 2-D ([layers, dim]) and must still be excluded by name.
+  assert not flat["['moe_layers']['attn_norm']['scale']"]
+  assert not flat["['dense_layers']['attn']['kv_norm']['scale']"]
+  assert not flat["['mtp_0']['enorm']['scale']"]
+  assert not flat["['norm']['scale']"]
+  assert flat["['embed']['embedding']"] and flat["['head']['kernel']"]
+  assert flat["['moe_layers']['ffn']['w1']"] and flat["['moe_layers']['ffn']['gate']"]
+  for path, m in flat.items():
+    assert m == (not path.endswith("['scale']")), path
+
+
+def test_adamw_decays_matrices_but_not_scales():
+  # With zero gradients Adam's update is 0, so only decoupled weight decay
+  # moves a parameter: p <- p - lr * wd * p, and only where the mask is True.
+  params = {"norm": {"scale": jnp.full((2, 4), 2.0)},
+            "ffn": {"kernel": jnp.full((4, 4), 2.0)},
+            "vec": jnp.full((4,), 2.0)}
+  tx = optimizer.make_optimizer(optax.constant_schedule(0.1), weight_decay=0.5)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["norm"]["scale"], 2.0)
+  np.testing.assert_allclose(new["vec"], 2.0)
+  np.testing.assert_allclose(new["ffn"]["kernel"], 2.0 - 0.1 * 0.5 * 2.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# losses.py
+# ---------------------------------------------------------------------------
+def test_cross_entropy_matches_naive_loop():
+  rng = np.random.default_rng(0)
+  b, s, v = 2, 5, 7
+  logits = rng.normal(size=(b, s, v)).astype(np.float32) * 3
+  targets = rng.integers(0, v, size=(b, s)).astype(np.int32)
+  mask = rng.integers(0, 2, size=(b, s)).astype(np.float32)
+  total, count = 0.0, 0.0
+  for i in range(b):
+    for j in range(s):
+      z = logits[i, j].astype(np.float64)
+      log_z = math.log(sum(math.exp(x) for x in z))
+      total += mask[i, j] * (log_z - z[targets[i, j]])
+      count += mask[i, j]
+  ce, n = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  np.testing.assert_allclose(float(ce), total / count, rtol=1e-5)
+  assert float(n) == count
+
+
+def test_cross_entropy_without_targets_is_zero_not_nan():
+  ce, _ = losses.cross_entropy(jnp.ones((1, 3, 4)), jnp.zeros((1, 3), jnp.int32),
+                               jnp.zeros((1, 3)))
+  assert float(ce) == 0.0
+
+
+def _packed_two_docs():
+  """Row `b a1 a2 e | b c1 e | pad` (ids b=1, e=2, pad=0), as the pipeline packs it."""
+  docs = [[1, 11, 12, 2], [1, 21, 2]]
+  batch = pipeline.pack_documents(docs, seq_len=8, pad_id=0)
+  # The hand-written contract for this row (pipeline docstring example).
+  np.testing.assert_array_equal(batch["tokens"][0], [1, 11, 12, 2, 1, 21, 2, 0])
+  np.testing.assert_array_equal(batch["targets"][0], [11, 12, 2, 1, 21, 2, 0, 0])
+  np.testing.assert_array_equal(batch["segment_ids"][0], [1, 1, 1, 1, 2, 2, 2, 0])
+  np.testing.assert_array_equal(batch["loss_mask"][0], [1, 1, 1, 0, 1, 1, 0, 0])
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def test_mtp_targets_shift_within_each_packed_document():
+  batch = _packed_two_docs()
+  # Depth 1 at position i predicts t_{i+2} = targets[i+1]. By hand:
+  #   i=0 (b)  -> 12 (a2)       valid
+  #   i=1 (a1) -> 2  (e of A)   valid
+  #   i=2 (a2) -> 1  (b of B)   invalid: not a real target (loss_mask[3] = 0)
+  #   i=3 (e)  -> 21 (c1 of B)  invalid: other document
+  #   i=4 (b)  -> 2  (e of B)   valid
+  #   i=5..7                    invalid: past the document / padding
+  t1, w1 = losses.mtp_targets(batch["targets"], batch["loss_mask"], batch["segment_ids"], 1)
+  np.testing.assert_array_equal(t1[0], [12, 2, 1, 21, 2, 0, 0, 0])
+  np.testing.assert_array_equal(w1[0], [1, 1, 0, 0, 1, 0, 0, 0])
+  # Depth 2: only i=0 (b -> e of A) stays inside a document with a real target.
+  t2, w2 = losses.mtp_targets(batch["targets"], batch["loss_mask"], batch["segment_ids"], 2)
+  np.testing.assert_array_equal(t2[0], [2, 1, 21, 2, 0, 0, 0, 0])
+  np.testing.assert_array_equal(w2[0], [1, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_total_loss_is_ce_plus_lambda_mtp_plus_alpha_balance():
+  batch = _packed_two_docs()
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(1, 8, 32)), jnp.float32)
+  mtp_logits = jnp.asarray(rng.normal(size=(2, 1, 8, 32)), jnp.float32)
+  aux = {"mtp_logits": mtp_logits, "balance_loss": jnp.float32(1.7)}
+  loss, m = losses.total_loss(logits, aux, batch, mtp_weight=0.3, balance_weight=0.01)
+  ce = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+  ces = [losses.cross_entropy(mtp_logits[k - 1], *losses.mtp_targets(
+      batch["targets"], batch["loss_mask"], batch["segment_ids"], k))[0] for k in (1, 2)]
+  want = ce + 0.3 / 2 * (ces[0] + ces[1]) + 0.01 * 1.7
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+  np.testing.assert_allclose(float(m["mtp"]), float((ces[0] + ces[1]) / 2), rtol=1e-6)
+  assert float(m["balance"]) == pytest.approx(1.7)
+
+
+# ---------------------------------------------------------------------------
+# step.py
+# ---------------------------------------------------------------------------
+def test_router_bias_update_matches_hand_computation():
+  bias = {"moe_layers": {"ffn": {"bias": jnp.array([[0.5, 0.0, 0.0, -0.5],
+                                                     [0.0, 0.0, 0.0, 0.0]])}},
+          "mtp_0": {"block": {"ffn": {"bias": jnp.array([0.3, 0.1, 0.0, 0.0])}}}}
+  load = jnp.array([[3.0, 1.0, 2.0, 2.0],       # mean 2: over, under, even, even
+                    [0.0, 4.0, 4.0, 0.0]])      # mean 2: under, over, over, under
+  new = step.update_router_bias(bias, load, 0.01)
+  np.testing.assert_allclose(new["moe_layers"]["ffn"]["bias"],
+                             [[0.49, 0.01, 0.0, -0.5], [0.01, -0.01, -0.01, 0.01]],
+                             rtol=1e-6)
+  assert new["mtp_0"] is bias["mtp_0"]
+  assert step.update_router_bias(bias, load, 0.0) is bias
+
+
+def _fixed_batch(train_cfg):
+  tok = default_tokenizer()
+  problems = tasks.generate_problems(train_cfg.batch_size, seed=3,
+                                     max_digits=train_cfg.max_digits)
+  docs = [pipeline.encode_problem(tok, p) for p in problems]
+  rows = pipeline.pack_documents(docs, train_cfg.seq_len, pad_id=tok.pad_id)
+  return {k: v[:train_cfg.batch_size] for k, v in rows.items()}
+
+
+def test_train_step_moves_bias_by_hand_rule_only_and_reduces_loss(configs):
+  model_cfg, train_cfg = configs
+  batch = _fixed_batch(train_cfg)
+  pipeline.validate_batch(batch, model_cfg.vocab_size, model_cfg.max_seq_len)
+  state = step.init_train_state(model_cfg, train_cfg, jax.random.key(0))
+  # The bias starts non-zero, so weight decay or a gradient touching it would show.
+  state = state.replace(router_bias=jax.tree.map(
+      lambda b: b + jnp.linspace(-0.2, 0.2, b.size).reshape(b.shape), state.router_bias))
+  # The optimizer state mirrors params only: the bias has no Adam moments.
+  assert not any("router_bias" in jax.tree_util.keystr(p)
+                 for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state))
+  train_step = step.make_train_step(model_cfg, train_cfg)
+  gamma = train_cfg.bias_update_speed
+  first_loss = None
+  for i in range(train_cfg.steps):
+    before = jax.device_get(state.router_bias)
+    state, m = train_step(state, batch)
+    after = jax.device_get(state.router_bias)
+    load = np.asarray(m["expert_load"])
+    assert load.shape == (model_cfg.n_moe_layers, model_cfg.n_routed_experts)
+    # Every non-padding token picks k experts in every MoE layer.
+    np.testing.assert_allclose(load.sum(-1), m["tokens"] * model_cfg.n_activated_experts)
+    want = before["moe_layers"]["ffn"]["bias"] + gamma * np.sign(
+        load.mean(-1, keepdims=True) - load)
+    np.testing.assert_allclose(after["moe_layers"]["ffn"]["bias"], want, atol=1e-7)
+    np.testing.assert_array_equal(after["mtp_0"]["block"]["ffn"]["bias"],
+                                  before["mtp_0"]["block"]["ffn"]["bias"])
+    assert int(state.step) == i + 1
+    for key in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_imbalance"):
+      assert np.isfinite(m[key]), key
+    first_loss = float(m["loss"]) if first_loss is None else first_loss
+  # Same batch again: the loss must have gone down.
+  _, m = train_step(state, batch)
+  assert float(m["loss"]) < first_loss - 0.3, (first_loss, float(m["loss"]))
+
+
+# ---------------------------------------------------------------------------
+# loop.py + checkpoint.py
+# ---------------------------------------------------------------------------
+def _read(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _params(workdir, model_cfg, train_cfg):
+  ckpts = checkpoint.Checkpoints(workdir, model_cfg, train_cfg.to_dict(), every=1, keep=5)
+  try:
+    state, data_state = ckpts.restore(step.abstract_train_state(model_cfg, train_cfg))
+  finally:
+    ckpts.close()
+  return state, data_state
+
+
+def test_checkpoints_keep_latest_k_and_refuse_another_model(tmp_path):
+  cfg = get_preset("tiny")
+  workdir = str(tmp_path)
+  ckpts = checkpoint.Checkpoints(workdir, cfg, {"lr": 1.0}, every=2, keep=2)
+  for s in range(1, 6):       # saves 2 and 4 by the interval, 5 forced (the last step)
+    ckpts.save(s, {"w": jnp.arange(3.0) + s}, {"step": s, "seed": 0}, force=s == 5)
+  assert sorted(ckpts.manager.all_steps()) == [4, 5]
+  state, data_state = ckpts.restore(checkpoint.abstract_like({"w": jnp.zeros(3)}))
+  np.testing.assert_array_equal(state["w"], [5.0, 6.0, 7.0])
+  assert data_state == {"step": 5, "seed": 0}
+  ckpts.close()
+  # Train-config changes are reported; model-config changes are refused.
+  ckpts, diff = checkpoint.open_checkpoints(workdir, cfg, {"lr": 2.0}, every=2, keep=2)
+  ckpts.close()
+  assert diff == ["lr: saved 1.0, requested 2.0"]
+  with pytest.raises(ValueError, match=r"dim: saved 64, requested 32; n_heads: saved 4, "
+                                       r"requested 2\. Use a new workdir"):
+    checkpoint.open_checkpoints(workdir, cfg.replace(dim=32, n_heads=2), {"lr": 1.0},
+                                every=2, keep=2)
+
+
+def test_resume_equals_straight_run(configs, tmp_path):
+  model_cfg, train_cfg = configs
+  quiet = lambda s: None
+  straight = loop.train(model_cfg, train_cfg, str(tmp_path / "straight"), log=quiet)
+  first = loop.train(model_cfg, train_cfg, str(tmp_path / "resumed"), stop_after=3, log=quiet)
+  assert first["final_step"] == 3 and first["resumed_from"] is None
+  second = loop.train(model_cfg, train_cfg, str(tmp_path / "resumed"), log=quiet)
+  assert second["resumed_from"] == 3 and second["final_step"] == 6
+  assert [h["step"] for h in second["history"]] == [4, 5, 6]
+
+  a, data_a = _params(str(tmp_path / "straight"), model_cfg, train_cfg)
+  b, data_b = _params(str(tmp_path / "resumed"), model_cfg, train_cfg)
+  assert int(a.step) == int(b.step) == 6 and data_a == data_b == {"step": 6, "seed": 0}
+  for x, y in zip(jax.tree.leaves((a.params, a.router_bias, a.opt_state)),
+                  jax.tree.leaves((b.params, b.router_bias, b.opt_state))):
+    np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-6)
+
+  ms = {r["step"]: r for r in _read(str(tmp_path / "straight")) if "loss" in r}
+  mr = {r["step"]: r for r in _read(str(tmp_path / "resumed")) if "loss" in r}
+  assert sorted(mr) == sorted(ms) == [1, 2, 3, 4, 5, 6]
+  for s in (4, 5, 6):
+    for key in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_imbalance"):
+      assert ms[s][key] == mr[s][key], (s, key)
+  np.testing.assert_array_equal(straight["expert_load"][3:], second["expert_load"])
+  assert straight["eval"][-1]["step"] == 6 and second["eval"] == straight["eval"]
+  assert 0.0 <= straight["eval"][-1]["accuracy"] <= 1.0
+  assert os.path.exists(tmp_path / "straight" / "loss.png")
+
+  # A different model in the same workdir is refused before anything is built.
+  with pytest.raises(ValueError, match=r"n_layers: saved 3, requested 4"):
+    loop.train(model_cfg.replace(n_layers=4), train_cfg, str(tmp_path / "resumed"), log=quiet)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(configs, tmp_path, monkeypatch):
+  model_cfg, train_cfg = configs
+  real = loop.make_train_step
+
+  def poisoned(cfg, tcfg):
+    fn = real(cfg, tcfg)
+
+    def wrapped(state, batch):
+      state, m = fn(state, batch)
+      if int(state.step) == 5:
+        m = dict(m, loss=jnp.float32(jnp.nan))
+      return state, m
+    return wrapped
+
+  monkeypatch.setattr(loop, "make_train_step", poisoned)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match=r"loss=nan at step 5.*checkpoint is step 3"):
+    loop.train(model_cfg, train_cfg, workdir, log=lambda s: None)
+  ckpts = checkpoint.Checkpoints(workdir, model_cfg, train_cfg.to_dict(), every=1, keep=5)
+  assert ckpts.latest_step() == 3
+  ckpts.close()
+  assert max(r["step"] for r in _read(workdir)) == 4
+
+
+def test_trains_on_user_jsonl_files_without_exact_match_eval(configs, tmp_path):
+  model_cfg, train_cfg = configs
+  path = tmp_path / "corpus.jsonl"
+  with open(path, "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"body": f"doc {i}: " + "abc " * (i % 7)}) + "\n")
+  train_cfg = dataclasses.replace(train_cfg, data_files=(str(path),), text_field="body")
+  summary = loop.train(model_cfg, train_cfg, str(tmp_path / "run"), stop_after=2,
+                       log=lambda s: None)
+  assert summary["final_step"] == 2 and summary["eval"] == []
+  assert summary["expert_load"].shape == (2, model_cfg.n_moe_layers, model_cfg.n_routed_experts)
+  assert all(np.isfinite(h["loss"]) for h in summary["history"])
+
+
+# ---------------------------------------------------------------------------
+# evaluate.py
+# ---------------------------------------------------------------------------
+def test_greedy_decoder_matches_python_loop_and_stops_at_eos(configs):
+  model_cfg, _ = configs
+  from deepseek_jax.model import Transformer
+  state = step.init_train_state(model_cfg, configs[1], jax.random.key(1))
+  variables = {"params": state.params, "router_bias": state.router_bias}
+  length, new = 16, 6
+  forward = jax.jit(Transformer(model_cfg).apply)
+  prompts = [[1, 5, 6, 7], [1, 9]]
+
+  def python_greedy(prompt, eos):
+    seq = list(prompt)
+    while len(seq) < len(prompt) + new:
+      buf = np.zeros((1, length), np.int32)
+      buf[0, :len(seq)] = seq
+      nxt = int(np.argmax(forward(variables, buf)[0, len(seq) - 1]))
+      seq.append(nxt)
+      if nxt == eos:
+        break
+    return seq
+
+  # Make row 0's second generated token the eos, to see it stop there.
+  eos = python_greedy(prompts[0], eos=-1)[len(prompts[0]) + 1]
+  decode = evaluate.make_greedy_decoder(model_cfg, length, new, eos)
+  buf = np.zeros((2, length), np.int32)
+  for i, p in enumerate(prompts):
+    buf[i, :len(p)] = p
+  out, end = decode(variables, buf, np.array([len(p) for p in prompts], np.int32))
+  for i, p in enumerate(prompts):
+    want = python_greedy(p, eos)
+    assert int(end[i]) == len(want)
+    np.testing.assert_array_equal(np.asarray(out[i, :len(want)]), want)
+  assert int(end[0]) <= len(prompts[0]) + 2
