@@ -94,8 +94,8 @@ def test_rope_matches_complex_multiplication():
   z = x[..., 0::2] + 1j * x[..., 1::2]
   rot = z * np.exp(1j * pos[..., None, None] * freqs)
   want = np.stack([rot.real, rot.imag], -1).reshape(x.shape)
-  np.testing.assert_allclose(rope.apply_rope(jnp.asarray(x), jnp.asarray(pos), cfg),
-                             want, atol=1e-5)
+  np.testing.assert_allclose(
+      rope.apply_rope(jnp.asarray(x), jnp.asarray(pos)[:, :, None], cfg), want, atol=1e-5)
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -190,8 +190,11 @@ def test_router_bias_update_matches_hand_computation():
   np.testing.assert_allclose(new["moe_layers"]["ffn"]["bias"],
                              [[0.49, 0.01, 0.0, -0.5], [0.01, -0.01, -0.01, 0.01]],
                              rtol=1e-6)
-  assert new["mtp_0"] is bias["mtp_0"]
+  assert new["mtp_0"] is bias["mtp_0"]       # no MTP loads given: unchanged
   assert step.update_router_bias(bias, load, 0.0) is bias
+  new = step.update_router_bias(bias, load, 0.01, jnp.array([[1.0, 1.0, 5.0, 1.0]]))
+  np.testing.assert_allclose(new["mtp_0"]["block"]["ffn"]["bias"],
+                             [0.31, 0.11, -0.01, 0.01], rtol=1e-6)
 
 
 def _fixed_batch(train_cfg):
@@ -228,8 +231,12 @@ def test_train_step_moves_bias_by_hand_rule_only_and_reduces_loss(configs):
     want = before["moe_layers"]["ffn"]["bias"] + gamma * np.sign(
         load.mean(-1, keepdims=True) - load)
     np.testing.assert_allclose(after["moe_layers"]["ffn"]["bias"], want, atol=1e-7)
-    np.testing.assert_array_equal(after["mtp_0"]["block"]["ffn"]["bias"],
-                                  before["mtp_0"]["block"]["ffn"]["bias"])
+    mtp_load = np.asarray(m["mtp_expert_load"])[0]
+    np.testing.assert_allclose(mtp_load.sum(), m["tokens"] * model_cfg.n_activated_experts)
+    np.testing.assert_allclose(
+        after["mtp_0"]["block"]["ffn"]["bias"],
+        before["mtp_0"]["block"]["ffn"]["bias"]
+        + gamma * np.sign(mtp_load.mean() - mtp_load), atol=1e-7)
     assert int(state.step) == i + 1
     for key in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_imbalance"):
       assert np.isfinite(m[key]), key

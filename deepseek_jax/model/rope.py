@@ -53,11 +53,11 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Rotates interleaved pairs of the last axis of x.
 
-  x: [batch, seq, ..., qk_rope_head_dim]; positions: int [batch, seq].
+  x: [..., qk_rope_head_dim]; positions: int, broadcastable to x.shape[:-1]
+  (e.g. [b, s] for x [b, s, d]; [b, 1, s] for heads-major x [b, h, s, d]).
   """
   freqs = jnp.asarray(rope_frequencies(cfg))
-  angles = positions.astype(jnp.float32)[..., None] * freqs   # [b, s, d/2]
-  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
+  angles = positions.astype(jnp.float32)[..., None] * freqs   # [..., d/2]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
   even, odd = pairs[..., 0], pairs[..., 1]

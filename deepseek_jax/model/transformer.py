@@ -13,6 +13,8 @@ by the optimizer). `aux` carries what training needs beyond the logits:
                 sequence-wise balance loss, unscaled by alpha
   expert_load   [n_moe_layers, E] tokens routed to each expert in each main
                 MoE layer (padding excluded): input to the bias update
+  mtp_expert_load [D, E] the same for the MTP blocks (when MTP runs and
+                the blocks are MoE)
 Blocks of each kind are stacked with `nn.scan` (params get a leading layer
 axis: `dense_layers` [n_dense, ...], `moe_layers` [n_moe, ...]) and wrapped
 in `nn.remat` according to `cfg.remat_policy`.
@@ -29,7 +31,7 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import MLP, Embed, Einsum, RMSNorm
-from deepseek_jax.model.mla import MLA, attention_mask
+from deepseek_jax.model.mla import MLA, attention_bias
 from deepseek_jax.model.moe import MoE
 from deepseek_jax.model.mtp import MTPModule, shift_left
 
@@ -133,7 +135,7 @@ class Transformer(nn.Module):
       segment_ids = jnp.ones((b, s), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    mask = attention_mask(segment_ids)                   # [b, 1, s, s]
+    mask = attention_bias(segment_ids)                   # [b, 1, s, s]
     valid = segment_ids != 0
 
     embed = Embed(cfg, name="embed")
@@ -160,14 +162,17 @@ class Transformer(nn.Module):
     aux = {"balance_loss": balance, "expert_load": load}
     if targets is not None and cfg.n_mtp_depth:
       block_cls = MoEBlock if cfg.n_moe_layers else DenseBlock
-      mtp_logits = []
+      mtp_logits, mtp_loads = [], []
       for k in range(1, cfg.n_mtp_depth + 1):
         emb = embed(shift_left(targets, k - 1))           # Emb(t_{i+k})
         h, mtp_aux = MTPModule(cfg, block_cls, name=f"mtp_{k - 1}")(
             h, emb, positions, mask, valid)
         aux["balance_loss"] = aux["balance_loss"] + mtp_aux["balance_loss"]
+        mtp_loads.append(mtp_aux["load"])
         mtp_logits.append(head(h))
       aux["mtp_logits"] = jnp.stack(mtp_logits)
+      if cfg.n_moe_layers:
+        aux["mtp_expert_load"] = jnp.stack(mtp_loads)
     return logits, aux
 
 

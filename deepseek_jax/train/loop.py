@@ -292,6 +292,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
             f"stopping. The last good checkpoint is step {ckpts.latest_step()} in "
             f"{ckpts.directory}; lower lr or raise warmup_steps.")
       loads.append(np.asarray(m.pop("expert_load")))
+      m.pop("mtp_expert_load", None)
       scalars = {k: float(v) for k, v in m.items()}
       history.append({"step": step, **scalars})
       progress.add(scalars["tokens"])

@@ -12,10 +12,8 @@ step, and is not a gradient: b lives in its own `router_bias` collection, is
 never differentiated, clipped or weight-decayed. gamma = `bias_update_speed`
 (V3: 0.001 for most of training; 0 turns balancing by bias off).
 
-MTP modules: the model returns expert loads for the main MoE layers only
-(`aux["expert_load"]`), so the bias of each MTP block's MoE stays at its
-initial value (zero) and that block routes by its raw affinities; its
-sequence-wise balance loss still applies.
+MTP modules: each MTP block's MoE has its own bias, moved by the same rule
+from that block's loads (`aux["mtp_expert_load"]`).
 """
 
 from __future__ import annotations
@@ -87,21 +85,35 @@ def abstract_train_state(cfg: ModelConfig, train_cfg: "TrainConfig") -> TrainSta
   return jax.eval_shape(_init_state_fn(cfg, train_cfg), jax.random.key(0))
 
 
-def update_router_bias(router_bias: Any, expert_load: jax.Array, speed: float) -> Any:
-  """b += speed * sign(mean(load) - load) for each main MoE layer.
+def _bias_step(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
+  """b_i += speed * sign(mean(load) - load_i) along the last (expert) axis."""
+  load = load.astype(jnp.float32)
+  return (bias + speed * jnp.sign(load.mean(-1, keepdims=True) - load)).astype(bias.dtype)
 
-  router_bias: the collection; its `moe_layers/ffn/bias` is [n_moe_layers, E].
-  expert_load: [n_moe_layers, E] token counts of this step. Other leaves (the
-  MTP blocks' biases) are returned unchanged.
+
+def update_router_bias(router_bias: Any, expert_load: jax.Array, speed: float,
+                       mtp_expert_load: jax.Array | None = None) -> Any:
+  """Aux-loss-free balancing (V3 sec. 2.1.2): b += speed * sign(mean - load).
+
+  router_bias: the collection; `moe_layers/ffn/bias` is [n_moe_layers, E] and
+  `mtp_{k}/block/ffn/bias` [E] for MoE MTP blocks.
+  expert_load: [n_moe_layers, E] token counts of this step; mtp_expert_load:
+  [D, E] for the MTP blocks (None leaves their biases unchanged).
   """
-  if "moe_layers" not in router_bias or not speed:
+  if not speed:
     return router_bias
-  bias = router_bias["moe_layers"]["ffn"]["bias"]
-  load = expert_load.astype(jnp.float32)
-  new_bias = bias + speed * jnp.sign(load.mean(-1, keepdims=True) - load)
-  moe = dict(router_bias["moe_layers"])
-  moe["ffn"] = {**moe["ffn"], "bias": new_bias.astype(bias.dtype)}
-  return {**router_bias, "moe_layers": moe}
+  new = dict(router_bias)
+  if "moe_layers" in router_bias:
+    moe = dict(router_bias["moe_layers"])
+    moe["ffn"] = {**moe["ffn"], "bias": _bias_step(moe["ffn"]["bias"], expert_load, speed)}
+    new["moe_layers"] = moe
+  if mtp_expert_load is not None:
+    for k in range(mtp_expert_load.shape[0]):
+      block = dict(router_bias[f"mtp_{k}"]["block"])
+      block["ffn"] = {**block["ffn"],
+                      "bias": _bias_step(block["ffn"]["bias"], mtp_expert_load[k], speed)}
+      new[f"mtp_{k}"] = {**router_bias[f"mtp_{k}"], "block": block}
+  return new
 
 
 def load_imbalance(expert_load: jax.Array) -> jax.Array:
@@ -133,21 +145,24 @@ def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig"
     loss, metrics = losses.total_loss(
         logits, aux, batch, mtp_weight=train_cfg.mtp_weight,
         balance_weight=train_cfg.balance_weight)
-    return loss, (metrics, aux["expert_load"])
+    return loss, (metrics, aux["expert_load"], aux.get("mtp_expert_load"))
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, load)), grads = grad_fn(state.params, state.router_bias, batch)
+    (_, (metrics, load, mtp_load)), grads = grad_fn(state.params, state.router_bias, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    router_bias = update_router_bias(state.router_bias, jax.lax.stop_gradient(load),
-                                     train_cfg.bias_update_speed)
+    router_bias = update_router_bias(
+        state.router_bias, jax.lax.stop_gradient(load), train_cfg.bias_update_speed,
+        None if mtp_load is None else jax.lax.stop_gradient(mtp_load))
     metrics = dict(metrics,
                    grad_norm=optax.tree.norm(grads),
                    lr=jnp.asarray(schedule(state.step), jnp.float32),
                    load_imbalance=load_imbalance(load),
                    tokens=(batch["segment_ids"] != 0).sum().astype(jnp.float32),
                    expert_load=load)
+    if mtp_load is not None:
+      metrics["mtp_expert_load"] = mtp_load
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            router_bias=router_bias)
     return new_state, metrics
