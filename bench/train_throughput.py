@@ -1,0 +1,166 @@
+"""Training throughput of the library's own train step (deepseek_jax.train).
+
+Times `make_train_step(cfg, train_cfg)` -- the real step: CE (+ MTP when
+n_mtp_depth > 0) + sequence-wise balance loss, AdamW with gradient clipping,
+and the router-bias update -- on one fixed random batch shaped like a packed
+one (one document per row). Compilation is timed on its own (AOT
+lower + compile); then `--warmup` steps run untimed and `--steps` steps are
+timed one by one, each ended by `block_until_ready`. Prints ONE JSON line.
+
+  python bench/train_throughput.py --model-json bench/shapes/issue2.json \
+      --batch 8 --seq 256 --steps 10 --warmup 2
+
+`bench/hf_train_throughput.py` measures the same thing for transformers'
+DeepseekV3ForCausalLM; `bench/compare_hf.py` interleaves the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import count_params
+from deepseek_jax.model.moe import resolve_moe_impl
+from deepseek_jax.train.loop import TrainConfig
+from deepseek_jax.train.step import init_train_state, make_train_step
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model-json", required=True,
+                 help="ModelConfig field values (optionally with \"preset\").")
+  p.add_argument("--batch", type=int, default=8, help="rows per step")
+  p.add_argument("--seq", type=int, default=256, help="tokens per row")
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--moe-impl", default=None,
+                 help="override ModelConfig.moe_impl (auto, blocked, ragged, dense)")
+  p.add_argument("--n-mtp-depth", type=int, default=None,
+                 help="override ModelConfig.n_mtp_depth")
+  p.add_argument("--fast-compile", action="store_true",
+                 help="TrainConfig.fast_compile: XLA backend optimisation level 0 "
+                      "(faster compile, slower steps; for smoke tests, not for figures)")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  for name in ("batch", "seq", "steps"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+  if args.warmup < 0:
+    p.error(f"--warmup={args.warmup} must be >= 0")
+  return args
+
+
+def random_batch(vocab_size: int, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+  """A packed-looking batch of one document per row, every target counted.
+
+  tokens are uniform in [0, vocab); targets are the tokens shifted left by
+  one (the last target is one more random token), as the pipeline makes them.
+  """
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, vocab_size, size=(batch, seq + 1), dtype=np.int32)
+  return {
+      "tokens": ids[:, :-1],                                          # [b, s]
+      "targets": ids[:, 1:],                                          # [b, s]
+      "segment_ids": np.ones((batch, seq), np.int32),
+      "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+      "loss_mask": np.ones((batch, seq), np.float32),
+  }
+
+
+def active_params_per_token(cfg: ModelConfig, params) -> int:
+  """All parameters except the routed experts a token does not visit.
+
+  Routed expert weights are the `ffn/w1|w2|w3` leaves with an expert axis
+  (dense MLPs and shared experts keep theirs under `.../kernel`); a token
+  uses n_activated_experts / n_routed_experts of them.
+  """
+  total = routed = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    keys = [getattr(k, "key", str(k)) for k in path]
+    n = int(np.prod(leaf.shape))
+    total += n
+    if len(keys) >= 2 and keys[-2] == "ffn" and keys[-1] in ("w1", "w2", "w3"):
+      routed += n
+  if not routed:
+    return total
+  return total - routed + routed * cfg.n_activated_experts // cfg.n_routed_experts
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  cfg = ModelConfig.from_json(args.model_json)
+  if args.moe_impl is not None:
+    cfg = cfg.replace(moe_impl=args.moe_impl)
+  if args.n_mtp_depth is not None:
+    cfg = cfg.replace(n_mtp_depth=args.n_mtp_depth)
+  if args.seq > cfg.max_seq_len:
+    sys.exit(f"--seq={args.seq} exceeds max_seq_len={cfg.max_seq_len} of {args.model_json}")
+  # Constant peak lr (no warmup, no decay), as the torch side runs: the
+  # final_loss of the two is then roughly comparable; speed does not depend on it.
+  n_steps = args.warmup + args.steps + 1
+  train_cfg = TrainConfig(steps=n_steps, seed=args.seed, warmup_steps=0, hold_steps=n_steps,
+                          batch_size=args.batch, seq_len=args.seq,
+                          fast_compile=args.fast_compile)
+  rss_after_import = peak_rss_mb()
+
+  state = init_train_state(cfg, train_cfg, jax.random.key(args.seed))
+  params = count_params(state.params)
+  active = active_params_per_token(cfg, state.params)
+  batch = jax.device_put(random_batch(cfg.vocab_size, args.batch, args.seq, args.seed))
+  train_step = make_train_step(cfg, train_cfg)
+
+  t0 = time.perf_counter()
+  step = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+
+  first_step_s = None
+  for i in range(args.warmup):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i == 0:
+      first_step_s = time.perf_counter() - t0
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    sys.exit(f"non-finite loss {loss} after {args.warmup + args.steps} steps")
+
+  median = statistics.median(times)
+  result = {
+      "bench": "train_throughput", "framework": "jax",
+      "train_tokens_per_s": args.batch * args.seq / median,
+      "step_s_median": median, "step_s_min": min(times), "step_s_all": times,
+      "compile_s": compile_s, "first_step_s": first_step_s,
+      "peak_rss_mb": peak_rss_mb(), "rss_after_import_mb": rss_after_import,
+      "params": params, "active_params_per_token": active,
+      "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+      "final_loss": loss,
+      "jax_version": jax.__version__, "backend": jax.default_backend(),
+      "n_devices": jax.device_count(),
+      "moe_impl": resolve_moe_impl(cfg), "n_mtp_depth": cfg.n_mtp_depth,
+      "fast_compile": args.fast_compile,
+      "model_json": args.model_json,
+  }
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main()

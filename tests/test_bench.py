@@ -1,0 +1,98 @@
+"""Smoke test of the throughput benchmarks: each script, run as a user runs it.
+
+Each script runs as a subprocess on a tiny model for 2 timed steps (JAX with
+--fast-compile, which only changes speed) and must
+print exactly one JSON line carrying the documented fields, with numbers
+that are consistent with each other (tokens/s = batch * seq / median step).
+"""
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"preset": "tiny", "n_mtp_depth": 1, "max_seq_len": 32, "original_seq_len": 32}
+BATCH, SEQ, STEPS = 2, 16, 2
+
+COMMON_FIELDS = ("bench", "framework", "train_tokens_per_s", "step_s_median", "step_s_all",
+                 "compile_s", "peak_rss_mb", "params", "active_params_per_token", "batch",
+                 "seq", "steps", "backend", "moe_impl", "n_mtp_depth")
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bench") / "tiny.json"
+  path.write_text(json.dumps(TINY))
+  return str(path)
+
+
+def _run(script: str, model_json: str, *extra: str) -> tuple[dict, str]:
+  cmd = [sys.executable, os.path.join(ROOT, "bench", script), "--model-json", model_json,
+         "--batch", str(BATCH), "--seq", str(SEQ), "--steps", str(STEPS), "--warmup", "1",
+         *extra]
+  # The test session's persistent compilation cache: a re-run skips compiling.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.environ.get(
+      "DSJ_TEST_JAX_CACHE", "/tmp/deepseek_jax_test_cache"))
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1, f"expected one JSON line, got: {proc.stdout!r}"
+  return json.loads(lines[0]), proc.stderr
+
+
+def _check_common(res: dict, framework: str) -> None:
+  missing = [k for k in COMMON_FIELDS if k not in res]
+  assert not missing, f"missing fields {missing}"
+  assert res["bench"] == "train_throughput" and res["framework"] == framework
+  assert (res["batch"], res["seq"], res["steps"]) == (BATCH, SEQ, STEPS)
+  assert len(res["step_s_all"]) == STEPS and all(t > 0 for t in res["step_s_all"])
+  assert res["step_s_median"] == pytest.approx(statistics.median(res["step_s_all"]))
+  assert res["train_tokens_per_s"] == pytest.approx(BATCH * SEQ / res["step_s_median"])
+  assert res["peak_rss_mb"] > 50
+  assert 0 < res["active_params_per_token"] < res["params"]
+  assert math.isfinite(res["final_loss"])
+
+
+def _tiny_param_counts(n_mtp_depth: int) -> tuple[int, int]:
+  """(total, active) parameters of the tiny preset, counted from its shapes."""
+  from deepseek_jax import get_preset
+  c = get_preset("tiny", n_mtp_depth=n_mtp_depth, max_seq_len=32, original_seq_len=32)
+  d, h = c.dim, c.n_heads
+  attn = (d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * c.qk_head_dim
+          + d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+          + c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim) + h * c.v_head_dim * d)
+  routed = c.n_routed_experts * 3 * d * c.moe_inter_dim
+  moe_fixed = attn + 2 * d + d * c.n_routed_experts + 3 * d * c.n_shared_experts * c.moe_inter_dim
+  dense = attn + 2 * d + 3 * d * c.inter_dim
+  mtp_fixed = 3 * d + 2 * d * d
+  total = (2 * c.vocab_size * d + d + c.n_dense_layers * dense
+           + (c.n_moe_layers + n_mtp_depth) * (moe_fixed + routed) + n_mtp_depth * mtp_fixed)
+  active = total - (c.n_moe_layers + n_mtp_depth) * routed * (
+      c.n_routed_experts - c.n_activated_experts) // c.n_routed_experts
+  return total, active
+
+
+def test_jax_train_throughput_prints_one_json_line_with_all_fields(tiny_json):
+  res, _ = _run("train_throughput.py", tiny_json, "--fast-compile")
+  _check_common(res, "jax")
+  assert res["jax_version"] and res["compile_s"] > 0 and res["fast_compile"]
+  assert res["n_mtp_depth"] == 1 and res["moe_impl"] in ("blocked", "ragged")
+  assert (res["params"], res["active_params_per_token"]) == _tiny_param_counts(1)
+
+
+def test_hf_train_throughput_prints_one_json_line_with_all_fields(tiny_json):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  res, err = _run("hf_train_throughput.py", tiny_json)
+  _check_common(res, "torch-hf")
+  # HF trains no MTP: the JSON's n_mtp_depth=1 is overridden, and says so.
+  assert res["n_mtp_depth"] == 0 and "n_mtp_depth=1" in err
+  assert res["attn_impl"] in ("eager", "sdpa") and res["torch_threads"] >= 1
+  assert res["experts_impl"] in ("eager", "batched_mm", "grouped_mm")
+  # Same model as the JAX one without MTP, counted independently.
+  assert (res["params"], res["active_params_per_token"]) == _tiny_param_counts(0)
