@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.block import Block
 from deepseek_jax.model.layers import Einsum, RMSNorm
 
 
@@ -39,7 +40,7 @@ def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
 
 class MTPModule(nn.Module):
   cfg: ModelConfig
-  block_cls: type
+  moe: bool   # the block's FFN: MoE unless the model has no MoE layers
 
   @nn.compact
   def __call__(self, h_prev, emb, positions, mask, valid):
@@ -48,5 +49,5 @@ class MTPModule(nn.Module):
     x = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb),
                          RMSNorm(cfg, name="hnorm")(h_prev)], axis=-1)
     x = Einsum(cfg, (2 * cfg.dim, cfg.dim), "bsd,de->bse", name="eh_proj")(x)
-    x, aux = self.block_cls(cfg, name="block")(x, positions, mask, valid)
+    x, aux = Block(cfg, self.moe, name="block")(x, positions, mask, valid)
     return RMSNorm(cfg, name="norm")(x), aux

@@ -30,37 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.layers import MLP, Embed, Einsum, RMSNorm
-from deepseek_jax.model.mla import MLA, attention_bias
-from deepseek_jax.model.moe import MoE
+from deepseek_jax.model.block import Block
+from deepseek_jax.model.layers import Embed, Einsum, RMSNorm
+from deepseek_jax.model.mla import attention_bias
 from deepseek_jax.model.mtp import MTPModule, shift_left
-
-
-class DenseBlock(nn.Module):
-  """Pre-norm block: h = x + MLA(norm(x)); out = h + MLP(norm(h))."""
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x, positions, mask, valid):
-    h = x + MLA(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x),
-                                       positions, mask)
-    out = MLP(self.cfg, self.cfg.inter_dim, name="ffn")(
-        RMSNorm(self.cfg, name="ffn_norm")(h))
-    zero = {"balance_loss": jnp.zeros((), jnp.float32),
-            "load": jnp.zeros((max(self.cfg.n_routed_experts, 1),), jnp.float32)}
-    return h + out, zero
-
-
-class MoEBlock(nn.Module):
-  """Pre-norm block with a DeepSeekMoE feed-forward."""
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x, positions, mask, valid):
-    h = x + MLA(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x),
-                                       positions, mask)
-    out, aux = MoE(self.cfg, name="ffn")(RMSNorm(self.cfg, name="ffn_norm")(h), valid)
-    return h + out, aux
 
 
 def _remat(block_cls, cfg: ModelConfig):
@@ -71,14 +44,14 @@ def _remat(block_cls, cfg: ModelConfig):
   return nn.remat(block_cls, policy=policy, prevent_cse=False)
 
 
-def _stack(block_cls, cfg: ModelConfig, length: int, name: str):
+def _stack(cfg: ModelConfig, moe: bool, length: int, name: str):
   scanned = nn.scan(
-      _remat(block_cls, cfg),
+      _remat(Block, cfg),
       variable_axes={"params": 0, "router_bias": 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
       length=length)
-  return scanned(cfg, name=name)
+  return scanned(cfg, moe, name=name)
 
 
 def check_inputs(cfg: ModelConfig, tokens, segment_ids=None, positions=None) -> None:
@@ -145,12 +118,12 @@ class Transformer(nn.Module):
 
     x = embed(tokens)                                     # [b, s, dim]
     if cfg.n_dense_layers:
-      x, _ = _stack(DenseBlock, cfg, cfg.n_dense_layers, "dense_layers")(
+      x, _ = _stack(cfg, False, cfg.n_dense_layers, "dense_layers")(
           x, positions, mask, valid)
     balance = jnp.zeros((), jnp.float32)
     load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
     if cfg.n_moe_layers:
-      x, moe_aux = _stack(MoEBlock, cfg, cfg.n_moe_layers, "moe_layers")(
+      x, moe_aux = _stack(cfg, True, cfg.n_moe_layers, "moe_layers")(
           x, positions, mask, valid)
       balance = moe_aux["balance_loss"].sum()
       load = moe_aux["load"]
@@ -161,17 +134,17 @@ class Transformer(nn.Module):
 
     aux = {"balance_loss": balance, "expert_load": load}
     if targets is not None and cfg.n_mtp_depth:
-      block_cls = MoEBlock if cfg.n_moe_layers else DenseBlock
+      mtp_moe = cfg.n_moe_layers > 0
       mtp_logits, mtp_loads = [], []
       for k in range(1, cfg.n_mtp_depth + 1):
         emb = embed(shift_left(targets, k - 1))           # Emb(t_{i+k})
-        h, mtp_aux = MTPModule(cfg, block_cls, name=f"mtp_{k - 1}")(
+        h, mtp_aux = MTPModule(cfg, mtp_moe, name=f"mtp_{k - 1}")(
             h, emb, positions, mask, valid)
         aux["balance_loss"] = aux["balance_loss"] + mtp_aux["balance_loss"]
         mtp_loads.append(mtp_aux["load"])
         mtp_logits.append(head(h))
       aux["mtp_logits"] = jnp.stack(mtp_logits)
-      if cfg.n_moe_layers:
+      if mtp_moe:
         aux["mtp_expert_load"] = jnp.stack(mtp_loads)
     return logits, aux
 

@@ -1,0 +1,34 @@
+"""One transformer block (DeepSeek-V3): pre-norm MLA, then a dense or MoE FFN."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.layers import MLP, RMSNorm
+from deepseek_jax.model.mla import MLA
+from deepseek_jax.model.moe import MoE
+
+
+class Block(nn.Module):
+  """Pre-norm block: h = x + MLA(norm(x)); out = h + FFN(norm(h)).
+
+  FFN is the dense SwiGLU MLP, or DeepSeekMoE when `moe` (then the aux dict
+  carries its balance loss and expert loads; zeros otherwise).
+  """
+  cfg: ModelConfig
+  moe: bool
+
+  @nn.compact
+  def __call__(self, x, positions, mask, valid):
+    cfg = self.cfg
+    h = x + MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions, mask)
+    y = RMSNorm(cfg, name="ffn_norm")(h)
+    if self.moe:
+      out, aux = MoE(cfg, name="ffn")(y, valid)
+    else:
+      out = MLP(cfg, cfg.inter_dim, name="ffn")(y)
+      aux = {"balance_loss": jnp.zeros((), jnp.float32),
+             "load": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32)}
+    return h + out, aux
