@@ -6,6 +6,9 @@
   # deepseek_jax directory -> HF (loadable by DeepseekV3ForCausalLM.from_pretrained)
   python -m launch.convert --from_jax /ckpt/v3_jax --to_hf /ckpt/v3_hf --max_shard_gb 5
 
+  # a training run's latest checkpoint (launch.train --workdir) -> HF or deepseek_jax
+  python -m launch.convert --from_workdir runs/demo --to_hf runs/demo_hf [--step N]
+
 The deepseek_jax format is `model_config.json` + `variables.safetensors`
 (see `deepseek_jax.interop.hf`). `--dtype` casts the written weights
 (the router bias stays float32); by default weights are float32 after an HF
@@ -26,6 +29,10 @@ _FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory to read
 _TO_JAX = flags.DEFINE_string("to_jax", None, "deepseek_jax directory to write.")
 _FROM_JAX = flags.DEFINE_string("from_jax", None, "deepseek_jax directory to read.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "HF checkpoint directory to write.")
+_FROM_WORKDIR = flags.DEFINE_string(
+    "from_workdir", None, "Training run directory (launch.train --workdir) to export; "
+    "with --to_hf or --to_jax.")
+_STEP = flags.DEFINE_integer("step", None, "With --from_workdir: the step (default latest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Weight dtype to write (default: float32 from HF, unchanged to HF).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", hf.DEFAULT_MAX_SHARD_BYTES / 2**30,
@@ -35,8 +42,24 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", hf.DEFAULT_MAX_SHARD_BYTES / 
 def convert(*, from_hf: str | None = None, to_jax: str | None = None,
             from_jax: str | None = None, to_hf: str | None = None,
             dtype: str | None = None,
-            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> None:
-  """Runs one conversion; exactly one of (from_hf, to_jax) / (from_jax, to_hf)."""
+            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
+            from_workdir: str | None = None, step: int | None = None) -> None:
+  """Runs one conversion; exactly one of (from_hf, to_jax) / (from_jax, to_hf) /
+  (from_workdir, to_hf or to_jax)."""
+  if from_workdir:
+    if from_hf or from_jax or bool(to_hf) == bool(to_jax):
+      raise app.UsageError("give --from_workdir DIR with exactly one of --to_hf / --to_jax.")
+    from deepseek_jax.train.export import load_trained_variables  # training deps only here
+    start = time.time()
+    cfg, variables, saved_step = load_trained_variables(from_workdir, step)
+    logging.info("restored step %d of %s in %.1fs", saved_step, from_workdir, time.time() - start)
+    if to_hf:
+      hf.save_hf_checkpoint(cfg, variables, to_hf, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    else:
+      hf.save_jax_variables(cfg, variables, to_jax)
+    logging.info("done in %.1fs: %s (step %d) -> %s", time.time() - start, from_workdir,
+                 saved_step, to_hf or to_jax)
+    return
   hf_to_jax, jax_to_hf = bool(from_hf or to_jax), bool(from_jax or to_hf)
   if hf_to_jax == jax_to_hf:
     raise app.UsageError("give either --from_hf DIR --to_jax DIR or --from_jax DIR --to_hf DIR.")
@@ -67,7 +90,8 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   convert(from_hf=_FROM_HF.value, to_jax=_TO_JAX.value, from_jax=_FROM_JAX.value,
           to_hf=_TO_HF.value, dtype=_DTYPE.value,
-          max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+          max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
+          from_workdir=_FROM_WORKDIR.value, step=_STEP.value)
 
 
 if __name__ == "__main__":

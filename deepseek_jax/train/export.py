@@ -1,0 +1,48 @@
+"""Model variables out of a training run's checkpoints (for conversion/serving).
+
+    cfg, variables, step = load_trained_variables("runs/demo")
+    deepseek_jax.interop.save_hf_checkpoint(cfg, variables, "runs/demo_hf")
+
+Reads the model and train configs saved with the checkpoint (so no flags are
+needed), restores the TrainState of the requested (default: latest) step and
+returns `{"params", "router_bias"}` as `Transformer.apply` expects them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.train.checkpoint import CHECKPOINT_DIR
+from deepseek_jax.train.loop import TrainConfig
+from deepseek_jax.train.step import abstract_train_state
+
+
+def load_trained_variables(workdir: str, step: int | None = None
+                           ) -> tuple[ModelConfig, dict[str, Any], int]:
+  """(model config, variables, step) of a checkpoint in `workdir/checkpoints`."""
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f"{directory} does not exist: pass the --workdir of a training run "
+        "(launch.train writes its checkpoints there).")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints in {directory}.")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(f"step {step} is not saved in {directory}; saved steps: {sorted(steps)}.")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    model_cfg = ModelConfig.from_dict(meta["model_config"])
+    train_cfg = TrainConfig.from_dict(meta["train_config"])
+    abstract = abstract_train_state(model_cfg, train_cfg)
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  finally:
+    manager.close()
+  return model_cfg, {"params": state.params, "router_bias": state.router_bias}, int(step)
