@@ -390,3 +390,14 @@ def test_greedy_decoder_matches_python_loop_and_stops_at_eos(configs):
     assert int(end[i]) == len(want)
     np.testing.assert_array_equal(np.asarray(out[i, :len(want)]), want)
   assert int(end[0]) <= len(prompts[0]) + 2
+
+
+def test_token_ids_beyond_model_vocab_are_refused_before_compiling(configs, tmp_path,
+                                                                   monkeypatch):
+  """A tokenizer larger than the model's vocab is refused, naming both sizes,
+  before any step compiles."""
+  model_cfg, train_cfg = configs
+  monkeypatch.setattr(loop, "make_train_step", lambda *a: pytest.fail("compiled"))
+  with pytest.raises(ValueError, match=r"tokenizer has 107 ids but vocab_size=20"):
+    loop.train(model_cfg.replace(vocab_size=20), train_cfg, str(tmp_path / "run"),
+               log=lambda s: None)

@@ -27,6 +27,7 @@ import numpy as np
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
+from deepseek_jax.model import count_params
 from deepseek_jax.train import checkpoint, evaluate, metrics
 from deepseek_jax.train.step import (abstract_train_state, compiler_options,
                                      init_train_state, make_train_step)
@@ -241,7 +242,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     if resumed_from is not None and start != data.iterator.step:
       raise ValueError(f"checkpoint step {start} and data iterator step "
                        f"{data.iterator.step} disagree; the checkpoint is corrupt.")
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_params = count_params(state.params)
     log(f"model: {n_params:,} parameters; training steps {start} -> {end_step} "
         f"of {train_cfg.steps}")
 

@@ -19,13 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
-def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
-  """x[:, i + k] at position i; `fill` in the last k positions. x: [batch, seq]."""
-  if k == 0:
-    return x
-  pad = jnp.full((x.shape[0], k), fill, x.dtype)
-  return jnp.concatenate([x[:, k:], pad], axis=1)
+from deepseek_jax.model.mtp import shift_left
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
