@@ -38,7 +38,12 @@ def main(argv):
     sys.exit(f"launch.train: config error: {e}")
   print("model config:", json.dumps(model_cfg.to_dict()), flush=True)
   print("train config:", json.dumps(train_cfg.to_dict()), flush=True)
-  train(model_cfg, train_cfg, _WORKDIR.value, log=lambda s: print(s, flush=True))
+  try:
+    train(model_cfg, train_cfg, _WORKDIR.value, log=lambda s: print(s, flush=True))
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    # Bad data files, a mismatched workdir, a diverged run: the library's
+    # messages name the cause and the fix; a traceback adds nothing for users.
+    sys.exit(f"launch.train: error: {e}")
 
 
 if __name__ == "__main__":

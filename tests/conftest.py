@@ -11,8 +11,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same tiny programs; a persistent cache shares them
 # across test files and across CI steps of one run.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("DSJ_TEST_JAX_CACHE", "/tmp/deepseek_jax_test_cache"))
+# One location for the whole session; subprocess tests read the same variable.
+os.environ.setdefault("DSJ_TEST_JAX_CACHE", "/tmp/deepseek_jax_test_cache")
+jax.config.update("jax_compilation_cache_dir", os.environ["DSJ_TEST_JAX_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

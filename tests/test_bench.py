@@ -36,8 +36,8 @@ def _run(script: str, model_json: str, *extra: str) -> tuple[dict, str]:
          "--batch", str(BATCH), "--seq", str(SEQ), "--steps", str(STEPS), "--warmup", "1",
          *extra]
   # The test session's persistent compilation cache: a re-run skips compiling.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.environ.get(
-      "DSJ_TEST_JAX_CACHE", "/tmp/deepseek_jax_test_cache"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=os.environ["DSJ_TEST_JAX_CACHE"])
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -20,8 +19,7 @@ def _run(*args, timeout=240):
       # so the persistent cache serves both.
       "JAX_NUM_CPU_DEVICES": "8",
       "JAX_DEFAULT_MATMUL_PRECISION": "highest",
-      "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(),
-                                                "deepseek_jax_test_jax_cache"),
+      "JAX_COMPILATION_CACHE_DIR": os.environ["DSJ_TEST_JAX_CACHE"],
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
       "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", ""),
   })

@@ -27,7 +27,7 @@ NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "moe_load_balance.ipynb")
 ARMS = ("aux_free_bias", "aux_loss", "none")
 STEPS, BATCH, SEQ, GAMMA, ALPHA = 5, 4, 64, 0.05, 0.03
 TOP_K = 2  # the tiny preset's n_activated_experts
-CACHE = os.environ.get("DSJ_TEST_JAX_CACHE", "/tmp/deepseek_jax_test_cache")
+CACHE = os.environ["DSJ_TEST_JAX_CACHE"]
 
 
 @pytest.fixture(scope="module")

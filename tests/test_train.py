@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +25,6 @@ from deepseek_jax.model import abstract_variables
 from deepseek_jax.train import checkpoint, evaluate, loop, losses, optimizer, step
 from launch.configs import build_configs
 from launch.configs import tiny as tiny_config
-
-# One compile per session for the shared tiny step, shared with the launch test.
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), "deepseek_jax_test_jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="module")
