@@ -21,9 +21,9 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
+
+from interleave import interleave, summarise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"jax": os.path.join(HERE, "train_throughput.py"),
@@ -46,50 +46,23 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def run_one(framework: str, args: argparse.Namespace) -> dict:
+def _command(framework: str, args: argparse.Namespace) -> list[str]:
   extra = args.jax_args if framework == "jax" else args.hf_args
-  cmd = [sys.executable, SCRIPTS[framework], "--model-json", args.model_json,
-         "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-         "--warmup", str(args.warmup), *extra.split()]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode:
-    sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-  if not lines:
-    sys.exit(f"{' '.join(cmd)} printed no JSON line:\n{proc.stdout[-2000:]}")
-  return json.loads(lines[-1])
+  return [sys.executable, SCRIPTS[framework], "--model-json", args.model_json,
+          "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+          "--warmup", str(args.warmup), *extra.split()]
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  runs = {"jax": [], "torch-hf": []}
-  for r in range(args.rounds):
-    for framework in ("jax", "torch-hf"):
-      res = run_one(framework, args)
-      runs[framework].append(res)
-      print(f"round {r + 1}/{args.rounds} {framework}: "
-            f"{res['train_tokens_per_s']:.1f} tok/s  {json.dumps(res)}",
-            file=sys.stderr, flush=True)
+  runs = interleave({fw: _command(fw, args) for fw in SCRIPTS}, args.rounds)
   if runs["jax"][0]["params"] != runs["torch-hf"][0]["params"]:
     print(f"warning: parameter counts differ: jax {runs['jax'][0]['params']} vs "
           f"hf {runs['torch-hf'][0]['params']}", file=sys.stderr)
-
-  def side(framework):
-    rs = runs[framework]
-    keys = ("moe_impl", "n_mtp_depth", "params", "active_params_per_token")
-    keys += (("jax_version", "backend") if framework == "jax"
-             else ("attn_impl", "experts_impl", "torch_version", "transformers_version"))
-    return {
-        "train_tokens_per_s": statistics.median(r["train_tokens_per_s"] for r in rs),
-        "train_tokens_per_s_all": [r["train_tokens_per_s"] for r in rs],
-        "train_tokens_per_s_best_round": max(r["train_tokens_per_s"] for r in rs),
-        "step_s_median": statistics.median(r["step_s_median"] for r in rs),
-        "compile_s_median": statistics.median(r["compile_s"] for r in rs),
-        "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rs),
-        **{k: rs[0][k] for k in keys},
-    }
-
-  jax_side, hf_side = side("jax"), side("torch-hf")
+  common = ("moe_impl", "n_mtp_depth", "params", "active_params_per_token")
+  jax_side = summarise(runs["jax"], common + ("jax_version", "backend"))
+  hf_side = summarise(runs["torch-hf"], common + (
+      "attn_impl", "experts_impl", "torch_version", "transformers_version"))
   result = {
       "bench": "compare_hf",
       "date": datetime.datetime.now().isoformat(timespec="seconds"),

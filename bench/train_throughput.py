@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import statistics
 import sys
 import time
 
+import flax
 import jax
+import jaxlib
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
@@ -152,7 +155,9 @@ def main(argv=None) -> dict:
       "params": params, "active_params_per_token": active,
       "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
       "final_loss": loss,
-      "jax_version": jax.__version__, "backend": jax.default_backend(),
+      "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
+      "flax_version": flax.__version__, "python_version": platform.python_version(),
+      "backend": jax.default_backend(),
       "n_devices": jax.device_count(),
       "moe_impl": resolve_moe_impl(cfg), "n_mtp_depth": cfg.n_mtp_depth,
       "fast_compile": args.fast_compile,

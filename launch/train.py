@@ -15,13 +15,13 @@ import json
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from deepseek_jax.train.loop import train
+from launch.config_flag import DEFINE_config_file
 from launch.configs import build_configs
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file with get_config(); override fields with --config.x=y.")
+_CONFIG = DEFINE_config_file(
+    "config", "Config file with get_config(); override fields with --config.x=y.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
 _PRESET = flags.DEFINE_string("preset", None, "Model preset; replaces config.preset.")
 flags.mark_flags_as_required(["config", "workdir"])

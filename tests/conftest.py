@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices for mesh tests, float32 matmuls, slow marker."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,8 +24,24 @@ def pytest_addoption(parser):
                    help="also run tests marked slow")
 
 
+def _torch_available() -> bool:
+  return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+@pytest.hookimpl(trylast=True)   # after `-m` / `-k` have deselected what they will
 def pytest_collection_modifyitems(config, items):
-  if config.getoption("--run-slow") or config.getoption("-m"):
+  # Tests marked `torch` check us against transformers' DeepseekV3. They never
+  # skip quietly: without torch they must be deselected explicitly (-m "not
+  # torch", as the Python 3.12+ CI leg does), otherwise the run stops here.
+  needs_torch = [item.nodeid for item in items if "torch" in item.keywords]
+  if needs_torch and not _torch_available():
+    raise pytest.UsageError(
+        f"{len(needs_torch)} selected tests need torch + transformers (marker `torch`, "
+        f"e.g. {needs_torch[0]}), which are not installed. Install them with "
+        "`pip install torch==2.13.0 && pip install -e \".[test,torch]\"` (Python 3.11: "
+        "the CPU torch wheel), or deselect them with -m \"not torch\".")
+  run_slow = config.getoption("--run-slow") or "slow" in (config.getoption("-m") or "")
+  if run_slow:
     return
   skip = pytest.mark.skip(reason="slow: pass --run-slow (or -m slow)")
   for item in items:

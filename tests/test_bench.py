@@ -31,15 +31,22 @@ def tiny_json(tmp_path_factory):
   return str(path)
 
 
+def _run_script(cmd: list[str]) -> subprocess.CompletedProcess:
+  # The test session's persistent compilation cache: a re-run skips compiling.
+  # Deprecations fail the script, as they fail in-process tests (setup.cfg).
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=os.environ["DSJ_TEST_JAX_CACHE"],
+             PYTHONWARNINGS="error::DeprecationWarning,error::FutureWarning")
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 def _run(script: str, model_json: str, *extra: str) -> tuple[dict, str]:
   cmd = [sys.executable, os.path.join(ROOT, "bench", script), "--model-json", model_json,
          "--batch", str(BATCH), "--seq", str(SEQ), "--steps", str(STEPS), "--warmup", "1",
          *extra]
-  # The test session's persistent compilation cache: a re-run skips compiling.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=os.environ["DSJ_TEST_JAX_CACHE"])
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_script(cmd)
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1, f"expected one JSON line, got: {proc.stdout!r}"
   return json.loads(lines[0]), proc.stderr
@@ -85,9 +92,8 @@ def test_jax_train_throughput_prints_one_json_line_with_all_fields(tiny_json):
   assert (res["params"], res["active_params_per_token"]) == _tiny_param_counts(1)
 
 
+@pytest.mark.torch
 def test_hf_train_throughput_prints_one_json_line_with_all_fields(tiny_json):
-  pytest.importorskip("torch")
-  pytest.importorskip("transformers")
   res, err = _run("hf_train_throughput.py", tiny_json)
   _check_common(res, "torch-hf")
   # HF trains no MTP: the JSON's n_mtp_depth=1 is overridden, and says so.
@@ -96,3 +102,27 @@ def test_hf_train_throughput_prints_one_json_line_with_all_fields(tiny_json):
   assert res["experts_impl"] in ("eager", "batched_mm", "grouped_mm")
   # Same model as the JAX one without MTP, counted independently.
   assert (res["params"], res["active_params_per_token"]) == _tiny_param_counts(0)
+
+
+def test_compare_jax_lines_interleaves_two_interpreters_and_reports_their_ratio(tiny_json):
+  # Both sides on this interpreter: the script's bookkeeping is what is tested.
+  cmd = [sys.executable, os.path.join(ROOT, "bench", "compare_jax_lines.py"),
+         "--python-a", sys.executable, "--python-b", sys.executable,
+         "--model-json", tiny_json, "--batch", str(BATCH), "--seq", str(SEQ),
+         "--steps", str(STEPS), "--warmup", "1", "--rounds", "1",
+         "--jax-args=--fast-compile"]
+  proc = _run_script(cmd)
+  res = json.loads(proc.stdout.strip())
+  runs = [json.loads(line.split("  ", 1)[1]) for line in proc.stderr.splitlines()
+          if line.startswith("round ")]
+  assert [r["train_tokens_per_s"] for r in runs] == (
+      res["a"]["train_tokens_per_s_all"] + res["b"]["train_tokens_per_s_all"])
+  assert res["ratio_b_over_a"] == pytest.approx(
+      runs[1]["train_tokens_per_s"] / runs[0]["train_tokens_per_s"])
+  import flax
+  import jax
+  for side in ("a", "b"):
+    assert res[side]["jax_version"] == jax.__version__
+    assert res[side]["flax_version"] == flax.__version__
+    assert res[side]["python_version"] == ".".join(map(str, sys.version_info[:3]))
+    assert res[side]["params"] == _tiny_param_counts(1)[0]

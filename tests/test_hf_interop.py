@@ -129,8 +129,9 @@ def test_published_v3_config_maps_to_the_671b_preset():
               "mscale": 0.707, "beta_fast": 16.0, "beta_slow": 2.0, "rope_theta": 500.0}),
     ("v3_671b", {}),
 ])
+@pytest.mark.torch
 def test_config_round_trips_and_transformers_agrees_on_rope(name, changes):
-  transformers = pytest.importorskip("transformers")
+  import transformers
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
   from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
   cfg = get_preset(name, **changes)
@@ -421,11 +422,20 @@ def test_convert_cli_round_trip(tiny_ckpt, tmp_path):
     convert.convert(from_jax=str(tmp_path / "nope"), to_hf=hf_out)
 
 
+def _read_dir(path):
+  """{file name: bytes} of every file in `path`."""
+  contents = {}
+  for name in os.listdir(path):
+    with open(os.path.join(path, name), "rb") as f:
+      contents[name] = f.read()
+  return contents
+
+
 def test_failed_save_leaves_no_partial_files(tiny, tmp_path, monkeypatch):
   cfg, variables = tiny
   good = str(tmp_path / "good")
   save_hf_checkpoint(cfg, variables, good)
-  before = {n: open(os.path.join(good, n), "rb").read() for n in os.listdir(good)}
+  before = _read_dir(good)
 
   def disk_full(tensors, path, metadata=None):
     with open(path, "wb") as f:
@@ -439,7 +449,7 @@ def test_failed_save_leaves_no_partial_files(tiny, tmp_path, monkeypatch):
   assert os.listdir(fresh) == []
   with pytest.raises(OSError, match="No space"):
     save_hf_checkpoint(cfg, variables, good)          # overwrite fails: old files intact
-  assert {n: open(os.path.join(good, n), "rb").read() for n in os.listdir(good)} == before
+  assert _read_dir(good) == before
   with pytest.raises(OSError, match="No space"):
     save_jax_variables(cfg, variables, str(tmp_path / "jax"))
   assert os.listdir(tmp_path / "jax") == []

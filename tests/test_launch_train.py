@@ -22,6 +22,8 @@ def _run(*args, timeout=240):
       "JAX_COMPILATION_CACHE_DIR": os.environ["DSJ_TEST_JAX_CACHE"],
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
       "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", ""),
+      # As in-process (setup.cfg filterwarnings): a deprecation is a failure.
+      "PYTHONWARNINGS": "error::DeprecationWarning,error::FutureWarning",
   })
   return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -62,14 +64,17 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "5"))
 
 
-@pytest.mark.parametrize("flag,field", [
-    ("--config.model.n_activated_experts=9", "n_activated_experts"),
-    ("--preset=huge", "preset"),
-    ("--config.seq_len=1000", "seq_len"),
+@pytest.mark.parametrize("flags,message", [
+    ((f"--config={TINY}", "--config.model.n_activated_experts=9"),
+     "config error: n_activated_experts"),
+    ((f"--config={TINY}", "--preset=huge"), "config error: Unknown preset"),
+    ((f"--config={TINY}", "--config.seq_len=1000"), "config error: seq_len"),
+    (("--config=launch/configs/no_such.py",), "no such config file"),
 ])
-def test_config_errors_exit_before_compiling(tmp_path, flag, field):
+def test_config_errors_exit_before_compiling(tmp_path, flags, message):
   workdir = str(tmp_path / "bad")
-  result = _run(f"--config={TINY}", f"--workdir={workdir}", flag, timeout=120)
+  result = _run(*flags, f"--workdir={workdir}", timeout=120)
   assert result.returncode != 0
-  assert "config error" in result.stderr and field in result.stderr, result.stderr[-2000:]
+  assert message in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
   assert not os.path.exists(workdir)       # failed before the trainer started

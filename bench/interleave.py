@@ -1,0 +1,51 @@
+"""Shared by the comparison scripts: run benchmark processes A B A B, summarise.
+
+Each run is a fresh process printing one JSON line (train_throughput.py,
+hf_train_throughput.py); alternating the two sides round by round makes a
+slow phase of a shared machine hit both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+
+def run_json(cmd: Sequence[str]) -> dict:
+  """Runs `cmd`; returns the last JSON line it printed (exits with its stderr on failure)."""
+  proc = subprocess.run(list(cmd), capture_output=True, text=True)
+  if proc.returncode:
+    sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if not lines:
+    sys.exit(f"{' '.join(cmd)} printed no JSON line:\n{proc.stdout[-2000:]}")
+  return json.loads(lines[-1])
+
+
+def interleave(commands: dict[str, Sequence[str]], rounds: int) -> dict[str, list[dict]]:
+  """{side: [result per round]}, running the sides in turn within each round."""
+  runs = {side: [] for side in commands}
+  for r in range(rounds):
+    for side, cmd in commands.items():
+      res = run_json(cmd)
+      runs[side].append(res)
+      print(f"round {r + 1}/{rounds} {side}: {res['train_tokens_per_s']:.1f} tok/s  "
+            f"{json.dumps(res)}", file=sys.stderr, flush=True)
+  return runs
+
+
+def summarise(results: list[dict], keys: Sequence[str] = ()) -> dict:
+  """Medians over rounds (and the best round) of one side, plus `keys` from round 1."""
+  tps: Callable[[dict], float] = lambda r: r["train_tokens_per_s"]
+  return {
+      "train_tokens_per_s": statistics.median(map(tps, results)),
+      "train_tokens_per_s_all": [tps(r) for r in results],
+      "train_tokens_per_s_best_round": max(map(tps, results)),
+      "step_s_median": statistics.median(r["step_s_median"] for r in results),
+      "compile_s_median": statistics.median(r["compile_s"] for r in results),
+      "peak_rss_mb_max": max(r["peak_rss_mb"] for r in results),
+      **{k: results[0][k] for k in keys if k in results[0]},
+  }
