@@ -14,12 +14,10 @@ faster). See README "Python and JAX" for setting up the 3.12 venv.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
-from interleave import interleave, summarise
+from interleave import add_run_args, interleave, report, run_flags, summarise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -33,12 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--python-a", default=sys.executable, help="interpreter of side A")
   p.add_argument("--python-b", default=os.path.join(ROOT, ".venv312", "bin", "python"),
                  help="interpreter of side B")
-  p.add_argument("--model-json", default=os.path.join(HERE, "shapes", "issue2.json"))
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--steps", type=int, default=10, help="timed steps per run")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
-  p.add_argument("--rounds", type=int, default=3, help="runs of each side")
+  add_run_args(p)
   p.add_argument("--jax-args", default="", help="extra flags for train_throughput.py")
   args = p.parse_args(argv)
   if args.rounds < 1:
@@ -52,27 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  common = [SCRIPT, "--model-json", args.model_json, "--batch", str(args.batch),
-            "--seq", str(args.seq), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), *args.jax_args.split()]
-  runs = interleave({"a": [args.python_a, *common], "b": [args.python_b, *common]},
+  flags = [SCRIPT, *run_flags(args), *args.jax_args.split()]
+  runs = interleave({"a": [args.python_a, *flags], "b": [args.python_b, *flags]},
                     args.rounds)
-  a, b = (summarise(runs[s], VERSION_KEYS) for s in ("a", "b"))
-  if a["params"] != b["params"]:
-    sys.exit(f"the two sides built different models: {a['params']} vs {b['params']} params")
-  result = {
-      "bench": "compare_jax_lines",
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "nproc": os.cpu_count(), "model_json": args.model_json,
-      "batch": args.batch, "seq": args.seq, "steps": args.steps,
-      "warmup": args.warmup, "rounds": args.rounds,
-      "a": a, "b": b,
-      "ratio_b_over_a": b["train_tokens_per_s"] / a["train_tokens_per_s"],
-      "ratio_best_rounds": (b["train_tokens_per_s_best_round"]
-                            / a["train_tokens_per_s_best_round"]),
-  }
-  print(json.dumps(result), flush=True)
-  return result
+  sides = {s: summarise(runs[s], VERSION_KEYS) for s in ("a", "b")}
+  if sides["a"]["params"] != sides["b"]["params"]:
+    sys.exit(f"the two sides built different models: {sides['a']['params']} vs "
+             f"{sides['b']['params']} params")
+  return report("compare_jax_lines", args, sides, ("ratio_b_over_a", "b", "a"))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,32 @@ slow phase of a shared machine hit both alike.
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
 from typing import Callable, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+  """The flags every run of a comparison shares (passed on to each script)."""
+  p.add_argument("--model-json", default=os.path.join(HERE, "shapes", "issue2.json"))
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
+  p.add_argument("--rounds", type=int, default=3, help="runs of each side")
+
+
+def run_flags(args: argparse.Namespace) -> list[str]:
+  """The shared flags as a throughput script takes them."""
+  return ["--model-json", args.model_json, "--batch", str(args.batch), "--seq", str(args.seq),
+          "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
 
 def run_json(cmd: Sequence[str]) -> dict:
@@ -49,3 +70,23 @@ def summarise(results: list[dict], keys: Sequence[str] = ()) -> dict:
       "peak_rss_mb_max": max(r["peak_rss_mb"] for r in results),
       **{k: results[0][k] for k in keys if k in results[0]},
   }
+
+
+def report(bench: str, args: argparse.Namespace, sides: dict[str, dict],
+           ratio: tuple[str, str, str]) -> dict:
+  """Prints and returns ONE JSON line: the run settings, each side, and the
+  ratio `name = side num / side den` of median (and best-round) tokens/s."""
+  name, num, den = ratio
+  result = {
+      "bench": bench,
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "nproc": os.cpu_count(), "model_json": args.model_json,
+      "batch": args.batch, "seq": args.seq, "steps": args.steps,
+      "warmup": args.warmup, "rounds": args.rounds,
+      **sides,
+      name: sides[num]["train_tokens_per_s"] / sides[den]["train_tokens_per_s"],
+      "ratio_best_rounds": (sides[num]["train_tokens_per_s_best_round"]
+                            / sides[den]["train_tokens_per_s_best_round"]),
+  }
+  print(json.dumps(result), flush=True)
+  return result

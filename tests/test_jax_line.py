@@ -4,9 +4,15 @@ CI runs this file on both lines (jax 0.10.2 / Python 3.11 and jax 0.12 /
 Python 3.12+). The mesh, expert-parallel and pipeline code is written
 against exactly these APIs and facts (../shared/DESIGN.md §8): if a JAX
 release changes one of them, this file says which, before a sharded
-training run fails in a less legible way. Oracles are numpy computations of
-what each collective must return.
+training run fails in a less legible way: the mesh axis-type default,
+collectives inside `jax.shard_map` under `jax.set_mesh`, `pcast` before a
+custom VJP, and two processes joined by `jax.distributed` on 127.0.0.1.
+Oracles are numpy computations of what each collective must return.
 """
+
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +95,49 @@ def test_custom_vjp_on_a_pcast_weight_inside_shard_map(mesh):
   w = np.ones((1, 3), np.float32)
   grad = jax.jit(jax.grad(loss, argnums=1))(x, w)
   np.testing.assert_array_equal(np.asarray(grad), x.sum(0, keepdims=True))
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import sys
+import jax
+import numpy as np
+from jax.sharding import AxisType
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.config.update("jax_num_cpu_devices", 4)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid, heartbeat_timeout_seconds=30,
+                           shutdown_timeout_seconds=30)
+mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+local = np.arange(4, dtype=np.float32) + 4 * pid          # global row i holds i
+rows = jax.make_array_from_process_local_data(jax.NamedSharding(mesh, jax.P("x")), local)
+shift = [(i, (i + 1) % 8) for i in range(8)]
+fn = jax.jit(jax.shard_map(lambda b: (jax.lax.psum(b, "x"), jax.lax.ppermute(b, "x", shift)),
+                           mesh=mesh, in_specs=jax.P("x"), out_specs=(jax.P(), jax.P("x"))))
+total, shifted = fn(rows)
+print("RESULT", pid, jax.process_count(), jax.device_count(),
+      float(total.addressable_data(0)[0]),
+      [float(s.data[0]) for s in sorted(shifted.addressable_shards, key=lambda s: s.index)],
+      flush=True)
+"""
+
+
+def test_two_processes_on_loopback_run_cross_process_collectives(tmp_path):
+  # Two "nodes" x 4 CPU devices over 127.0.0.1 (CPU collectives: gloo).
+  # Oracle: global row i holds i; the psum is sum(range(8)) and ppermute by
+  # +1 leaves row i holding i - 1 (mod 8).
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  script = tmp_path / "two_process.py"
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  procs = [subprocess.Popen([sys.executable, str(script), str(pid), port],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for pid in (0, 1)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  for pid, (out, _) in enumerate(outs):
+    line = [l for l in out.splitlines() if l.startswith("RESULT")][0].split(" ", 5)
+    assert line[1:5] == [str(pid), "2", "8", "28.0"], line
+    want = [float((i - 1) % 8) for i in range(4 * pid, 4 * pid + 4)]
+    assert line[5] == str(want), line
