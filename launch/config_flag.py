@@ -54,3 +54,19 @@ def DEFINE_config_file(name: str, help_string: str,  # noqa: N802 (absl naming)
                                            flag_values=flag_values)
   flag_values[name].parser = ConfigFileParser(name)
   return holder
+
+
+def parse_flags_or_exit(argv: list[str], prog: str) -> list[str]:
+  """absl `app.run(..., flags_parser=...)`: parses flags; an override of a
+  config field that does not exist exits with one line naming it (ml_collections
+  raises a chained AttributeError traceback for that)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"{prog}: flag error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+  except (AttributeError, KeyError) as e:
+    # ml_collections nests the KeyError's repr: "'\\'name\\'\\nDid you mean ...'".
+    text = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
+    detail = " ".join(text.replace("'", "").split()).strip('"')
+    sys.exit(f"{prog}: config error: an override names a field the config does not have: "
+             f"{detail} (see the config file; config.model.* are ModelConfig fields)")

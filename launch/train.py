@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 
 from deepseek_jax.train.loop import train
-from launch.config_flag import DEFINE_config_file
+from launch.config_flag import DEFINE_config_file, parse_flags_or_exit
 from launch.configs import build_configs
 
 _CONFIG = DEFINE_config_file(
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: parse_flags_or_exit(argv, "launch.train"))

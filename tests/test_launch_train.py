@@ -70,6 +70,8 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
     ((f"--config={TINY}", "--preset=huge"), "config error: Unknown preset"),
     ((f"--config={TINY}", "--config.seq_len=1000"), "config error: seq_len"),
     (("--config=launch/configs/no_such.py",), "no such config file"),
+    ((f"--config={TINY}", "--config.model.n_layerz=3"),
+     'config does not have: n_layerz Did you mean "n_layers"'),
 ])
 def test_config_errors_exit_before_compiling(tmp_path, flags, message):
   workdir = str(tmp_path / "bad")
