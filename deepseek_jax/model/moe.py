@@ -30,6 +30,7 @@ by expert and fed to a grouped matmul; `moe_impl` picks how:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import MLP, dtype_of, normal_init
+from deepseek_jax.parallel.rules import current_rules
 
 
 # ---------------------------------------------------------------------------
@@ -81,6 +83,17 @@ def sequence_balance_loss(scores: jax.Array, experts: jax.Array,
   scores: [batch, seq, E] un-biased affinities; experts: [batch, seq, k];
   valid: [batch, seq] bool (padding tokens excluded from T and from sums).
   """
+  total, n_seqs = balance_loss_terms(scores, experts, valid, n_experts)
+  return total / jnp.maximum(n_seqs, 1.0)
+
+
+def balance_loss_terms(scores: jax.Array, experts: jax.Array, valid: jax.Array,
+                       n_experts: int) -> tuple[jax.Array, jax.Array]:
+  """(sum over sequences of sum_i f_i P_i, number of non-empty sequences).
+
+  The balance loss is their ratio; a batch split over devices sums both
+  over the devices first (parallel/expert.py).
+  """
   k = experts.shape[-1]
   valid_f = valid.astype(jnp.float32)
   n_valid = valid_f.sum(-1)                                     # T per sequence
@@ -91,7 +104,7 @@ def sequence_balance_loss(scores: jax.Array, experts: jax.Array,
   p = jnp.einsum("bse,bs->be", normed, valid_f) / t
   per_seq = (f * p).sum(-1)
   has_tokens = (n_valid > 0).astype(jnp.float32)
-  return (per_seq * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
+  return (per_seq * has_tokens).sum(), has_tokens.sum()
 
 
 # ---------------------------------------------------------------------------
@@ -181,26 +194,36 @@ class MoE(nn.Module):
     w3 = self.param("w3", normal_init(cfg), (n_exp, d, f), pdt)
     w2 = self.param("w2", normal_init(cfg), (n_exp, f, d), pdt)
 
-    tokens = x.reshape(b * s, d)
-    logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32), gate.astype(jnp.float32))
-    gates, experts, scores = route(logits, bias, cfg)
-
     dt = dtype_of(cfg.dtype)
     w1, w3, w2 = (w.astype(dt) for w in (w1, w3, w2))
     impl = resolve_moe_impl(cfg)
     if impl == "blocked":
-      routed = experts_blocked(tokens, experts, gates, w1, w3, w2, cfg.moe_block_size)
+      kernel = functools.partial(experts_blocked, block_size=cfg.moe_block_size)
     elif impl == "ragged":
-      routed = experts_ragged(tokens, experts, gates, w1, w3, w2)
+      kernel = experts_ragged
     else:
-      routed = experts_dense(tokens, experts, gates, w1, w3, w2)
-    out = routed.reshape(b, s, d).astype(dt)
+      kernel = experts_dense
+
+    rules = current_rules()
+    if rules is not None:
+      # Under a mesh: route and dispatch per device in shard_map (expert
+      # parallelism when the rules split `exp`); loads summed over the mesh.
+      from deepseek_jax.parallel.expert import routed_experts
+      routed, load, bal = routed_experts(
+          x.astype(dt), valid, gate, bias, w1, w3, w2, cfg=cfg, rules=rules,
+          kernel=kernel, route_fn=route, balance_terms_fn=balance_loss_terms)
+      out = routed.astype(dt)
+    else:
+      tokens = x.reshape(b * s, d)
+      logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32),
+                          gate.astype(jnp.float32))
+      gates, experts, scores = route(logits, bias, cfg)
+      out = kernel(tokens, experts, gates, w1, w3, w2).reshape(b, s, d).astype(dt)
+      experts_bsk = experts.reshape(b, s, -1)
+      load = jnp.einsum("bske,bs->e",
+                        jax.nn.one_hot(experts_bsk, n_exp, dtype=jnp.float32),
+                        valid.astype(jnp.float32))
+      bal = sequence_balance_loss(scores.reshape(b, s, n_exp), experts_bsk, valid, n_exp)
     if cfg.n_shared_experts:
       out = out + MLP(cfg, cfg.n_shared_experts * f, name="shared_experts")(x)
-
-    experts_bsk = experts.reshape(b, s, -1)
-    load = jnp.einsum("bske,bs->e",
-                      jax.nn.one_hot(experts_bsk, n_exp, dtype=jnp.float32),
-                      valid.astype(jnp.float32))
-    bal = sequence_balance_loss(scores.reshape(b, s, n_exp), experts_bsk, valid, n_exp)
     return out, {"balance_loss": bal, "load": load}

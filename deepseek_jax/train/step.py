@@ -24,9 +24,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer, init_variables
+from deepseek_jax.parallel.rules import Rules
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import lr_schedule_from_config, make_optimizer
 
@@ -74,15 +78,39 @@ def _init_state_fn(cfg: ModelConfig, train_cfg: "TrainConfig"
   return init
 
 
-def init_train_state(cfg: ModelConfig, train_cfg: "TrainConfig", rng: jax.Array
-                     ) -> TrainState:
-  """Fresh parameters, optimizer state, zero router bias; step 0."""
-  return jax.jit(_init_state_fn(cfg, train_cfg), compiler_options=FAST_COMPILE)(rng)
+def init_train_state(cfg: ModelConfig, train_cfg: "TrainConfig", rng: jax.Array,
+                     mesh: Mesh | None = None, rules: Rules | None = None) -> TrainState:
+  """Fresh parameters, optimizer state, zero router bias; step 0.
+
+  With a mesh, every leaf is created directly in its sharding (the jitted
+  init's out_shardings): nothing is materialised whole on one device.
+  """
+  init = _init_state_fn(cfg, train_cfg)
+  if mesh is None:
+    return jax.jit(init, compiler_options=FAST_COMPILE)(rng)
+  # The init traces the model on a dummy batch of one row: it runs outside
+  # `activate` (no shard_map); only its outputs are placed.
+  shardings = state_shardings(cfg, train_cfg, mesh, rules)
+  return jax.jit(init, out_shardings=shardings, compiler_options=FAST_COMPILE)(rng)
 
 
-def abstract_train_state(cfg: ModelConfig, train_cfg: "TrainConfig") -> TrainState:
-  """Shapes and dtypes of `init_train_state` (jax.ShapeDtypeStruct leaves)."""
-  return jax.eval_shape(_init_state_fn(cfg, train_cfg), jax.random.key(0))
+def abstract_train_state(cfg: ModelConfig, train_cfg: "TrainConfig",
+                         mesh: Mesh | None = None, rules: Rules | None = None) -> TrainState:
+  """Shapes and dtypes of `init_train_state` (jax.ShapeDtypeStruct leaves),
+  carrying their shardings when a mesh is given (restore targets)."""
+  abstract = jax.eval_shape(_init_state_fn(cfg, train_cfg), jax.random.key(0))
+  if mesh is None:
+    return abstract
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                      abstract, state_shardings(cfg, train_cfg, mesh, rules))
+
+
+def state_shardings(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh,
+                    rules: Rules) -> TrainState:
+  """NamedSharding of every TrainState leaf under `rules` (optimizer moments
+  follow their parameters; counters are replicated)."""
+  abstract = jax.eval_shape(_init_state_fn(cfg, train_cfg), jax.random.key(0))
+  return parallel.tree_shardings(abstract, mesh, rules)
 
 
 def _bias_step(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
@@ -124,9 +152,15 @@ def load_imbalance(expert_load: jax.Array) -> jax.Array:
   return (expert_load.max(-1) / mean).max()
 
 
-def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig"
+def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | None = None,
+                    rules: Rules | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """jit(step)(state, batch) -> (new state, metrics); `state` is donated.
+
+  With `mesh` and `rules` (parallel.setup): the state stays in its
+  shardings, the batch is split over the batch axes, the MoE dispatch runs
+  in shard_map (expert parallel under `ep_fsdp`), metrics come back
+  replicated; numerically the single-device step (tests/test_parallel.py).
 
   batch: the data contract (tokens, targets, segment_ids, positions,
   loss_mask; [batch, seq]). metrics: scalars loss, ce, mtp, balance,
@@ -167,4 +201,20 @@ def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig"
                            router_bias=router_bias)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0, compiler_options=compiler_options(train_cfg))
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options(train_cfg))
+  state_sh = state_shardings(cfg, train_cfg, mesh, rules)
+  jitted = jax.jit(step, donate_argnums=0, compiler_options=compiler_options(train_cfg),
+                   in_shardings=(state_sh, parallel.batch_sharding(mesh, rules)),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())))
+
+  def sharded_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    with parallel.activate(mesh, rules):     # the model reads mesh + rules at trace
+      return jitted(state, batch)
+  sharded_step.lower = lambda *a: _lower_in(mesh, rules, jitted, *a)
+  return sharded_step
+
+
+def _lower_in(mesh, rules, jitted, *args):
+  with parallel.activate(mesh, rules):
+    return jitted.lower(*args)

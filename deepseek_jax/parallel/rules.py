@@ -1,0 +1,201 @@
+"""Logical axis names for every parameter, and rule sets mapping them to the mesh.
+
+Each weight dimension has a logical name (MaxText's vocabulary):
+
+  batch, seq      activations
+  embed           the model width `dim` (FSDP shards it)
+  vocab           the vocabulary (tensor-parallel head and embedding)
+  heads, head_dim attention heads and their per-head widths
+  q_lora, kv_lora the MLA compression ranks (`kv_lora_rope`: W_dkv's output,
+                  c_kv and the shared rope key, never split)
+  mlp             hidden units of dense MLPs and shared experts
+  exp, mlp_moe    routed experts and their hidden units
+  layers          the stacked-layer axis of `nn.scan` (pipeline stages later)
+  norm, router, exp_bias, mtp_concat   small or unsplittable: replicated
+
+A rule set is an ordered list of (logical name, mesh axes). A dimension takes
+the first rule for its name whose mesh axes are all still unused in that
+array's spec, else stays unsplit. So in `ep_fsdp` an expert weight
+[exp, embed, mlp_moe] puts `exp` on `expert`, then skips
+`embed -> (fsdp, expert)` (expert is taken) for `embed -> fsdp`; every other
+weight puts `embed` on (fsdp, expert): outside the MoE FFN the expert axis is
+one more FSDP axis, so no parameter is replicated across it (as DeepSeek-V3).
+
+Parameters stay plain (unboxed) arrays: the names live here, keyed by the
+module and parameter names (`logical_axes`), and a new parameter without an
+entry is an error, not a silently replicated tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deepseek_jax.parallel.mesh import MeshConfig, make_mesh
+
+Rules = tuple[tuple[str, Any], ...]
+BATCH_AXES = ("data", "fsdp", "expert")
+_BATCH = (("batch", BATCH_AXES),)
+_FSDP = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"))
+_TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("mlp_moe", "tensor"),
+           ("vocab", "tensor"))
+
+RULE_SETS: dict[str, Rules] = {
+    # Every device holds every weight; only the batch is split.
+    "dp": _BATCH,
+    # ZeRO-3: weights and optimizer state split over `fsdp` along the width.
+    "fsdp": _BATCH + _FSDP,
+    # FSDP + Megatron tensor parallelism over heads / hidden units / vocab.
+    "fsdp_tp": _BATCH + _FSDP + _TENSOR,
+    # DeepSeek-V3: experts over `expert`; elsewhere `expert` is one more FSDP axis.
+    "ep_fsdp": (_BATCH + (("exp", "expert"),)
+                + (("embed", ("fsdp", "expert")), ("q_lora", ("fsdp", "expert")),
+                   ("kv_lora", ("fsdp", "expert")))
+                + _FSDP + _TENSOR),
+}
+
+# (module name, parameter name) -> logical names of the unstacked weight.
+_PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("head", "kernel"): ("embed", "vocab"),
+    ("wq_a", "kernel"): ("embed", "q_lora"),
+    ("wq_b", "kernel"): ("q_lora", "heads", "head_dim"),
+    ("wq", "kernel"): ("embed", "heads", "head_dim"),
+    ("wkv_a", "kernel"): ("embed", "kv_lora_rope"),
+    ("wkv_b", "kernel"): ("kv_lora", "heads", "head_dim"),
+    ("wo", "kernel"): ("heads", "head_dim", "embed"),
+    ("w1", "kernel"): ("embed", "mlp"),
+    ("w3", "kernel"): ("embed", "mlp"),
+    ("w2", "kernel"): ("mlp", "embed"),
+    ("ffn", "gate"): ("embed", "router"),
+    ("ffn", "w1"): ("exp", "embed", "mlp_moe"),
+    ("ffn", "w3"): ("exp", "embed", "mlp_moe"),
+    ("ffn", "w2"): ("exp", "mlp_moe", "embed"),
+    ("ffn", "bias"): ("exp_bias",),
+    ("eh_proj", "kernel"): ("mtp_concat", "embed"),
+}
+
+
+def _key_name(entry) -> str:
+  return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+
+
+def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
+  """Logical names of the leaf at `path` (a pytree key path) with `ndim` dims.
+
+  Works for parameters, router biases and optimizer moments alike (an optax
+  moment's path ends with its parameter's path). A stacked (scanned) weight
+  has one more leading dim: `layers`. Scalars (step counters) have none.
+  """
+  if ndim == 0:
+    return ()
+  keys = [_key_name(p) for p in path]
+  name = "/".join(keys)
+  if keys and keys[-1] == "scale":
+    base = ("norm",)
+  elif len(keys) >= 2 and (keys[-2], keys[-1]) in _PARAM_AXES:
+    base = _PARAM_AXES[(keys[-2], keys[-1])]
+  else:
+    raise ValueError(f"no logical axis names for {name} (rank {ndim}); add its "
+                     "(module, parameter) entry to deepseek_jax/parallel/rules.py.")
+  if ndim == len(base) + 1:
+    return ("layers",) + base
+  if ndim != len(base):
+    raise ValueError(f"{name} has rank {ndim}; its logical names {base} expect "
+                     f"{len(base)} (or {len(base) + 1} when stacked).")
+  return base
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def spec_for(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
+  """PartitionSpec of an array whose dims have logical `names` (see module doc)."""
+  used: set[str] = set()
+  out = []
+  for name in names:
+    chosen = None
+    for logical, axes in rules:
+      axes = _as_tuple(axes)
+      if logical == name and axes and not used & set(axes):
+        chosen = axes
+        break
+    if chosen:
+      used |= set(chosen)
+      out.append(chosen[0] if len(chosen) == 1 else chosen)
+    else:
+      out.append(None)
+  return PartitionSpec(*out)
+
+
+def mesh_axes_of(name: str, rules: Rules) -> tuple[str, ...]:
+  """Mesh axes a lone dimension named `name` goes to (() = unsplit)."""
+  return _as_tuple(spec_for((name,), rules)[0])
+
+
+def check_divisible(what: str, shape: Sequence[int], names: Sequence[str | None],
+                    spec: PartitionSpec, mesh: Mesh) -> None:
+  for dim, (size, name, axes) in enumerate(zip(shape, names, spec)):
+    axes = _as_tuple(axes)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if size % n:
+      raise ValueError(
+          f"{what}: dimension {dim} ({name}, size {size}) is not divisible by mesh "
+          f"axes {axes} of total size {n}; change those axis sizes or pick a rule set "
+          "that leaves this dimension unsplit.")
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedSharding per leaf (arrays or ShapeDtypeStructs), divisibility checked."""
+  def one(path, leaf):
+    names = logical_axes(path, leaf.ndim)
+    spec = spec_for(names, rules)
+    check_divisible(jax.tree_util.keystr(path), leaf.shape, names, spec, mesh)
+    return NamedSharding(mesh, spec)
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """[batch, seq] inputs: rows split over the batch axes, sequences whole."""
+  return NamedSharding(mesh, spec_for(("batch", "seq"), rules))
+
+
+def current_rules() -> Rules | None:
+  """The rule set of the enclosing `activate` (None outside one or without a mesh)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return None
+  rules = tuple(nn.get_logical_axis_rules())
+  return rules or None
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op outside `activate`."""
+  rules = current_rules()
+  if rules is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(names, rules))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules | str) -> Iterator[None]:
+  """Makes `mesh` current (jax.set_mesh) and `rules` the logical rules.
+
+  Trace (first call of a jitted function) and call inside it: the model reads
+  both to place activations and to run the MoE dispatch in shard_map.
+  """
+  rules = RULE_SETS[rules] if isinstance(rules, str) else tuple(rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def setup(mesh_cfg: MeshConfig, devices=None) -> tuple[Mesh, Rules]:
+  """(mesh, rules) for a MeshConfig: the pair `activate` and the trainer take."""
+  return make_mesh(mesh_cfg, devices), RULE_SETS[mesh_cfg.rules]
