@@ -197,3 +197,35 @@ def test_sharded_train_step_matches_one_device(one_device_step, mesh_name):
   assert _max_diff(new.params, ref.params) < TOL
   assert _max_diff(new.router_bias, ref.router_bias) < TOL
   assert _max_diff(new.router_bias, bias0) > 0                   # the bias did move
+
+
+# --- the trainer on a mesh -------------------------------------------------------
+def test_trainer_on_a_mesh_resumes_on_one_device_like_an_unsharded_run(tmp_path):
+  from deepseek_jax.train import loop
+  train_cfg = TrainConfig(steps=3, batch_size=8, seq_len=64, warmup_steps=0, lr=3e-3,
+                          eps=1e-4, n_train_problems=40, n_eval_problems=0, max_digits=1,
+                          ckpt_every=1, fast_compile=True)
+  quiet = lambda s: None  # noqa: E731
+  straight = loop.train(CFG, train_cfg, str(tmp_path / "one"), log=quiet)
+  lines = []
+  first = loop.train(CFG, train_cfg, str(tmp_path / "mesh"), stop_after=2,
+                     mesh_cfg=MESHES["fsdp2_expert4"], log=lines.append)
+  assert any("mesh: data=1 fsdp=2 tensor=1 expert=4" in l for l in lines)
+  second = loop.train(CFG, train_cfg, str(tmp_path / "mesh"), log=quiet)   # one device
+  assert second["resumed_from"] == 2
+  history = first["history"] + second["history"]
+  for key in ("loss", "ce", "grad_norm"):
+    np.testing.assert_allclose([h[key] for h in history],
+                               [h[key] for h in straight["history"]], atol=TOL, rtol=0)
+
+
+def test_trainer_refuses_a_batch_the_mesh_cannot_split(tmp_path):
+  from deepseek_jax.train import loop
+  train_cfg = TrainConfig(steps=1, batch_size=4, seq_len=64, n_train_problems=8,
+                          n_eval_problems=0)
+  with pytest.raises(ValueError, match=r"batch_size=4 must be a multiple of .*=8"):
+    loop.train(CFG, train_cfg, str(tmp_path / "run"), mesh_cfg=MeshConfig(expert=8),
+               log=lambda s: None)
+  with pytest.raises(ValueError, match="multiplies to 2 devices, but there are 8"):
+    loop.train(CFG, train_cfg, str(tmp_path / "run"), mesh_cfg=MeshConfig(data=2),
+               log=lambda s: None)

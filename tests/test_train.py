@@ -315,8 +315,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(configs, tmp_path,
   model_cfg, train_cfg = configs
   real = loop.make_train_step
 
-  def poisoned(cfg, tcfg):
-    fn = real(cfg, tcfg)
+  def poisoned(cfg, tcfg, *mesh_and_rules):
+    fn = real(cfg, tcfg, *mesh_and_rules)
 
     def wrapped(state, batch):
       state, m = fn(state, batch)

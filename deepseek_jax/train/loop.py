@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import time
 from typing import Any, Callable
@@ -24,10 +25,12 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.model import count_params
+from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.train import checkpoint, evaluate, metrics
 from deepseek_jax.train.step import (abstract_train_state, compiler_options,
                                      init_train_state, make_train_step)
@@ -155,6 +158,26 @@ def check_compatible(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
                      f"{model_cfg.max_seq_len}; lower seq_len or raise model.max_seq_len.")
 
 
+def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig):
+  """(mesh, rules) for training, or (None, None) for one device; checks that
+  the batch splits over the batch axes before anything compiles."""
+  if mesh_cfg is None:
+    return None, None
+  mesh_cfg.shape(len(jax.devices()))          # axis sizes vs devices: ValueError
+  if len(jax.devices()) == 1:
+    return None, None
+  mesh, rules = parallel.setup(mesh_cfg)
+  rows = math.prod(mesh.shape[a] for a in parallel.rules.BATCH_AXES)
+  if train_cfg.batch_size % rows:
+    raise ValueError(f"batch_size={train_cfg.batch_size} must be a multiple of the batch "
+                     f"mesh axes data*fsdp*expert={rows} ({describe_mesh(mesh)}).")
+  return mesh, rules
+
+
+def describe_mesh(mesh) -> str:
+  return " ".join(f"{a}={n}" for a, n in mesh.shape.items()) + f" ({mesh.size} devices)"
+
+
 @dataclasses.dataclass
 class Data:
   iterator: pipeline.BatchIterator
@@ -188,10 +211,13 @@ def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
-          stop_after: int | None = None, log: Callable[[str], None] = print
-          ) -> dict[str, Any]:
+          mesh_cfg: MeshConfig | None = None, stop_after: int | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) up to train_cfg.steps.
 
+  mesh_cfg: the device mesh and sharding rule set (parallel.MeshConfig); None
+    or a mesh of one device trains on one device. Checkpoints restore onto
+    any mesh, whatever mesh wrote them.
   stop_after: end this call after that global step, with a checkpoint, as if
     the job were preempted there; a later call resumes (used by tests).
   log: where progress lines go.
@@ -207,6 +233,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
   stays the latest one), ValueError on bad configs or data.
   """
   check_compatible(model_cfg, train_cfg)
+  mesh, rules = mesh_for(mesh_cfg, train_cfg)
   end_step = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
 
   # 1. Workdir and checkpoints -------------------------------------------------
@@ -226,16 +253,19 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
         f"{train_cfg.seq_len} tokens, {data.iterator.steps_per_epoch} steps/epoch; "
         f"{len(data.eval_problems)} held-out problems")
 
-    # 3. Model and update step ---------------------------------------------------
+    # 3. Mesh, model and update step -------------------------------------------
+    if mesh is not None:
+      log(f"mesh: {describe_mesh(mesh)}, rules {mesh_cfg.rules}")
     rng = jax.random.key(train_cfg.seed)
-    train_step = make_train_step(model_cfg, train_cfg)
+    train_step = make_train_step(model_cfg, train_cfg, mesh, rules)
 
     # 4. Resume ------------------------------------------------------------------
     resumed_from = ckpts.latest_step()
     if resumed_from is None:
-      state = init_train_state(model_cfg, train_cfg, rng)
+      state = init_train_state(model_cfg, train_cfg, rng, mesh, rules)
     else:
-      state, data_state = ckpts.restore(abstract_train_state(model_cfg, train_cfg))
+      state, data_state = ckpts.restore(
+          abstract_train_state(model_cfg, train_cfg, mesh, rules))
       data.iterator.restore(data_state)
       log(f"resuming from {ckpts.directory} at step {resumed_from}")
     start = int(state.step)

@@ -5,8 +5,11 @@ A config has three parts, all overridable from the command line:
   config.model.<f>   ModelConfig fields replacing the preset's (None = keep
                      the preset's value; every field exists as a typed
                      placeholder so `--config.model.n_layers=6` works)
+  config.mesh.<f>    MeshConfig: axis sizes data/fsdp/tensor/expert/pipe
+                     (-1 = the remaining devices) and the rule set `rules`
   config.<f>         TrainConfig fields (steps, batch_size, lr, ...)
-`launch/train.py` turns it into (ModelConfig, TrainConfig) with `build_configs`.
+`launch/train.py` turns it into (ModelConfig, TrainConfig) with `build_configs`
+and the MeshConfig with `build_mesh_config`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any
 from ml_collections import ConfigDict, config_dict
 
 from deepseek_jax.config import ModelConfig, get_preset
+from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.train.loop import TrainConfig, check_compatible
 
-_NON_TRAIN_KEYS = ("preset", "model")
+_NON_TRAIN_KEYS = ("preset", "model", "mesh")
 
 
 def _placeholder_for(default: Any, explicit: Any = None):
@@ -41,6 +45,7 @@ def base_config(preset: str, **model_overrides: Any) -> ConfigDict:
   config.model = ConfigDict({
       f.name: _placeholder_for(getattr(defaults, f.name), model_overrides.get(f.name))
       for f in dataclasses.fields(ModelConfig)})
+  config.mesh = ConfigDict(MeshConfig().to_dict())
   train = TrainConfig()
   for f in dataclasses.fields(TrainConfig):
     value = getattr(train, f.name)
@@ -61,3 +66,8 @@ def build_configs(config: ConfigDict, preset: str | None = None
   train_cfg = TrainConfig.from_dict(train_values)
   check_compatible(model_cfg, train_cfg)
   return model_cfg, train_cfg
+
+
+def build_mesh_config(config: ConfigDict) -> MeshConfig:
+  """MeshConfig from `config.mesh` (ValueError naming a bad axis or rule set)."""
+  return MeshConfig.from_dict(dict(config.mesh))

@@ -10,7 +10,7 @@ def get_config():
   """python -m launch.train --config=launch/configs/tiny.py --workdir=/tmp/tiny"""
   config = base_config("tiny")
   config.steps = 6
-  config.batch_size = 4
+  config.batch_size = 8   # splits over up to 8 devices (tests use 8 fake ones)
   config.seq_len = 64
   config.n_train_problems = 100
   config.n_eval_problems = 8
