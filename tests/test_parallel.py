@@ -82,6 +82,18 @@ def test_a_dimension_the_mesh_does_not_divide_names_parameter_dimension_and_axis
     tree_shardings(abstract_variables(CFG), mesh, rules)
 
 
+def test_a_rule_that_does_not_divide_gives_way_to_the_next_for_that_name():
+  from deepseek_jax.parallel import RULE_SETS, spec_for
+  sizes = {"data": 1, "fsdp": 32, "tensor": 2, "expert": 64, "pipe": 1}
+  rules = RULE_SETS["ep_fsdp"]
+  # V3's width 7168 is not a multiple of fsdp x expert = 2048: fsdp alone.
+  assert tuple(spec_for(("embed", "heads"), rules, (7168, 128), sizes)) == ("fsdp", "tensor")
+  assert tuple(spec_for(("embed", "heads"), rules, (8192, 128), sizes)) == (
+      ("fsdp", "expert"), "tensor")
+  # The last rule for a name is kept, so the divisibility check can name it.
+  assert tuple(spec_for(("embed",), rules, (100,), sizes)) == ("fsdp",)
+
+
 # --- golden shardings ----------------------------------------------------------
 GOLDEN_EP_FSDP = {   # tiny preset, rules ep_fsdp; leading None = the layer axis
     "params/embed/embedding": ("tensor", ("fsdp", "expert")),
@@ -229,3 +241,46 @@ def test_trainer_refuses_a_batch_the_mesh_cannot_split(tmp_path):
   with pytest.raises(ValueError, match="multiplies to 2 devices, but there are 8"):
     loop.train(CFG, train_cfg, str(tmp_path / "run"), mesh_cfg=MeshConfig(data=2),
                log=lambda s: None)
+
+
+# --- the memory planner ----------------------------------------------------------
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_planner_bytes_equal_the_shards_a_sharded_state_puts_on_a_device(mesh_name):
+  from deepseek_jax.parallel.plan import memory_plan
+  train_cfg = TrainConfig(steps=1, batch_size=8, seq_len=16, warmup_steps=0)
+  mesh, rules = setup(MESHES[mesh_name])
+  state = init_train_state(CFG, train_cfg, jax.random.key(0), mesh, rules)
+  device = jax.devices()[0]
+
+  def on_device(tree):   # oracle: what the real arrays hold on one device
+    return sum(s.data.nbytes for leaf in jax.tree.leaves(tree)
+               for s in leaf.addressable_shards if s.device == device)
+
+  plan = memory_plan(CFG, dict(mesh.shape), MESHES[mesh_name].rules, batch_size=8,
+                     seq_len=16)
+  assert plan["devices"] == 8
+  assert plan["params_bytes_per_device"] == on_device(state.params)
+  assert plan["grads_bytes_per_device"] == on_device(state.params)
+  assert plan["opt_state_bytes_per_device"] == on_device(state.opt_state)
+  assert plan["activation_bytes_per_device"] > 0
+
+
+def test_plan_cli_prints_v3_figures_as_one_json_line():
+  import json
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "launch.plan", "--preset=v3_671b",
+         "--mesh=expert=64,fsdp=32", "--seq_len=4096"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="error::DeprecationWarning")
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  plan = json.loads(out.stdout.strip().splitlines()[-1])
+  assert plan["devices"] == 2048 and plan["batch_size"] == 2048
+  # Routed experts (256 x 3 x 7168 x 2048 per MoE layer, 58 layers + 1 MTP) are
+  # split 2048 ways; everything else at least 32 ways (fsdp).
+  routed = 59 * 256 * 3 * 7168 * 2048 * 4
+  assert routed // 2048 < plan["params_bytes_per_device"] < routed // 2048 + 30e9 // 32 * 4
+  assert plan["opt_state_bytes_per_device"] >= 2 * plan["params_bytes_per_device"]
+  bad = subprocess.run(cmd[:3] + ["--mesh=experts=64"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "'experts=64' must be AXIS=SIZE" in bad.stderr

@@ -117,15 +117,26 @@ def _as_tuple(axes) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def spec_for(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
-  """PartitionSpec of an array whose dims have logical `names` (see module doc)."""
+def spec_for(names: Sequence[str | None], rules: Rules, shape: Sequence[int] | None = None,
+             axis_sizes: dict[str, int] | None = None) -> PartitionSpec:
+  """PartitionSpec of an array whose dims have logical `names` (see module doc).
+
+  With `shape` and `axis_sizes`, a rule whose axes do not divide the dimension
+  gives way to the next rule for the same name (ep_fsdp: V3's dim 7168 on
+  fsdp x expert = 2048 falls back to fsdp alone); the last rule for a name is
+  kept even then, and `check_divisible` reports it.
+  """
   used: set[str] = set()
   out = []
-  for name in names:
+  for i, name in enumerate(names):
+    candidates = [_as_tuple(axes) for logical, axes in rules
+                  if logical == name and _as_tuple(axes)]
+    candidates = [axes for axes in candidates if not used & set(axes)]
     chosen = None
-    for logical, axes in rules:
-      axes = _as_tuple(axes)
-      if logical == name and axes and not used & set(axes):
+    for j, axes in enumerate(candidates):
+      fits = (shape is None or axis_sizes is None
+              or shape[i] % math.prod(axis_sizes[a] for a in axes) == 0)
+      if fits or j == len(candidates) - 1:
         chosen = axes
         break
     if chosen:
@@ -157,7 +168,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedSharding per leaf (arrays or ShapeDtypeStructs), divisibility checked."""
   def one(path, leaf):
     names = logical_axes(path, leaf.ndim)
-    spec = spec_for(names, rules)
+    spec = spec_for(names, rules, leaf.shape, dict(mesh.shape))
     check_divisible(jax.tree_util.keystr(path), leaf.shape, names, spec, mesh)
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(one, tree)
