@@ -14,7 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,11 +60,11 @@ def interleave(commands: dict[str, Sequence[str]], rounds: int) -> dict[str, lis
 
 def summarise(results: list[dict], keys: Sequence[str] = ()) -> dict:
   """Medians over rounds (and the best round) of one side, plus `keys` from round 1."""
-  tps: Callable[[dict], float] = lambda r: r["train_tokens_per_s"]
+  tps = [r["train_tokens_per_s"] for r in results]
   return {
-      "train_tokens_per_s": statistics.median(map(tps, results)),
-      "train_tokens_per_s_all": [tps(r) for r in results],
-      "train_tokens_per_s_best_round": max(map(tps, results)),
+      "train_tokens_per_s": statistics.median(tps),
+      "train_tokens_per_s_all": tps,
+      "train_tokens_per_s_best_round": max(tps),
       "step_s_median": statistics.median(r["step_s_median"] for r in results),
       "compile_s_median": statistics.median(r["compile_s"] for r in results),
       "peak_rss_mb_max": max(r["peak_rss_mb"] for r in results),

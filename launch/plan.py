@@ -14,6 +14,7 @@ a 671B model plans in seconds on a laptop.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from absl import app, flags
@@ -21,6 +22,7 @@ from absl import app, flags
 from deepseek_jax.config import get_preset
 from deepseek_jax.parallel import AXES, MeshConfig
 from deepseek_jax.parallel.plan import memory_plan
+from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
 
 _PRESET = flags.DEFINE_string("preset", "v3_671b", "Model preset.")
 _MESH = flags.DEFINE_string("mesh", "", "Axis sizes, e.g. expert=64,fsdp=32 (others 1).")
@@ -59,11 +61,9 @@ def main(argv):
     if n is None:
       if -1 in given.values():
         raise ValueError("an axis is -1: give --devices to resolve it.")
-      n = 1
-      for a in AXES:
-        n *= getattr(mesh_cfg, a)
+      n = math.prod(getattr(mesh_cfg, a) for a in AXES)
     sizes = mesh_cfg.shape(n)
-    rows = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    rows = axes_size(sizes, BATCH_AXES)
     cfg = get_preset(_PRESET.value)
     plan = memory_plan(cfg, sizes, _RULES.value, batch_size=_BATCH.value or rows,
                        seq_len=_SEQ.value)

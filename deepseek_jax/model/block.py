@@ -9,6 +9,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE
+from deepseek_jax.parallel.rules import constrain
 
 
 class Block(nn.Module):
@@ -31,4 +32,4 @@ class Block(nn.Module):
       out = MLP(cfg, cfg.inter_dim, name="ffn")(y)
       aux = {"balance_loss": jnp.zeros((), jnp.float32),
              "load": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32)}
-    return h + out, aux
+    return constrain(h + out, ("batch", "seq", None)), aux

@@ -170,6 +170,27 @@ def experts_dense(x, experts, gates, w1, w3, w2):
   return jnp.einsum("ned,ne->nd", y, dense_gates.astype(y.dtype))
 
 
+def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel):
+  """Route x [b, s, d] and run the routed experts with `kernel`.
+
+  Returns (out [b, s, d], load [E] token counts, balance-loss numerator and
+  denominator: see `balance_loss_terms`). The one routing code path: the
+  MoE layer calls it on the whole batch, parallel/expert.py on each device's
+  rows (with an exchanging kernel when experts are split over devices).
+  """
+  b, s, d = x.shape
+  n_exp = cfg.n_routed_experts
+  tokens = x.reshape(b * s, d)
+  logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32), gate.astype(jnp.float32))
+  gates, experts, scores = route(logits, bias, cfg)
+  out = kernel(tokens, experts, gates, w1, w3, w2).reshape(b, s, d)
+  experts_bsk = experts.reshape(b, s, -1)
+  load = jnp.einsum("bske,bs->e", jax.nn.one_hot(experts_bsk, n_exp, dtype=jnp.float32),
+                    valid.astype(jnp.float32))
+  num, den = balance_loss_terms(scores.reshape(b, s, n_exp), experts_bsk, valid, n_exp)
+  return out, load, num, den
+
+
 def resolve_moe_impl(cfg: ModelConfig) -> str:
   if cfg.moe_impl != "auto":
     return cfg.moe_impl
@@ -184,7 +205,7 @@ class MoE(nn.Module):
   def __call__(self, x: jax.Array, valid: jax.Array):
     """x: [batch, seq, dim]; valid: [batch, seq] bool (False on padding)."""
     cfg = self.cfg
-    b, s, d = x.shape
+    d = x.shape[-1]
     n_exp, f = cfg.n_routed_experts, cfg.moe_inter_dim
     gate = self.param("gate", normal_init(cfg), (d, n_exp), dtype_of(cfg.param_dtype))
     bias = self.variable("router_bias", "bias",
@@ -209,21 +230,12 @@ class MoE(nn.Module):
       # Under a mesh: route and dispatch per device in shard_map (expert
       # parallelism when the rules split `exp`); loads summed over the mesh.
       from deepseek_jax.parallel.expert import routed_experts
-      routed, load, bal = routed_experts(
-          x.astype(dt), valid, gate, bias, w1, w3, w2, cfg=cfg, rules=rules,
-          kernel=kernel, route_fn=route, balance_terms_fn=balance_loss_terms)
-      out = routed.astype(dt)
+      routed, load, bal = routed_experts(x.astype(dt), valid, gate, bias, w1, w3, w2,
+                                         cfg=cfg, rules=rules, kernel=kernel)
     else:
-      tokens = x.reshape(b * s, d)
-      logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32),
-                          gate.astype(jnp.float32))
-      gates, experts, scores = route(logits, bias, cfg)
-      out = kernel(tokens, experts, gates, w1, w3, w2).reshape(b, s, d).astype(dt)
-      experts_bsk = experts.reshape(b, s, -1)
-      load = jnp.einsum("bske,bs->e",
-                        jax.nn.one_hot(experts_bsk, n_exp, dtype=jnp.float32),
-                        valid.astype(jnp.float32))
-      bal = sequence_balance_loss(scores.reshape(b, s, n_exp), experts_bsk, valid, n_exp)
+      routed, load, num, den = routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel)
+      bal = num / jnp.maximum(den, 1.0)
+    out = routed.astype(dt)
     if cfg.n_shared_experts:
       out = out + MLP(cfg, cfg.n_shared_experts * f, name="shared_experts")(x)
     return out, {"balance_loss": bal, "load": load}

@@ -34,6 +34,7 @@ from deepseek_jax.model.block import Block
 from deepseek_jax.model.layers import Embed, Einsum, RMSNorm
 from deepseek_jax.model.mla import attention_bias
 from deepseek_jax.model.mtp import MTPModule, shift_left
+from deepseek_jax.parallel.rules import constrain
 
 
 def _remat(block_cls, cfg: ModelConfig):
@@ -116,7 +117,9 @@ class Transformer(nn.Module):
                   "bsd,dv->bsv", name="head")
     final_norm = RMSNorm(cfg, name="norm")
 
-    x = embed(tokens)                                     # [b, s, dim]
+    # Activations keep rows on the batch axes and the width whole (a no-op
+    # without a mesh; parallel/rules.py).
+    x = constrain(embed(tokens), ("batch", "seq", None))  # [b, s, dim]
     if cfg.n_dense_layers:
       x, _ = _stack(cfg, False, cfg.n_dense_layers, "dense_layers")(
           x, positions, mask, valid)
@@ -128,7 +131,7 @@ class Transformer(nn.Module):
       balance = moe_aux["balance_loss"].sum()
       load = moe_aux["load"]
     h = final_norm(x)
-    logits = head(h)
+    logits = constrain(head(h), ("batch", "seq", "vocab"))
     if not return_aux:
       return logits
 

@@ -27,30 +27,25 @@ that cannot be tested here is left for the GPU issue.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.parallel.rules import Rules, mesh_axes_of
-
-
-def _axes_size(mesh, axes) -> int:
-  n = 1
-  for a in axes:
-    n *= mesh.shape[a]
-  return n
+from deepseek_jax.model.moe import routed_ffn
+from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 
 
 def _spec_entry(axes: tuple[str, ...]):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _exchange_and_compute(tokens, experts, w1, w3, w2, *, axis: str, ep: int, kernel):
-  """Per-row expert outputs [n, k, d] with experts split over `axis` (size ep).
-
-  tokens [n, d]; experts [n, k] global ids; w* hold this device's E/ep experts.
-  """
+def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int, kernel):
+  """`kernel` with the experts split over mesh axis `axis` (size ep): same
+  signature and result [n, d]; w* hold this device's E/ep experts and
+  `experts` [n, k] are global ids."""
   n, d = tokens.shape
   k = experts.shape[1]
   rows = n * k
@@ -72,56 +67,44 @@ def _exchange_and_compute(tokens, experts, w1, w3, w2, *, axis: str, ep: int, ke
   y = kernel(recv_x.reshape(ep * rows, d), recv_e.reshape(ep * rows, 1),
              jnp.ones((ep * rows, 1), tokens.dtype), w1, w3, w2)     # [ep*R, d]
   back = jax.lax.all_to_all(y.reshape(ep, rows, d), axis, 0, 0)   # [ep(dst), R, d]
-  y_sorted = back[sorted_dest, slot]                                # [R, d]
-  return jnp.zeros((rows, d), y.dtype).at[order].set(
-      y_sorted, unique_indices=True).reshape(n, k, d)
+  y_rows = jnp.zeros((rows, d), y.dtype).at[order].set(
+      back[sorted_dest, slot], unique_indices=True).reshape(n, k, d)
+  return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
 
 def routed_experts(x, valid, gate, bias, w1, w3, w2, *, cfg: ModelConfig, rules: Rules,
-                   kernel, route_fn, balance_terms_fn):
+                   kernel):
   """Sharded routed FFN. x [b, s, d], valid [b, s]; returns (out, load [E], bal).
 
   `kernel(tokens, experts, gates, w1, w3, w2)` is the grouped-matmul kernel
-  (model.moe); `route_fn` and `balance_terms_fn` are the router and the
-  balance-loss terms, passed in so this module adds no second implementation.
+  the MoE layer chose; routing and loads are `model.moe.routed_ffn`'s.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  batch = tuple(a for a in mesh_axes_of("batch", rules) if a in mesh.axis_names)
+  sizes = dict(mesh.shape)
+  batch = mesh_axes_of("batch", rules)
   exp_axes = mesh_axes_of("exp", rules)
   mlp_axes = mesh_axes_of("mlp_moe", rules)
-  ep = _axes_size(mesh, exp_axes)
+  ep = axes_size(sizes, exp_axes)
   if len(exp_axes) > 1:
     raise NotImplementedError(f"experts split over several mesh axes {exp_axes}; "
                               "use one axis (expert) for `exp`.")
   if cfg.n_routed_experts % ep:
     raise ValueError(f"n_routed_experts={cfg.n_routed_experts} is not divisible by the "
                      f"expert-parallel degree {ep} (mesh axes {exp_axes}).")
-  n_exp = cfg.n_routed_experts
-  n_rows = _axes_size(mesh, batch)
+  n_rows = axes_size(sizes, batch)
   if x.shape[0] % n_rows:
     raise ValueError(f"batch of {x.shape[0]} rows is not divisible by the batch mesh axes "
                      f"{batch} (size {n_rows}); make the batch size a multiple of {n_rows}.")
+  if ep > 1:
+    kernel = functools.partial(_exchanging_kernel, axis=exp_axes[0], ep=ep, kernel=kernel)
 
   def local(x, valid, gate, bias, w1, w3, w2):
-    b, s, d = x.shape
-    tokens = x.reshape(b * s, d)
-    logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32), gate.astype(jnp.float32))
-    gates, experts, scores = route_fn(logits, bias, cfg)
-    if ep > 1:
-      y_rows = _exchange_and_compute(tokens, experts, w1, w3, w2, axis=exp_axes[0],
-                                     ep=ep, kernel=kernel)
-      out = jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
-    else:
-      out = kernel(tokens, experts, gates, w1, w3, w2)
+    out, load, num, den = routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel)
     if mlp_axes:
       out = jax.lax.psum(out, mlp_axes)        # each tensor rank held a hidden slice
-    experts_bsk = experts.reshape(b, s, -1)
-    load = jnp.einsum("bske,bs->e", jax.nn.one_hot(experts_bsk, n_exp, dtype=jnp.float32),
-                      valid.astype(jnp.float32))
-    num, den = balance_terms_fn(scores.reshape(b, s, n_exp), experts_bsk, valid, n_exp)
     if batch:
       load, num, den = (jax.lax.psum(v, batch) for v in (load, num, den))
-    return out.reshape(b, s, d), load, num / jnp.maximum(den, 1.0)
+    return out, load, num / jnp.maximum(den, 1.0)
 
   rows = _spec_entry(batch)
   e, f = _spec_entry(exp_axes), _spec_entry(mlp_axes)
@@ -130,4 +113,3 @@ def routed_experts(x, valid, gate, bias, w1, w3, w2, *, cfg: ModelConfig, rules:
       in_specs=(P(rows), P(rows), P(), P(), P(e, None, f), P(e, None, f), P(e, f, None)),
       out_specs=(P(rows), P(), P()))
   return fn(x, valid, gate, bias, w1, w3, w2)
-

@@ -22,7 +22,6 @@ takes nbytes / (product of the mesh axes its spec uses) on every device.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -30,14 +29,8 @@ import jax
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.parallel.rules import (BATCH_AXES, RULE_SETS, _as_tuple, check_divisible,
+from deepseek_jax.parallel.rules import (BATCH_AXES, RULE_SETS, axes_size, check_divisible,
                                          logical_axes, mesh_axes_of, spec_for)
-
-
-@dataclasses.dataclass(frozen=True)
-class _SizesOnly:
-  """Just enough of a Mesh for the divisibility check: axis sizes."""
-  shape: dict[str, int]
 
 
 def _sharded_bytes(tree: Any, sizes: dict[str, int], rules) -> int:
@@ -45,8 +38,8 @@ def _sharded_bytes(tree: Any, sizes: dict[str, int], rules) -> int:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     names = logical_axes(path, leaf.ndim)
     spec = spec_for(names, rules, leaf.shape, sizes)
-    check_divisible(jax.tree_util.keystr(path), leaf.shape, names, spec, _SizesOnly(sizes))
-    split = math.prod(sizes[a] for entry in spec for a in _as_tuple(entry))
+    check_divisible(jax.tree_util.keystr(path), leaf.shape, names, spec, sizes)
+    split = math.prod(axes_size(sizes, entry) for entry in spec)
     total += int(np.prod(leaf.shape)) * leaf.dtype.itemsize // split
   return total
 
@@ -62,7 +55,7 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_si
   if rules not in RULE_SETS:
     raise ValueError(f"rules={rules!r} is not a rule set; choose one of {sorted(RULE_SETS)}.")
   rule_set = RULE_SETS[rules]
-  rows = math.prod(sizes[a] for a in BATCH_AXES)
+  rows = axes_size(sizes, BATCH_AXES)
   if batch_size % rows:
     raise ValueError(f"batch_size={batch_size} must be a multiple of data*fsdp*expert={rows}.")
   state = abstract_train_state(cfg, TrainConfig(batch_size=batch_size, seq_len=seq_len,
@@ -72,9 +65,9 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_si
 
   b = np.dtype(cfg.dtype).itemsize
   t = batch_size * seq_len // rows
-  tensor = math.prod(sizes[a] for a in mesh_axes_of("heads", rule_set)) or 1
-  vocab_split = math.prod(sizes[a] for a in mesh_axes_of("vocab", rule_set)) or 1
-  ep = math.prod(sizes[a] for a in mesh_axes_of("exp", rule_set)) or 1
+  tensor = axes_size(sizes, mesh_axes_of("heads", rule_set))
+  vocab_split = axes_size(sizes, mesh_axes_of("vocab", rule_set))
+  ep = axes_size(sizes, mesh_axes_of("exp", rule_set))
   scores = (batch_size // rows) * max(cfg.n_heads // tensor, 1) * seq_len ** 2 * 4
   exchange = (2 * ep * t * cfg.n_activated_experts * cfg.dim * b
               if cfg.n_moe_layers else 0)

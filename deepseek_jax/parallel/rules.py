@@ -135,7 +135,7 @@ def spec_for(names: Sequence[str | None], rules: Rules, shape: Sequence[int] | N
     chosen = None
     for j, axes in enumerate(candidates):
       fits = (shape is None or axis_sizes is None
-              or shape[i] % math.prod(axis_sizes[a] for a in axes) == 0)
+              or shape[i] % axes_size(axis_sizes, axes) == 0)
       if fits or j == len(candidates) - 1:
         chosen = axes
         break
@@ -152,11 +152,17 @@ def mesh_axes_of(name: str, rules: Rules) -> tuple[str, ...]:
   return _as_tuple(spec_for((name,), rules)[0])
 
 
+def axes_size(axis_sizes: dict[str, int], axes) -> int:
+  """Devices a dimension is split over: the product of its mesh axes' sizes
+  (`axes` a spec entry: None, one axis name or a tuple of them)."""
+  return math.prod(axis_sizes[a] for a in _as_tuple(axes))
+
+
 def check_divisible(what: str, shape: Sequence[int], names: Sequence[str | None],
-                    spec: PartitionSpec, mesh: Mesh) -> None:
+                    spec: PartitionSpec, axis_sizes: dict[str, int]) -> None:
   for dim, (size, name, axes) in enumerate(zip(shape, names, spec)):
     axes = _as_tuple(axes)
-    n = math.prod(mesh.shape[a] for a in axes)
+    n = axes_size(axis_sizes, axes)
     if size % n:
       raise ValueError(
           f"{what}: dimension {dim} ({name}, size {size}) is not divisible by mesh "
@@ -166,10 +172,12 @@ def check_divisible(what: str, shape: Sequence[int], names: Sequence[str | None]
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedSharding per leaf (arrays or ShapeDtypeStructs), divisibility checked."""
+  sizes = dict(mesh.shape)
+
   def one(path, leaf):
     names = logical_axes(path, leaf.ndim)
-    spec = spec_for(names, rules, leaf.shape, dict(mesh.shape))
-    check_divisible(jax.tree_util.keystr(path), leaf.shape, names, spec, mesh)
+    spec = spec_for(names, rules, leaf.shape, sizes)
+    check_divisible(jax.tree_util.keystr(path), leaf.shape, names, spec, sizes)
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import time
 from typing import Any, Callable
@@ -167,7 +166,7 @@ def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig):
   if len(jax.devices()) == 1:
     return None, None
   mesh, rules = parallel.setup(mesh_cfg)
-  rows = math.prod(mesh.shape[a] for a in parallel.rules.BATCH_AXES)
+  rows = parallel.rules.axes_size(dict(mesh.shape), parallel.rules.BATCH_AXES)
   if train_cfg.batch_size % rows:
     raise ValueError(f"batch_size={train_cfg.batch_size} must be a multiple of the batch "
                      f"mesh axes data*fsdp*expert={rows} ({describe_mesh(mesh)}).")
