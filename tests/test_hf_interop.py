@@ -453,3 +453,42 @@ def test_failed_save_leaves_no_partial_files(tiny, tmp_path, monkeypatch):
   with pytest.raises(OSError, match="No space"):
     save_jax_variables(cfg, variables, str(tmp_path / "jax"))
   assert os.listdir(tmp_path / "jax") == []
+
+
+def test_loading_onto_a_mesh_builds_each_shard_from_the_tensors_it_overlaps(tiny, tmp_path,
+                                                                            monkeypatch):
+  """Oracle: the plain (host) load. Sharded: every leaf carries the rule
+  set's sharding and every device's shard equals that slice of the host
+  load; no callback ever builds more than one device's shard."""
+  from deepseek_jax.parallel import MeshConfig, setup, tree_shardings
+  cfg, variables = tiny
+  path = str(tmp_path)
+  save_hf_checkpoint(cfg, variables, path, max_shard_bytes=60_000)
+  _, host = load_hf_checkpoint(path)
+  mesh, rules = setup(MeshConfig(data=1, fsdp=2, expert=4))
+  built = []
+  real = jax.make_array_from_callback
+
+  def spy(shape, sharding, callback):
+    def wrapped(index):
+      shard = callback(index)
+      built.append((shape, shard.shape))
+      return shard
+    return real(shape, sharding, wrapped)
+
+  monkeypatch.setattr(jax, "make_array_from_callback", spy)
+  _, placed = load_hf_checkpoint(path, mesh=mesh, rules="ep_fsdp")
+  want = hf_lib._flatten(tree_shardings(abstract_variables(cfg), mesh, rules))
+  flat_host, flat_placed = hf_lib._flatten(host), hf_lib._flatten(placed)
+  assert sorted(flat_placed) == sorted(flat_host)
+  for name, arr in flat_placed.items():
+    assert arr.sharding == want[name], name
+    assert arr.dtype == flat_host[name].dtype, name
+    for shard in arr.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data),
+                                    np.asarray(flat_host[name])[shard.index], err_msg=name)
+  experts = flat_placed["params/moe_layers/ffn/w1"]
+  assert experts.addressable_shards[0].data.shape[1] == cfg.n_routed_experts // 4
+  assert any(full != part for full, part in built)       # sharded leaves came in pieces
+  with pytest.raises(ValueError, match="needs rules="):
+    load_hf_checkpoint(path, mesh=mesh)

@@ -72,6 +72,11 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
     (("--config=launch/configs/no_such.py",), "no such config file"),
     ((f"--config={TINY}", "--config.model.n_layerz=3"),
      'config does not have: n_layerz Did you mean "n_layers"'),
+    ((f"--config={TINY}", "--num_processes=2", "--process_id=0"),
+     "flag error: multi-process launch: num_processes, process_id given but not "
+     "coordinator_address"),
+    ((f"--config={TINY}", "--coordinator_address=localhost", "--num_processes=2",
+      "--process_id=0"), "coordinator_address='localhost' must be HOST:PORT"),
 ])
 def test_config_errors_exit_before_compiling(tmp_path, flags, message):
   workdir = str(tmp_path / "bad")

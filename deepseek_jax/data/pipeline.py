@@ -190,17 +190,30 @@ class BatchIterator:
         return self._perm[1]
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        return self.rows_at(step, 0, self.batch_size)
+
+    def rows_at(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of global batch `step`: what one process of a
+        multi-process run feeds (parallel.distributed.process_rows); only
+        those rows are gathered."""
+        if not 0 <= lo < hi <= self.batch_size:
+            raise ValueError(f"rows [{lo}, {hi}) are not inside a batch of {self.batch_size}")
         epoch, i = divmod(step, self.steps_per_epoch)
-        index = self._permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        start = i * self.batch_size
+        index = self._permutation(epoch)[start + lo:start + hi]
         return {k: v[index] for k, v in self.rows.items()}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self.step)
+        return self.next_rows(0, self.batch_size)
+
+    def next_rows(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of the next batch; advances like `next()`."""
+        rows = self.rows_at(self.step, lo, hi)
         self.step += 1
-        return batch
+        return rows
 
     def state(self) -> dict[str, int]:
         """What a checkpoint saves: the next step and the seed it belongs to."""

@@ -33,6 +33,7 @@ directory with `model_config.json` (ModelConfig.to_dict) and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -46,12 +47,14 @@ import tempfile
 import warnings
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
 
+from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import abstract_variables
 
@@ -497,7 +500,8 @@ def _np_dtype(name: str):
   return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-def load_hf_checkpoint(path: str, *, dtype=None) -> tuple[ModelConfig, dict]:
+def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None
+                       ) -> tuple[ModelConfig, dict]:
   """Reads an HF DeepSeek-V3 checkpoint directory into (cfg, variables).
 
   Tensors are streamed one at a time into preallocated stacked arrays of
@@ -505,6 +509,15 @@ def load_hf_checkpoint(path: str, *, dtype=None) -> tuple[ModelConfig, dict]:
   memory is about one copy of the model. Every key and shape is checked
   against config.json before any tensor is read. A checkpoint without MTP
   weights (transformers' save_pretrained drops them) loads with n_mtp_depth=0.
+
+  mesh, rules (parallel.setup; rules may be a rule-set name): place every
+  leaf straight onto the mesh in its sharding under `rules`, shard by shard
+  (`jax.make_array_from_callback`): each process builds only the shards of
+  its own devices, from the HF tensors that overlap them, so no host ever
+  holds a whole leaf, let alone the model (peak: one device shard plus one HF
+  tensor). An HF tensor split over several shards (a leaf sharded along a
+  non-stacked dimension, e.g. the embedding over `vocab`) is read once per
+  shard that needs it.
   """
   config_path = os.path.join(path, CONFIG_NAME)
   if not os.path.exists(config_path):
@@ -539,6 +552,8 @@ def load_hf_checkpoint(path: str, *, dtype=None) -> tuple[ModelConfig, dict]:
     raise NotImplementedError(f"quantization {quant.get('quant_method')!r}: only DeepSeek's "
                               "block FP8 checkpoints are supported.")
   _check_tensors(path, slots, infos, block, _mtp_duplicates(cfg))
+  if mesh is not None:
+    return cfg, _load_onto_mesh(cfg, files, infos, slots, block, param_dtype, mesh, rules)
 
   # Preallocate every leaf in its final (stacked) layout, then fill it.
   abstract = _flatten(abstract_variables(cfg))
@@ -553,14 +568,7 @@ def load_hf_checkpoint(path: str, *, dtype=None) -> tuple[ModelConfig, dict]:
     keys = [k for k, info in infos.items() if info.file == file and k in by_key]
     with safetensors.safe_open(file, framework="numpy") as f:
       for key in keys:
-        info = infos[key]
-        if info.dtype in _FP8_DTYPES:
-          scale_file = infos[key + "_scale_inv"].file   # may sit in another shard
-          with safetensors.safe_open(scale_file, framework="numpy") as g:
-            scale = g.get_tensor(key + "_scale_inv")
-          w = dequantize_fp8_blocks(_read_raw(file, key, _FP8_DTYPES[info.dtype]), scale, block)
-        else:
-          w = f.get_tensor(key)
+        w = _read_tensor(f, infos, key, block)
         for s in by_key[key]:
           target = arrays[s.leaf]
           target[s.index] = s.to_ours(w)
@@ -575,6 +583,70 @@ def load_hf_checkpoint(path: str, *, dtype=None) -> tuple[ModelConfig, dict]:
   for name in list(arrays):
     variables[name] = jnp.asarray(arrays.pop(name))
   return cfg, _unflatten(variables)
+
+
+def _read_tensor(f, infos: dict[str, _Info], key: str, block: tuple[int, int]) -> np.ndarray:
+  """Tensor `key` from the open safetensors file `f` that holds it (FP8
+  weights dequantised with their scales, which may sit in another file)."""
+  info = infos[key]
+  if info.dtype in _FP8_DTYPES:
+    scale_file = infos[key + "_scale_inv"].file
+    with safetensors.safe_open(scale_file, framework="numpy") as g:
+      scale = g.get_tensor(key + "_scale_inv")
+    return dequantize_fp8_blocks(_read_raw(info.file, key, _FP8_DTYPES[info.dtype]),
+                                 scale, block)
+  return f.get_tensor(key)
+
+
+def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, _Info],
+                    slots: list[_Slot], block: tuple[int, int], param_dtype: str,
+                    mesh, rules) -> dict:
+  """Every leaf as a global array in its sharding, built shard by shard."""
+  rules = parallel.RULE_SETS[rules] if isinstance(rules, str) else rules
+  if rules is None:
+    raise ValueError("load_hf_checkpoint(mesh=...) needs rules= too (a rule-set name "
+                     f"from {tuple(parallel.RULE_SETS)} or parallel.setup's rules).")
+  abstract = abstract_variables(cfg)
+  shardings = _flatten(parallel.tree_shardings(abstract, mesh, rules))
+  by_leaf: dict[str, list[_Slot]] = {}
+  for s in slots:
+    by_leaf.setdefault(s.leaf, []).append(s)
+  out = {}
+  with contextlib.ExitStack() as stack:
+    handles: dict[str, Any] = {}
+
+    def read(key):
+      file = infos[key].file
+      if file not in handles:
+        handles[file] = stack.enter_context(safetensors.safe_open(file, framework="numpy"))
+      return _read_tensor(handles[file], infos, key, block)
+
+    for name, a in _flatten(abstract).items():
+      dtype = np.float32 if name.startswith("router_bias/") else _np_dtype(param_dtype)
+      done: dict[tuple, np.ndarray] = {}     # replicas of one shard are built once
+
+      def shard(index, name=name, shape=a.shape, dtype=dtype, done=done):
+        bounds = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
+        bounds += tuple((0, n) for n in shape[len(bounds):])
+        if bounds in done:
+          return done[bounds]
+        buf = np.empty([hi - lo for lo, hi in bounds], dtype)
+        filled = 0
+        for s in by_leaf[name]:
+          k = len(s.index)
+          if not all(lo <= i < hi for i, (lo, hi) in zip(s.index, bounds)):
+            continue
+          w = s.to_ours(read(s.key))[tuple(slice(lo, hi) for lo, hi in bounds[k:])]
+          buf[tuple(i - lo for i, (lo, _) in zip(s.index, bounds))] = w
+          filled += w.size
+        if filled != buf.size:   # the key map does not cover the leaf: a bug
+          raise AssertionError(f"{name}: shard {bounds} left partially filled")
+        done[bounds] = buf
+        return buf
+
+      out[name] = jax.make_array_from_callback(a.shape, shardings[name], shard)
+      done.clear()
+  return _unflatten(out)
 
 
 # ---------------------------------------------------------------------------

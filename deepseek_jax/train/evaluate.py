@@ -21,17 +21,26 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import Tokenizer
 from deepseek_jax.model import Transformer
+from deepseek_jax.parallel import distributed
 
 
 def make_greedy_decoder(cfg: ModelConfig, length: int, max_new_tokens: int, eos_id: int,
-                        *, compiler_options: dict[str, Any] | None = None
+                        *, compiler_options: dict[str, Any] | None = None,
+                        mesh: jax.sharding.Mesh | None = None
                         ) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """jit(decode)(variables, tokens [b, length] int32, prompt_lens [b] int32).
+
+  mesh: the mesh the variables live on (possibly spanning processes): the
+  host inputs are replicated over it and the outputs come back replicated,
+  so every process can read them. The MoE runs its plain (GSPMD-partitioned)
+  dispatch here, not the shard_map one: eval batches need not divide the mesh.
 
   Returns (tokens with the completions written after each prompt,
   end [b]: index one past each row's last token). A row stops after writing
@@ -66,7 +75,15 @@ def make_greedy_decoder(cfg: ModelConfig, length: int, max_new_tokens: int, eos_
     _, tokens, end, _ = jax.lax.while_loop(cond, body, init)
     return tokens, end
 
-  return jax.jit(decode, compiler_options=compiler_options)
+  if mesh is None:
+    return jax.jit(decode, compiler_options=compiler_options)
+  replicated = NamedSharding(mesh, P())
+  jitted = jax.jit(decode, compiler_options=compiler_options,
+                   out_shardings=(replicated, replicated))
+
+  def on_mesh(variables, tokens, prompt_lens):
+    return jitted(variables, *distributed.replicate((tokens, prompt_lens), mesh))
+  return on_mesh
 
 
 def encode_prompts(tok: Tokenizer, problems: Sequence[tasks.Problem], template: str

@@ -23,13 +23,14 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.model import count_params
-from deepseek_jax.parallel import MeshConfig
+from deepseek_jax.parallel import MeshConfig, distributed
 from deepseek_jax.train import checkpoint, evaluate, metrics
 from deepseek_jax.train.step import (abstract_train_state, compiler_options,
                                      init_train_state, make_train_step)
@@ -221,6 +222,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     the job were preempted there; a later call resumes (used by tests).
   log: where progress lines go.
 
+  Multi-process runs (parallel.distributed.initialize first; one call per
+  process, same arguments everywhere): each process feeds only its rows of
+  every global batch, so the global batch equals the single-process one;
+  only process 0 logs and writes metrics.jsonl and loss.png (the summary's
+  `eval` on other processes lists this call's evaluations only); a peer that
+  dies raises distributed.PeerLostError.
+
   Returns a summary: final_step, final_loss, eval (list of {step, accuracy,
   format_ok} of the whole run, from metrics.jsonl), history (per-step scalar
   metrics of this call), expert_load
@@ -234,12 +242,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
   check_compatible(model_cfg, train_cfg)
   mesh, rules = mesh_for(mesh_cfg, train_cfg)
   end_step = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
+  multiprocess = jax.process_count() > 1
+  primary = distributed.is_primary()
+  if not primary:
+    log = lambda line: None  # noqa: E731
 
   # 1. Workdir and checkpoints -------------------------------------------------
   os.makedirs(workdir, exist_ok=True)
   ckpts, train_diff = checkpoint.open_checkpoints(
       workdir, model_cfg, train_cfg.to_dict(), every=train_cfg.ckpt_every,
       keep=train_cfg.keep_ckpts)
+  peer_lost = False
   try:
     if train_diff:
       log("note: train config differs from the checkpointed run: " + "; ".join(train_diff))
@@ -257,6 +270,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       log(f"mesh: {describe_mesh(mesh)}, rules {mesh_cfg.rules}")
     rng = jax.random.key(train_cfg.seed)
     train_step = make_train_step(model_cfg, train_cfg, mesh, rules)
+    if mesh is None:
+      next_batch = lambda: next(data.iterator)  # noqa: E731
+    else:   # this process's rows only, assembled into the global batch
+      batch_sh = parallel.batch_sharding(mesh, rules)
+      lo, hi = distributed.process_rows(batch_sh, (train_cfg.batch_size, train_cfg.seq_len))
+      next_batch = lambda: distributed.put_batch(  # noqa: E731
+          data.iterator.next_rows(lo, hi), batch_sh, train_cfg.batch_size)
 
     # 4. Resume ------------------------------------------------------------------
     resumed_from = ckpts.latest_step()
@@ -282,7 +302,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       length = evaluate.decode_length(prompts, train_cfg.max_new_tokens, model_cfg.max_seq_len)
       decoder = evaluate.make_greedy_decoder(
           model_cfg, length, train_cfg.max_new_tokens, data.tokenizer.eos_id,
-          compiler_options=compiler_options(train_cfg))
+          compiler_options=compiler_options(train_cfg), mesh=mesh)
       eval_batch = min(train_cfg.eval_batch_size, len(data.eval_problems))
 
       def run_eval(state):
@@ -292,7 +312,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
                                     template=train_cfg.template)
 
     # 6. The loop ----------------------------------------------------------------
-    writer = metrics.MetricsWriter(workdir, start)
+    writer = metrics.MetricsWriter(workdir, start) if primary else None
+    evals_here = []     # this call's evaluations (what non-primary processes report)
     progress = metrics.Progress(start, end_step)
     history, loads, samples = [], [], []
     t_start = time.time()
@@ -301,8 +322,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       t = time.time()
       result = run_eval(state)
       samples[:] = result["samples"][:5]
-      writer.write(step, {"eval_accuracy": result["accuracy"],
-                          "eval_format_ok": result["format_ok"], "eval_n": result["n"]})
+      evals_here.append({"step": step, "accuracy": result["accuracy"],
+                         "format_ok": result["format_ok"]})
+      if writer:
+        writer.write(step, {"eval_accuracy": result["accuracy"],
+                            "eval_format_ok": result["format_ok"], "eval_n": result["n"]})
       ex = result["samples"][0]
       log(f"eval step {step}: exact match {result['accuracy']:.3f} "
           f"(format ok {result['format_ok']:.3f}, n={result['n']}, "
@@ -310,7 +334,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
 
     last = None
     for step in range(start + 1, end_step + 1):
-      batch = next(data.iterator)
+      batch = next_batch()
       state, m = train_step(state, batch)
       m = jax.device_get(m)
       loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
@@ -334,7 +358,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
         tps, eta = progress.report(step)
         scalars["tokens_per_s"] = tps
         log(metrics.progress_line(step, train_cfg.steps, scalars, tps, eta))
-      writer.write(step, scalars)
+      if writer:
+        writer.write(step, scalars)
       paused = time.time()
       if run_eval and train_cfg.eval_every and step % train_cfg.eval_every == 0 \
           and step != train_cfg.steps:
@@ -346,14 +371,21 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     final_step = int(state.step)
     ckpts.save(final_step, state, data.iterator.state(), force=True)
     def evals_so_far():   # the whole run's, resumed calls included
+      if not writer:
+        return list(evals_here)
       return [{"step": r["step"], "accuracy": r["eval_accuracy"],
                "format_ok": r["eval_format_ok"]}
               for r in metrics.read_metrics(writer.path) if "eval_accuracy" in r]
-    if run_eval and final_step == train_cfg.steps and not any(
-        e["step"] == final_step for e in evals_so_far()):
-      do_eval(final_step)
+    if run_eval and final_step == train_cfg.steps:
+      # Every process must take the same decision (decoding is collective):
+      # process 0 reads metrics.jsonl and tells the others.
+      need = not any(e["step"] == final_step for e in evals_so_far())
+      if multiprocess:
+        need = bool(multihost_utils.broadcast_one_to_all(np.asarray(need)))
+      if need:
+        do_eval(final_step)
     evals = evals_so_far()
-    plot = metrics.plot_losses(workdir)
+    plot = metrics.plot_losses(workdir) if primary else None
     log(f"done: step {final_step}, {time.time() - t_start:.1f}s"
         + (f", loss {last['loss']:.4f}" if last else "")
         + (f", held-out exact match {evals[-1]['accuracy']:.3f}" if evals else "")
@@ -370,5 +402,19 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
         "resumed_from": resumed_from,
         "workdir": workdir,
     }
+  except jax.errors.JaxRuntimeError as e:
+    if not multiprocess:
+      raise
+    # A collective whose peer died fails at once; saying so beats a trace of
+    # gloo internals. Closing the checkpoint manager would wait for the peer.
+    peer_lost = True
+    latest = ckpts.latest_step()
+    raise distributed.PeerLostError(
+        f"process {jax.process_index()} of {jax.process_count()} lost contact with another "
+        f"process ({str(e).splitlines()[0][:300]}). Relaunch all processes with the same "
+        f"workdir to resume from "
+        + (f"step {latest}" if latest is not None else "the start (no checkpoint yet)")
+        + f" in {ckpts.directory}.") from e
   finally:
-    ckpts.close()
+    if not peer_lost:
+      ckpts.close()
