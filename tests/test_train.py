@@ -395,3 +395,26 @@ def test_token_ids_beyond_model_vocab_are_refused_before_compiling(configs, tmp_
   with pytest.raises(ValueError, match=r"tokenizer has 107 ids but vocab_size=20"):
     loop.train(model_cfg.replace(vocab_size=20), train_cfg, str(tmp_path / "run"),
                log=lambda s: None)
+
+
+def test_loss_plot_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
+  # A notebook calling train() keeps its inline backend and open figures.
+  import matplotlib
+  import matplotlib.pyplot as plt
+  from deepseek_jax.train import metrics
+  writer = metrics.MetricsWriter(str(tmp_path), 0)
+  for i in range(1, 4):
+    writer.write(i, {"loss": 3.0 / i, "ce": 2.0 / i})
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")
+  try:
+    fig = plt.figure()
+    path = metrics.plot_losses(str(tmp_path))
+    assert matplotlib.get_backend() == "svg"
+    assert plt.get_fignums() == [fig.number]
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["loss.png", "metrics.jsonl"]   # no temp left
+  finally:
+    plt.close("all")
+    matplotlib.use(before)

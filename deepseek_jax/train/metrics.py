@@ -109,11 +109,12 @@ def plot_losses(workdir: str) -> str | None:
   evals = [r for r in records if "eval_accuracy" in r]
   if not train:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A bare Figure (Agg canvas), not pyplot: the caller's backend and open
+  # figures (a notebook's inline plots) stay untouched.
+  from matplotlib.figure import Figure
 
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.add_subplot()
   steps = np.array([r["step"] for r in train])
   window = max(1, len(train) // 50)
   curves = [("loss", "loss (total)"), ("ce", "next-token CE")]
@@ -144,6 +145,7 @@ def plot_losses(workdir: str) -> str | None:
   ax.legend(handles, labels, loc="upper right")
   fig.tight_layout()
   path = os.path.join(workdir, PLOT_FILE)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  os.replace(tmp, path)          # a reader never sees a half-written plot
   return path
