@@ -9,6 +9,9 @@ timed one by one, each ended by `block_until_ready`. Prints ONE JSON line.
 
   python bench/train_throughput.py --model-json bench/shapes/issue2.json \
       --batch 8 --seq 256 --steps 10 --warmup 2
+  # on a mesh of 8 fake CPU devices, experts over 4 (the EP exchange)
+  python bench/train_throughput.py --model-json bench/shapes/issue2.json \
+      --batch 16 --seq 256 --devices 8 --mesh expert=4,fsdp=2 --ep-capacity 2
 
 `bench/hf_train_throughput.py` measures the same thing for transformers'
 DeepseekV3ForCausalLM; `bench/compare_hf.py` interleaves the two.
@@ -52,6 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="TrainConfig.fast_compile: XLA backend optimisation level 0 "
                       "(faster compile, slower steps; for smoke tests, not for figures)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--mesh", default="",
+                 help="mesh axis sizes, e.g. expert=4,fsdp=2 (rule set --rules); "
+                      "empty: one device")
+  p.add_argument("--rules", default="ep_fsdp", help="sharding rule set with --mesh")
+  p.add_argument("--devices", type=int, default=None,
+                 help="fake CPU devices to create (jax_num_cpu_devices) for --mesh")
+  p.add_argument("--ep-capacity", type=float, default=None,
+                 help="ModelConfig.moe_ep_capacity (0: room for every row)")
   args = p.parse_args(argv)
   for name in ("batch", "seq", "steps"):
     if getattr(args, name) < 1:
@@ -108,6 +119,17 @@ def main(argv=None) -> dict:
     cfg = cfg.replace(moe_impl=args.moe_impl)
   if args.n_mtp_depth is not None:
     cfg = cfg.replace(n_mtp_depth=args.n_mtp_depth)
+  if args.ep_capacity is not None:
+    cfg = cfg.replace(moe_ep_capacity=args.ep_capacity)
+  if args.devices:
+    jax.config.update("jax_num_cpu_devices", args.devices)
+  mesh = rules = None
+  if args.mesh:
+    from deepseek_jax import parallel
+    from deepseek_jax.parallel.mesh import parse_axis_sizes
+    sizes = parse_axis_sizes(args.mesh, flag="--mesh")
+    mesh, rules = parallel.setup(parallel.MeshConfig(**{"data": 1, **sizes,
+                                                        "rules": args.rules}))
   if args.seq > cfg.max_seq_len:
     sys.exit(f"--seq={args.seq} exceeds max_seq_len={cfg.max_seq_len} of {args.model_json}")
   # Constant peak lr (no warmup, no decay), as the torch side runs: the
@@ -118,11 +140,16 @@ def main(argv=None) -> dict:
                           fast_compile=args.fast_compile)
   rss_after_import = peak_rss_mb()
 
-  state = init_train_state(cfg, train_cfg, jax.random.key(args.seed))
+  state = init_train_state(cfg, train_cfg, jax.random.key(args.seed), mesh, rules)
   params = count_params(state.params)
   active = active_params_per_token(cfg, state.params)
-  batch = jax.device_put(random_batch(cfg.vocab_size, args.batch, args.seq, args.seed))
-  train_step = make_train_step(cfg, train_cfg)
+  batch = random_batch(cfg.vocab_size, args.batch, args.seq, args.seed)
+  if mesh is None:
+    batch = jax.device_put(batch)
+  else:
+    from deepseek_jax.parallel import batch_sharding, distributed
+    batch = distributed.put_batch(batch, batch_sharding(mesh, rules), args.batch)
+  train_step = make_train_step(cfg, train_cfg, mesh, rules)
 
   t0 = time.perf_counter()
   step = train_step.lower(state, batch).compile()
@@ -159,6 +186,9 @@ def main(argv=None) -> dict:
       "flax_version": flax.__version__, "python_version": platform.python_version(),
       "backend": jax.default_backend(),
       "n_devices": jax.device_count(),
+      "mesh": dict(mesh.shape) if mesh is not None else None,
+      "rules": args.rules if mesh is not None else None,
+      "moe_ep_capacity": cfg.moe_ep_capacity,
       "moe_impl": resolve_moe_impl(cfg), "n_mtp_depth": cfg.n_mtp_depth,
       "fast_compile": args.fast_compile,
       "model_json": args.model_json,

@@ -66,6 +66,12 @@ class ModelConfig:
       (`jax.lax.ragged_dot`: for GPU/TPU), "dense" (every expert on every
       token, masked: an exact but E/k-times costlier reference), or "auto".
     moe_block_size: row block for the "blocked" kernel (0 = choose from shape).
+    moe_ep_capacity: expert-parallel exchange (parallel/expert.py): room per
+      destination device, as a multiple of the even share (a device's routed
+      rows / EP degree). A step whose busiest device pair needs more takes
+      the exact fallback with room for every row, so routing is dropless and
+      exact whatever the value; 0 = always the fallback. Not a model property:
+      a speed knob (traffic and expert FLOPs scale with it).
     remat_policy: activation checkpointing of each block: "none", "full"
       (recompute everything in the backward pass) or "dots_saveable".
   """
@@ -103,6 +109,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   moe_impl: str = "auto"
   moe_block_size: int = 0
+  moe_ep_capacity: float = 2.0
   remat_policy: str = "none"
 
   def __post_init__(self):
@@ -189,6 +196,9 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}.")
+    if not (self.moe_ep_capacity == 0 or self.moe_ep_capacity >= 1):
+      raise ValueError(f"moe_ep_capacity={self.moe_ep_capacity} must be 0 (room for every "
+                       "row) or >= 1 (a multiple of the even share per destination).")
     if self.moe_impl not in _MOE_IMPLS:
       raise ValueError(f"moe_impl={self.moe_impl!r} must be one of {_MOE_IMPLS}.")
     if self.remat_policy not in _REMAT:

@@ -21,6 +21,7 @@ from absl import app, flags
 
 from deepseek_jax.config import get_preset
 from deepseek_jax.parallel import AXES, MeshConfig
+from deepseek_jax.parallel.mesh import parse_axis_sizes
 from deepseek_jax.parallel.plan import memory_plan
 from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
 
@@ -33,20 +34,6 @@ _SEQ = flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Device count (only with a -1 axis).")
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-  """'expert=64,fsdp=32' -> {axis: size}; unknown axes and bad sizes named."""
-  sizes = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    name, sep, value = part.partition("=")
-    if not sep or name not in AXES:
-      raise ValueError(f"--mesh entry {part!r} must be AXIS=SIZE with AXIS in {AXES}.")
-    try:
-      sizes[name] = int(value)
-    except ValueError:
-      raise ValueError(f"--mesh entry {part!r}: size {value!r} is not an integer.") from None
-  return sizes
-
-
 def gib(n: int) -> str:
   return f"{n / 2**30:10.2f} GiB"
 
@@ -55,7 +42,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    given = parse_mesh(_MESH.value)
+    given = parse_axis_sizes(_MESH.value, flag="--mesh")
     mesh_cfg = MeshConfig(**{"data": 1, **given, "rules": _RULES.value})
     n = _DEVICES.value
     if n is None:

@@ -9,8 +9,9 @@ router bias is skewed so one expert takes most tokens: the dropless
 expert-parallel exchange must not drop any of them.
 """
 
-import sys
+import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +87,12 @@ def test_a_rule_that_does_not_divide_gives_way_to_the_next_for_that_name():
   from deepseek_jax.parallel import RULE_SETS, spec_for
   sizes = {"data": 1, "fsdp": 32, "tensor": 2, "expert": 64, "pipe": 1}
   rules = RULE_SETS["ep_fsdp"]
-  # V3's width 7168 is not a multiple of fsdp x expert = 2048: fsdp alone.
-  assert tuple(spec_for(("embed", "heads"), rules, (7168, 128), sizes)) == ("fsdp", "tensor")
+  # V3's width 7168 is not a multiple of fsdp x expert = 2048: fsdp alone,
+  # and the leftover rule (* -> expert) puts `expert` on the heads instead.
+  assert tuple(spec_for(("embed", "heads"), rules, (7168, 128), sizes)) == (
+      "fsdp", ("tensor", "expert"))
+  assert tuple(spec_for(("embed", "heads"), rules, (7168, 64), sizes)) == ("fsdp", "tensor")
+  assert tuple(spec_for(("layers", "norm"), rules, (64, 7168), sizes)) == (None, None)
   assert tuple(spec_for(("embed", "heads"), rules, (8192, 128), sizes)) == (
       ("fsdp", "expert"), "tensor")
   # The last rule for a name is kept, so the divisibility check can name it.
@@ -209,6 +214,68 @@ def test_sharded_train_step_matches_one_device(one_device_step, mesh_name):
   assert _max_diff(new.params, ref.params) < TOL
   assert _max_diff(new.router_bias, ref.router_bias) < TOL
   assert _max_diff(new.router_bias, bias0) > 0                   # the bias did move
+
+
+# --- the expert-parallel exchange's two buffers -------------------------------------
+def _exchange_case(routing):
+  """8 devices (fsdp 2 x expert 4), 16 tokens each, E=8 (2 per EP rank), k=2."""
+  rng = np.random.default_rng(0)
+  n, d, f, e, k = 16, 8, 4, 8, 2
+  x = rng.standard_normal((8 * n, d)).astype(np.float32)
+  if routing == "balanced":     # token i -> experts 2i, 2i+1 (mod 8): R/P rows per pair
+    i = np.arange(8 * n) % n
+    experts = np.stack([(2 * i) % e, (2 * i + 1) % e], 1).astype(np.int32)
+  else:                         # every token -> experts 0 and 1: all rows to rank 0
+    experts = np.tile(np.array([[0, 1]], np.int32), (8 * n, 1))
+  gates = rng.uniform(0.2, 1.0, (8 * n, k)).astype(np.float32)
+  w1, w3 = (rng.standard_normal((e, d, f)).astype(np.float32) * 0.3 for _ in range(2))
+  w2 = rng.standard_normal((e, f, d)).astype(np.float32) * 0.3
+  return x, experts, gates, w1, w3, w2
+
+
+@pytest.mark.parametrize("routing", ["balanced", "skewed"])
+def test_expert_exchange_is_exact_with_either_buffer(routing):
+  """Balanced routing fits the 2x-even-share buffer (first branch); skewed
+  routing needs the fallback. Oracle: every expert on every token, one device;
+  values and gradients."""
+  from deepseek_jax.model.moe import experts_dense
+  from deepseek_jax.parallel import expert as ep_lib
+  x, experts, gates, w1, w3, w2 = _exchange_case(routing)
+  rows = 16 * 2
+  cap = ep_lib.exchange_capacity(rows, 4, 2.0)
+  counts = np.bincount(experts[:16].reshape(-1) // 2, minlength=4)
+  assert cap == 16 and (counts.max() <= cap) == (routing == "balanced")
+  mesh, _ = setup(MeshConfig(data=1, fsdp=2, expert=4))
+  P = jax.sharding.PartitionSpec
+  rows_spec = P(("fsdp", "expert"))
+
+  def sharded(x, w1, capacity):
+    kern = functools.partial(ep_lib._exchanging_kernel, axis="expert", ep=4,
+                             kernel=experts_dense, capacity=capacity,
+                             sync_axes=("fsdp", "expert"))
+    fn = jax.shard_map(lambda x, ex, g, w1, w3, w2: kern(x, ex, g, w1, w3, w2), mesh=mesh,
+                       in_specs=(rows_spec, rows_spec, rows_spec, P("expert"), P("expert"),
+                                 P("expert")), out_specs=rows_spec)
+    return fn(x, experts, gates, w1, w3, w2)
+
+  def loss(fn):
+    return lambda x, w1: (fn(x, w1) ** 2).sum()
+
+  want = experts_dense(x, experts, gates, w1, w3, w2)
+  want_grads = jax.grad(loss(lambda x, w1: experts_dense(x, experts, gates, w1, w3, w2)),
+                        argnums=(0, 1))(x, w1)
+  for capacity in (2.0, 0.0):            # first-choice buffer with fallback; fallback only
+    run = jax.jit(lambda x, w1, c=capacity: sharded(x, w1, c))
+    np.testing.assert_allclose(run(x, w1), want, atol=1e-5, rtol=0)
+    grads = jax.jit(jax.grad(loss(lambda x, w1, c=capacity: sharded(x, w1, c)),
+                             argnums=(0, 1)))(x, w1)
+    for g, w in zip(grads, want_grads):
+      np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
+
+
+def test_capacity_knob_is_validated():
+  with pytest.raises(ValueError, match="moe_ep_capacity=0.5 must be 0"):
+    get_preset("tiny", moe_ep_capacity=0.5)
 
 
 # --- the trainer on a mesh -------------------------------------------------------

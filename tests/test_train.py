@@ -276,6 +276,23 @@ def test_checkpoints_keep_latest_k_and_refuse_another_model(tmp_path):
                                        r"requested 2\. Use a new workdir"):
     checkpoint.open_checkpoints(workdir, cfg.replace(dim=32, n_heads=2), {"lr": 1.0},
                                 every=2, keep=2)
+  # Implementation knobs may change between calls (reported); a field the
+  # saved run predates counts as its default.
+  ckpts, diff = checkpoint.open_checkpoints(
+      workdir, cfg.replace(remat_policy="full", moe_ep_capacity=0.0), {"lr": 1.0},
+      every=2, keep=2)
+  ckpts.close()
+  assert diff == ["model.moe_ep_capacity: saved 2.0, requested 0.0",
+                  "model.remat_policy: saved 'none', requested 'full'"]
+  older = str(tmp_path / "older")
+  ckpts = checkpoint.Checkpoints(older, cfg, {"lr": 1.0}, every=1, keep=1)
+  ckpts.model_cfg = type("Older", (), {"to_dict": lambda self: {
+      k: v for k, v in cfg.to_dict().items() if k != "moe_ep_capacity"}})()
+  ckpts.save(1, {"w": jnp.zeros(3)}, {"step": 1, "seed": 0})
+  ckpts.close()
+  ckpts, diff = checkpoint.open_checkpoints(older, cfg, {"lr": 1.0}, every=1, keep=1)
+  ckpts.close()
+  assert diff == []
 
 
 def test_resume_equals_straight_run(configs, tmp_path):

@@ -16,18 +16,29 @@ dispatch here, per device, on the device's own rows of the batch:
      balance loss's numerator/denominator are `psum`-ed over the batch axes:
      every device sees the global batch's numbers, so all apply the same bias.
 
-Dropless and exact on every backend: each device sends every row it holds in
-a buffer with room for all of them (capacity R = local tokens x top-k per
-destination), so no routing skew can overflow. That costs P times the
-minimum traffic and P times the expert FLOPs on padding rows; it is the
-exact reference path. `jax.lax.ragged_all_to_all` would move only the real
-rows, but XLA:CPU cannot compile it (../shared/DESIGN.md §8), and a GPU path
-that cannot be tested here is left for the GPU issue.
+Dropless and exact on every backend, with fixed-size buffers (all_to_all
+needs static shapes). With R = local tokens x top-k routed rows per device,
+the exchange buffer has room for C rows per destination:
+
+  C = moe_ep_capacity x R / P (rounded up to 8; ModelConfig, default 2):
+      taken when no device sends more than C rows to any one device. The
+      busiest pair's count is `pmax`-ed over the mesh first, so every device
+      takes the same branch of a `lax.cond`;
+  C = R (room for every row): the fallback for the steps whose routing is too
+      skewed for the first buffer. No row is ever dropped.
+
+Traffic and expert FLOPs (padding rows included) are P x C rows per device:
+2R under the default against P R for the fallback, which is what the
+exchange cost before the first branch existed. `jax.lax.ragged_all_to_all`
+would move only the real rows, but XLA:CPU cannot compile it
+(../shared/DESIGN.md §8); a GPU path that cannot be tested here is left for
+the GPU issue.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +53,41 @@ def _spec_entry(axes: tuple[str, ...]):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int, kernel):
+def exchange_capacity(rows: int, ep: int, factor: float) -> int:
+  """Rows per destination of the first-choice buffer (see the module doc):
+  factor x rows / ep rounded up to a multiple of 8, at most `rows`;
+  `rows` when factor is 0."""
+  if not factor:
+    return rows
+  return min(rows, -(-math.ceil(factor * rows / ep) // 8) * 8)
+
+
+def _exchange(tokens, flat, order, sorted_dest, slot, w1, w3, w2, *, axis, ep, cap, k,
+              kernel):
+  """Send rows to their experts' devices in [ep, cap, d] buffers, run the
+  local experts, send the results back; returns [R, d] in routed-row order."""
+  n, d = tokens.shape
+  rows = n * k
+  e_local = w1.shape[0]
+  send_x = jnp.zeros((ep, cap, d), tokens.dtype).at[sorted_dest, slot].set(
+      jnp.take(tokens, order // k, axis=0))
+  # Empty slots carry local expert 0 and are never read back.
+  send_e = jnp.zeros((ep, cap), jnp.int32).at[sorted_dest, slot].set(flat[order] % e_local)
+  recv_x = jax.lax.all_to_all(send_x, axis, 0, 0)                  # [ep(src), cap, d]
+  recv_e = jax.lax.all_to_all(send_e, axis, 0, 0)
+  y = kernel(recv_x.reshape(ep * cap, d), recv_e.reshape(ep * cap, 1),
+             jnp.ones((ep * cap, 1), tokens.dtype), w1, w3, w2)     # [ep*cap, d]
+  back = jax.lax.all_to_all(y.reshape(ep, cap, d), axis, 0, 0)    # [ep(dst), cap, d]
+  return jnp.zeros((rows, d), y.dtype).at[order].set(back[sorted_dest, slot],
+                                                      unique_indices=True)
+
+
+def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int, kernel,
+                       capacity: float = 0.0, sync_axes: tuple[str, ...] = ()):
   """`kernel` with the experts split over mesh axis `axis` (size ep): same
   signature and result [n, d]; w* hold this device's E/ep experts and
-  `experts` [n, k] are global ids."""
+  `experts` [n, k] are global ids. `sync_axes`: every mesh axis the rows
+  vary over (the branch choice is pmax-ed over them)."""
   n, d = tokens.shape
   k = experts.shape[1]
   rows = n * k
@@ -57,18 +99,21 @@ def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int
   counts = jnp.bincount(dest, length=ep)
   start = jnp.cumsum(counts) - counts
   slot = jnp.arange(rows) - start[sorted_dest]                      # place in buffer
-  send_x = jnp.zeros((ep, rows, d), tokens.dtype).at[sorted_dest, slot].set(
-      jnp.take(tokens, order // k, axis=0))
-  # Empty slots carry local expert 0 and are never read back.
-  send_e = jnp.zeros((ep, rows), jnp.int32).at[sorted_dest, slot].set(
-      flat[order] % e_local)
-  recv_x = jax.lax.all_to_all(send_x, axis, 0, 0)                  # [ep(src), R, d]
-  recv_e = jax.lax.all_to_all(send_e, axis, 0, 0)
-  y = kernel(recv_x.reshape(ep * rows, d), recv_e.reshape(ep * rows, 1),
-             jnp.ones((ep * rows, 1), tokens.dtype), w1, w3, w2)     # [ep*R, d]
-  back = jax.lax.all_to_all(y.reshape(ep, rows, d), axis, 0, 0)   # [ep(dst), R, d]
-  y_rows = jnp.zeros((rows, d), y.dtype).at[order].set(
-      back[sorted_dest, slot], unique_indices=True).reshape(n, k, d)
+  operands = (tokens, flat, order, sorted_dest, slot, w1, w3, w2)
+
+  def branch(cap):
+    # Rematerialised: under autodiff a cond's branches must return residuals
+    # of one structure, so un-remat'd the small branch would carry zero-filled
+    # copies of the big branch's [ep, rows, d] buffers.
+    return jax.checkpoint(functools.partial(_exchange, axis=axis, ep=ep, cap=cap, k=k,
+                                            kernel=kernel))
+  cap = exchange_capacity(rows, ep, capacity)
+  if cap < rows:
+    busiest = jax.lax.pmax(counts.max(), tuple(dict.fromkeys((*sync_axes, axis))))
+    y_rows = jax.lax.cond(busiest <= cap, branch(cap), branch(rows), *operands)
+  else:
+    y_rows = _exchange(*operands, axis=axis, ep=ep, cap=rows, k=k, kernel=kernel)
+  y_rows = y_rows.reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
 
@@ -96,7 +141,8 @@ def routed_experts(x, valid, gate, bias, w1, w3, w2, *, cfg: ModelConfig, rules:
     raise ValueError(f"batch of {x.shape[0]} rows is not divisible by the batch mesh axes "
                      f"{batch} (size {n_rows}); make the batch size a multiple of {n_rows}.")
   if ep > 1:
-    kernel = functools.partial(_exchanging_kernel, axis=exp_axes[0], ep=ep, kernel=kernel)
+    kernel = functools.partial(_exchanging_kernel, axis=exp_axes[0], ep=ep, kernel=kernel,
+                               capacity=cfg.moe_ep_capacity, sync_axes=tuple(batch))
 
   def local(x, valid, gate, bias, w1, w3, w2):
     out, load, num, den = routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel)

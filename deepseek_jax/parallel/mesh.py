@@ -93,3 +93,18 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   shape = tuple(sizes[a] for a in AXES)
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES),
                        devices=devices)
+
+
+def parse_axis_sizes(text: str, flag: str = "mesh") -> dict[str, int]:
+  """'expert=64,fsdp=32' -> {axis: size} (command lines); unknown axes and
+  sizes that are not integers are named."""
+  sizes = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, sep, value = part.partition("=")
+    if not sep or name not in AXES:
+      raise ValueError(f"{flag} entry {part!r} must be AXIS=SIZE with AXIS in {AXES}.")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ValueError(f"{flag} entry {part!r}: size {value!r} is not an integer.") from None
+  return sizes

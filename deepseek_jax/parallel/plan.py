@@ -13,8 +13,11 @@ takes nbytes / (product of the mesh axes its spec uses) on every device.
               layer inputs kept for the backward: n_layers * t * dim * b
             + one layer recomputed at a time, the largest of
                 attention scores  (batch/dp) * (heads/tensor) * seq^2 * 4
-                MoE exchange      2 * ep * t * k * dim * b   (send + receive
-                                  buffers at capacity = all rows; see expert.py)
+                MoE exchange      2 * ep * C * dim * b   (send + receive buffers
+                                  of C = expert.exchange_capacity(t*k, ep,
+                                  moe_ep_capacity) rows per destination:
+                                  ~2 t k at the default 2; a step skewed
+                                  past it uses C = t*k, ep times that)
             + logits and their gradient  2 * t * (vocab/tensor) * 4 * (1 + D)
             with b the bytes of `dtype`, k the routed experts per token, ep the
             expert-parallel degree, D the MTP depth.
@@ -29,6 +32,7 @@ import jax
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.parallel.expert import exchange_capacity
 from deepseek_jax.parallel.rules import (BATCH_AXES, RULE_SETS, axes_size, check_divisible,
                                          logical_axes, mesh_axes_of, spec_for)
 
@@ -69,7 +73,8 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_si
   vocab_split = axes_size(sizes, mesh_axes_of("vocab", rule_set))
   ep = axes_size(sizes, mesh_axes_of("exp", rule_set))
   scores = (batch_size // rows) * max(cfg.n_heads // tensor, 1) * seq_len ** 2 * 4
-  exchange = (2 * ep * t * cfg.n_activated_experts * cfg.dim * b
+  routed = t * cfg.n_activated_experts
+  exchange = (2 * ep * exchange_capacity(routed, ep, cfg.moe_ep_capacity) * cfg.dim * b
               if cfg.n_moe_layers else 0)
   activations = (cfg.n_layers * t * cfg.dim * b + max(scores, exchange)
                  + 2 * t * (cfg.vocab_size // vocab_split) * 4 * (1 + cfg.n_mtp_depth))

@@ -21,6 +21,14 @@ array's spec, else stays unsplit. So in `ep_fsdp` an expert weight
 weight puts `embed` on (fsdp, expert): outside the MoE FFN the expert axis is
 one more FSDP axis, so no parameter is replicated across it (as DeepSeek-V3).
 
+A rule for the name `*` (LEFTOVER) is a last resort for weights, applied
+after every dimension has had its turn (and only when shapes are known): if
+its axes are still unused in the array, they join the first dimension they
+divide (not `layers`, and not the small replicated names). `ep_fsdp` has
+`* -> expert`: on V3 with expert=64, fsdp=16, the MLA rank q_lora = 1536 does
+not divide fsdp x expert = 1024 and falls back to fsdp, and the leftover rule
+then splits the heads over `expert` instead of replicating the weight 64 times.
+
 Parameters stay plain (unboxed) arrays: the names live here, keyed by the
 module and parameter names (`logical_axes`), and a new parameter without an
 entry is an error, not a silently replicated tensor.
@@ -42,6 +50,9 @@ Rules = tuple[tuple[str, Any], ...]
 BATCH_AXES = ("data", "fsdp", "expert")
 _BATCH = (("batch", BATCH_AXES),)
 _FSDP = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"))
+LEFTOVER = "*"
+# Names a leftover axis never joins: the scan axis, activations, small vectors.
+_NO_LEFTOVER = {None, "layers", "batch", "seq", "norm", "router", "exp_bias"}
 _TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("mlp_moe", "tensor"),
            ("vocab", "tensor"))
 
@@ -56,7 +67,7 @@ RULE_SETS: dict[str, Rules] = {
     "ep_fsdp": (_BATCH + (("exp", "expert"),)
                 + (("embed", ("fsdp", "expert")), ("q_lora", ("fsdp", "expert")),
                    ("kv_lora", ("fsdp", "expert")))
-                + _FSDP + _TENSOR),
+                + _FSDP + _TENSOR + (("*", "expert"),)),
 }
 
 # (module name, parameter name) -> logical names of the unstacked weight.
@@ -141,10 +152,21 @@ def spec_for(names: Sequence[str | None], rules: Rules, shape: Sequence[int] | N
         break
     if chosen:
       used |= set(chosen)
-      out.append(chosen[0] if len(chosen) == 1 else chosen)
+      out.append(chosen)
     else:
-      out.append(None)
-  return PartitionSpec(*out)
+      out.append(())
+  if shape is not None and axis_sizes is not None:
+    for logical, axes in rules:
+      axes = _as_tuple(axes)
+      if logical != LEFTOVER or not axes or used & set(axes):
+        continue
+      for i, name in enumerate(names):
+        joined = out[i] + axes
+        if name not in _NO_LEFTOVER and shape[i] % axes_size(axis_sizes, joined) == 0:
+          out[i] = joined
+          used |= set(axes)
+          break
+  return PartitionSpec(*(None if not a else a[0] if len(a) == 1 else a for a in out))
 
 
 def mesh_axes_of(name: str, rules: Rules) -> tuple[str, ...]:

@@ -8,7 +8,10 @@ Starting a run in a workdir that already holds checkpoints resumes from the
 latest one, but only if the saved model config equals the requested one: a
 different model cannot load those arrays, so `open_checkpoints` refuses
 before anything is built, naming every field that differs. Train-config
-differences (more steps, another learning rate) are allowed and reported.
+differences (more steps, another learning rate) and implementation fields of
+the model config (IMPLEMENTATION_FIELDS: kernels, remat, EP buffers) are
+allowed and reported; a model-config field the saved run predates counts as
+its default.
 
 Saving is synchronous: the train step donates its input state, so the
 arrays must be written before the next step may reuse their buffers.
@@ -26,6 +29,8 @@ import orbax.checkpoint as ocp
 from deepseek_jax.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
+# ModelConfig fields that change how, not what, the model computes.
+IMPLEMENTATION_FIELDS = ("moe_impl", "moe_block_size", "moe_ep_capacity", "remat_policy")
 
 
 def config_diff(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
@@ -81,14 +86,24 @@ class Checkpoints:
     meta = self.saved_meta()
     if meta is None:
       return []
-    diff = config_diff(meta["model_config"], self.model_cfg.to_dict())
+    # A field added to ModelConfig after the run was saved counts as its
+    # default (new fields default to the old behaviour).
+    saved = {**ModelConfig().to_dict(), **meta["model_config"]}
+    requested = self.model_cfg.to_dict()
+    # How the same arrays are computed (kernels, remat, EP buffers) may change
+    # between calls of one run: reported like train-config changes.
+    knobs = [f"model.{d}" for d in config_diff(
+        {k: saved[k] for k in IMPLEMENTATION_FIELDS},
+        {k: requested[k] for k in IMPLEMENTATION_FIELDS})]
+    diff = config_diff({k: v for k, v in saved.items() if k not in IMPLEMENTATION_FIELDS},
+                       {k: v for k, v in requested.items() if k not in IMPLEMENTATION_FIELDS})
     if diff:
       raise ValueError(
           f"workdir checkpoints in {self.directory} (step {self.latest_step()}) were "
           f"trained with a different model config; differing fields: "
           + "; ".join(diff)
           + ". Use a new workdir, or request the saved model config.")
-    return config_diff(meta.get("train_config", {}), self.train_cfg_dict)
+    return knobs + config_diff(meta.get("train_config", {}), self.train_cfg_dict)
 
   def restore(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """(state, data iterator state) of the latest checkpoint, or None if none.

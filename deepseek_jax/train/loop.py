@@ -255,7 +255,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
   peer_lost = False
   try:
     if train_diff:
-      log("note: train config differs from the checkpointed run: " + "; ".join(train_diff))
+      log("note: the config differs from the checkpointed run: " + "; ".join(train_diff))
 
     # 2. Input -----------------------------------------------------------------
     data = build_data(model_cfg, train_cfg)

@@ -213,4 +213,9 @@ def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | Non
     # on every call is a few microseconds and keeps the jit cache key stable.
     with parallel.activate(mesh, rules):
       return jitted(state, batch)
+
+  def lower(state: TrainState, batch: dict):   # AOT, as jax.jit(...).lower
+    with parallel.activate(mesh, rules):
+      return jitted.lower(state, batch)
+  sharded_step.lower = lower
   return sharded_step
