@@ -1,0 +1,15 @@
+"""FP8 training in DeepSeek-V3's fine-grained recipe (DESIGN.md §5).
+
+`fp8_dot(x, w)` runs a linear layer's forward and both backward GEMMs in FP8
+with 1 x 128 activation tiles and 128 x 128 weight blocks; `quant` holds the
+quantizers (and the per-tensor / per-channel baselines).
+"""
+
+from deepseek_jax.fp8.dot import BACKENDS, fp8_dot, fp8_grouped_dot
+from deepseek_jax.fp8.quant import (FORMATS, Quantized, dequantize_blocks, dequantize_tiles,
+                                    quantize_blocks, quantize_channels, quantize_tensor,
+                                    quantize_tiles)
+
+__all__ = ["BACKENDS", "FORMATS", "Quantized", "dequantize_blocks", "dequantize_tiles",
+           "fp8_dot", "fp8_grouped_dot", "quantize_blocks", "quantize_channels",
+           "quantize_tensor", "quantize_tiles"]
