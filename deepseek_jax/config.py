@@ -19,6 +19,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _SCORE_FUNCS = ("sigmoid", "softmax")
 _MOE_IMPLS = ("auto", "blocked", "ragged", "dense")
 _REMAT = ("none", "full", "dots_saveable")
+FP8_LAYER_KINDS = ("attn", "mlp", "experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,13 @@ class ModelConfig:
       the exact fallback with room for every row, so routing is dropless and
       exact whatever the value; 0 = always the fallback. Not a model property:
       a speed knob (traffic and expert FLOPs scale with it).
+    fp8: run the linear layers named in `fp8_layers` through FP8 GEMMs
+      (deepseek_jax.fp8.fp8_dot, DeepSeek-V3's recipe: 1x128 activation
+      tiles, 128x128 weight blocks, FP8 fprop/dgrad/wgrad; emulated exactly
+      off Hopper). The embedding, output head, MoE gate, norms, the
+      attention core and the MTP projection stay in `dtype`, as in V3.
+    fp8_layers: comma-separated subset of "attn" (MLA's projections), "mlp"
+      (dense MLPs and shared experts), "experts" (routed experts).
     remat_policy: activation checkpointing of each block: "none", "full"
       (recompute everything in the backward pass) or "dots_saveable".
   """
@@ -110,6 +118,8 @@ class ModelConfig:
   moe_impl: str = "auto"
   moe_block_size: int = 0
   moe_ep_capacity: float = 2.0
+  fp8: bool = False
+  fp8_layers: str = "attn,mlp,experts"
   remat_policy: str = "none"
 
   def __post_init__(self):
@@ -199,6 +209,14 @@ class ModelConfig:
     if not (self.moe_ep_capacity == 0 or self.moe_ep_capacity >= 1):
       raise ValueError(f"moe_ep_capacity={self.moe_ep_capacity} must be 0 (room for every "
                        "row) or >= 1 (a multiple of the even share per destination).")
+    kinds = [k.strip() for k in self.fp8_layers.split(",") if k.strip()]
+    if not isinstance(self.fp8, bool) or any(k not in FP8_LAYER_KINDS for k in kinds):
+      raise ValueError(f"fp8={self.fp8!r}, fp8_layers={self.fp8_layers!r}: fp8 is a bool and "
+                       f"fp8_layers a comma-separated subset of {FP8_LAYER_KINDS}.")
+    if self.fp8 and "experts" in kinds and self.moe_impl == "ragged":
+      raise ValueError("moe_impl='ragged' has no FP8 path (jax.lax.ragged_dot takes no "
+                       "block scales); use moe_impl='blocked' or 'auto' with fp8=True, or "
+                       "drop 'experts' from fp8_layers.")
     if self.moe_impl not in _MOE_IMPLS:
       raise ValueError(f"moe_impl={self.moe_impl!r} must be one of {_MOE_IMPLS}.")
     if self.remat_policy not in _REMAT:
@@ -234,6 +252,10 @@ class ModelConfig:
   # ---- conversion ---------------------------------------------------------
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+  def fp8_for(self, kind: str) -> bool:
+    """Whether layers of `kind` ("attn", "mlp", "experts") run in FP8."""
+    return self.fp8 and kind in [k.strip() for k in self.fp8_layers.split(",")]
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

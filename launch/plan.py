@@ -31,6 +31,8 @@ _RULES = flags.DEFINE_string("rules", "ep_fsdp", "Rule set: dp, fsdp, fsdp_tp, e
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch in sequences "
                               "(default: one sequence per batch-axis device).")
 _SEQ = flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
+_MOMENTS = flags.DEFINE_enum("moments_dtype", "float32", ["float32", "bfloat16"],
+                             "Storage of AdamW's two moments (V3: bfloat16).")
 _DEVICES = flags.DEFINE_integer("devices", None, "Device count (only with a -1 axis).")
 
 
@@ -53,6 +55,7 @@ def main(argv):
     rows = axes_size(sizes, BATCH_AXES)
     cfg = get_preset(_PRESET.value)
     plan = memory_plan(cfg, sizes, _RULES.value, batch_size=_BATCH.value or rows,
+                       moments_dtype=_MOMENTS.value,
                        seq_len=_SEQ.value)
   except (ValueError, NotImplementedError) as e:
     sys.exit(f"launch.plan: error: {e}")

@@ -253,3 +253,92 @@ def test_auto_backend_emulates_and_says_so_once(monkeypatch):
   assert len([c for c in caught if "exact emulation" in str(c.message)]) == 1
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(fp8.fp8_dot(x, w, backend="emulated")))
+
+
+# ---------------------------------------------------------------------------
+# The model switch (ModelConfig.fp8)
+def test_fp8_einsum_is_fp8_dot_on_the_flattened_contraction():
+  """Oracle: transposes and reshapes written out by hand for each projection
+  form the model uses (wo contracts a heads-major (heads, v) pair)."""
+  from deepseek_jax.model.layers import fp8_einsum
+  rng = np.random.default_rng(6)
+  b, s, h, k, d, r = 2, 5, 3, 8, 16, 12
+  dot = lambda a, w: fp8.fp8_dot(a, w, backend="emulated")        # noqa: E731
+  o = rng.standard_normal((b, h, s, k)).astype(np.float32)          # wo: "bhsk,hkd->bsd"
+  wo = rng.standard_normal((h, k, d)).astype(np.float32)
+  want = dot(o.transpose(0, 2, 1, 3).reshape(b, s, h * k), wo.reshape(h * k, d))
+  np.testing.assert_array_equal(np.asarray(fp8_einsum("bhsk,hkd->bsd", o, wo)), want)
+  c = rng.standard_normal((b, s, r)).astype(np.float32)             # wq_b: "bsr,rhk->bhsk"
+  wq = rng.standard_normal((r, h, k)).astype(np.float32)
+  want = np.asarray(dot(c, wq.reshape(r, h * k))).reshape(b, s, h, k).transpose(0, 2, 1, 3)
+  np.testing.assert_array_equal(np.asarray(fp8_einsum("bsr,rhk->bhsk", c, wq)), want)
+  x = rng.standard_normal((4, b, s, d)).astype(np.float32)          # MLP: "...d,df->...f"
+  w1 = rng.standard_normal((d, r)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(fp8_einsum("...d,df->...f", x, w1)), dot(x, w1))
+
+
+def test_fp8_model_quantizes_exactly_the_v3_layers(monkeypatch):
+  """Recorded kernel shapes of every FP8 GEMM in one forward of the tiny
+  preset: MLA projections, dense/shared MLPs and the routed experts; never
+  the embedding, the output head, the MoE gate or MTP's eh_proj."""
+  from deepseek_jax import get_preset
+  from deepseek_jax.model import Transformer, init_variables
+  cfg = get_preset("tiny", inter_dim=96)       # dim 64: no MLP shape equals eh_proj [128, 64]
+  seen = []
+  real_dot, real_grouped = fp8.fp8_dot, fp8.fp8_grouped_dot
+  monkeypatch.setattr(fp8, "fp8_dot", lambda x, w, **kw: seen.append(w.shape) or real_dot(
+      x, w, backend="emulated"))
+  monkeypatch.setattr(fp8, "fp8_grouped_dot", lambda x, w, **kw: seen.append(
+      ("grouped",) + w.shape[1:]) or real_grouped(x, w, backend="emulated"))
+  variables = init_variables(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+  ref = jax.jit(Transformer(cfg).apply)(variables, tokens)
+  out = jax.jit(Transformer(cfg.replace(fp8=True)).apply)(variables, tokens)
+  d, h = cfg.dim, cfg.n_heads
+  qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+  attn = {(d, cfg.q_lora_rank), (cfg.q_lora_rank, h * qk),
+          (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+          (cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
+          (h * cfg.v_head_dim, d)}
+  mlp = {(d, cfg.inter_dim), (cfg.inter_dim, d),
+         (d, cfg.n_shared_experts * cfg.moe_inter_dim), (cfg.n_shared_experts * cfg.moe_inter_dim, d)}
+  experts = {("grouped", d, cfg.moe_inter_dim), ("grouped", cfg.moe_inter_dim, d)}
+  assert set(seen) == attn | mlp | experts
+  assert (d, cfg.vocab_size) not in seen and (d, cfg.n_routed_experts) not in seen
+  assert (2 * d, d) not in seen                                   # MTP eh_proj
+  assert _rel(out, ref) < 0.15                                     # same model, FP8 noise
+  seen.clear()
+  jax.eval_shape(Transformer(cfg.replace(fp8=True, fp8_layers="experts")).apply, variables,
+                 tokens)
+  assert set(seen) == experts
+
+
+def test_fp8_train_step_learns_and_bad_settings_are_refused():
+  from deepseek_jax import get_preset
+  from deepseek_jax.train.loop import TrainConfig
+  from deepseek_jax.train.step import init_train_state, make_train_step
+  sys_path_bench()
+  from train_throughput import random_batch
+  cfg = get_preset("tiny", fp8=True, n_mtp_depth=0)
+  tcfg = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=0, lr=3e-3,
+                     fast_compile=True)
+  state = init_train_state(cfg, tcfg, jax.random.key(0))
+  step = make_train_step(cfg, tcfg)
+  batch = random_batch(cfg.vocab_size, 4, 32, 0)
+  losses = []
+  for _ in range(4):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+  with pytest.raises(ValueError, match="moe_impl='ragged' has no FP8 path"):
+    get_preset("tiny", fp8=True, moe_impl="ragged")
+  with pytest.raises(ValueError, match="fp8_layers a comma-separated subset"):
+    get_preset("tiny", fp8=True, fp8_layers="attn,head")
+
+
+def sys_path_bench():
+  import os
+  import sys
+  bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+  if bench not in sys.path:
+    sys.path.insert(0, bench)

@@ -435,3 +435,24 @@ def test_loss_plot_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_p
   finally:
     plt.close("all")
     matplotlib.use(before)
+
+
+def test_bfloat16_moments_are_stored_in_bfloat16_and_track_float32_adamw():
+  params = {"w": jnp.linspace(-1.0, 1.0, 24).reshape(4, 6), "scale": jnp.ones(6)}
+  grad_fn = jax.grad(lambda p: jnp.sum((p["w"] - 0.3) ** 2) + jnp.sum(p["scale"] ** 2))
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    tx = optimizer.make_optimizer(optax.constant_schedule(1e-2), moments_dtype=dtype)
+    p, state = params, tx.init(params)
+    for _ in range(5):
+      updates, state = tx.update(grad_fn(p), state, p)
+      p = optax.apply_updates(p, updates)
+    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda n: isinstance(
+        n, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
+    assert {a.dtype for a in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(dtype)}
+    assert p["w"].dtype == jnp.float32                     # master weights stay FP32
+    runs[dtype] = p
+  for k in params:
+    np.testing.assert_allclose(runs["bfloat16"][k], runs["float32"][k], rtol=0, atol=2e-4)
+  with pytest.raises(ValueError, match="moments_dtype='float16' must be one of"):
+    optimizer.make_optimizer(optax.constant_schedule(1e-2), moments_dtype="float16")

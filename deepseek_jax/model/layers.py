@@ -7,6 +7,7 @@ from `dim` to `n_heads x head_dim` is one kernel of shape [dim, n_heads, head_di
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -42,18 +43,48 @@ class Einsum(nn.Module):
   """A bias-free projection written as an einsum over a kernel of `shape`.
 
   `equation` contracts the input with the kernel, e.g. "btd,dhk->bthk" for a
-  query projection with kernel [dim, heads, head_dim].
+  query projection with kernel [dim, heads, head_dim]. `fp8_kind` ("attn",
+  "mlp"; None = never) names the layer kind `ModelConfig.fp8_layers` selects:
+  such a layer computes with `fp8_dot` when cfg.fp8 is on.
   """
   cfg: ModelConfig
   shape: Sequence[int]
   equation: str
+  fp8_kind: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", normal_init(self.cfg), tuple(self.shape),
                         dtype_of(self.cfg.param_dtype))
     dt = dtype_of(self.cfg.dtype)
+    if self.fp8_kind and self.cfg.fp8_for(self.fp8_kind):
+      return fp8_einsum(self.equation, x.astype(dt), kernel).astype(dt)
     return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
+
+
+def fp8_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A projection einsum as one `fp8_dot`: the contracted dims of x are moved
+  last and flattened (so 1x128 tiles run along them, e.g. wo's (heads, v)),
+  the kernel becomes [contracted, rest]; the result is put back in the
+  equation's output order. float32 out."""
+  from deepseek_jax.fp8 import fp8_dot          # model <- fp8 only when used
+  ins, out = equation.replace(" ", "").split("->")
+  xs, ks = ins.split(",")
+  if "..." in xs:
+    extra = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation)
+    n_ell = x.ndim - (len(xs) - 3)
+    xs, out = (t.replace("...", extra[:n_ell]) for t in (xs, out))
+  contracted = [c for c in ks if c in xs and c not in out]
+  free_k = [c for c in ks if c not in contracted]
+  batch = [c for c in xs if c not in contracted]
+  size = dict(zip(xs, x.shape)) | dict(zip(ks, kernel.shape))
+  xt = jnp.transpose(x, [xs.index(c) for c in batch + contracted])
+  xt = xt.reshape(xt.shape[:len(batch)] + (-1,))
+  kt = jnp.transpose(kernel, [ks.index(c) for c in contracted + free_k])
+  kt = kt.reshape(math.prod(size[c] for c in contracted), -1)
+  y = fp8_dot(xt, kt, backend="auto")
+  y = y.reshape(y.shape[:-1] + tuple(size[c] for c in free_k))
+  return jnp.transpose(y, [(batch + free_k).index(c) for c in out])
 
 
 class MLP(nn.Module):
@@ -64,9 +95,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = self.cfg.dim
-    gate = Einsum(self.cfg, (d, self.hidden), "...d,df->...f", name="w1")(x)
-    up = Einsum(self.cfg, (d, self.hidden), "...d,df->...f", name="w3")(x)
-    return Einsum(self.cfg, (self.hidden, d), "...f,fd->...d", name="w2")(
+    gate = Einsum(self.cfg, (d, self.hidden), "...d,df->...f", "mlp", name="w1")(x)
+    up = Einsum(self.cfg, (d, self.hidden), "...d,df->...f", "mlp", name="w3")(x)
+    return Einsum(self.cfg, (self.hidden, d), "...f,fd->...d", "mlp", name="w2")(
         jax.nn.silu(gate) * up)
 
 

@@ -61,22 +61,22 @@ class MLA(nn.Module):
     # Heads-major layout [b, h, s, *] so the score/value contractions are plain
     # batched matmuls (measurably faster on XLA:CPU than seq-major einsums).
     if cfg.use_q_lora:
-      c_q = Einsum(cfg, (cfg.dim, cfg.q_lora_rank), "bsd,dr->bsr", name="wq_a")(x)
+      c_q = Einsum(cfg, (cfg.dim, cfg.q_lora_rank), "bsd,dr->bsr", "attn", name="wq_a")(x)
       c_q = RMSNorm(cfg, name="q_norm")(c_q)
       q = Einsum(cfg, (cfg.q_lora_rank, h, d_nope + d_rope), "bsr,rhk->bhsk",
-                 name="wq_b")(c_q)
+                 "attn", name="wq_b")(c_q)
     else:
-      q = Einsum(cfg, (cfg.dim, h, d_nope + d_rope), "bsd,dhk->bhsk", name="wq")(x)
+      q = Einsum(cfg, (cfg.dim, h, d_nope + d_rope), "bsd,dhk->bhsk", "attn", name="wq")(x)
     q_rope = apply_rope(q[..., d_nope:], positions[:, None], cfg)  # [b, h, s, d_rope]
     q = jnp.concatenate([q[..., :d_nope], q_rope], axis=-1) * cfg.softmax_scale
 
     kv_a = Einsum(cfg, (cfg.dim, cfg.kv_lora_rank + d_rope), "bsd,dr->bsr",
-                  name="wkv_a")(x)
+                  "attn", name="wkv_a")(x)
     c_kv, k_rope = kv_a[..., :cfg.kv_lora_rank], kv_a[..., cfg.kv_lora_rank:]
     c_kv = RMSNorm(cfg, name="kv_norm")(c_kv)                    # [b, s, r_kv]
     k_rope = apply_rope(k_rope, positions, cfg)                  # [b, s, d_rope]
     kv = Einsum(cfg, (cfg.kv_lora_rank, h, d_nope + d_v), "bsr,rhk->bhsk",
-                name="wkv_b")(c_kv)
+                "attn", name="wkv_b")(c_kv)
     k_nope, v = kv[..., :d_nope], kv[..., d_nope:]               # [b, h, s, *]
     # The single rotary key is shared by all heads: q_C.k_C + q_R.k_R in one dot.
     k = jnp.concatenate(
@@ -88,4 +88,4 @@ class MLA(nn.Module):
     p = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
     o = jnp.einsum("bhst,bhtk->bhsk", p.astype(cfg.dtype), v)
     o = o / p.sum(-1, keepdims=True).astype(o.dtype)             # [b, h, s, d_v]
-    return Einsum(cfg, (h, d_v, cfg.dim), "bhsk,hkd->bsd", name="wo")(o)
+    return Einsum(cfg, (h, d_v, cfg.dim), "bhsk,hkd->bsd", "attn", name="wo")(o)

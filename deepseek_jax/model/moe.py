@@ -122,7 +122,21 @@ def default_block_size(n_rows: int, n_experts: int) -> int:
   return int(min(128, max(8, 2 ** int(math.log2(target)))))
 
 
-def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0):
+def _grouped(a, w, fp8: bool):
+  """Per group g: a[g] [M, K] @ w[g] [K, N] (FP8 recipe when fp8)."""
+  if fp8:
+    from deepseek_jax.fp8 import fp8_grouped_dot
+    return fp8_grouped_dot(a, w).astype(a.dtype)
+  return jnp.einsum("gmk,gkn->gmn", a, w)
+
+
+def _swiglu_grouped(xg, w1, w3, w2, fp8: bool):
+  """SwiGLU of each group's rows with that group's expert weights."""
+  h = jax.nn.silu(_grouped(xg, w1, fp8)) * _grouped(xg, w3, fp8)
+  return _grouped(h, w2, fp8)
+
+
+def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: bool = False):
   n, d = x.shape
   k = experts.shape[1]
   n_exp = w1.shape[0]
@@ -142,8 +156,10 @@ def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0):
       jnp.repeat(x, k, axis=0), unique_indices=True)
   block_e = jnp.minimum(
       jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bs, side="right"), n_exp - 1)
-  y = _swiglu(xs.reshape(n_blocks, bs, d), w1[block_e], w3[block_e], w2[block_e],
-              "bsd,bdf->bsf", "bsf,bfd->bsd").reshape(n_blocks * bs, d)
+  # With fp8 each block quantizes its rows in 1x128 tiles along d (fprop)
+  # and along its <= 128 rows (wgrad): a block is at most one M tile.
+  y = _swiglu_grouped(xs.reshape(n_blocks, bs, d), w1[block_e], w3[block_e], w2[block_e],
+                      fp8).reshape(n_blocks * bs, d)
   y_rows = jnp.take(y, slot, axis=0, unique_indices=True).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
@@ -162,10 +178,13 @@ def experts_ragged(x, experts, gates, w1, w3, w2):
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
 
-def experts_dense(x, experts, gates, w1, w3, w2):
+def experts_dense(x, experts, gates, w1, w3, w2, fp8: bool = False):
   n = x.shape[0]
   dense_gates = jnp.zeros((n, w1.shape[0]), gates.dtype).at[
       jnp.arange(n)[:, None], experts].set(gates)
+  if fp8:
+    y = _swiglu_grouped(jnp.broadcast_to(x, (w1.shape[0],) + x.shape), w1, w3, w2, True)
+    return jnp.einsum("end,ne->nd", y, dense_gates.astype(y.dtype))
   y = _swiglu(x, w1, w3, w2, "nd,edf->nef", "nef,efd->ned")
   return jnp.einsum("ned,ne->nd", y, dense_gates.astype(y.dtype))
 
@@ -194,6 +213,8 @@ def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel):
 def resolve_moe_impl(cfg: ModelConfig) -> str:
   if cfg.moe_impl != "auto":
     return cfg.moe_impl
+  if cfg.fp8_for("experts"):     # ragged_dot takes no block scales
+    return "blocked"
   return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
@@ -218,12 +239,13 @@ class MoE(nn.Module):
     dt = dtype_of(cfg.dtype)
     w1, w3, w2 = (w.astype(dt) for w in (w1, w3, w2))
     impl = resolve_moe_impl(cfg)
+    fp8 = cfg.fp8_for("experts")
     if impl == "blocked":
-      kernel = functools.partial(experts_blocked, block_size=cfg.moe_block_size)
+      kernel = functools.partial(experts_blocked, block_size=cfg.moe_block_size, fp8=fp8)
     elif impl == "ragged":
       kernel = experts_ragged
     else:
-      kernel = experts_dense
+      kernel = functools.partial(experts_dense, fp8=fp8)
 
     rules = current_rules()
     if rules is not None:

@@ -49,7 +49,7 @@ def _sharded_bytes(tree: Any, sizes: dict[str, int], rules) -> int:
 
 
 def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_size: int,
-                seq_len: int) -> dict[str, Any]:
+                seq_len: int, moments_dtype: str = "float32") -> dict[str, Any]:
   """Bytes per device of params, grads, optimizer state and activations.
 
   sizes: {axis: size} for all five mesh axes (MeshConfig.shape(n)).
@@ -63,7 +63,8 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_si
   if batch_size % rows:
     raise ValueError(f"batch_size={batch_size} must be a multiple of data*fsdp*expert={rows}.")
   state = abstract_train_state(cfg, TrainConfig(batch_size=batch_size, seq_len=seq_len,
-                                                steps=1, warmup_steps=0))
+                                                steps=1, warmup_steps=0,
+                                                moments_dtype=moments_dtype))
   params = _sharded_bytes(state.params, sizes, rule_set)
   opt = _sharded_bytes(state.opt_state, sizes, rule_set)
 

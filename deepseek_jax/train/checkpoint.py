@@ -30,7 +30,8 @@ from deepseek_jax.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
 # ModelConfig fields that change how, not what, the model computes.
-IMPLEMENTATION_FIELDS = ("moe_impl", "moe_block_size", "moe_ep_capacity", "remat_policy")
+IMPLEMENTATION_FIELDS = ("moe_impl", "moe_block_size", "moe_ep_capacity", "remat_policy",
+                         "fp8", "fp8_layers")
 
 
 def config_diff(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:

@@ -50,6 +50,7 @@ class TrainConfig:
   Optimizer (optimizer.py): peak lr, warmup_steps, hold_steps, decay_steps
     (0 = cosine until the last step minus end_steps), end_lr, end_steps,
     final_lr (None = end_lr); AdamW b1, b2, eps, weight_decay; clip_norm.
+  moments_dtype: storage of AdamW's moments, "float32" or "bfloat16" (V3).
   Losses: mtp_weight (lambda; V3 0.3 then 0.1), balance_weight (alpha; V3
     1e-4), bias_update_speed (gamma; V3 1e-3, 0 = off).
   Logging: every step to metrics.jsonl, every log_every steps to `log`
@@ -88,6 +89,7 @@ class TrainConfig:
   b2: float = 0.95
   eps: float = 1e-8
   clip_norm: float = 1.0
+  moments_dtype: str = "float32"
   # losses
   mtp_weight: float = 0.3
   balance_weight: float = 1e-4
@@ -130,6 +132,9 @@ class TrainConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
       raise ValueError(f"b1={self.b1}, b2={self.b2} must lie in [0, 1).")
+    if self.moments_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"moments_dtype={self.moments_dtype!r} must be 'float32' or "
+                       "'bfloat16'.")
     if self.template not in tasks.TEMPLATES:
       raise ValueError(f"template={self.template!r} must be one of {tuple(tasks.TEMPLATES)}.")
     bad = [k for k in self.task_kinds if k not in tasks.KINDS]

@@ -51,7 +51,8 @@ def make_tx(train_cfg: "TrainConfig") -> tuple[optax.GradientTransformation, opt
   """The optimizer and its learning-rate schedule for a TrainConfig."""
   schedule = lr_schedule_from_config(train_cfg)
   tx = make_optimizer(schedule, weight_decay=train_cfg.weight_decay, b1=train_cfg.b1,
-                      b2=train_cfg.b2, eps=train_cfg.eps, clip_norm=train_cfg.clip_norm)
+                      b2=train_cfg.b2, eps=train_cfg.eps, clip_norm=train_cfg.clip_norm,
+                      moments_dtype=train_cfg.moments_dtype)
   return tx, schedule
 
 
