@@ -185,3 +185,52 @@ def test_expert_parallel_runs_train_identically_and_report_true_loads(expert_par
         busiest.append(max(per_rank) / (8 // ep))
     assert math.isclose(r["rank_imbalance"], sum(ratios) / len(ratios), rel_tol=1e-6)
     assert math.isclose(r["busiest_rank_rows"], sum(busiest) / len(busiest), rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# experiments/fp8_recipe.ipynb
+FP8_NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "fp8_recipe.ipynb")
+
+
+@pytest.fixture(scope="module")
+def fp8_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("fp8_recipe"))
+  params = dict(outlier_factors=[1, 1e5], m=128, k=256, n=128, preset="tiny",
+                model_overrides={"n_layers": 2, "n_dense_layers": 1, "n_mtp_depth": 0},
+                steps=4, batch_size=4, seq_len=64, fast_compile=True,
+                workdir_root=workdir, jax_cache_dir=CACHE)
+  nb = run_notebook(FP8_NOTEBOOK, params, out=os.path.join(workdir, "executed.ipynb"),
+                    timeout=600)
+  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
+             if line.startswith("RESULT ")]
+  return workdir, [r for r in results if r["part"] == "gemm"], [
+      r for r in results if r["part"] == "train"][0]
+
+
+def test_fp8_notebook_per_tensor_error_recomputes_with_ml_dtypes(fp8_run):
+  import ml_dtypes
+  workdir, gemm, _ = fp8_run
+  w = np.load(os.path.join(workdir, "w.npy"))
+  for row in gemm:
+    x = np.load(row["x_path"])
+    ordinary = np.ones(len(x), bool)
+    ordinary[::37] = False
+    # Oracle: one scale for the tensor, amax * (1/448), clip, cast, scale back.
+    scale = np.float32(np.abs(x).max()) * np.float32(1 / 448)
+    xq = np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale
+    y, yq = x @ w, xq @ w
+    want = np.linalg.norm(yq[ordinary] - y[ordinary]) / np.linalg.norm(y[ordinary])
+    assert math.isclose(row["per tensor"], want, rel_tol=1e-3), (row, want)
+    assert row["1x128 tiles"] < 0.05 and row["fp8_dot"] < 0.06
+  big = gemm[-1]
+  assert big["outlier_factor"] == 1e5
+  assert big["per tensor"] > 10 * big["1x128 tiles"] and big["per tensor zeros"] > 0.3
+
+
+def test_fp8_notebook_trains_both_runs_and_reports_their_gap(fp8_run):
+  _, _, train = fp8_run
+  ref, low = (np.load(train["loss_paths"][k]) for k in ("float32", "fp8"))
+  assert len(ref) == len(low) == 4 and np.isfinite(low).all()
+  assert math.isclose(train["relative_gap"], (low[-1:].mean() - ref[-1:].mean())
+                      / ref[-1:].mean(), rel_tol=1e-6)
+  assert abs(train["relative_gap"]) < 0.05 and train["slowdown"] > 0
