@@ -1,4 +1,4 @@
-"""Pre-train a DeepSeek-V3-style model on one host.
+"""Pre-train a DeepSeek-V3-style model on one device, a mesh, or several hosts.
 
   python -m launch.train --config=launch/configs/default.py --workdir=/tmp/demo
   python -m launch.train --config=launch/configs/tiny.py --workdir=/tmp/tiny \

@@ -24,6 +24,7 @@ from deepseek_jax.parallel import MeshConfig, batch_sharding, distributed, setup
 from deepseek_jax.train import checkpoint, loop
 from deepseek_jax.train.step import abstract_train_state
 from launch.configs import build_configs, build_mesh_config
+from launch.configs import tiny as tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "launch/configs/tiny.py"
@@ -67,11 +68,7 @@ def _output(workdir, pid) -> str:
 
 
 def _tiny_configs(**overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, TINY))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = tiny_config.get_config()
   for key, value in overrides.items():
     setattr(config, key, value)
   config.mesh.expert, config.mesh.fsdp = 4, 2

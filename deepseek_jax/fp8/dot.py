@@ -84,7 +84,7 @@ def _fp8_matmul_fwd(x, w, opts: Fp8Options):
 
 def _fp8_matmul_bwd(opts: Fp8Options, res, dy):
   qx, qw, x_like, w_like = res
-  (m, k), (_, n) = x_like.shape[1:], w_like.shape[1:]
+  k = x_like.shape[2]
   # dgrad: dy tiled along N, the FP8 weight blocks transposed.
   qdy = quantize_tiles(dy, axis=1, fmt=opts.fmt, pow2=opts.pow2)     # [M, N'] / [M, N'/128]
   dx = _promoted_dot(qdy.q, qdy.scale, qw.q.T, jnp.repeat(qw.scale.T, TILE, axis=1))[:, :k]
@@ -97,7 +97,6 @@ def _fp8_matmul_bwd(opts: Fp8Options, res, dy):
                        qdy_m.q.astype(jnp.float32).reshape(mb, TILE, -1),
                        precision=jax.lax.Precision.HIGHEST)
   dw = jnp.sum(partial * qx_m.scale[:, :, None] * qdy_m.scale[:, None, :], axis=0)[:k]
-  del m
   return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 

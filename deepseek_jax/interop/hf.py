@@ -602,12 +602,11 @@ def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, _Info],
                     slots: list[_Slot], block: tuple[int, int], param_dtype: str,
                     mesh, rules) -> dict:
   """Every leaf as a global array in its sharding, built shard by shard."""
-  rules = parallel.RULE_SETS[rules] if isinstance(rules, str) else rules
   if rules is None:
     raise ValueError("load_hf_checkpoint(mesh=...) needs rules= too (a rule-set name "
                      f"from {tuple(parallel.RULE_SETS)} or parallel.setup's rules).")
   abstract = abstract_variables(cfg)
-  shardings = _flatten(parallel.tree_shardings(abstract, mesh, rules))
+  shardings = _flatten(parallel.tree_shardings(abstract, mesh, parallel.rules.resolve(rules)))
   by_leaf: dict[str, list[_Slot]] = {}
   for s in slots:
     by_leaf.setdefault(s.leaf, []).append(s)

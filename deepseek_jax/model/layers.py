@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
 
 
@@ -67,7 +68,6 @@ def fp8_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
   last and flattened (so 1x128 tiles run along them, e.g. wo's (heads, v)),
   the kernel becomes [contracted, rest]; the result is put back in the
   equation's output order. float32 out."""
-  from deepseek_jax.fp8 import fp8_dot          # model <- fp8 only when used
   ins, out = equation.replace(" ", "").split("->")
   xs, ks = ins.split(",")
   if "..." in xs:
@@ -82,7 +82,7 @@ def fp8_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
   xt = xt.reshape(xt.shape[:len(batch)] + (-1,))
   kt = jnp.transpose(kernel, [ks.index(c) for c in contracted + free_k])
   kt = kt.reshape(math.prod(size[c] for c in contracted), -1)
-  y = fp8_dot(xt, kt, backend="auto")
+  y = fp8.fp8_dot(xt, kt, backend="auto")
   y = y.reshape(y.shape[:-1] + tuple(size[c] for c in free_k))
   return jnp.transpose(y, [(batch + free_k).index(c) for c in out])
 

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import fp8 as fp8_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import MLP, dtype_of, normal_init
 from deepseek_jax.parallel.rules import current_rules
@@ -122,18 +123,14 @@ def default_block_size(n_rows: int, n_experts: int) -> int:
   return int(min(128, max(8, 2 ** int(math.log2(target)))))
 
 
-def _grouped(a, w, fp8: bool):
-  """Per group g: a[g] [M, K] @ w[g] [K, N] (FP8 recipe when fp8)."""
-  if fp8:
-    from deepseek_jax.fp8 import fp8_grouped_dot
-    return fp8_grouped_dot(a, w).astype(a.dtype)
-  return jnp.einsum("gmk,gkn->gmn", a, w)
-
-
 def _swiglu_grouped(xg, w1, w3, w2, fp8: bool):
-  """SwiGLU of each group's rows with that group's expert weights."""
-  h = jax.nn.silu(_grouped(xg, w1, fp8)) * _grouped(xg, w3, fp8)
-  return _grouped(h, w2, fp8)
+  """SwiGLU of each group g's rows xg[g] [M, D] with expert weights w*[g]
+  (every GEMM through fp8_grouped_dot when fp8)."""
+  if not fp8:
+    return _swiglu(xg, w1, w3, w2, "gmd,gdf->gmf", "gmf,gfd->gmd")
+  def dot(a, w):
+    return fp8_lib.fp8_grouped_dot(a, w).astype(a.dtype)
+  return dot(jax.nn.silu(dot(xg, w1)) * dot(xg, w3), w2)
 
 
 def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: bool = False):

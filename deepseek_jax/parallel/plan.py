@@ -33,8 +33,8 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel.expert import exchange_capacity
-from deepseek_jax.parallel.rules import (BATCH_AXES, RULE_SETS, axes_size, check_divisible,
-                                         logical_axes, mesh_axes_of, spec_for)
+from deepseek_jax.parallel.rules import (BATCH_AXES, axes_size, check_divisible,
+                                         logical_axes, mesh_axes_of, resolve, spec_for)
 
 
 def _sharded_bytes(tree: Any, sizes: dict[str, int], rules) -> int:
@@ -56,9 +56,7 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_si
   """
   from deepseek_jax.train.loop import TrainConfig        # train imports parallel
   from deepseek_jax.train.step import abstract_train_state
-  if rules not in RULE_SETS:
-    raise ValueError(f"rules={rules!r} is not a rule set; choose one of {sorted(RULE_SETS)}.")
-  rule_set = RULE_SETS[rules]
+  rule_set = resolve(rules)
   rows = axes_size(sizes, BATCH_AXES)
   if batch_size % rows:
     raise ValueError(f"batch_size={batch_size} must be a multiple of data*fsdp*expert={rows}.")

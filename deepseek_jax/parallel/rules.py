@@ -232,9 +232,18 @@ def activate(mesh: Mesh, rules: Rules | str) -> Iterator[None]:
   Trace (first call of a jitted function) and call inside it: the model reads
   both to place activations and to run the MoE dispatch in shard_map.
   """
-  rules = RULE_SETS[rules] if isinstance(rules, str) else tuple(rules)
+  rules = resolve(rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def resolve(rules: Rules | str) -> Rules:
+  """A rule set given by name (a key of RULE_SETS) or as rules."""
+  if isinstance(rules, str):
+    if rules not in RULE_SETS:
+      raise ValueError(f"rules={rules!r} is not a rule set; choose one of {sorted(RULE_SETS)}.")
+    return RULE_SETS[rules]
+  return tuple(rules)
 
 
 def setup(mesh_cfg: MeshConfig, devices=None) -> tuple[Mesh, Rules]:

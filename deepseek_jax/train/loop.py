@@ -1,4 +1,4 @@
-"""The single-host trainer: `train(model_cfg, train_cfg, workdir)`.
+"""The trainer: `train(model_cfg, train_cfg, workdir)` (one device, a mesh, or many processes).
 
 Used by `launch/train.py` and by notebooks alike; it reads no flags or
 environment. The sections of `train` follow big_vision's trainer:
@@ -32,6 +32,7 @@ from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.model import count_params
 from deepseek_jax.parallel import MeshConfig, distributed
 from deepseek_jax.train import checkpoint, evaluate, metrics
+from deepseek_jax.train.optimizer import MOMENT_DTYPES
 from deepseek_jax.train.step import (abstract_train_state, compiler_options,
                                      init_train_state, make_train_step)
 
@@ -132,9 +133,9 @@ class TrainConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
       raise ValueError(f"b1={self.b1}, b2={self.b2} must lie in [0, 1).")
-    if self.moments_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"moments_dtype={self.moments_dtype!r} must be 'float32' or "
-                       "'bfloat16'.")
+    if self.moments_dtype not in MOMENT_DTYPES:
+      raise ValueError(f"moments_dtype={self.moments_dtype!r} must be one of "
+                       f"{MOMENT_DTYPES}.")
     if self.template not in tasks.TEMPLATES:
       raise ValueError(f"template={self.template!r} must be one of {tuple(tasks.TEMPLATES)}.")
     bad = [k for k in self.task_kinds if k not in tasks.KINDS]
