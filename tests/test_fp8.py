@@ -227,6 +227,41 @@ def test_grouped_dot_is_the_dot_per_group_and_differentiates():
   assert gx.shape == x.shape
 
 
+def test_prequantized_weights_are_used_as_is_and_frozen():
+  """A Quantized(q, scale) weight (published FP8 blocks, unpadded) gives the
+  same fprop and dgrad as quantizing the float weight inside, bit for bit,
+  when the blocks are those quantize_blocks makes; its own gradient is 0."""
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((3, 50, 300)).astype(np.float32)
+  w = (rng.standard_normal((300, 200)) * 0.05).astype(np.float32)
+  qb = fp8.quantize_blocks(jnp.asarray(w))
+  blocks = fp8.Quantized(qb.q[:300, :200], qb.scale)      # as a checkpoint stores them
+  np.testing.assert_array_equal(np.asarray(fp8.dequantize_weight(blocks)),
+                                np.asarray(fp8.dequantize_blocks(qb))[:300, :200])
+  dot = lambda a, b: fp8.fp8_dot(a, b, backend="emulated")        # noqa: E731
+  y, vjp = jax.vjp(dot, x, w)
+  yq, vjpq = jax.vjp(dot, x, blocks)
+  dy = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(yq), np.asarray(y))
+  (dx, _), (dxq, dblocks) = vjp(dy), vjpq(dy)
+  np.testing.assert_array_equal(np.asarray(dxq), np.asarray(dx))
+  assert not np.asarray(dblocks.q, np.float32).any() and not np.asarray(dblocks.scale).any()
+  # grouped: per-group blocks
+  wg = (rng.standard_normal((2, 64, 160)) * 0.1).astype(np.float32)
+  qg = [fp8.quantize_blocks(jnp.asarray(a)) for a in wg]
+  gblocks = fp8.Quantized(jnp.stack([q.q[:64, :160] for q in qg]),
+                          jnp.stack([q.scale for q in qg]))
+  xg = x[:2, :, :64]
+  np.testing.assert_array_equal(
+      np.asarray(fp8.fp8_grouped_dot(xg, gblocks, backend="emulated")),
+      np.asarray(fp8.fp8_grouped_dot(xg, wg, backend="emulated")))
+  with pytest.raises(ValueError, match="w.scale has shape \\(1, 1\\); a \\(300, 200\\) "
+                     "weight in 128 x 128 blocks needs \\(3, 2\\)"):
+    dot(x, fp8.Quantized(blocks.q, jnp.ones((1, 1))))
+  with pytest.raises(ValueError, match="needs float8 values"):
+    dot(x, fp8.Quantized(jnp.asarray(w), qb.scale))
+
+
 def test_bad_requests_are_refused_with_the_reason():
   x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
   with pytest.raises(ValueError, match="backend='cuda' must be one of"):

@@ -196,14 +196,10 @@ def test_fp8_block_dequantisation_matches_naive_loop():
     dequantize_fp8_blocks(w, scale_inv[:2])
 
 
-def test_fp8_checkpoint_loads_as_its_dequantised_weights(tiny_ckpt, tmp_path):
-  """Quantise like the published V3 (every projection but the router, embedding
-  and head), one tensor per shard so scales sit in other files than weights."""
-  cfg, variables, src = tiny_ckpt
-  block = 16                    # several blocks per tiny weight, with partial edges
-  with open(os.path.join(src, "config.json")) as f:
-    config = json.load(f)
-  tensors = _read_all(src)
+def _quantize_like_v3(tensors, block):
+  """(FP8 checkpoint tensors, their dequantised values) quantised like the
+  published V3: every projection but the router, embedding and head, one
+  amax/448 scale per block x block tile (edge tiles partial)."""
   fp8, reference = {}, {}
   for key, w in tensors.items():
     if (w.ndim == 2 and key.endswith("proj.weight") and "embed" not in key):
@@ -218,20 +214,34 @@ def test_fp8_checkpoint_loads_as_its_dequantised_weights(tiny_ckpt, tmp_path):
       reference[key] = q.astype(np.float32) * expand
     else:
       fp8[key] = reference[key] = w
-  assert sum(k.endswith("_scale_inv") for k in fp8) > 20
+  return fp8, reference
 
-  quant_dir, ref_dir = str(tmp_path / "fp8"), str(tmp_path / "ref")
-  os.makedirs(quant_dir)
+
+def _write_fp8_checkpoint(directory, tensors, config, block):
+  """One tensor per shard, so scales sit in other files than their weights."""
+  os.makedirs(directory)
   weight_map = {}
-  for n, (key, t) in enumerate(sorted(fp8.items())):
+  for n, (key, t) in enumerate(sorted(tensors.items())):
     name = f"model-{n:05d}.safetensors"
-    safetensors.numpy.save_file({key: t}, os.path.join(quant_dir, name), metadata={"format": "pt"})
+    safetensors.numpy.save_file({key: t}, os.path.join(directory, name), metadata={"format": "pt"})
     weight_map[key] = name
-  with open(os.path.join(quant_dir, "model.safetensors.index.json"), "w") as f:
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {}, "weight_map": weight_map}, f)
-  with open(os.path.join(quant_dir, "config.json"), "w") as f:
+  with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump({**config, "quantization_config": {
         "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block]}}, f)
+  return weight_map
+
+
+def test_fp8_checkpoint_loads_as_its_dequantised_weights(tiny_ckpt, tmp_path):
+  cfg, variables, src = tiny_ckpt
+  block = 16                    # several blocks per tiny weight, with partial edges
+  with open(os.path.join(src, "config.json")) as f:
+    config = json.load(f)
+  fp8, reference = _quantize_like_v3(_read_all(src), block)
+  assert sum(k.endswith("_scale_inv") for k in fp8) > 20
+  quant_dir, ref_dir = str(tmp_path / "fp8"), str(tmp_path / "ref")
+  weight_map = _write_fp8_checkpoint(quant_dir, fp8, config, block)
   with safetensors.safe_open(os.path.join(quant_dir, weight_map[
       "model.layers.0.self_attn.q_a_proj.weight"]), "numpy") as f:
     assert f.get_slice("model.layers.0.self_attn.q_a_proj.weight").get_dtype() == "F8_E4M3"
@@ -244,6 +254,81 @@ def test_fp8_checkpoint_loads_as_its_dequantised_weights(tiny_ckpt, tmp_path):
   w = np.asarray(from_fp8["params"]["moe_layers"]["attn"]["wkv_b"]["kernel"])
   orig = np.asarray(variables["params"]["moe_layers"]["attn"]["wkv_b"]["kernel"])
   assert np.abs(w - orig).max() < 0.07 * np.abs(orig).max()
+  # keep_fp8 needs the 128 x 128 blocks the FP8 GEMMs tile by.
+  with pytest.raises(ValueError, match="keep_fp8=True needs 128 x 128 weight blocks.*"
+                     "weight_block_size is \\[16, 16\\]"):
+    load_hf_checkpoint(quant_dir, keep_fp8=True)
+  with pytest.warns(UserWarning, match="keep_fp8=True but the checkpoint has no block-FP8"):
+    cfg_ref, kept_ref = load_hf_checkpoint(ref_dir, keep_fp8=True)
+  _assert_trees_equal(kept_ref, from_ref)
+  assert not cfg_ref.fp8
+
+
+def test_keep_fp8_keeps_published_blocks_and_the_model_runs_on_them(tmp_path):
+  """dim 256, so weights span several 128-blocks along either axis and a
+  scale put the wrong way round would show. Oracles: the dequantised load
+  (weight-only path: equal logits), the FP8 model on the dequantised weights
+  (re-quantising reproduces the published blocks: equal logits and input
+  gradients), and 1 byte per kept weight."""
+  from deepseek_jax.model import Transformer
+  cfg = get_preset("tiny", dim=256, n_mtp_depth=1)
+  src = str(tmp_path / "src")
+  save_hf_checkpoint(cfg, _random_variables(cfg, seed=5), src)
+  with open(os.path.join(src, "config.json")) as f:
+    config = json.load(f)
+  fp8_tensors, reference = _quantize_like_v3(_read_all(src), 128)
+  quant_dir, ref_dir = str(tmp_path / "fp8"), str(tmp_path / "ref")
+  _write_fp8_checkpoint(quant_dir, fp8_tensors, config, 128)
+  _write_single_file(ref_dir, reference, config)
+  cfg_k, kept = load_hf_checkpoint(quant_dir, keep_fp8=True)
+  cfg_r, deq = load_hf_checkpoint(ref_dir)
+  assert cfg_k.fp8 and not cfg_r.fp8
+
+  flat_k, flat_r = hf_lib._flatten(kept), hf_lib._flatten(deq)
+  fp8_leaves = sorted(k for k, v in flat_k.items() if v.dtype == jnp.float8_e4m3fn)
+  assert set(flat_k) == set(flat_r) | {k + "_scale" for k in fp8_leaves}
+  assert "params/moe_layers/ffn/w1" in fp8_leaves                    # routed experts
+  assert "params/moe_layers/attn/wo/kernel" in fp8_leaves
+  assert "params/dense_layers/ffn/w2/kernel" in fp8_leaves
+  assert "params/mtp_0/block/ffn/shared_experts/w3/kernel" in fp8_leaves
+  for name in ("params/head/kernel", "params/moe_layers/ffn/gate", "params/embed/embedding"):
+    assert flat_k[name].dtype == jnp.float32
+  # wo [L, heads, v, dim] = [2, 4, 16, 256]: K = heads*v = 64, N = 256.
+  assert flat_k["params/moe_layers/attn/wo/kernel_scale"].shape == (2, 1, 2)
+  # experts w1 [L, E, dim, moe_inter] = [2, 8, 256, 32]: K = 256, N = 32.
+  assert flat_k["params/moe_layers/ffn/w1_scale"].shape == (2, 8, 2, 1)
+  for name in fp8_leaves:
+    assert flat_k[name].nbytes == flat_r[name].size
+
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+  targets = jnp.roll(tokens, -1, axis=1)
+
+  def run(c, v):
+    def loss(v):
+      logits, aux = Transformer(c).apply(v, tokens, targets=targets, return_aux=True)
+      return logits.sum() + aux["mtp_logits"].sum(), logits
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(v)
+    return np.asarray(logits), hf_lib._flatten(grads)
+
+  weight_only, _ = run(cfg_k.replace(fp8=False), kept)
+  reference_logits, _ = run(cfg_r, deq)
+  np.testing.assert_allclose(weight_only, reference_logits, rtol=1e-5, atol=1e-5)
+  fp8_kept, g_kept = run(cfg_k, kept)
+  fp8_deq, g_deq = run(cfg_r.replace(fp8=True), deq)
+  np.testing.assert_allclose(fp8_kept, fp8_deq, rtol=1e-5, atol=1e-5)
+  assert np.abs(fp8_kept - reference_logits).max() > 1e-4         # FP8 activations: not a no-op
+  _, g_float = run(cfg_r, deq)
+  for name in ("params/embed/embedding", "params/norm/scale", "params/moe_layers/ffn/gate",
+               "params/moe_layers/attn/kv_norm/scale"):
+    kept_g, deq_g, float_g = (np.asarray(g[name]) for g in (g_kept, g_deq, g_float))
+    # equal up to the last bits of the scales (amax / 448 vs amax * (1/448))
+    assert np.linalg.norm(kept_g - deq_g) < 1e-4 * np.linalg.norm(deq_g), name
+    assert np.linalg.norm(kept_g - float_g) > 1e-3 * np.linalg.norm(float_g), name
+  for name in fp8_leaves:               # frozen
+    assert not np.asarray(g_kept[name], np.float32).any(), name
+
+  with pytest.raises(NotImplementedError, match="keep_fp8=True.*one device"):
+    load_hf_checkpoint(quant_dir, keep_fp8=True, mesh=object(), rules="dp")
 
 
 # ---------------------------------------------------------------------------

@@ -126,6 +126,15 @@ def dequantize_blocks(b: Quantized) -> jax.Array:
   return b.q.astype(jnp.float32) * full
 
 
+def dequantize_weight(w: Quantized) -> jax.Array:
+  """float32 q * scale of a block-quantized weight stored unpadded: q
+  [..., K, N] float8, scale [..., ceil(K/128), ceil(N/128)] (edge blocks
+  partial), as load_hf_checkpoint(keep_fp8=True) keeps published weights."""
+  k, n = w.q.shape[-2:]
+  full = jnp.repeat(jnp.repeat(w.scale.astype(jnp.float32), TILE, axis=-2), TILE, axis=-1)
+  return w.q.astype(jnp.float32) * full[..., :k, :n]
+
+
 def quantize_tensor(x: jax.Array, *, fmt: str = "e4m3") -> Quantized:
   """One scale for the whole tensor (per-tensor scaling, what XLA's FP8
   rewrite and flax's fp8 ops do): the baseline the fine-grained recipe beats

@@ -20,7 +20,10 @@ and the fused in-memory layout `experts.gate_up_proj [E, 2I, D]`,
 
 FP8 checkpoints (published V3) store float8_e4m3fn weights with a
 `weight_scale_inv` [ceil(out/128), ceil(in/128)]: w = w_fp8 * scale_inv per
-128x128 block. They are dequantised to float32 while loading.
+128x128 block. They are dequantised to float32 while loading, or, with
+`keep_fp8=True`, kept as they are: the kernel leaf holds the float8 values in
+our layout and a sibling `<leaf>_scale` the block scales of the transposed
+[in, out] matrix (scale_inv.T), which the model's FP8 layers use directly.
 
 Loading streams: shapes are checked from the headers first (missing,
 unexpected and mis-shaped keys fail before anything is read or traced), then
@@ -500,8 +503,8 @@ def _np_dtype(name: str):
   return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None
-                       ) -> tuple[ModelConfig, dict]:
+def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
+                       keep_fp8: bool = False) -> tuple[ModelConfig, dict]:
   """Reads an HF DeepSeek-V3 checkpoint directory into (cfg, variables).
 
   Tensors are streamed one at a time into preallocated stacked arrays of
@@ -518,6 +521,19 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None
   tensor). An HF tensor split over several shards (a leaf sharded along a
   non-stacked dimension, e.g. the embedding over `vocab`) is read once per
   shard that needs it.
+
+  keep_fp8: keep a block-FP8 checkpoint's projection and expert weights as
+  FP8 (1 byte per weight instead of 4) for FP8 inference: each such kernel
+  leaf holds the float8 values (our layout) and a sibling `<name>_scale`
+  [..., ceil(in/128), ceil(out/128)] its float32 block scales (the
+  checkpoint's weight_scale_inv, transposed), and the returned cfg has
+  fp8=True, so those layers run FP8 GEMMs on the blocks as published (with
+  cfg.replace(fp8=False) they are dequantized on the fly instead). The FP8
+  weights are frozen: gradients flow through them to the inputs and to the
+  high-precision parameters (norms, router, embedding, head) but not into
+  them; load with keep_fp8=False for float master weights to train. Needs
+  128 x 128 blocks and no mesh; a checkpoint without FP8 weights loads as
+  usual (with a warning).
   """
   config_path = os.path.join(path, CONFIG_NAME)
   if not os.path.exists(config_path):
@@ -552,23 +568,46 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None
     raise NotImplementedError(f"quantization {quant.get('quant_method')!r}: only DeepSeek's "
                               "block FP8 checkpoints are supported.")
   _check_tensors(path, slots, infos, block, _mtp_duplicates(cfg))
+  abstract = _flatten(abstract_variables(cfg))
+  kept = _fp8_leaves(slots, infos, abstract) if keep_fp8 else {}
+  if keep_fp8:
+    if mesh is not None:
+      raise NotImplementedError("load_hf_checkpoint(keep_fp8=True) loads onto one device for "
+                                "now; drop mesh= or load with keep_fp8=False.")
+    if not kept:
+      warnings.warn(f"{path}: keep_fp8=True but the checkpoint has no block-FP8 projection "
+                    "weights; loaded as usual.")
+    elif block != (128, 128):
+      raise ValueError(f"{path}: keep_fp8=True needs 128 x 128 weight blocks (the FP8 GEMMs "
+                       f"tile by 128); quantization_config.weight_block_size is {list(block)}. "
+                       "Load with keep_fp8=False to dequantize.")
+    else:
+      cfg = cfg.replace(fp8=True)
   if mesh is not None:
     return cfg, _load_onto_mesh(cfg, files, infos, slots, block, param_dtype, mesh, rules)
 
   # Preallocate every leaf in its final (stacked) layout, then fill it.
-  abstract = _flatten(abstract_variables(cfg))
   arrays = {name: np.empty(a.shape, np.float32 if name.startswith("router_bias/")
                            else _np_dtype(param_dtype))
             for name, a in abstract.items()}
-  filled = dict.fromkeys(arrays, 0)
   by_key: dict[str, list[_Slot]] = {}
   for s in slots:
     by_key.setdefault(s.key, []).append(s)
+  for name, (fp8_dtype, scale_shape) in kept.items():
+    arrays[name] = np.empty(abstract[name].shape, fp8_dtype)
+    arrays[name + "_scale"] = np.empty(scale_shape, np.float32)
+  filled = dict.fromkeys(arrays, 0)
   for n, file in enumerate(files):
     keys = [k for k, info in infos.items() if info.file == file and k in by_key]
     with safetensors.safe_open(file, framework="numpy") as f:
       for key in keys:
-        w = _read_tensor(f, infos, key, block)
+        if by_key[key][0].leaf in kept:
+          w, scale_inv = _read_fp8(infos, key)
+          for s in by_key[key]:
+            arrays[s.leaf + "_scale"][s.index] = scale_inv.T
+            filled[s.leaf + "_scale"] += scale_inv.size
+        else:
+          w = _read_tensor(f, infos, key, block)
         for s in by_key[key]:
           target = arrays[s.leaf]
           target[s.index] = s.to_ours(w)
@@ -585,16 +624,39 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None
   return cfg, _unflatten(variables)
 
 
+def _fp8_leaves(slots: list[_Slot], infos: dict[str, _Info], shapes: Mapping[str, Any]
+                ) -> dict[str, tuple[Any, tuple[int, ...]]]:
+  """Leaves keep_fp8 keeps as FP8 blocks -> (float8 dtype, scale leaf shape):
+  projection kernels and routed-expert weights whose every HF tensor is a
+  block-FP8 Linear weight of one float8 format."""
+  by_leaf: dict[str, list[_Slot]] = {}
+  for s in slots:
+    by_leaf.setdefault(s.leaf, []).append(s)
+  kept = {}
+  for leaf, group in by_leaf.items():
+    dtypes = {infos[s.key].dtype for s in group if s.key in infos}
+    if (not re.search(r"/kernel$|/ffn/w[123]$", leaf) or len(dtypes) != 1
+        or not dtypes <= set(_FP8_DTYPES) or any(s.to_hf is None for s in group)):
+      continue
+    n_out, n_in = group[0].shape
+    stack = tuple(shapes[leaf].shape[:len(group[0].index)])
+    kept[leaf] = (_FP8_DTYPES[dtypes.pop()], stack + (-(-n_in // 128), -(-n_out // 128)))
+  return kept
+
+
+def _read_fp8(infos: dict[str, _Info], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(float8 values [out, in], float32 weight_scale_inv) of a block-FP8 weight."""
+  info, scale_info = infos[key], infos[key + "_scale_inv"]
+  with safetensors.safe_open(scale_info.file, framework="numpy") as g:
+    scale_inv = g.get_tensor(key + "_scale_inv").astype(np.float32)
+  return _read_raw(info.file, key, _FP8_DTYPES[info.dtype]), scale_inv
+
+
 def _read_tensor(f, infos: dict[str, _Info], key: str, block: tuple[int, int]) -> np.ndarray:
   """Tensor `key` from the open safetensors file `f` that holds it (FP8
   weights dequantised with their scales, which may sit in another file)."""
-  info = infos[key]
-  if info.dtype in _FP8_DTYPES:
-    scale_file = infos[key + "_scale_inv"].file
-    with safetensors.safe_open(scale_file, framework="numpy") as g:
-      scale = g.get_tensor(key + "_scale_inv")
-    return dequantize_fp8_blocks(_read_raw(info.file, key, _FP8_DTYPES[info.dtype]),
-                                 scale, block)
+  if infos[key].dtype in _FP8_DTYPES:
+    return dequantize_fp8_blocks(*_read_fp8(infos, key), block)
   return f.get_tensor(key)
 
 

@@ -47,6 +47,11 @@ class Einsum(nn.Module):
   query projection with kernel [dim, heads, head_dim]. `fp8_kind` ("attn",
   "mlp"; None = never) names the layer kind `ModelConfig.fp8_layers` selects:
   such a layer computes with `fp8_dot` when cfg.fp8 is on.
+
+  A kernel may also come as published FP8 blocks (load_hf_checkpoint with
+  keep_fp8=True): float8 `kernel` plus `kernel_scale` [ceil(K/128),
+  ceil(N/128)] for the [K = contracted dims, N = the rest] matrix. It is frozen
+  (no gradient); fp8 layers use its blocks directly, others dequantize it.
   """
   cfg: ModelConfig
   shape: Sequence[int]
@@ -58,30 +63,63 @@ class Einsum(nn.Module):
     kernel = self.param("kernel", normal_init(self.cfg), tuple(self.shape),
                         dtype_of(self.cfg.param_dtype))
     dt = dtype_of(self.cfg.dtype)
-    if self.fp8_kind and self.cfg.fp8_for(self.fp8_kind):
+    use_fp8 = bool(self.fp8_kind) and self.cfg.fp8_for(self.fp8_kind)
+    if self.has_variable("params", "kernel_scale"):
+      blocks = fp8.Quantized(*jax.lax.stop_gradient(
+          (kernel, self.get_variable("params", "kernel_scale"))))
+      if use_fp8:
+        return fp8_einsum(self.equation, x.astype(dt), blocks).astype(dt)
+      k = _contracted_size(self.equation, kernel.shape)
+      kernel = fp8.dequantize_weight(
+          fp8.Quantized(blocks.q.reshape(k, -1), blocks.scale)).reshape(kernel.shape)
+    elif use_fp8:
       return fp8_einsum(self.equation, x.astype(dt), kernel).astype(dt)
     return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
 
 
-def fp8_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A projection einsum as one `fp8_dot`: the contracted dims of x are moved
-  last and flattened (so 1x128 tiles run along them, e.g. wo's (heads, v)),
-  the kernel becomes [contracted, rest]; the result is put back in the
-  equation's output order. float32 out."""
+def _split_equation(equation: str, x_ndim: int):
+  """(x subscripts, kernel subscripts, output subscripts) with `...` spelled out."""
   ins, out = equation.replace(" ", "").split("->")
   xs, ks = ins.split(",")
   if "..." in xs:
     extra = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation)
-    n_ell = x.ndim - (len(xs) - 3)
+    n_ell = x_ndim - (len(xs) - 3)
     xs, out = (t.replace("...", extra[:n_ell]) for t in (xs, out))
+  return xs, ks, out
+
+
+def _contracted_size(equation: str, kernel_shape: Sequence[int]) -> int:
+  """K of a kernel whose contracted dims lead (every projection here)."""
+  ins, out = equation.replace(" ", "").split("->")
+  xs, ks = ins.split(",")
+  n = sum(1 for c in ks if c in xs and c not in out)
+  if any(c not in xs or c in out for c in ks[:n]):
+    raise ValueError(f"einsum {equation!r}: an FP8 block kernel needs its contracted "
+                     "dims first.")
+  return math.prod(kernel_shape[:n])
+
+
+def fp8_einsum(equation: str, x: jax.Array, kernel) -> jax.Array:
+  """A projection einsum as one `fp8_dot`: the contracted dims of x are moved
+  last and flattened (so 1x128 tiles run along them, e.g. wo's (heads, v)),
+  the kernel becomes [contracted, rest]; the result is put back in the
+  equation's output order. float32 out. `kernel` may be fp8.Quantized (FP8
+  blocks of the [contracted, rest] matrix; contracted dims must lead)."""
+  xs, ks, out = _split_equation(equation, x.ndim)
+  blocks = kernel if isinstance(kernel, fp8.Quantized) else None
+  kshape = (blocks.q if blocks is not None else kernel).shape
   contracted = [c for c in ks if c in xs and c not in out]
   free_k = [c for c in ks if c not in contracted]
   batch = [c for c in xs if c not in contracted]
-  size = dict(zip(xs, x.shape)) | dict(zip(ks, kernel.shape))
+  size = dict(zip(xs, x.shape)) | dict(zip(ks, kshape))
   xt = jnp.transpose(x, [xs.index(c) for c in batch + contracted])
   xt = xt.reshape(xt.shape[:len(batch)] + (-1,))
-  kt = jnp.transpose(kernel, [ks.index(c) for c in contracted + free_k])
-  kt = kt.reshape(math.prod(size[c] for c in contracted), -1)
+  k = math.prod(size[c] for c in contracted)
+  if blocks is not None:
+    k = _contracted_size(equation, kshape)
+    kt = fp8.Quantized(blocks.q.reshape(k, -1), blocks.scale)
+  else:
+    kt = jnp.transpose(kernel, [ks.index(c) for c in contracted + free_k]).reshape(k, -1)
   y = fp8.fp8_dot(xt, kt, backend="auto")
   y = y.reshape(y.shape[:-1] + tuple(size[c] for c in free_k))
   return jnp.transpose(y, [(batch + free_k).index(c) for c in out])

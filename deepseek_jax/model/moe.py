@@ -133,10 +133,19 @@ def _swiglu_grouped(xg, w1, w3, w2, fp8: bool):
   return dot(jax.nn.silu(dot(xg, w1)) * dot(xg, w3), w2)
 
 
+def _n_experts(w) -> int:
+  return (w.q if isinstance(w, fp8_lib.Quantized) else w).shape[0]
+
+
+def _take(w, index):
+  """w[index] of a weight or of FP8 blocks (values and scales alike)."""
+  return jax.tree.map(lambda a: a[index], w)
+
+
 def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: bool = False):
   n, d = x.shape
   k = experts.shape[1]
-  n_exp = w1.shape[0]
+  n_exp = _n_experts(w1)
   rows = n * k
   bs = block_size or default_block_size(rows, n_exp)
   n_blocks = -(-rows // bs) + n_exp          # static bound on sum_e ceil(c_e / bs)
@@ -155,8 +164,8 @@ def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: boo
       jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bs, side="right"), n_exp - 1)
   # With fp8 each block quantizes its rows in 1x128 tiles along d (fprop)
   # and along its <= 128 rows (wgrad): a block is at most one M tile.
-  y = _swiglu_grouped(xs.reshape(n_blocks, bs, d), w1[block_e], w3[block_e], w2[block_e],
-                      fp8).reshape(n_blocks * bs, d)
+  y = _swiglu_grouped(xs.reshape(n_blocks, bs, d), _take(w1, block_e), _take(w3, block_e),
+                      _take(w2, block_e), fp8).reshape(n_blocks * bs, d)
   y_rows = jnp.take(y, slot, axis=0, unique_indices=True).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
@@ -176,11 +185,11 @@ def experts_ragged(x, experts, gates, w1, w3, w2):
 
 
 def experts_dense(x, experts, gates, w1, w3, w2, fp8: bool = False):
-  n = x.shape[0]
-  dense_gates = jnp.zeros((n, w1.shape[0]), gates.dtype).at[
+  n, n_exp = x.shape[0], _n_experts(w1)
+  dense_gates = jnp.zeros((n, n_exp), gates.dtype).at[
       jnp.arange(n)[:, None], experts].set(gates)
   if fp8:
-    y = _swiglu_grouped(jnp.broadcast_to(x, (w1.shape[0],) + x.shape), w1, w3, w2, True)
+    y = _swiglu_grouped(jnp.broadcast_to(x, (n_exp,) + x.shape), w1, w3, w2, True)
     return jnp.einsum("end,ne->nd", y, dense_gates.astype(y.dtype))
   y = _swiglu(x, w1, w3, w2, "nd,edf->nef", "nef,efd->ned")
   return jnp.einsum("ned,ne->nd", y, dense_gates.astype(y.dtype))
@@ -234,9 +243,21 @@ class MoE(nn.Module):
     w2 = self.param("w2", normal_init(cfg), (n_exp, f, d), pdt)
 
     dt = dtype_of(cfg.dtype)
-    w1, w3, w2 = (w.astype(dt) for w in (w1, w3, w2))
     impl = resolve_moe_impl(cfg)
     fp8 = cfg.fp8_for("experts")
+    if self.has_variable("params", "w1_scale"):
+      # Published FP8 blocks (load_hf_checkpoint keep_fp8=True), frozen.
+      w1, w3, w2 = (fp8_lib.Quantized(*jax.lax.stop_gradient(
+          (w, self.get_variable("params", f"{n}_scale"))))
+          for n, w in (("w1", w1), ("w3", w3), ("w2", w2)))
+      if not fp8:
+        w1, w3, w2 = (fp8_lib.dequantize_weight(w) for w in (w1, w3, w2))
+      elif current_rules() is not None:
+        raise NotImplementedError(
+            "FP8 expert blocks (keep_fp8=True) run without a mesh for now; load with "
+            "keep_fp8=False (dequantized weights) to shard them.")
+    if not isinstance(w1, fp8_lib.Quantized):
+      w1, w3, w2 = (w.astype(dt) for w in (w1, w3, w2))
     if impl == "blocked":
       kernel = functools.partial(experts_blocked, block_size=cfg.moe_block_size, fp8=fp8)
     elif impl == "ragged":
