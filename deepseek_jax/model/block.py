@@ -16,15 +16,23 @@ class Block(nn.Module):
   """Pre-norm block: h = x + MLA(norm(x)); out = h + FFN(norm(h)).
 
   FFN is the dense SwiGLU MLP, or DeepSeekMoE when `moe` (then the aux dict
-  carries its balance loss and expert loads; zeros otherwise).
+  carries its balance loss and expert loads; zeros otherwise). mode: MLA's
+  ("train", "prefill", "decode"); outside training aux["cache"] holds the
+  new tokens' cache entries, and `cache` (decode) the layer's cache.
   """
   cfg: ModelConfig
   moe: bool
+  mode: str = "train"
 
   @nn.compact
-  def __call__(self, x, positions, mask, valid):
+  def __call__(self, x, positions, mask, valid, cache=None):
     cfg = self.cfg
-    h = x + MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions, mask)
+    attn = MLA(cfg, self.mode, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions,
+                                            mask, cache)
+    entries = None
+    if self.mode != "train":
+      attn, entries = attn
+    h = x + attn
     y = RMSNorm(cfg, name="ffn_norm")(h)
     if self.moe:
       out, aux = MoE(cfg, name="ffn")(y, valid)
@@ -32,4 +40,6 @@ class Block(nn.Module):
       out = MLP(cfg, cfg.inter_dim, name="ffn")(y)
       aux = {"balance_loss": jnp.zeros((), jnp.float32),
              "load": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32)}
+    if entries is not None:
+      aux = {**aux, "cache": entries}
     return constrain(h + out, ("batch", "seq", None)), aux

@@ -59,11 +59,14 @@ class Einsum(nn.Module):
   fp8_kind: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array | None, *, return_kernel: bool = False) -> jax.Array:
+    """x -> the projection; with return_kernel, the kernel itself in
+    cfg.dtype (FP8 blocks dequantized; x unused): MLA's absorbed decode folds
+    W_uk / W_uv out of it."""
     kernel = self.param("kernel", normal_init(self.cfg), tuple(self.shape),
                         dtype_of(self.cfg.param_dtype))
     dt = dtype_of(self.cfg.dtype)
-    use_fp8 = bool(self.fp8_kind) and self.cfg.fp8_for(self.fp8_kind)
+    use_fp8 = bool(self.fp8_kind) and self.cfg.fp8_for(self.fp8_kind) and not return_kernel
     if self.has_variable("params", "kernel_scale"):
       blocks = fp8.Quantized(*jax.lax.stop_gradient(
           (kernel, self.get_variable("params", "kernel_scale"))))
@@ -74,6 +77,8 @@ class Einsum(nn.Module):
           fp8.Quantized(blocks.q.reshape(k, -1), blocks.scale)).reshape(kernel.shape)
     elif use_fp8:
       return fp8_einsum(self.equation, x.astype(dt), kernel).astype(dt)
+    if return_kernel:
+      return kernel.astype(dt)
     return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
 
 

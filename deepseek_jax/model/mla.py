@@ -15,10 +15,26 @@ Weights follow the official names: `wq_a` (W_dq), `q_norm`, `wq_b` ([W_uq;
 W_qr] per head) or `wq` when q_lora_rank = 0; `wkv_a` ([W_dkv; W_kr]),
 `kv_norm`, `wkv_b` ([W_uk; W_uv] per head), `wo`.
 
-This is the "naive" path used for training: K and V are materialised per head.
-Packed documents are handled with `segment_ids`: a query attends to a key only
-if both sit in the same segment and the key is not in the future (an additive
-bias built once per forward pass by `attention_bias`).
+Two paths compute the same attention (DESIGN.md §3):
+
+  naive   (training, and prefilling an inference cache): K and V are
+          materialised per head from c_kv. Packed documents are handled with
+          `segment_ids`: a query attends to a key only if both sit in the
+          same segment and the key is not in the future (an additive bias
+          built once per forward pass by `attention_bias`).
+  absorb  (decoding from a cache, `mode="decode"`): the cache holds only
+          c_kv and k_R per token (kv_lora_rank + qk_rope_head_dim values per
+          layer: 576 for V3). W_uk is folded into the query and W_uv into the
+          output, so per-head keys and values never exist:
+            q_C . k_C = (W_uk^T q_C) . c_kv      scores over the latent
+            o = W_uv (sum_t p_t c_kv,t)          values in the latent
+          The new tokens' c_kv / k_R are written into the cache rows at their
+          positions (a row's cache column = its token position) first, and a
+          query at position p sees cache columns <= p (`decode_bias`).
+
+`mode="prefill"` runs the naive path and also returns the new tokens' c_kv
+and k_R for the cache; `mode="decode"` returns them too (the caller writes
+them into its cache, see deepseek_jax/infer/cache.py).
 """
 
 from __future__ import annotations
@@ -49,12 +65,37 @@ def attention_bias(segment_ids: jax.Array) -> jax.Array:
   return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
 
 
+def decode_bias(positions: jax.Array, cache_len: int) -> jax.Array:
+  """Additive mask [batch, 1, t, cache_len] for queries at `positions` [b, t]
+  over a cache whose column j holds the token at position j: 0 where
+  j <= the query's position, a large negative number elsewhere."""
+  cols = jnp.arange(cache_len, dtype=positions.dtype)
+  allowed = cols[None, None, :] <= positions[:, :, None]
+  return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None]
+
+
+def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """buf [b, T, ...] with new [b, t, ...] written at columns start[b] ... + t."""
+  def one(row, cols, i):
+    return jax.lax.dynamic_update_slice_in_dim(row, cols.astype(row.dtype), i, axis=0)
+  return jax.vmap(one)(buf, new, start)
+
+
 class MLA(nn.Module):
+  """mode: "train" (naive) | "prefill" (naive, returns the cache entries) |
+  "decode" (absorbed, over `cache`)."""
   cfg: ModelConfig
+  mode: str = "train"
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
-    """x: [batch, seq, dim]; positions: [batch, seq]; bias: [batch, 1, seq, seq]."""
+  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
+               cache: dict | None = None):
+    """x: [batch, seq, dim]; positions: [batch, seq]; bias: [batch, 1, seq,
+    keys] (keys = seq, or the cache length when decoding); cache (decode):
+    {"c_kv": [b, T, kv_lora_rank], "k_rope": [b, T, d_rope]}.
+
+    Returns the output [b, seq, dim]; in prefill/decode mode (output,
+    {"c_kv", "k_rope"} of the new tokens)."""
     cfg = self.cfg
     h, d_nope, d_rope, d_v = (cfg.n_heads, cfg.qk_nope_head_dim,
                               cfg.qk_rope_head_dim, cfg.v_head_dim)
@@ -75,8 +116,13 @@ class MLA(nn.Module):
     c_kv, k_rope = kv_a[..., :cfg.kv_lora_rank], kv_a[..., cfg.kv_lora_rank:]
     c_kv = RMSNorm(cfg, name="kv_norm")(c_kv)                    # [b, s, r_kv]
     k_rope = apply_rope(k_rope, positions, cfg)                  # [b, s, d_rope]
-    kv = Einsum(cfg, (cfg.kv_lora_rank, h, d_nope + d_v), "bsr,rhk->bhsk",
-                "attn", name="wkv_b")(c_kv)
+    wkv_b = Einsum(cfg, (cfg.kv_lora_rank, h, d_nope + d_v), "bsr,rhk->bhsk",
+                   "attn", name="wkv_b")
+    wo = Einsum(cfg, (h, d_v, cfg.dim), "bhsk,hkd->bsd", "attn", name="wo")
+    new_entries = {"c_kv": c_kv, "k_rope": k_rope}
+    if self.mode == "decode":
+      return wo(self._absorbed(q, wkv_b, bias, cache, new_entries, positions)), new_entries
+    kv = wkv_b(c_kv)
     k_nope, v = kv[..., :d_nope], kv[..., d_nope:]               # [b, h, s, *]
     # The single rotary key is shared by all heads: q_C.k_C + q_R.k_R in one dot.
     k = jnp.concatenate(
@@ -88,4 +134,23 @@ class MLA(nn.Module):
     p = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
     o = jnp.einsum("bhst,bhtk->bhsk", p.astype(cfg.dtype), v)
     o = o / p.sum(-1, keepdims=True).astype(o.dtype)             # [b, h, s, d_v]
-    return Einsum(cfg, (h, d_v, cfg.dim), "bhsk,hkd->bsd", "attn", name="wo")(o)
+    if self.mode == "prefill":
+      return wo(o), new_entries
+    return wo(o)
+
+  def _absorbed(self, q, wkv_b, bias, cache, new, positions):
+    """Attention over the latent cache; q [b, h, t, nope + rope] (scaled)."""
+    cfg = self.cfg
+    d_nope = cfg.qk_nope_head_dim
+    start = positions[:, 0]
+    c_kv = write_rows(cache["c_kv"], new["c_kv"], start)          # [b, T, r]
+    k_rope = write_rows(cache["k_rope"], new["k_rope"], start)    # [b, T, d_rope]
+    w = wkv_b(None, return_kernel=True)                           # [r, h, nope + v]
+    q_latent = jnp.einsum("bhtn,rhn->bhtr", q[..., :d_nope], w[..., :d_nope])
+    scores = (jnp.einsum("bhtr,bTr->bhtT", q_latent, c_kv.astype(q.dtype))
+              + jnp.einsum("bhtk,bTk->bhtT", q[..., d_nope:], k_rope.astype(q.dtype)))
+    scores = scores.astype(jnp.float32) + bias
+    p = jnp.exp(scores - scores.max(-1, keepdims=True))
+    o_latent = jnp.einsum("bhtT,bTr->bhtr", p.astype(q.dtype), c_kv.astype(q.dtype))
+    o_latent = o_latent / p.sum(-1, keepdims=True).astype(q.dtype)
+    return jnp.einsum("bhtr,rhv->bhtv", o_latent, w[..., d_nope:])   # [b, h, t, v]

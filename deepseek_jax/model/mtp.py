@@ -41,13 +41,14 @@ def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
 class MTPModule(nn.Module):
   cfg: ModelConfig
   moe: bool   # the block's FFN: MoE unless the model has no MoE layers
+  mode: str = "train"   # the block's attention mode (Block); decode drafts tokens
 
   @nn.compact
-  def __call__(self, h_prev, emb, positions, mask, valid):
+  def __call__(self, h_prev, emb, positions, mask, valid, cache=None):
     """h_prev, emb: [batch, seq, dim] -> (normalised h^k, block aux)."""
     cfg = self.cfg
     x = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb),
                          RMSNorm(cfg, name="hnorm")(h_prev)], axis=-1)
     x = Einsum(cfg, (2 * cfg.dim, cfg.dim), "bsd,de->bse", name="eh_proj")(x)
-    x, aux = Block(cfg, self.moe, name="block")(x, positions, mask, valid)
+    x, aux = Block(cfg, self.moe, self.mode, name="block")(x, positions, mask, valid, cache)
     return RMSNorm(cfg, name="norm")(x), aux

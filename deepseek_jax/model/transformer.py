@@ -32,7 +32,7 @@ import numpy as np
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.block import Block
 from deepseek_jax.model.layers import Embed, Einsum, RMSNorm
-from deepseek_jax.model.mla import attention_bias
+from deepseek_jax.model.mla import attention_bias, decode_bias
 from deepseek_jax.model.mtp import MTPModule, shift_left
 from deepseek_jax.parallel.rules import constrain
 
@@ -45,14 +45,18 @@ def _remat(block_cls, cfg: ModelConfig):
   return nn.remat(block_cls, policy=policy, prevent_cse=False)
 
 
-def _stack(cfg: ModelConfig, moe: bool, length: int, name: str):
+def _stack(cfg: ModelConfig, moe: bool, length: int, name: str, mode: str = "train"):
+  """`length` Blocks under nn.scan. Their inputs (positions, mask, valid) are
+  broadcast to every layer; when decoding, each layer also gets its slice of
+  the stacked cache (scanned along axis 0), and every mode but training
+  returns the new tokens' cache entries stacked in aux["cache"]."""
   scanned = nn.scan(
-      _remat(Block, cfg),
+      _remat(Block, cfg) if mode == "train" else Block,
       variable_axes={"params": 0, "router_bias": 0},
       split_rngs={"params": True},
-      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast,) * 3 + ((0,) if mode == "decode" else ()),
       length=length)
-  return scanned(cfg, moe, name=name)
+  return scanned(cfg, moe, mode, name=name)
 
 
 def check_inputs(cfg: ModelConfig, tokens, segment_ids=None, positions=None) -> None:
@@ -90,17 +94,35 @@ def check_inputs(cfg: ModelConfig, tokens, segment_ids=None, positions=None) -> 
           f"range [{p.min()}, {p.max()}].")
 
 
+MODES = ("train", "prefill", "decode", "mtp_prefill", "mtp_decode")
+
+
 class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens, *, segment_ids=None, positions=None, targets=None,
-               return_aux: bool = False):
+               return_aux: bool = False, mode: str = "train", cache=None,
+               mtp_hidden=None, logits_index=None):
     """tokens: int [batch, seq]. segment_ids: int [batch, seq], 0 = padding,
     attention stays within a segment (default: one document per row).
     positions: RoPE positions (default arange). targets: next tokens
-    [batch, seq], needed only for MTP (teacher-forced future tokens)."""
+    [batch, seq], needed only for MTP (teacher-forced future tokens).
+
+    Inference modes (deepseek_jax/infer drives them; a row's cache column is
+    its token position, prompts right-padded) return (logits, h, entries):
+    h the normalised final hidden state [b, seq, dim] (what MTP reads) and
+    entries the new tokens' cache entries {stack: {"c_kv", "k_rope"}}:
+      prefill      the naive forward over padded prompts (segment_ids);
+      decode       absorbed MLA over `cache` for tokens at `positions`;
+      mtp_prefill, mtp_decode   MTP module 1 alone on (mtp_hidden = h^0 at
+                   each position, tokens = the next token there), for drafting.
+    logits_index [b] (prefill modes): logits only at that position per row
+    ([b, 1, vocab]).
+    """
     cfg = self.cfg
+    if mode not in MODES:
+      raise ValueError(f"mode={mode!r} must be one of {MODES}.")
     check_inputs(cfg, tokens, segment_ids, positions)
     if targets is not None:
       check_inputs(cfg, targets)
@@ -109,13 +131,16 @@ class Transformer(nn.Module):
       segment_ids = jnp.ones((b, s), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    mask = attention_bias(segment_ids)                   # [b, 1, s, s]
     valid = segment_ids != 0
 
     embed = Embed(cfg, name="embed")
     head = Einsum(cfg.replace(dtype="float32"), (cfg.dim, cfg.vocab_size),
                   "bsd,dv->bsv", name="head")
     final_norm = RMSNorm(cfg, name="norm")
+    if mode != "train":
+      return self._infer(mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
+                         logits_index, embed, head, final_norm)
+    mask = attention_bias(segment_ids)                   # [b, 1, s, s]
 
     # Activations keep rows on the batch axes and the width whole (a no-op
     # without a mesh; parallel/rules.py).
@@ -150,6 +175,39 @@ class Transformer(nn.Module):
       if mtp_moe:
         aux["mtp_expert_load"] = jnp.stack(mtp_loads)
     return logits, aux
+
+  def _infer(self, mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
+             logits_index, embed, head, final_norm):
+    cfg = self.cfg
+    decode = mode.endswith("decode")
+    if decode:
+      cache_len = jax.tree.leaves(cache)[0].shape[-2]
+      mask = decode_bias(positions, cache_len)                # [b, 1, t, T]
+    else:
+      mask = attention_bias(segment_ids)                      # [b, 1, s, s]
+    block_mode = "decode" if decode else "prefill"
+    entries = {}
+    if mode.startswith("mtp"):
+      if not cfg.n_mtp_depth:
+        raise ValueError("MTP drafting needs a model with n_mtp_depth >= 1.")
+      h, aux = MTPModule(cfg, cfg.n_moe_layers > 0, block_mode, name="mtp_0")(
+          mtp_hidden, embed(tokens), positions, mask, valid,
+          cache["mtp_0"] if decode else None)
+      entries["mtp_0"] = aux["cache"]
+    else:
+      x = embed(tokens)
+      for name, moe, length in (("dense_layers", False, cfg.n_dense_layers),
+                                ("moe_layers", True, cfg.n_moe_layers)):
+        if length:
+          args = (cache[name],) if decode else ()
+          x, aux = _stack(cfg, moe, length, name, block_mode)(x, positions, mask, valid, *args)
+          entries[name] = aux["cache"]
+      h = final_norm(x)
+    if logits_index is not None:
+      h_out = jnp.take_along_axis(h, logits_index[:, None, None], axis=1)
+    else:
+      h_out = h
+    return head(h_out), h, entries
 
 
 def _init(cfg: ModelConfig, rng: jax.Array):

@@ -1,0 +1,275 @@
+"""Batched generation: prefill the prompts, then decode from the latent cache.
+
+    gen = generate(cfg, variables, [[1, 5, 9], [1, 7]], max_new_tokens=32)
+    gen.tokens    int32 [batch, max_new_tokens], -1 after a row stopped
+    gen.lengths   int32 [batch], tokens generated (a stop token counts)
+    gen.logprobs  float32 [batch, max_new_tokens], log p(token) under the
+                  temperature-1 model, 0 after the stop
+
+Prompts of different lengths are right-padded to a bucketed length (a power
+of two, so nearby lengths share a compilation) and each keeps positions
+0, 1, ...; its cache column is its position. Prefill runs the model's naive
+forward over the padded prompts (padding masked by segment ids) and keeps
+the latent cache entries; each decode step feeds every row's last token at
+its own position through the absorbed MLA path (`Transformer(mode="decode")`)
+and samples the next. Prefill and the `lax.while_loop` over steps are one
+jitted function per (batch, bucketed prompt length, max_new_tokens,
+stop_ids, speculative); the sampling settings are traced values. The loop
+ends when every row has stopped (a stop id, or max_new_tokens).
+
+`stream` runs the same prefill and step functions from Python, one jitted
+step at a time (cache donated), yielding each step's new tokens: what a
+terminal or a server shows while generating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.infer import cache as cache_lib
+from deepseek_jax.infer import speculative as spec_lib
+from deepseek_jax.infer.sampling import sample, sampling_logprobs, token_logprob
+from deepseek_jax.infer.state import emit
+from deepseek_jax.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  tokens: np.ndarray          # int32 [batch, max_new_tokens]; -1 after a row stopped
+  lengths: np.ndarray         # int32 [batch]; generated tokens, the stop token counted
+  logprobs: np.ndarray        # float32 [batch, max_new_tokens]; 0 after the stop
+  steps: int                  # decode steps run (after the prefill's first token)
+  drafted: int = 0            # speculative: draft tokens proposed by MTP
+  accepted: int = 0           # ...and accepted by the main model
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.accepted / self.drafted if self.drafted else float("nan")
+
+  def sequences(self) -> list[list[int]]:
+    """Each row's generated tokens as a list (the stop token included)."""
+    return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+class Sampling(NamedTuple):
+  temperature: Any
+  top_k: Any
+  top_p: Any
+  min_p: Any
+
+
+# ---------------------------------------------------------------------------
+# Input checks (host side, before anything compiles)
+# ---------------------------------------------------------------------------
+def check_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k, top_p,
+                  min_p, stop_ids, speculative) -> list[list[int]]:
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
+  if not temperature >= 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy).")
+  if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 = off).")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must lie in (0, 1] (1 = off).")
+  if not 0 <= min_p < 1:
+    raise ValueError(f"min_p={min_p} must lie in [0, 1) (0 = off).")
+  for s in stop_ids:
+    if not isinstance(s, (int, np.integer)) or not 0 <= s < cfg.vocab_size:
+      raise ValueError(f"stop id {s!r} is not a token id in [0, vocab_size={cfg.vocab_size}).")
+  if speculative and not cfg.n_mtp_depth:
+    raise ValueError("speculative=True drafts with the MTP modules; this model has "
+                     "n_mtp_depth=0.")
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+    raise ValueError("prompts must be a non-empty list of token-id lists.")
+  limit = cfg.max_seq_len - max_new_tokens
+  out = []
+  for i, p in enumerate(prompts):
+    p = np.asarray(p)
+    if p.ndim != 1 or not (p.size == 0 or np.issubdtype(p.dtype, np.integer)):
+      raise ValueError(f"prompt {i} must be a list of integer token ids; got {p.dtype} "
+                       f"of shape {p.shape}.")
+    if p.size == 0:
+      raise ValueError(f"prompt {i} is empty: every prompt needs at least one token "
+                       "(e.g. <bos>).")
+    if p.size > limit:
+      raise ValueError(f"prompt {i} has {p.size} tokens; with max_new_tokens="
+                       f"{max_new_tokens} at most max_seq_len - max_new_tokens = {limit} "
+                       "fit. Shorten it or lower max_new_tokens.")
+    if p.min() < 0 or p.max() >= cfg.vocab_size:
+      bad = int(p.min()) if p.min() < 0 else int(p.max())
+      raise ValueError(f"prompt {i} holds token id {bad}, outside [0, vocab_size="
+                       f"{cfg.vocab_size}); check the tokenizer matches the model.")
+    out.append(p.astype(np.int32).tolist())
+  return out
+
+
+def bucket_length(n: int, cfg: ModelConfig, max_new_tokens: int) -> int:
+  """Padded prompt length: the next power of two >= n (at least 8), capped at
+  max_seq_len - max_new_tokens (which every checked prompt fits)."""
+  return max(n, min(max(8, 1 << (n - 1).bit_length()), cfg.max_seq_len - max_new_tokens))
+
+
+def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+  buf = np.zeros((len(prompts), length), np.int32)
+  for i, p in enumerate(prompts):
+    buf[i, :len(p)] = p
+  return buf, np.array([len(p) for p in prompts], np.int32)
+
+
+# ---------------------------------------------------------------------------
+# The jitted pieces: state is a dict pytree
+# ---------------------------------------------------------------------------
+def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
+            rng: jax.Array, settings: Sampling, *, max_new: int, stop_ids: tuple[int, ...],
+            speculative: bool) -> dict:
+  """Runs the padded prompts [b, P], fills the cache, samples each row's
+  first token; returns the decode state."""
+  b, p = prompts.shape
+  model = Transformer(cfg)
+  seg = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
+  logits, h, entries = model.apply(variables, prompts, segment_ids=seg, mode="prefill",
+                                   logits_index=lengths - 1)
+  cache = cache_lib.init_cache(cfg, b, p + max_new + 1, mtp=speculative)
+  cache = cache_lib.write(cache, entries, jnp.zeros((b,), jnp.int32))
+  rng, key = jax.random.split(rng)
+  first = sample(key, sampling_logprobs(logits[:, 0], *settings))
+  state = {"cache": cache, "cur": first, "pos": lengths, "rng": rng,
+           "out": jnp.full((b, max_new), -1, jnp.int32),
+           "out_logp": jnp.zeros((b, max_new), jnp.float32),
+           "n_out": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
+           "steps": jnp.zeros((), jnp.int32),
+           "drafted": jnp.zeros((), jnp.int32), "accepted": jnp.zeros((), jnp.int32)}
+  state = emit(state, first[:, None], token_logprob(logits[:, 0], first)[:, None],
+               jnp.ones((b,), jnp.int32), stop_ids, max_new)
+  if speculative:
+    state = spec_lib.draft_after_prefill(cfg, variables, state, prompts, seg, lengths, h)
+  return state
+
+
+def step(cfg: ModelConfig, variables, state: dict, settings: Sampling, *, max_new: int,
+         stop_ids: tuple[int, ...]) -> dict:
+  """One decode step: every row's pending token through the absorbed path at
+  its position, written to the cache; the next token sampled and emitted."""
+  b = state["cur"].shape[0]
+  logits, _, entries = Transformer(cfg).apply(
+      variables, state["cur"][:, None], positions=state["pos"][:, None], mode="decode",
+      cache=state["cache"])
+  cache = cache_lib.write(state["cache"], entries, state["pos"])
+  rng, key = jax.random.split(state["rng"])
+  nxt = sample(key, sampling_logprobs(logits[:, 0], *settings))
+  was_done = state["done"]
+  state = emit({**state, "cache": cache, "rng": rng}, nxt[:, None],
+               token_logprob(logits[:, 0], nxt)[:, None], jnp.ones((b,), jnp.int32),
+               stop_ids, max_new)
+  return {**state, "cur": nxt, "pos": jnp.where(was_done, state["pos"], state["pos"] + 1),
+          "steps": state["steps"] + 1}
+
+
+def _loop_fn(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool):
+  step_fn = spec_lib.step if speculative else step
+
+  def run(variables, prompts, lengths, rng, settings):
+    state = prefill(cfg, variables, prompts, lengths, rng, settings, max_new=max_new,
+                    stop_ids=stop_ids, speculative=speculative)
+    state = jax.lax.while_loop(
+        lambda s: ~jnp.all(s["done"]) & (s["steps"] < max_new),
+        lambda s: step_fn(cfg, variables, s, settings, max_new=max_new, stop_ids=stop_ids),
+        state)
+    return {k: state[k] for k in ("out", "out_logp", "n_out", "steps", "drafted", "accepted")}
+  return run
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool,
+              mesh) -> Any:
+  run = _loop_fn(cfg, max_new, stop_ids, speculative)
+  if mesh is None:
+    return jax.jit(run)
+  return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
+
+
+def _settings(temperature, top_k, top_p, min_p) -> Sampling:
+  return Sampling(np.float32(temperature), np.int32(top_k), np.float32(top_p),
+                  np.float32(min_p))
+
+
+def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
+             rng: jax.Array | None = None, speculative: bool = False,
+             mesh=None) -> Generation:
+  """Generates up to max_new_tokens per prompt (module docstring).
+
+  temperature 0 = greedy; top_k / top_p / min_p filter the sampling
+  distribution (sampling.py); a row stops after any of `stop_ids`; rng
+  (default jax.random.key(0)) makes sampling reproducible. speculative: MTP
+  module 1 drafts one token per step and the main model verifies it in the
+  same forward (speculative.py); greedy output is unchanged, sampling keeps
+  the same distribution. mesh: the mesh `variables` live on (possibly several
+  processes): inputs are replicated over it and outputs come back replicated.
+  """
+  stop_ids = tuple(int(s) for s in stop_ids)
+  prompts = check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                          stop_ids, speculative)
+  length = bucket_length(max(len(p) for p in prompts), cfg, max_new_tokens)
+  buf, lens = pad_prompts(prompts, length)
+  rng = jax.random.key(0) if rng is None else rng
+  args = (buf, lens, rng, _settings(temperature, top_k, top_p, min_p))
+  if mesh is not None:
+    from deepseek_jax.parallel import distributed
+    args = (*distributed.replicate((buf, lens), mesh), rng, args[3])
+  out = jax.device_get(_compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative),
+                                 mesh)(variables, *args))
+  return Generation(np.asarray(out["out"]), np.asarray(out["n_out"]),
+                    np.asarray(out["out_logp"]), int(out["steps"]), int(out["drafted"]),
+                    int(out["accepted"]))
+
+
+def stream(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
+           max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
+           rng: jax.Array | None = None, speculative: bool = False
+           ) -> Iterator[list[list[int]]]:
+  """Like `generate`, one step at a time: yields each row's new tokens (a
+  list per row, empty once it stopped) after the prefill and after every
+  step; the generator's return value (StopIteration.value) is the Generation."""
+  stop_ids = tuple(int(s) for s in stop_ids)
+  prompts = check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                          stop_ids, speculative)
+  length = bucket_length(max(len(p) for p in prompts), cfg, max_new_tokens)
+  buf, lens = pad_prompts(prompts, length)
+  settings = _settings(temperature, top_k, top_p, min_p)
+  kw = dict(max_new=int(max_new_tokens), stop_ids=stop_ids)
+  first, step_fn = _stream_fns(cfg, kw["max_new"], stop_ids, bool(speculative))
+  state = first(variables, buf, lens, jax.random.key(0) if rng is None else rng, settings)
+  seen = np.zeros(len(prompts), np.int64)
+  while True:
+    n_out, out = jax.device_get((state["n_out"], state["out"]))
+    yield [out[i, seen[i]:n_out[i]].tolist() for i in range(len(prompts))]
+    seen = n_out.astype(np.int64)
+    done, steps = jax.device_get((state["done"], state["steps"]))
+    if done.all() or steps >= max_new_tokens:
+      break
+    state = step_fn(variables, state, settings)
+  out = jax.device_get(state)
+  return Generation(np.asarray(out["out"]), np.asarray(out["n_out"]),
+                    np.asarray(out["out_logp"]), int(out["steps"]), int(out["drafted"]),
+                    int(out["accepted"]))
+
+
+@functools.lru_cache(maxsize=32)
+def _stream_fns(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool):
+  kw = dict(max_new=max_new, stop_ids=stop_ids)
+  first = jax.jit(functools.partial(prefill, cfg, speculative=speculative, **kw))
+  step_fn = spec_lib.step if speculative else step
+  nxt = jax.jit(lambda v, s, st: step_fn(cfg, v, s, st, **kw), donate_argnums=1)
+  return first, nxt

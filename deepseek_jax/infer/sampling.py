@@ -1,0 +1,52 @@
+"""Turning logits into the next token: temperature, top-k, top-p, min-p.
+
+`sampling_logprobs` returns the log-probabilities of the distribution a token
+is drawn from, after the filters, applied in this order (as transformers'
+logits processors do): divide by the temperature, keep the `top_k` largest,
+keep the smallest set of most likely tokens whose probability reaches `top_p`
+(renormalised after top-k), drop tokens below `min_p` x the most likely
+token's probability. Temperature 0 is greedy: the distribution puts all its
+mass on the argmax. Every setting is a traced value (no recompilation per
+setting); top_k = 0, top_p = 1, min_p = 0 switch a filter off.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def sampling_logprobs(logits: jax.Array, temperature, top_k, top_p, min_p) -> jax.Array:
+  """logits [b, V] float32 -> log-probs [b, V] of the sampling distribution
+  (-inf for filtered tokens)."""
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  greedy = jnp.where(jax.nn.one_hot(jnp.argmax(logits, -1), vocab, dtype=bool), 0.0, NEG_INF)
+  t = jnp.where(temperature > 0, temperature, 1.0)
+  scaled = logits / t
+  order = jnp.argsort(-scaled, axis=-1, stable=True)                  # most likely first
+  vals = jnp.take_along_axis(scaled, order, -1)
+  rank = jnp.arange(vocab)
+  keep = (top_k <= 0) | (rank < top_k)                                # [b, V] in sorted order
+  probs = jax.nn.softmax(jnp.where(keep, vals, NEG_INF), -1)
+  mass_before = jnp.cumsum(probs, -1) - probs
+  keep &= (mass_before < top_p) | (rank == 0)
+  probs = jax.nn.softmax(jnp.where(keep, vals, NEG_INF), -1)
+  keep &= probs >= min_p * probs[..., :1]
+  filtered = jnp.where(keep, vals, NEG_INF)
+  rows = jnp.arange(logits.shape[0])[:, None]
+  out = jnp.full_like(scaled, NEG_INF).at[rows, order].set(filtered)
+  return jnp.where((temperature > 0), jax.nn.log_softmax(out, -1), greedy)
+
+
+def sample(rng: jax.Array, logprobs: jax.Array) -> jax.Array:
+  """One token per row from log-probs [b, V] (int32 [b])."""
+  return jax.random.categorical(rng, logprobs, axis=-1).astype(jnp.int32)
+
+
+def token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """log p(token) under the temperature-1 model: logits [..., V], tokens [...]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  return jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
