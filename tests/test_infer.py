@@ -271,3 +271,44 @@ def test_cache_holds_only_the_latent_and_the_rotary_key():
   c = jax.eval_shape(lambda: cache_lib.init_cache(small, 2, 16))
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(c))
   assert total == cache_lib.bytes_per_token(small) * 2 * 16
+
+
+def test_generate_cli_prints_the_generation_and_refuses_bad_input(tiny, tmp_path):
+  """launch.generate --from_hf on a tiny checkpoint with token-id prompts (no
+  tokenizer): the printed rows are `generate`'s; a malformed prompts file and
+  an over-long prompt exit non-zero with the reason, before compiling."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from deepseek_jax.interop import save_hf_checkpoint
+  cfg, variables = tiny
+  save_hf_checkpoint(cfg, variables, str(tmp_path / "hf"))
+  good = tmp_path / "prompts.jsonl"
+  good.write_text("".join(json.dumps({"tokens": p}) + "\n" for p in PROMPTS))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
+             JAX_COMPILATION_CACHE_DIR=os.environ["DSJ_TEST_JAX_CACHE"])
+
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "launch.generate", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+  out = run(f"--from_hf={tmp_path / 'hf'}", f"--prompts_file={good}", "--max_new_tokens=5",
+            "--speculative")
+  assert out.returncode == 0, out.stderr[-2000:]
+  want = generate(cfg, variables, PROMPTS, max_new_tokens=5)
+  lines = sorted(line for line in out.stdout.splitlines() if line.startswith("["))
+  assert lines == [f"[{i}] {p!r} -> {' '.join(map(str, want.tokens[i]))!r}"
+                   for i, p in enumerate(PROMPTS)]
+  assert "15 tokens (3 prompts)" in out.stderr and "MTP drafts accepted" in out.stderr
+
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"tokens": [1, 2]}\n{"text": "hi"}\n')
+  out = run(f"--from_hf={tmp_path / 'hf'}", f"--prompts_file={bad}")
+  assert out.returncode != 0 and "bad.jsonl:2: each line needs" in out.stderr
+  long = tmp_path / "long.jsonl"
+  long.write_text(json.dumps({"tokens": [1] * 100}) + "\n")
+  out = run(f"--from_hf={tmp_path / 'hf'}", f"--prompts_file={long}", "--max_new_tokens=64")
+  assert out.returncode != 0 and "prompt 0 has 100 tokens" in out.stderr

@@ -391,16 +391,14 @@ def test_greedy_decoder_matches_python_loop_and_stops_at_eos(configs):
 
   # Make row 0's second generated token the eos, to see it stop there.
   eos = python_greedy(prompts[0], eos=-1)[len(prompts[0]) + 1]
-  decode = evaluate.make_greedy_decoder(model_cfg, length, new, eos)
-  buf = np.zeros((2, length), np.int32)
-  for i, p in enumerate(prompts):
-    buf[i, :len(p)] = p
-  out, end = decode(variables, buf, np.array([len(p) for p in prompts], np.int32))
-  for i, p in enumerate(prompts):
-    want = python_greedy(p, eos)
-    assert int(end[i]) == len(want)
-    np.testing.assert_array_equal(np.asarray(out[i, :len(want)]), want)
-  assert int(end[0]) <= len(prompts[0]) + 2
+  got = evaluate.greedy_completions(model_cfg, variables, prompts + [[1, 2, 3]],
+                                    max_new_tokens=new, eos_id=eos, batch_size=2)
+  assert len(got) == 3                       # the last batch is padded, then cut
+  for i, p in enumerate(prompts + [[1, 2, 3]]):
+    want = python_greedy(p, eos)[len(p):]
+    assert got[i] == (want[:-1] if want[-1] == eos else want)
+  assert len(got[0]) == 1
+  assert evaluate.eval_max_new_tokens([[1] * 10], 64, 16) == 6
 
 
 def test_token_ids_beyond_model_vocab_are_refused_before_compiling(configs, tmp_path,

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer import cache as cache_lib
 from deepseek_jax.infer import speculative as spec_lib
-from deepseek_jax.infer.sampling import sample, sampling_logprobs, token_logprob
+from deepseek_jax.infer.sampling import next_token, token_logprob
 from deepseek_jax.infer.state import emit
 from deepseek_jax.model import Transformer
 
@@ -141,7 +141,7 @@ def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
   cache = cache_lib.init_cache(cfg, b, p + max_new + 1, mtp=speculative)
   cache = cache_lib.write(cache, entries, jnp.zeros((b,), jnp.int32))
   rng, key = jax.random.split(rng)
-  first = sample(key, sampling_logprobs(logits[:, 0], *settings))
+  first = next_token(key, logits[:, 0], *settings)
   state = {"cache": cache, "cur": first, "pos": lengths, "rng": rng,
            "out": jnp.full((b, max_new), -1, jnp.int32),
            "out_logp": jnp.zeros((b, max_new), jnp.float32),
@@ -165,7 +165,7 @@ def step(cfg: ModelConfig, variables, state: dict, settings: Sampling, *, max_ne
       cache=state["cache"])
   cache = cache_lib.write(state["cache"], entries, state["pos"])
   rng, key = jax.random.split(state["rng"])
-  nxt = sample(key, sampling_logprobs(logits[:, 0], *settings))
+  nxt = next_token(key, logits[:, 0], *settings)
   was_done = state["done"]
   state = emit({**state, "cache": cache, "rng": rng}, nxt[:, None],
                token_logprob(logits[:, 0], nxt)[:, None], jnp.ones((b,), jnp.int32),

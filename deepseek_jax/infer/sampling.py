@@ -18,14 +18,9 @@ import jax.numpy as jnp
 NEG_INF = -jnp.inf
 
 
-def sampling_logprobs(logits: jax.Array, temperature, top_k, top_p, min_p) -> jax.Array:
-  """logits [b, V] float32 -> log-probs [b, V] of the sampling distribution
-  (-inf for filtered tokens)."""
-  logits = logits.astype(jnp.float32)
-  vocab = logits.shape[-1]
-  greedy = jnp.where(jax.nn.one_hot(jnp.argmax(logits, -1), vocab, dtype=bool), 0.0, NEG_INF)
-  t = jnp.where(temperature > 0, temperature, 1.0)
-  scaled = logits / t
+def _filtered(scaled: jax.Array, top_k, top_p, min_p) -> jax.Array:
+  """log-probs of `scaled` logits after top-k, top-p, min-p (one sort)."""
+  vocab = scaled.shape[-1]
   order = jnp.argsort(-scaled, axis=-1, stable=True)                  # most likely first
   vals = jnp.take_along_axis(scaled, order, -1)
   rank = jnp.arange(vocab)
@@ -36,9 +31,38 @@ def sampling_logprobs(logits: jax.Array, temperature, top_k, top_p, min_p) -> ja
   probs = jax.nn.softmax(jnp.where(keep, vals, NEG_INF), -1)
   keep &= probs >= min_p * probs[..., :1]
   filtered = jnp.where(keep, vals, NEG_INF)
-  rows = jnp.arange(logits.shape[0])[:, None]
+  rows = jnp.arange(scaled.shape[0])[:, None]
   out = jnp.full_like(scaled, NEG_INF).at[rows, order].set(filtered)
-  return jnp.where((temperature > 0), jax.nn.log_softmax(out, -1), greedy)
+  return jax.nn.log_softmax(out, -1)
+
+
+def sampling_logprobs(logits: jax.Array, temperature, top_k, top_p, min_p) -> jax.Array:
+  """logits [b, V] float32 -> log-probs [b, V] of the sampling distribution
+  (-inf for filtered tokens). The sort runs only when a filter is on
+  (lax.cond), the temperature only when it is > 0."""
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+
+  def greedy(_):
+    return jnp.where(jax.nn.one_hot(jnp.argmax(logits, -1), vocab, dtype=bool), 0.0, NEG_INF)
+
+  def sampled(_):
+    scaled = logits / temperature
+    return jax.lax.cond((top_k > 0) | (top_p < 1) | (min_p > 0),
+                        lambda s: _filtered(s, top_k, top_p, min_p),
+                        lambda s: jax.nn.log_softmax(s, -1), scaled)
+
+  return jax.lax.cond(temperature > 0, sampled, greedy, None)
+
+
+def next_token(rng: jax.Array, logits: jax.Array, temperature, top_k, top_p, min_p
+               ) -> jax.Array:
+  """A token per row (int32 [b]) from the sampling distribution; greedy is a
+  plain argmax (no distribution, no random draw)."""
+  return jax.lax.cond(
+      temperature > 0,
+      lambda: sample(rng, sampling_logprobs(logits, temperature, top_k, top_p, min_p)),
+      lambda: jnp.argmax(logits, -1).astype(jnp.int32))
 
 
 def sample(rng: jax.Array, logprobs: jax.Array) -> jax.Array:

@@ -5,7 +5,7 @@
 """
 
 from deepseek_jax.train.checkpoint import Checkpoints, open_checkpoints
-from deepseek_jax.train.evaluate import exact_match, make_greedy_decoder
+from deepseek_jax.train.evaluate import exact_match, greedy_completions
 from deepseek_jax.train.losses import cross_entropy, mtp_targets, total_loss
 from deepseek_jax.train.loop import TrainConfig, build_data, train
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, weight_decay_mask
@@ -19,5 +19,5 @@ __all__ = [
     "lr_schedule", "make_optimizer", "weight_decay_mask",
     "cross_entropy", "mtp_targets", "total_loss",
     "Checkpoints", "open_checkpoints",
-    "exact_match", "make_greedy_decoder",
+    "exact_match", "greedy_completions",
 ]

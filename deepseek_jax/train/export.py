@@ -24,6 +24,14 @@ from deepseek_jax.train.step import abstract_train_state
 def load_trained_variables(workdir: str, step: int | None = None
                            ) -> tuple[ModelConfig, dict[str, Any], int]:
   """(model config, variables, step) of a checkpoint in `workdir/checkpoints`."""
+  model_cfg, _, variables, step = load_trained_run(workdir, step)
+  return model_cfg, variables, step
+
+
+def load_trained_run(workdir: str, step: int | None = None
+                     ) -> tuple[ModelConfig, TrainConfig, dict[str, Any], int]:
+  """(model config, train config, variables, step): `load_trained_variables`
+  plus the run's TrainConfig (its tokenizer and prompt template)."""
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
   if not os.path.isdir(directory):
     raise FileNotFoundError(
@@ -45,4 +53,5 @@ def load_trained_variables(workdir: str, step: int | None = None
         state=ocp.args.StandardRestore(abstract)))["state"]
   finally:
     manager.close()
-  return model_cfg, {"params": state.params, "router_bias": state.router_bias}, int(step)
+  return (model_cfg, train_cfg, {"params": state.params, "router_bias": state.router_bias},
+          int(step))

@@ -304,18 +304,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     # 5. Evaluation --------------------------------------------------------------
     run_eval = None
     if data.eval_problems:
-      prompts = evaluate.encode_prompts(data.tokenizer, data.eval_problems, train_cfg.template)
-      length = evaluate.decode_length(prompts, train_cfg.max_new_tokens, model_cfg.max_seq_len)
-      decoder = evaluate.make_greedy_decoder(
-          model_cfg, length, train_cfg.max_new_tokens, data.tokenizer.eos_id,
-          compiler_options=compiler_options(train_cfg), mesh=mesh)
       eval_batch = min(train_cfg.eval_batch_size, len(data.eval_problems))
 
       def run_eval(state):
         variables = {"params": state.params, "router_bias": state.router_bias}
-        return evaluate.exact_match(variables, data.tokenizer, data.eval_problems, decoder,
-                                    length=length, batch_size=eval_batch,
-                                    template=train_cfg.template)
+        return evaluate.exact_match(variables, data.tokenizer, data.eval_problems, model_cfg,
+                                    max_new_tokens=train_cfg.max_new_tokens,
+                                    batch_size=eval_batch, template=train_cfg.template,
+                                    mesh=mesh)
 
     # 6. The loop ----------------------------------------------------------------
     writer = metrics.MetricsWriter(workdir, start) if primary else None
