@@ -312,3 +312,38 @@ def test_generate_cli_prints_the_generation_and_refuses_bad_input(tiny, tmp_path
   long.write_text(json.dumps({"tokens": [1] * 100}) + "\n")
   out = run(f"--from_hf={tmp_path / 'hf'}", f"--prompts_file={long}", "--max_new_tokens=64")
   assert out.returncode != 0 and "prompt 0 has 100 tokens" in out.stderr
+
+
+def test_chunked_token_logprobs_equal_the_full_logits_and_never_build_them(tiny):
+  """Against log_softmax of the full [b, s, vocab] logits, values and
+  gradients; the traced computation has no [b, s, vocab] array."""
+  from deepseek_jax.infer import token_logprobs
+  cfg, variables = tiny
+  rng = np.random.default_rng(5)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 20)), jnp.int32)
+  targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 20)), jnp.int32)
+
+  def full(v):
+    logits = Transformer(cfg).apply(v, tokens)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+
+  def chunked(v):
+    return token_logprobs(cfg, v, tokens, targets, chunk=8)     # 3 chunks, the last padded
+
+  np.testing.assert_allclose(chunked(variables), full(variables), rtol=1e-5, atol=1e-5)
+  g_full = jax.grad(lambda v: full(v).sum())(variables)
+  g_chunk = jax.grad(lambda v: chunked(v).sum())(variables)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_full), jax.tree.leaves(g_chunk)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  shapes = set()
+
+  def collect(jaxpr):                 # every equation, inside scans / remat / pjit too
+    for eqn in jaxpr.eqns:
+      shapes.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+      for p in eqn.params.values():
+        for sub in p if isinstance(p, (list, tuple)) else [p]:
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            collect(inner)
+  collect(jax.make_jaxpr(jax.grad(lambda v: chunked(v).sum()))(variables).jaxpr)
+  assert (2, 20, cfg.vocab_size) not in shapes and (2, 8, cfg.vocab_size) in shapes

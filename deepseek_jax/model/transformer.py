@@ -103,7 +103,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, *, segment_ids=None, positions=None, targets=None,
                return_aux: bool = False, mode: str = "train", cache=None,
-               mtp_hidden=None, logits_index=None):
+               mtp_hidden=None, logits_index=None, return_hidden: bool = False):
     """tokens: int [batch, seq]. segment_ids: int [batch, seq], 0 = padding,
     attention stays within a segment (default: one document per row).
     positions: RoPE positions (default arange). targets: next tokens
@@ -118,7 +118,9 @@ class Transformer(nn.Module):
       mtp_prefill, mtp_decode   MTP module 1 alone on (mtp_hidden = h^0 at
                    each position, tokens = the next token there), for drafting.
     logits_index [b] (prefill modes): logits only at that position per row
-    ([b, 1, vocab]).
+    ([b, 1, vocab]). return_hidden (training mode): the normalised final
+    hidden state [b, s, dim] in place of the logits (the head applied
+    chunk by chunk elsewhere: infer.scoring).
     """
     cfg = self.cfg
     if mode not in MODES:
@@ -156,6 +158,8 @@ class Transformer(nn.Module):
       balance = moe_aux["balance_loss"].sum()
       load = moe_aux["load"]
     h = final_norm(x)
+    if return_hidden:
+      return (h, {"balance_loss": balance, "expert_load": load}) if return_aux else h
     logits = constrain(head(h), ("batch", "seq", "vocab"))
     if not return_aux:
       return logits

@@ -1,0 +1,55 @@
+"""Per-token log-probabilities of given continuations, chunked over the sequence.
+
+    logp = token_logprobs(cfg, variables, tokens, targets)   # float32 [b, s]
+    logp[b, i] = log p(targets[b, i] | tokens[b, :i+1])
+
+What GRPO's policy, reference and old-policy scoring needs. The model runs
+once to its normalised final hidden state; the output head and the
+log-softmax then run over `chunk` positions at a time (lax.map, each chunk
+rematerialised in the backward pass), so the [b, s, vocab] float32 logits
+never exist at once: peak [b, chunk, vocab]. Differentiable in `variables`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax import fp8
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import Transformer
+
+
+def _head_kernel(variables) -> jax.Array:
+  head = variables["params"]["head"]
+  if "kernel_scale" in head:                      # published FP8 blocks (keep_fp8)
+    return fp8.dequantize_weight(fp8.Quantized(head["kernel"], head["kernel_scale"]))
+  return head["kernel"].astype(jnp.float32)
+
+
+def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.Array, *,
+                   segment_ids=None, positions=None, chunk: int = 128) -> jax.Array:
+  """log p(targets) at every position, float32 [b, s] (see module docstring)."""
+  if chunk < 1:
+    raise ValueError(f"chunk={chunk} must be >= 1.")
+  if tuple(targets.shape) != tuple(tokens.shape):
+    raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
+  h = Transformer(cfg).apply(variables, tokens, segment_ids=segment_ids, positions=positions,
+                             return_hidden=True)
+  b, s, d = h.shape
+  c = min(chunk, s)
+  n = -(-s // c)
+  pad = n * c - s
+  h = jnp.pad(h.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
+  t = jnp.pad(targets, ((0, 0), (0, pad)))
+  w = _head_kernel(variables)
+
+  @jax.checkpoint
+  def one(args):
+    hc, tc = args                                   # [b, c, d], [b, c]
+    logits = jnp.einsum("bcd,dv->bcv", hc, w)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.take_along_axis(logits, tc[..., None], -1)[..., 0] - logz
+
+  out = jax.lax.map(one, (h.reshape(b, n, c, d).swapaxes(0, 1), t.reshape(b, n, c).swapaxes(0, 1)))
+  return out.swapaxes(0, 1).reshape(b, n * c)[:, :s]
