@@ -234,3 +234,36 @@ def test_fp8_notebook_trains_both_runs_and_reports_their_gap(fp8_run):
   assert math.isclose(train["relative_gap"], (low[-1:].mean() - ref[-1:].mean())
                       / ref[-1:].mean(), rel_tol=1e-6)
   assert abs(train["relative_gap"]) < 0.05 and train["slowdown"] > 0
+
+
+# ---------------------------------------------------------------------------
+# experiments/inference.ipynb
+INFER_NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "inference.ipynb")
+
+
+def test_inference_notebook_reports_cache_sizes_and_mtp_acceptance(tmp_path):
+  """Memory figures against the formula written out here; per temperature:
+  greedy speculative tokens equal plain greedy (the saved arrays), counts
+  consistent (accepted <= drafted, acceptance = accepted / drafted)."""
+  params = dict(context_lengths=[1024, 131072], train_steps=40, temperatures=[0.0, 1.0],
+                n_prompts=4, max_new_tokens=8, workdir_root=str(tmp_path),
+                jax_cache_dir=CACHE)
+  nb = run_notebook(INFER_NOTEBOOK, params, out=str(tmp_path / "executed.ipynb"), timeout=600)
+  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
+             if line.startswith("RESULT ")]
+  memory = [r for r in results if r["part"] == "memory"][0]
+  per_layer = 512 + 64                                  # kv_lora_rank + qk_rope_head_dim
+  assert memory["mla_bytes_per_token"] == per_layer * 61 * 2
+  assert memory["full_bytes_per_token"] == 128 * (128 + 64 + 128) * 61 * 2
+  assert memory["alloc_bytes_4096"] == per_layer * 61 * 2 * 4096
+  assert math.isclose(memory["gib_at"]["131072"], per_layer * 61 * 2 * 131072 / 2**30)
+  spec = [r for r in results if r["part"] == "spec"]
+  assert [r["temperature"] for r in spec] == [0.0, 1.0]
+  for r in spec:
+    assert 0 <= r["accepted"] <= r["drafted"]
+    assert math.isclose(r["acceptance"], r["accepted"] / r["drafted"])
+    assert r["tokens_plain"] == r["tokens_spec"] == 4 * 8
+    assert r["steps_spec"] <= r["steps_plain"] == 7
+  greedy = spec[0]
+  assert greedy["identical"]
+  np.testing.assert_array_equal(np.load(greedy["plain_path"]), np.load(greedy["spec_path"]))

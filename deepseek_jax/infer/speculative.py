@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer import cache as cache_lib
-from deepseek_jax.infer.sampling import sample, sampling_logprobs, token_logprob
+from deepseek_jax.infer.sampling import next_token, sample, sampling_logprobs, token_logprob
 from deepseek_jax.infer.state import emit
 from deepseek_jax.model import Transformer
 
@@ -65,11 +65,18 @@ def step(cfg: ModelConfig, variables, state: dict, settings, *, max_new: int,
                                    positions=positions, mode="decode", cache=state["cache"])
   cache = cache_lib.write(state["cache"], entries, pos)
   rng, k_accept, k1, k2 = jax.random.split(state["rng"], 4)
-  lp1 = sampling_logprobs(logits[:, 0], *settings)
-  lp2 = sampling_logprobs(logits[:, 1], *settings)
-  accept = jax.random.uniform(k_accept, (b,)) < jnp.exp(lp1[rows, draft])
-  t1 = jnp.where(accept, draft, sample(k1, lp1.at[rows, draft].set(-jnp.inf)))
-  t2 = sample(k2, lp2)
+  greedy1 = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+
+  def sampled_verdict():
+    lp1 = sampling_logprobs(logits[:, 0], *settings)
+    accept = jax.random.uniform(k_accept, (b,)) < jnp.exp(lp1[rows, draft])
+    return accept, sample(k1, lp1.at[rows, draft].set(-jnp.inf))
+
+  # Greedy needs no distribution: accept iff the draft is the argmax.
+  accept, redrawn = jax.lax.cond(settings.temperature > 0, sampled_verdict,
+                                 lambda: (draft == greedy1, greedy1))
+  t1 = jnp.where(accept, draft, redrawn)
+  t2 = next_token(k2, logits[:, 1], *settings)
   was_done = state["done"]
   state = emit({**state, "cache": cache, "rng": rng}, jnp.stack([t1, t2], 1),
                jnp.stack([token_logprob(logits[:, 0], t1), token_logprob(logits[:, 1], t2)], 1),
