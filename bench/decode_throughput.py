@@ -33,6 +33,8 @@ import sys
 import time
 
 import numpy as np
+from interleave import run_json
+from matmul_peak import median_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,14 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _timed(fn, warmup: int, repeats: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return median_seconds(fn, repeats, warmup)
 
 
 def run_jax(args, cfg, prompts) -> dict:
@@ -142,7 +137,6 @@ def main(argv=None) -> dict:
 
 
 def compare(args) -> dict:
-  from interleave import run_json
   base = [sys.executable, os.path.abspath(__file__), "--model-json", args.model_json,
           "--batch", str(args.batch), "--prompt", str(args.prompt), "--new", str(args.new),
           "--warmup", str(args.warmup), "--repeats", str(args.repeats),

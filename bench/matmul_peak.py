@@ -16,8 +16,9 @@ import numpy as np
 SHAPES = ((2048, 256, 768), (2048, 256, 4096), (2048, 768, 256))
 
 
-def _median_seconds(fn, repeats: int = 15) -> float:
-  for _ in range(3):
+def median_seconds(fn, repeats: int = 15, warmup: int = 3) -> float:
+  """Median wall time of fn() over `repeats` calls after `warmup` untimed ones."""
+  for _ in range(warmup):
     fn()
   times = []
   for _ in range(repeats):
@@ -34,7 +35,7 @@ def main() -> None:
     a = jnp.ones((m, k), jnp.float32)
     b = jnp.ones((k, n), jnp.float32)
     mm = jax.jit(lambda x, y: x @ y)
-    s = _median_seconds(lambda: mm(a, b).block_until_ready())
+    s = median_seconds(lambda: mm(a, b).block_until_ready())
     print(json.dumps({"bench": "matmul_peak", "framework": "jax", "shape": [m, k, n],
                       "gflops": round(2 * m * k * n / s / 1e9, 1),
                       "jax_version": jax.__version__}), flush=True)
@@ -45,7 +46,7 @@ def main() -> None:
   torch.set_num_threads(2)
   for m, k, n in SHAPES:
     a, b = torch.ones(m, k), torch.ones(k, n)
-    s = _median_seconds(lambda: a @ b)
+    s = median_seconds(lambda: a @ b)
     print(json.dumps({"bench": "matmul_peak", "framework": "torch", "shape": [m, k, n],
                       "gflops": round(2 * m * k * n / s / 1e9, 1), "threads": 2,
                       "torch_version": torch.__version__}), flush=True)

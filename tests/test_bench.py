@@ -126,3 +126,30 @@ def test_compare_jax_lines_interleaves_two_interpreters_and_reports_their_ratio(
     assert res[side]["flax_version"] == flax.__version__
     assert res[side]["python_version"] == ".".join(map(str, sys.version_info[:3]))
     assert res[side]["params"] == _tiny_param_counts(1)[0]
+
+
+def _decode(model_json: str, framework: str) -> dict:
+  cmd = [sys.executable, os.path.join(ROOT, "bench", "decode_throughput.py"), "--model-json",
+         model_json, "--batch", "2", "--prompt", "8", "--new", "6", "--repeats", "1",
+         "--framework", framework]
+  lines = [l for l in _run_script(cmd).stdout.splitlines() if l.strip()]
+  assert len(lines) == 1, lines
+  res = json.loads(lines[0])
+  assert res["bench"] == "decode_throughput" and res["framework"] == framework
+  assert (res["batch"], res["prompt"], res["new"]) == (2, 8, 6)
+  assert 0 < res["prefill_s"] < res["total_s"]
+  assert res["decode_tokens_per_s"] == pytest.approx(2 * 5 / (res["total_s"] - res["prefill_s"]))
+  return res
+
+
+def test_decode_throughput_prints_one_json_line(tiny_json):
+  res = _decode(tiny_json, "jax")
+  # the latent cache: (kv_lora_rank + qk_rope_head_dim) x n_layers x 4 bytes (float32)
+  assert res["cache_bytes_per_token"] == (32 + 8) * 3 * 4
+  assert res["decode_steps"] == 5
+
+
+@pytest.mark.torch
+def test_hf_decode_throughput_prints_one_json_line(tiny_json):
+  res = _decode(tiny_json, "torch-hf")
+  assert res["threads"] == 2 and "transformers" in res
