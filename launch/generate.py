@@ -8,6 +8,8 @@
   python -m launch.generate --from_hf=DIR --prompt="The capital of France is"
   # prompts from a JSONL file: {"prompt": "..."} or {"tokens": [1, 2, 3]} per line
   python -m launch.generate --workdir=/tmp/demo --prompts_file=prompts.jsonl --speculative
+  # YaRN: a model trained on 128 tokens, decoding 512 (RoPE scaled by config, no weights change)
+  python -m launch.generate --workdir=/tmp/demo --prompt="12+34" --max_seq_len=512 --rope_factor=4
 
 One prompt streams its text as it is generated; a batch prints each row's
 completion as soon as that row stops. The last line gives generated tokens
@@ -46,6 +48,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "Draft with MTP module 1, verify "
                                  "with the main model (needs n_mtp_depth >= 1).")
 _NO_STOP = flags.DEFINE_bool("no_stop", False, "Do not stop at the tokenizer's <eos>.")
+_MAX_SEQ_LEN = flags.DEFINE_integer(
+    "max_seq_len", None, "Extend the context at inference: with --rope_factor, YaRN-scales "
+    "RoPE beyond the model's original_seq_len (V2/V3 sec. on long context).")
+_ROPE_FACTOR = flags.DEFINE_float("rope_factor", None, "YaRN scaling factor (see --max_seq_len).")
 
 
 def _fail(msg: str):
@@ -92,6 +98,13 @@ def _load():
     path = _TOKENIZER.value or os.path.join(_FROM_HF.value, "tokenizer.json")
     tok = load_tokenizer(path) if os.path.exists(path) or _TOKENIZER.value else None
     template = "none"
+  changes = {k: f.value for k, f in (("max_seq_len", _MAX_SEQ_LEN), ("rope_factor", _ROPE_FACTOR))
+             if f.value is not None}
+  if changes:
+    cfg = cfg.replace(**changes)
+    print(f"context: max_seq_len={cfg.max_seq_len}, original_seq_len={cfg.original_seq_len}, "
+          f"rope_factor={cfg.rope_factor} (YaRN {'on' if cfg.use_yarn else 'off'})",
+          file=sys.stderr)
   return cfg, variables, tok, _TEMPLATE.value or template
 
 

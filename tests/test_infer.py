@@ -296,9 +296,11 @@ def test_generate_cli_prints_the_generation_and_refuses_bad_input(tiny, tmp_path
                           capture_output=True, text=True, timeout=300)
 
   out = run(f"--from_hf={tmp_path / 'hf'}", f"--prompts_file={good}", "--max_new_tokens=5",
-            "--speculative")
+            "--speculative", "--max_seq_len=256", "--rope_factor=2")
   assert out.returncode == 0, out.stderr[-2000:]
-  want = generate(cfg, variables, PROMPTS, max_new_tokens=5)
+  assert "max_seq_len=256, original_seq_len=128, rope_factor=2.0 (YaRN on)" in out.stderr
+  want = generate(cfg.replace(max_seq_len=256, rope_factor=2.0), variables, PROMPTS,
+                  max_new_tokens=5)
   lines = sorted(line for line in out.stdout.splitlines() if line.startswith("["))
   assert lines == [f"[{i}] {p!r} -> {' '.join(map(str, want.tokens[i]))!r}"
                    for i, p in enumerate(PROMPTS)]
