@@ -224,6 +224,7 @@ def test_speculative_greedy_equals_plain_greedy_and_drafts_get_accepted(trained_
     assert 20 not in row[:n - 1].tolist() and (row[n:] == -1).all()
 
 
+@pytest.mark.slow    # CI runs it in leg 1's slow step (.ci/run)
 def test_speculative_sampling_keeps_the_target_distribution(trained_mtp):
   """The second generated token's histogram over 1024 rows, speculative vs
   plain, sampling from each step's top 2 at temperature 2: drafts are

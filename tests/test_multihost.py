@@ -158,6 +158,7 @@ def test_two_processes_train_like_one_process_on_eight_devices(tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL, rtol=0)
 
 
+@pytest.mark.slow    # CI runs it in leg 1's slow step (.ci/run)
 def test_a_process_whose_peer_dies_exits_with_a_clear_message_in_bounded_time(tmp_path):
   workdir = str(tmp_path / "kill" / "run")
   os.makedirs(os.path.dirname(workdir))

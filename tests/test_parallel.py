@@ -279,6 +279,7 @@ def test_capacity_knob_is_validated():
 
 
 # --- the trainer on a mesh -------------------------------------------------------
+@pytest.mark.slow    # CI runs it in leg 1's slow step (.ci/run)
 def test_trainer_on_a_mesh_resumes_on_one_device_like_an_unsharded_run(tmp_path):
   from deepseek_jax.train import loop
   train_cfg = TrainConfig(steps=3, batch_size=8, seq_len=64, warmup_steps=0, lr=3e-3,
