@@ -40,6 +40,7 @@ from deepseek_jax.infer import speculative as spec_lib
 from deepseek_jax.infer.sampling import next_token, token_logprob
 from deepseek_jax.infer.state import emit
 from deepseek_jax.model import Transformer
+from deepseek_jax.parallel import distributed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,9 +198,26 @@ def _compiled(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], specula
   return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
 
 
-def _settings(temperature, top_k, top_p, min_p) -> Sampling:
-  return Sampling(np.float32(temperature), np.int32(top_k), np.float32(top_p),
-                  np.float32(min_p))
+def _prepare(cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids,
+             rng, speculative):
+  """Checks a request (before compiling) -> (stop_ids, padded prompts [b, P],
+  lengths [b], rng, Sampling)."""
+  stop_ids = tuple(int(s) for s in stop_ids)
+  prompts = check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                          stop_ids, speculative)
+  buf, lens = pad_prompts(prompts, bucket_length(max(len(p) for p in prompts), cfg,
+                                                 max_new_tokens))
+  settings = Sampling(np.float32(temperature), np.int32(top_k), np.float32(top_p),
+                      np.float32(min_p))
+  return stop_ids, buf, lens, jax.random.key(0) if rng is None else rng, settings
+
+
+def _generation(out: dict) -> Generation:
+  out = jax.device_get({k: out[k] for k in ("out", "n_out", "out_logp", "steps", "drafted",
+                                            "accepted")})
+  return Generation(np.asarray(out["out"]), np.asarray(out["n_out"]),
+                    np.asarray(out["out_logp"]), int(out["steps"]), int(out["drafted"]),
+                    int(out["accepted"]))
 
 
 def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
@@ -217,21 +235,13 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   the same distribution. mesh: the mesh `variables` live on (possibly several
   processes): inputs are replicated over it and outputs come back replicated.
   """
-  stop_ids = tuple(int(s) for s in stop_ids)
-  prompts = check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                          stop_ids, speculative)
-  length = bucket_length(max(len(p) for p in prompts), cfg, max_new_tokens)
-  buf, lens = pad_prompts(prompts, length)
-  rng = jax.random.key(0) if rng is None else rng
-  args = (buf, lens, rng, _settings(temperature, top_k, top_p, min_p))
+  stop_ids, buf, lens, rng, settings = _prepare(
+      cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
+      speculative)
   if mesh is not None:
-    from deepseek_jax.parallel import distributed
-    args = (*distributed.replicate((buf, lens), mesh), rng, args[3])
-  out = jax.device_get(_compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative),
-                                 mesh)(variables, *args))
-  return Generation(np.asarray(out["out"]), np.asarray(out["n_out"]),
-                    np.asarray(out["out_logp"]), int(out["steps"]), int(out["drafted"]),
-                    int(out["accepted"]))
+    buf, lens = distributed.replicate((buf, lens), mesh)
+  run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh)
+  return _generation(run(variables, buf, lens, rng, settings))
 
 
 def stream(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
@@ -242,28 +252,21 @@ def stream(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   """Like `generate`, one step at a time: yields each row's new tokens (a
   list per row, empty once it stopped) after the prefill and after every
   step; the generator's return value (StopIteration.value) is the Generation."""
-  stop_ids = tuple(int(s) for s in stop_ids)
-  prompts = check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                          stop_ids, speculative)
-  length = bucket_length(max(len(p) for p in prompts), cfg, max_new_tokens)
-  buf, lens = pad_prompts(prompts, length)
-  settings = _settings(temperature, top_k, top_p, min_p)
-  kw = dict(max_new=int(max_new_tokens), stop_ids=stop_ids)
-  first, step_fn = _stream_fns(cfg, kw["max_new"], stop_ids, bool(speculative))
-  state = first(variables, buf, lens, jax.random.key(0) if rng is None else rng, settings)
-  seen = np.zeros(len(prompts), np.int64)
+  stop_ids, buf, lens, rng, settings = _prepare(
+      cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
+      speculative)
+  first, step_fn = _stream_fns(cfg, int(max_new_tokens), stop_ids, bool(speculative))
+  state = first(variables, buf, lens, rng, settings)
+  seen = np.zeros(len(buf), np.int64)
   while True:
-    n_out, out = jax.device_get((state["n_out"], state["out"]))
-    yield [out[i, seen[i]:n_out[i]].tolist() for i in range(len(prompts))]
+    n_out, out, done, steps = jax.device_get(
+        (state["n_out"], state["out"], state["done"], state["steps"]))
+    yield [out[i, seen[i]:n_out[i]].tolist() for i in range(len(buf))]
     seen = n_out.astype(np.int64)
-    done, steps = jax.device_get((state["done"], state["steps"]))
     if done.all() or steps >= max_new_tokens:
       break
     state = step_fn(variables, state, settings)
-  out = jax.device_get(state)
-  return Generation(np.asarray(out["out"]), np.asarray(out["n_out"]),
-                    np.asarray(out["out_logp"]), int(out["steps"]), int(out["drafted"]),
-                    int(out["accepted"]))
+  return _generation(state)
 
 
 @functools.lru_cache(maxsize=32)

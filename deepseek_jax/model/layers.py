@@ -120,8 +120,8 @@ def fp8_einsum(equation: str, x: jax.Array, kernel) -> jax.Array:
   xt = jnp.transpose(x, [xs.index(c) for c in batch + contracted])
   xt = xt.reshape(xt.shape[:len(batch)] + (-1,))
   k = math.prod(size[c] for c in contracted)
-  if blocks is not None:
-    k = _contracted_size(equation, kshape)
+  if blocks is not None:           # the blocks tile [K, N] as stored: no transpose allowed
+    _contracted_size(equation, kshape)
     kt = fp8.Quantized(blocks.q.reshape(k, -1), blocks.scale)
   else:
     kt = jnp.transpose(kernel, [ks.index(c) for c in contracted + free_k]).reshape(k, -1)

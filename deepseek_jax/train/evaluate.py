@@ -56,12 +56,6 @@ def encode_prompts(tok: Tokenizer, problems: Sequence[tasks.Problem], template: 
   return [pipeline.encode_prompt(tok, p, template) for p in problems]
 
 
-def decode_length(prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  max_seq_len: int) -> int:
-  """Buffer length: longest prompt + max_new_tokens, at most max_seq_len."""
-  return min(max(len(p) for p in prompts) + max_new_tokens, max_seq_len)
-
-
 def exact_match(variables: Any, tok: Tokenizer, problems: Sequence[tasks.Problem],
                 cfg: ModelConfig, *, max_new_tokens: int, batch_size: int,
                 template: str = "short", mesh=None) -> dict[str, Any]:
