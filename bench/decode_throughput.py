@@ -8,7 +8,9 @@ of each shape:
   prefill_s              a call generating 1 token (prefill + first sample)
   total_s                a call generating --new tokens
   decode_tokens_per_s    batch x (new - 1) / (total_s - prefill_s): the
-                         tokens of the decode phase per second
+                         tokens of the decode phase per second (null, with
+                         a note on stderr, when total_s <= prefill_s: at
+                         tiny sizes the decode phase is inside timing noise)
 
 medians over --repeats calls. Prints ONE JSON line (framework "jax" or
 "torch-hf"), with cache_bytes_per_token on the JAX side (the latent cache:
@@ -128,10 +130,17 @@ def main(argv=None) -> dict:
                                                       (args.batch, args.prompt))
   side = run_jax(args, cfg, prompts) if args.framework == "jax" else run_hf(args, cfg, prompts)
   decode_s = side["total_s"] - side["prefill_s"]
+  if decode_s > 0:
+    rate = args.batch * (args.new - 1) / decode_s
+  else:  # the decode steps took less than the timing noise of the two medians
+    rate = None
+    print(f"decode_throughput: total_s={side['total_s']:.4g} <= prefill_s="
+          f"{side['prefill_s']:.4g}: decode time is below timing noise; raise --new or "
+          "--repeats for a rate", file=sys.stderr)
   result = {"bench": "decode_throughput", "framework": args.framework,
             "model_json": args.model_json, "batch": args.batch, "prompt": args.prompt,
             "new": args.new, "speculative": args.speculative,
-            "decode_tokens_per_s": args.batch * (args.new - 1) / decode_s, **side}
+            "decode_tokens_per_s": rate, **side}
   print(json.dumps(result), flush=True)
   return result
 
@@ -146,6 +155,8 @@ def compare(args) -> dict:
     for fw in runs:
       res = run_json(base + ["--framework", fw])
       runs[fw].append(res)
+      if res["decode_tokens_per_s"] is None:
+        sys.exit(f"round {r + 1} {fw}: decode time below timing noise; raise --new")
       print(f"round {r + 1} {fw}: {res['decode_tokens_per_s']:.1f} decode tok/s",
             file=sys.stderr, flush=True)
   med = {fw: statistics.median(r["decode_tokens_per_s"] for r in rs) for fw, rs in runs.items()}

@@ -137,8 +137,13 @@ def _decode(model_json: str, framework: str) -> dict:
   res = json.loads(lines[0])
   assert res["bench"] == "decode_throughput" and res["framework"] == framework
   assert (res["batch"], res["prompt"], res["new"]) == (2, 8, 6)
-  assert 0 < res["prefill_s"] < res["total_s"]
-  assert res["decode_tokens_per_s"] == pytest.approx(2 * 5 / (res["total_s"] - res["prefill_s"]))
+  assert res["prefill_s"] > 0 and res["total_s"] > 0
+  decode_s = res["total_s"] - res["prefill_s"]
+  # at this tiny size five decode steps can fall inside the noise of two separate medians
+  if decode_s > 0:
+    assert res["decode_tokens_per_s"] == pytest.approx(2 * 5 / decode_s)
+  else:
+    assert res["decode_tokens_per_s"] is None
   return res
 
 
