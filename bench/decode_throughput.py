@@ -14,7 +14,12 @@ of each shape:
 
 medians over --repeats calls. Prints ONE JSON line (framework "jax" or
 "torch-hf"), with cache_bytes_per_token on the JAX side (the latent cache:
-(kv_lora_rank + qk_rope_head_dim) x n_layers x bytes per element).
+(kv_lora_rank + qk_rope_head_dim) x n_layers x bytes per element), and
+weight_bytes_per_step (the weights a decode step reads: all but the
+embedding table, every routed expert, MTP only with --speculative) with
+gemm_floor_s, the time of one [batch, K] x [K, 1024] float32 matmul over as
+many bytes: at small batch a decode step cannot beat it, and
+decode_step_s / gemm_floor_s says how far above that floor a step runs.
 
   python bench/decode_throughput.py --model-json bench/shapes/issue2.json \
       --batch 4 --prompt 32 --new 64
@@ -67,6 +72,7 @@ def _timed(fn, warmup: int, repeats: int) -> float:
 
 def run_jax(args, cfg, prompts) -> dict:
   import jax
+  import jax.numpy as jnp
   from deepseek_jax.infer import bytes_per_token, generate
   from deepseek_jax.model import init_variables
   variables = init_variables(cfg, jax.random.key(args.seed))
@@ -84,8 +90,21 @@ def run_jax(args, cfg, prompts) -> dict:
   prefill = _timed(lambda: generate(cfg, variables, rows, max_new_tokens=1), args.warmup,
                    args.repeats)
   total = _timed(full, args.warmup, args.repeats)
+  # The floor of a decode step: it reads every weight it uses once (all
+  # routed experts: decode's few tokens run the MoE densely; the embedding
+  # table only a row per token; MTP only when drafting). One [batch, K] x
+  # [K, 1024] float32 matmul over the same bytes is what XLA:CPU needs for that.
+  used = {k: v for k, v in variables["params"].items()
+          if k != "embed" and (args.speculative or not k.startswith("mtp_"))}
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(used))
+  k_rows = max(1, weight_bytes // (4 * 1024))
+  w = jax.random.normal(jax.random.key(1), (k_rows, 1024), jnp.float32)
+  x = jax.random.normal(jax.random.key(2), (args.batch, k_rows), jnp.float32)
+  gemm = jax.jit(lambda x, w: x @ w)
+  floor = _timed(lambda: gemm(x, w).block_until_ready(), args.warmup + 1, args.repeats)
   out = {"prefill_s": prefill, "total_s": total, "compile_s": compile_s,
          "cache_bytes_per_token": bytes_per_token(cfg), "decode_steps": stats["steps"],
+         "weight_bytes_per_step": int(weight_bytes), "gemm_floor_s": floor,
          "jax": jax.__version__}
   if args.speculative:
     out["acceptance_rate"] = stats["acceptance"]
@@ -130,6 +149,8 @@ def main(argv=None) -> dict:
                                                       (args.batch, args.prompt))
   side = run_jax(args, cfg, prompts) if args.framework == "jax" else run_hf(args, cfg, prompts)
   decode_s = side["total_s"] - side["prefill_s"]
+  if args.framework == "jax":
+    side["decode_step_s"] = decode_s / side["decode_steps"] if decode_s > 0 else None
   if decode_s > 0:
     rate = args.batch * (args.new - 1) / decode_s
   else:  # the decode steps took less than the timing noise of the two medians

@@ -152,6 +152,11 @@ def test_decode_throughput_prints_one_json_line(tiny_json):
   # the latent cache: (kv_lora_rank + qk_rope_head_dim) x n_layers x 4 bytes (float32)
   assert res["cache_bytes_per_token"] == (32 + 8) * 3 * 4
   assert res["decode_steps"] == 5
+  # every weight but the embedding table (and MTP: not drafting), counted from the shapes
+  from deepseek_jax import get_preset
+  c = get_preset("tiny", max_seq_len=32, original_seq_len=32)
+  assert res["weight_bytes_per_step"] == 4 * (_tiny_param_counts(0)[0] - c.vocab_size * c.dim)
+  assert res["gemm_floor_s"] > 0
 
 
 @pytest.mark.torch
