@@ -10,6 +10,7 @@ import tokenizers
 from deepseek_jax.data import (
     BatchIterator,
     Document,
+    ARITHMETIC_KINDS,
     KINDS,
     Problem,
     R1_TEMPLATE,
@@ -49,12 +50,13 @@ _COLUMN = re.compile(r"(\d+)([+\-*])(\d+)([+\-])(\d+)=(-?\d+) -> (\d+)")
 
 @pytest.mark.parametrize("max_digits", [1, 2, 3, 4])
 def test_answers_equal_python_eval_of_the_prompt(max_digits):
-    for p in generate_problems(300, seed=max_digits, max_digits=max_digits, kinds=KINDS):
+    for p in generate_problems(300, seed=max_digits, max_digits=max_digits,
+                               kinds=ARITHMETIC_KINDS):
         assert p.answer == str(eval(p.prompt)), p
 
 
 def test_every_worked_column_is_true_arithmetic_and_ends_at_the_answer():
-    for p in generate_problems(400, seed=1, max_digits=4, kinds=KINDS):
+    for p in generate_problems(400, seed=1, max_digits=4, kinds=ARITHMETIC_KINDS):
         lines = p.reasoning.split("\n")
         step_results = []
         for line in lines:
@@ -113,7 +115,7 @@ def test_test_split_is_about_ten_percent_of_the_prompt_space():
 
 
 def test_max_digits_bounds_every_operand():
-    for p in generate_problems(300, seed=0, max_digits=2, kinds=KINDS):
+    for p in generate_problems(300, seed=0, max_digits=2, kinds=ARITHMETIC_KINDS):
         assert all(len(n) <= 2 for n in re.findall(r"\d+", p.prompt)), p
 
 
@@ -432,3 +434,49 @@ def test_task_dataset_packs_train_problems_and_holds_out_test_problems(tok):
     # the prompt's "User:" never does.
     supervised = tok.decode(rows["targets"][rows["loss_mask"] > 0])
     assert supervised.count("<answer>") == 300 and "User:" not in supervised
+
+
+_NEEDLE = re.compile(r"The pass key is (\d{5})\. Remember it\. (\d{5}) is the pass key\.")
+
+
+def test_passkey_prompts_hide_one_key_at_every_depth_within_the_length():
+    test = generate_problems(60, seed=0, split="test", kinds=("passkey",), context_chars=400)
+    train = generate_problems(60, seed=0, split="train", kinds=("passkey",), context_chars=400)
+    depths = []
+    for p in test + train:
+        found = _NEEDLE.findall(p.prompt)
+        assert found == [(p.answer, p.answer)], p.prompt      # one needle, the answer twice
+        assert p.prompt.endswith(" What is the pass key?") and p.reasoning == ""
+        assert len(p.prompt) <= 400 and p.answer.isdigit() and len(p.answer) == 5
+        assert format_ok(format_completion(p)) and is_correct(format_completion(p), p)
+        # the rest is whole filler sentences
+        rest = _NEEDLE.sub("", p.prompt)[: -len(" What is the pass key?")]
+        assert {t.strip() + "." for t in rest.split(".") if t.strip()} <= {
+            "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+            "There and back again."}
+        depths.append(p.prompt.index("The pass key") / len(p.prompt))
+    # test prompts fill the length up to one filler sentence; training ones vary
+    assert all(len(p.prompt) > 400 - 23 for p in test)
+    assert min(len(p.prompt) for p in train) < 200
+    assert min(depths) < 0.1 and max(depths) > 0.75
+    with pytest.raises(ValueError, match="context_chars=50 must be >= 100"):
+        generate_problems(2, seed=0, kinds=("add", "passkey"), context_chars=50)
+
+
+def test_passkey_documents_fill_but_never_overflow_a_row(tok):
+    ds = make_task_dataset(tok, n_train=20, n_test=5, seq_len=256, seed=0,
+                           kinds=("passkey",), completion_only=True)
+    validate_batch(ds.train_rows, tok.vocab_size, 256)
+    longest = max(len(encode_problem(tok, p).ids) for p in ds.test_problems)
+    assert 256 + 1 - 22 < longest <= 256 + 1             # within one filler sentence
+    with pytest.raises(ValueError, match=r"passkey_chars=300 does not fit a row of "
+                                         r"seq_len=256.*at most 2\d\d"):
+        make_task_dataset(tok, n_train=4, n_test=2, seq_len=256, seed=0,
+                          kinds=("add", "passkey"), context_chars=300)
+
+
+def test_kind_of_recovers_the_kind_each_problem_was_drawn_as():
+    from deepseek_jax.data import kind_of
+    for kind in KINDS:
+        problems = generate_problems(30, seed=1, kinds=(kind,), max_digits=2, context_chars=150)
+        assert {kind_of(p) for p in problems} == {kind}

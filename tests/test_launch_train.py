@@ -85,3 +85,23 @@ def test_config_errors_exit_before_compiling(tmp_path, flags, message):
   assert message in result.stderr, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not os.path.exists(workdir)       # failed before the trainer started
+
+
+def test_long_context_stages_extend_the_demo_model_with_yarn():
+  from deepseek_jax.data import default_tokenizer, passkey_room
+  from launch.configs import build_configs
+  from launch.configs import default as demo
+  from launch.configs import long_context
+  base, _ = build_configs(demo.get_config())
+  for stage, prev in (("1", "/tmp/demo"), ("2", "/tmp/demo_long1")):
+    model_cfg, train_cfg = build_configs(long_context.get_config(stage))
+    assert train_cfg.init_from == prev and "passkey" in train_cfg.task_kinds
+    # the demo's model, YaRN-extended 4x past the length its RoPE was trained for
+    assert model_cfg.use_yarn and model_cfg.max_seq_len == 4 * base.original_seq_len
+    assert model_cfg.rope_factor * model_cfg.original_seq_len == model_cfg.max_seq_len
+    diff = {k for k, v in model_cfg.to_dict().items() if base.to_dict()[k] != v}
+    assert diff == {"max_seq_len", "rope_factor"}
+    assert passkey_room(default_tokenizer(), train_cfg.seq_len) > train_cfg.seq_len - 64
+  assert build_configs(long_context.get_config("2"))[1].seq_len == 1024
+  with pytest.raises(ValueError, match="the stages are"):
+    long_context.get_config("3")

@@ -328,6 +328,34 @@ def test_resume_equals_straight_run(configs, tmp_path):
     loop.train(model_cfg.replace(n_layers=4), train_cfg, str(tmp_path / "resumed"), log=quiet)
 
 
+def test_init_from_starts_a_stage_from_another_runs_weights(configs, tmp_path):
+  model_cfg, train_cfg = configs
+  src = str(tmp_path / "src")
+  loop.train(model_cfg, train_cfg, src, stop_after=2, log=lambda s: None)
+  a, _ = _params(src, model_cfg, train_cfg)
+  # A long-context stage: YaRN-extended model, longer rows, passkey data.
+  ext = model_cfg.replace(max_seq_len=256, rope_factor=2.0)
+  tcfg = dataclasses.replace(train_cfg, init_from=src, seq_len=256,
+                             task_kinds="add,passkey")   # a command line's string
+  assert tcfg.task_kinds == ("add", "passkey")
+  lines = []
+  loop.train(ext, tcfg, str(tmp_path / "ext"), stop_after=0, log=lines.append)
+  assert any(l.startswith(f"initialised from {src} (step 2)") for l in lines), lines
+  b, data_b = _params(str(tmp_path / "ext"), ext, tcfg)
+  assert int(b.step) == 0 and data_b["step"] == 0
+  for x, y in zip(jax.tree.leaves((a.params, a.router_bias)),
+                  jax.tree.leaves((b.params, b.router_bias))):
+    np.testing.assert_array_equal(x, y)
+  assert all(not np.any(m) for m in jax.tree.leaves(b.opt_state) if m.ndim > 0)  # fresh
+  assert any(np.any(m) for m in jax.tree.leaves(a.opt_state) if m.ndim > 0)
+  # Refused before anything compiles: another model, a path without a run.
+  with pytest.raises(ValueError, match=r"differs in route_scale: 2.5 -> 1.0"):
+    loop.train(ext.replace(route_scale=1.0), tcfg, str(tmp_path / "bad"), log=lambda s: None)
+  with pytest.raises(FileNotFoundError, match="holds no checkpoints/"):
+    loop.train(ext, dataclasses.replace(tcfg, init_from=str(tmp_path / "none")),
+               str(tmp_path / "bad2"), log=lambda s: None)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(configs, tmp_path, monkeypatch):
   model_cfg, train_cfg = configs
   real = loop.make_train_step

@@ -12,11 +12,13 @@ from deepseek_jax.data.pipeline import (
     load_jsonl,
     load_text,
     make_task_dataset,
+    passkey_room,
     pack_documents,
     text_document,
     validate_batch,
 )
 from deepseek_jax.data.tasks import (
+    ARITHMETIC_KINDS,
     DEFAULT_KINDS,
     KINDS,
     R1_TEMPLATE,
@@ -28,6 +30,8 @@ from deepseek_jax.data.tasks import (
     format_prompt,
     generate_problems,
     is_correct,
+    kind_of,
+    passkey_problem,
     solve,
     split_of,
 )

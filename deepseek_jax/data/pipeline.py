@@ -327,15 +327,34 @@ class TaskDataset:
     n_train_documents: int
 
 
+def passkey_room(tok: Tokenizer, seq_len: int, template: str = "short") -> int:
+    """Longest passkey prompt (characters) whose document fits one row of
+    seq_len (+1) tokens: a character per token at most, so exact for the
+    shipped tokenizer and safe for subword ones."""
+    dummy = tasks.Problem(prompt="", reasoning="", answer="99999")
+    return seq_len + 1 - len(encode_problem(tok, dummy, template).ids)
+
+
 def make_task_dataset(tok: Tokenizer, *, n_train: int, n_test: int, seq_len: int,
                       seed: int, max_digits: int = 3, template: str = "short",
                       completion_only: bool = False,
-                      kinds: Sequence[str] = tasks.DEFAULT_KINDS) -> TaskDataset:
-    """Generates, encodes and packs the arithmetic corpus; keeps the test split unpacked."""
-    train = tasks.generate_problems(n_train, seed=seed, split="train",
-                                    max_digits=max_digits, kinds=kinds)
-    test = tasks.generate_problems(n_test, seed=seed, split="test",
-                                   max_digits=max_digits, kinds=kinds)
+                      kinds: Sequence[str] = tasks.DEFAULT_KINDS,
+                      context_chars: int = 0) -> TaskDataset:
+    """Generates, encodes and packs the task corpus; keeps the test split unpacked.
+
+    context_chars: passkey prompt length (kinds with "passkey"); 0 = the
+    longest that fits a row (`passkey_room`)."""
+    if "passkey" in kinds:
+        room = passkey_room(tok, seq_len, template)
+        if context_chars > room:
+            raise ValueError(f"passkey_chars={context_chars} does not fit a row of seq_len="
+                             f"{seq_len} with the {template!r} template (at most {room}); "
+                             "lower passkey_chars or raise seq_len.")
+        context_chars = context_chars or room
+    train = tasks.generate_problems(n_train, seed=seed, split="train", max_digits=max_digits,
+                                    kinds=kinds, context_chars=context_chars or 256)
+    test = tasks.generate_problems(n_test, seed=seed, split="test", max_digits=max_digits,
+                                   kinds=kinds, context_chars=context_chars or 256)
     docs = [encode_problem(tok, p, template) for p in train]
     rows = pack_documents(docs, seq_len, pad_id=tok.pad_id, completion_only=completion_only)
     return TaskDataset(train_rows=rows, test_problems=test, n_train_documents=len(docs))

@@ -27,6 +27,14 @@ one digit 1-9), "chain" ("a+b-c", two steps left to right, each step worked as
 above under a header "a+b:"; intermediates never go negative). Prompts are valid
 Python expressions, so `eval(prompt)` is an independent oracle for the answer.
 
+"passkey" is the long-context kind (the retrieval test used to check context
+extension, e.g. after YaRN): a haystack of repeated filler sentences with one
+"The pass key is 48213. Remember it. 48213 is the pass key." at a random
+sentence boundary, then "What is the pass key?". The worked solution is empty
+and the answer is the 5-digit key. `context_chars` sets the prompt length:
+test prompts are that long (the key at any depth), training prompts between a
+quarter of it and all of it.
+
 `max_digits` is the difficulty knob: each operand first draws its digit count
 uniformly from 1..max_digits, so short and long numbers are equally common.
 
@@ -55,7 +63,8 @@ R1_TEMPLATE = (
 SHORT_TEMPLATE = "User: {prompt}\nAssistant:"
 TEMPLATES = {"short": SHORT_TEMPLATE, "r1": R1_TEMPLATE}
 
-KINDS = ("add", "sub", "mul", "chain")
+ARITHMETIC_KINDS = ("add", "sub", "mul", "chain")
+KINDS = ARITHMETIC_KINDS + ("passkey",)
 DEFAULT_KINDS = ("add", "sub", "mul")
 SPLITS = ("train", "test")
 TEST_PERCENT = 10  # share of the prompt space held out for evaluation
@@ -154,6 +163,16 @@ def solve(expression: str) -> Problem:
 # Generation
 
 
+def kind_of(problem: Problem) -> str:
+    """The kind (KINDS) a generated problem was drawn as, read off its prompt."""
+    if problem.prompt.endswith(_QUESTION):
+        return "passkey"
+    ops = re.findall(r"[+\-*]", problem.prompt)
+    if len(ops) == 2:
+        return "chain"
+    return {"+": "add", "-": "sub", "*": "mul"}[ops[0]]
+
+
 def split_of(prompt: str) -> str:
     """'test' for TEST_PERCENT% of all prompts (by a stable hash), else 'train'."""
     h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
@@ -183,11 +202,38 @@ def _expression(rng: np.random.Generator, kind: str, max_digits: int) -> str:
             return f"{a}{op1}{b}{op2}{c}"
 
 
+_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.",
+           "Here we go.", "There and back again.")
+_QUESTION = " What is the pass key?"
+PASSKEY_MIN_CHARS = 100
+
+
+def passkey_problem(rng: np.random.Generator, context_chars: int) -> Problem:
+    """One passkey prompt of about `context_chars` characters (never more)."""
+    key = str(int(rng.integers(10_000, 100_000)))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    room = context_chars - len(needle) - len(_QUESTION) - 1
+    if room < 0:
+        raise ValueError(f"context_chars={context_chars} is shorter than the passkey "
+                         f"needle and question; use >= {PASSKEY_MIN_CHARS}")
+    sentences, used, i = [], 0, 0
+    while used + len(_FILLER[i % len(_FILLER)]) + 1 <= room:
+        sentences.append(_FILLER[i % len(_FILLER)])
+        used += len(sentences[-1]) + 1
+        i += 1
+    depth = int(rng.integers(len(sentences) + 1))
+    text = " ".join(sentences[:depth] + [needle] + sentences[depth:]) + _QUESTION
+    return Problem(prompt=text, reasoning="", answer=key)
+
+
 def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: int = 3,
-                      kinds: Sequence[str] = DEFAULT_KINDS) -> list[Problem]:
+                      kinds: Sequence[str] = DEFAULT_KINDS,
+                      context_chars: int = 256) -> list[Problem]:
     """n distinct problems of the given split, deterministic in all arguments.
 
-    Kinds are drawn uniformly per problem. Raises ValueError when the split of
+    Kinds are drawn uniformly per problem; `context_chars` is the passkey
+    prompt length (test split; training prompts draw theirs from
+    [context_chars // 4, context_chars]). Raises ValueError when the split of
     the prompt space holds fewer than n distinct problems.
     """
     if split not in SPLITS:
@@ -197,12 +243,22 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds={tuple(kinds)} must be a non-empty subset of {KINDS}")
+    if "passkey" in kinds and context_chars < PASSKEY_MIN_CHARS:
+        raise ValueError(f"context_chars={context_chars} must be >= {PASSKEY_MIN_CHARS} "
+                         "for the passkey kind")
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     seen: set[str] = set()
     problems: list[Problem] = []
     misses, max_misses = 0, 1000 + 100 * n
     while len(problems) < n:
-        expr = _expression(rng, kinds[int(rng.integers(len(kinds)))], max_digits)
+        kind = kinds[int(rng.integers(len(kinds)))]
+        if kind == "passkey":
+            chars = context_chars if split == "test" else int(
+                rng.integers(max(PASSKEY_MIN_CHARS, context_chars // 4), context_chars + 1))
+            problem = passkey_problem(rng, chars)
+            expr = problem.prompt
+        else:
+            expr = _expression(rng, kind, max_digits)
         if expr in seen or split_of(expr) != split:
             misses += 1
             if misses > max_misses:
@@ -212,7 +268,7 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
                     "add kinds or lower n")
             continue
         seen.add(expr)
-        problems.append(solve(expr))
+        problems.append(problem if kind == "passkey" else solve(expr))
     return problems
 
 

@@ -59,7 +59,8 @@ def encode_prompts(tok: Tokenizer, problems: Sequence[tasks.Problem], template: 
 def exact_match(variables: Any, tok: Tokenizer, problems: Sequence[tasks.Problem],
                 cfg: ModelConfig, *, max_new_tokens: int, batch_size: int,
                 template: str = "short", mesh=None) -> dict[str, Any]:
-  """Greedy-decodes every problem; returns accuracy, format rate and samples."""
+  """Greedy-decodes every problem; returns accuracy, format rate, accuracy
+  per problem kind (`by_kind`, tasks.kind_of) and samples."""
   prompts = encode_prompts(tok, problems, template)
   new = eval_max_new_tokens(prompts, max_new_tokens, cfg.max_seq_len)
   completions = [tok.decode(ids) for ids in greedy_completions(
@@ -71,6 +72,9 @@ def exact_match(variables: Any, tok: Tokenizer, problems: Sequence[tasks.Problem
       "accuracy": float(np.mean(correct)) if correct else 0.0,
       "format_ok": float(np.mean(well_formed)) if well_formed else 0.0,
       "n": len(problems),
+      "by_kind": {k: float(np.mean([ok for ok, p in zip(correct, problems)
+                                    if tasks.kind_of(p) == k]))
+                  for k in sorted({tasks.kind_of(p) for p in problems})},
       "samples": [{"prompt": p.prompt, "answer": p.answer, "completion": c, "correct": ok}
                   for p, c, ok in zip(problems, completions, correct)],
   }

@@ -46,6 +46,9 @@ class TrainConfig:
     corpus is the generated arithmetic task (data/tasks.py): n_train_problems
     training documents, n_eval_problems held-out ones for exact match; with
     jsonl `data_files` (field `text_field`) there is no exact-match eval.
+    task_kinds: the problem kinds (data/tasks.py KINDS); "passkey" is the
+    long-context retrieval kind, its prompts passkey_chars long (0 = as long
+    as a row of seq_len holds).
     tokenizer_path "" = the shipped character tokenizer. completion_only: loss
     only on completion tokens.
   Optimizer (optimizer.py): peak lr, warmup_steps, hold_steps, decay_steps
@@ -58,6 +61,12 @@ class TrainConfig:
     (with tokens/s); eval_every steps (0 = only at the end);
     eval_batch_size, max_new_tokens for decoding. Checkpoints: ckpt_every
     steps plus the last step, keep_ckpts most recent.
+  init_from: the workdir of an earlier run; a run with no checkpoint of
+    its own starts from that run's latest parameters and router biases
+    (fresh optimizer, step 0): a fine-tuning stage, e.g. the long-context
+    extension (launch/configs/long_context.py). The model config may differ
+    from that run's only in INIT_FROM_MAY_CHANGE (context length / YaRN and
+    numerics); once this run has checkpoints it resumes from its own.
   fast_compile: compile the step and the decoder at XLA backend optimisation
     level 0 (on CPU ~2.5x faster compiles, ~1.6x slower steps): for tests and
     short runs.
@@ -75,6 +84,8 @@ class TrainConfig:
   n_eval_problems: int = 100
   max_digits: int = 3
   task_kinds: tuple[str, ...] = tasks.DEFAULT_KINDS
+  passkey_chars: int = 0
+  init_from: str = ""
   template: str = "short"
   completion_only: bool = False
   # optimizer (V3 values)
@@ -107,7 +118,10 @@ class TrainConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "data_files", tuple(self.data_files))
-    object.__setattr__(self, "task_kinds", tuple(self.task_kinds))
+    kinds = (self.task_kinds,) if isinstance(self.task_kinds, str) else self.task_kinds
+    # "add,passkey" (what a command line gives) as well as ("add", "passkey")
+    object.__setattr__(self, "task_kinds", tuple(
+        k.strip() for part in kinds for k in str(part).split(",") if k.strip()))
     self.validate()
 
   def validate(self) -> None:
@@ -117,7 +131,7 @@ class TrainConfig:
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name}={v!r} must be a positive integer.")
     for name in ("warmup_steps", "hold_steps", "decay_steps", "end_steps", "eval_every",
-                 "n_eval_problems"):
+                 "n_eval_problems", "passkey_chars"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ValueError(f"{name}={v!r} must be a non-negative integer.")
@@ -133,6 +147,11 @@ class TrainConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
       raise ValueError(f"b1={self.b1}, b2={self.b2} must lie in [0, 1).")
+    if self.passkey_chars and self.passkey_chars < tasks.PASSKEY_MIN_CHARS:
+      raise ValueError(f"passkey_chars={self.passkey_chars} must be 0 (fill the row) or >= "
+                       f"{tasks.PASSKEY_MIN_CHARS}.")
+    if not isinstance(self.init_from, str):
+      raise ValueError(f"init_from={self.init_from!r} must be a workdir path or ''.")
     if self.moments_dtype not in MOMENT_DTYPES:
       raise ValueError(f"moments_dtype={self.moments_dtype!r} must be one of "
                        f"{MOMENT_DTYPES}.")
@@ -162,6 +181,45 @@ def check_compatible(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
   if train_cfg.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
                      f"{model_cfg.max_seq_len}; lower seq_len or raise model.max_seq_len.")
+
+
+# ModelConfig fields a run may change from the run it starts from (init_from):
+# the context extension (YaRN) and how the same weights are computed.
+INIT_FROM_MAY_CHANGE = ("max_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale",
+                        "dtype", "param_dtype", "moe_impl", "moe_block_size",
+                        "moe_ep_capacity", "fp8", "fp8_layers", "remat_policy", "init_std")
+
+
+def load_init_from(model_cfg: ModelConfig, workdir: str) -> tuple[dict, int]:
+  """(variables, step) of the latest checkpoint of the run in `workdir`.
+
+  ValueError when that run's model differs from model_cfg in a field outside
+  INIT_FROM_MAY_CHANGE (shapes or the function computed).
+  """
+  from deepseek_jax.train import export  # noqa: PLC0415  (export imports this module)
+  if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+    raise FileNotFoundError(f"init_from={workdir!r} holds no {checkpoint.CHECKPOINT_DIR}/: "
+                            "give the workdir of a finished training run.")
+  src_cfg, _, variables, src_step = export.load_trained_run(workdir)
+  src, dst = src_cfg.to_dict(), model_cfg.to_dict()
+  bad = [f"{k}: {src[k]!r} -> {dst[k]!r}" for k in dst
+         if k not in INIT_FROM_MAY_CHANGE and src.get(k) != dst[k]]
+  if bad:
+    raise ValueError(f"init_from={workdir!r}: its model differs in " + "; ".join(bad)
+                     + f". Only {INIT_FROM_MAY_CHANGE} may change; set the others "
+                     "as that run had them.")
+  return variables, src_step
+
+
+def with_variables(state, variables: dict):
+  """state with `variables`' params and router biases, cast to and placed
+  like state's (any mesh, any process count)."""
+  def place(new, old):
+    host = np.asarray(jax.device_get(new)).astype(old.dtype)
+    return jax.make_array_from_callback(old.shape, old.sharding, lambda idx: host[idx])
+  return state.replace(
+      params=jax.tree.map(place, variables["params"], state.params),
+      router_bias=jax.tree.map(place, variables["router_bias"], state.router_bias))
 
 
 def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig):
@@ -210,7 +268,7 @@ def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
         tok, n_train=train_cfg.n_train_problems, n_test=train_cfg.n_eval_problems,
         seq_len=train_cfg.seq_len, seed=train_cfg.seed, max_digits=train_cfg.max_digits,
         template=train_cfg.template, completion_only=train_cfg.completion_only,
-        kinds=train_cfg.task_kinds)
+        kinds=train_cfg.task_kinds, context_chars=train_cfg.passkey_chars)
     rows, eval_problems, n_docs = ds.train_rows, ds.test_problems, ds.n_train_documents
   it = pipeline.BatchIterator(rows, train_cfg.batch_size, seed=train_cfg.seed)
   return Data(iterator=it, tokenizer=tok, eval_problems=eval_problems, n_documents=n_docs)
@@ -287,7 +345,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     # 4. Resume ------------------------------------------------------------------
     resumed_from = ckpts.latest_step()
     if resumed_from is None:
+      init = load_init_from(model_cfg, train_cfg.init_from) if train_cfg.init_from else None
       state = init_train_state(model_cfg, train_cfg, rng, mesh, rules)
+      if init is not None:
+        state = with_variables(state, init[0])
+        log(f"initialised from {train_cfg.init_from} (step {init[1]}): parameters and "
+            "router biases; optimizer and data start fresh")
+        del init
     else:
       state, data_state = ckpts.restore(
           abstract_train_state(model_cfg, train_cfg, mesh, rules))
@@ -326,13 +390,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       samples[:] = result["samples"][:5]
       evals_here.append({"step": step, "accuracy": result["accuracy"],
                          "format_ok": result["format_ok"]})
+      kinds = result["by_kind"] if len(result["by_kind"]) > 1 else {}
       if writer:
         writer.write(step, {"eval_accuracy": result["accuracy"],
-                            "eval_format_ok": result["format_ok"], "eval_n": result["n"]})
+                            "eval_format_ok": result["format_ok"], "eval_n": result["n"],
+                            **{f"eval_accuracy_{k}": v for k, v in kinds.items()}})
       ex = result["samples"][0]
+      prompt = ex["prompt"] if len(ex["prompt"]) <= 80 else "..." + ex["prompt"][-60:]
       log(f"eval step {step}: exact match {result['accuracy']:.3f} "
-          f"(format ok {result['format_ok']:.3f}, n={result['n']}, "
-          f"{time.time() - t:.1f}s); e.g. {ex['prompt']} -> {ex['completion']!r}")
+          + (f"[{' '.join(f'{k} {v:.2f}' for k, v in kinds.items())}] " if kinds else "")
+          + f"(format ok {result['format_ok']:.3f}, n={result['n']}, "
+          f"{time.time() - t:.1f}s); e.g. {prompt} -> {ex['completion']!r}")
 
     last = None
     for step in range(start + 1, end_step + 1):
