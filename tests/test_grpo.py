@@ -1,0 +1,149 @@
+"""GRPO's objective against a direct NumPy transcription of the formulas."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax.rl import group_advantages, grpo_loss, kl_per_token
+
+
+def _np_advantages(r, g, scale):
+  out = np.empty_like(r, dtype=np.float64)
+  for s in range(0, len(r), g):
+    grp = r[s:s + g]
+    out[s:s + g] = grp - grp.mean()
+    if scale == "group":
+      out[s:s + g] /= grp.std() + 1e-4          # ddof 0
+  if scale == "batch":
+    out /= r.std() + 1e-4
+  return out
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_match_the_formula(scale):
+  r = np.array([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5, 2, -1, 0, 3], np.float64)
+  got = np.asarray(group_advantages(r, 4, scale))
+  np.testing.assert_allclose(got, _np_advantages(r, 4, scale), rtol=1e-5, atol=1e-6)
+  assert np.all(got[4:8] == 0)                    # a group of equal rewards: no signal
+  with pytest.raises(ValueError, match="multiple of group_size=5"):
+    group_advantages(r, 5)
+  with pytest.raises(ValueError, match="scale='mean'"):
+    group_advantages(r, 4, "mean")
+
+
+def _np_kl(logp, ref, est):
+  d = ref - logp
+  return {"k1": -d, "k2": 0.5 * d * d, "k3": np.exp(d) - d - 1}[est], \
+         {"k1": np.ones_like(d), "k2": -d, "k3": 1 - np.exp(d)}[est]   # value, d/dlogp
+
+
+def _np_loss_and_grad(logp, old, ref, A, m, eps_low, eps_high, beta, loss_type, est):
+  """The loss and its gradient in logp, transcribed token by token."""
+  N, L = logp.shape
+  val, grad = np.zeros((N, L)), np.zeros((N, L))
+  for i, t in itertools.product(range(N), range(L)):
+    rho = np.exp(logp[i, t] - old[i, t])
+    unclipped = rho * A[i]
+    clipped = min(max(rho, 1 - eps_low), 1 + eps_high) * A[i]
+    if unclipped <= clipped:
+      s, ds = unclipped, rho * A[i]
+    else:                                     # the clipped branch: constant in logp
+      s, ds = clipped, (rho * A[i] if 1 - eps_low < rho < 1 + eps_high else 0.0)
+    k, dk = _np_kl(logp[i, t], ref[i, t], est)
+    val[i, t], grad[i, t] = s - beta * k, ds - beta * dk
+  if loss_type == "grpo":
+    n = m.sum(1)
+    valid = n > 0
+    w = np.where(valid[:, None], m / np.maximum(n, 1)[:, None], 0) / valid.sum()
+  elif loss_type == "dapo":
+    w = m / m.sum()
+  else:
+    w = m / (N * L)
+  return -(w * val).sum(), -(w * grad)
+
+
+def _case(seed, N=6, L=7):
+  rng = np.random.default_rng(seed)
+  logp = -rng.uniform(0.1, 3.0, (N, L))
+  old = logp + rng.uniform(-0.6, 0.6, (N, L))   # ratios 0.55-1.8: both clips active
+  ref = logp + rng.normal(0, 0.3, (N, L))
+  A = np.asarray(_np_advantages(rng.integers(0, 3, N).astype(float), 3, "group"))
+  m = (rng.random((N, L)) < 0.8).astype(np.float64)
+  m[2] = 0                                        # a completion with no counted token
+  m[0, :] = 1
+  return logp, old, ref, A, m
+
+
+@pytest.mark.parametrize("loss_type,est", [("grpo", "k3"), ("dapo", "k3"), ("dr_grpo", "k3"),
+                                           ("grpo", "k1"), ("dapo", "k2")])
+def test_loss_and_gradient_match_the_numpy_transcription(loss_type, est):
+  logp, old, ref, A, m = _case(0)
+  eps_low, eps_high, beta = 0.2, 0.28, 0.04      # DAPO's clip-higher
+  want, want_grad = _np_loss_and_grad(logp, old, ref, A, m, eps_low, eps_high, beta,
+                                      loss_type, est)
+  f = lambda lp: grpo_loss(lp, old, ref, A, m, eps_low=eps_low, eps_high=eps_high,  # noqa
+                           beta=beta, loss_type=loss_type, kl_estimator=est)
+  (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp, jnp.float32))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-7)
+  rho = np.exp(logp - old)
+  low = ((rho < 1 - eps_low) & (A[:, None] < 0) & (m > 0)).sum() / m.sum()
+  high = ((rho > 1 + eps_high) & (A[:, None] > 0) & (m > 0)).sum() / m.sum()
+  assert low > 0 and high > 0                     # both sides of the clip exercised
+  np.testing.assert_allclose([metrics["clip_low"], metrics["clip_high"]], [low, high],
+                             rtol=1e-6)
+  kl, _ = _np_kl(logp, ref, est)
+  np.testing.assert_allclose(float(metrics["kl"]), (kl * m).sum() / m.sum(), rtol=1e-5)
+
+
+def test_first_pass_has_ratio_one_no_clipping_and_a_loss_of_minus_mean_advantage():
+  logp, _, _, A, m = _case(1)
+  m[2] = 1
+  loss, metrics = grpo_loss(logp, logp, None, A, m, beta=0.0)
+  assert float(metrics["ratio_mean"]) == 1.0
+  assert float(metrics["clip_low"]) == float(metrics["clip_high"]) == 0.0
+  # centred advantages: the GRPO loss starts at ~0 although the gradient does not
+  np.testing.assert_allclose(float(loss), -A.mean(), atol=1e-6)
+  assert abs(float(loss)) < 1e-5
+  grad = jax.grad(lambda lp: grpo_loss(lp, logp, None, A, m, beta=0.0)[0])(
+      jnp.asarray(logp, jnp.float32))
+  np.testing.assert_allclose(np.asarray(grad), -(A[:, None] * m / m.sum(1, keepdims=True))
+                             / len(A), rtol=1e-5, atol=1e-7)
+
+
+def test_truncated_importance_weights_and_kl_clamp():
+  logp, old, ref, A, m = _case(2)
+  rollout = old + 0.5                                  # a cheaper engine, off by 0.5 nats
+  base, _ = grpo_loss(logp, old, None, A, m, beta=0.0, loss_type="dapo")
+  tis, _ = grpo_loss(logp, old, None, A, m, beta=0.0, loss_type="dapo", rollout_logp=rollout,
+                     tis_cap=2.0)
+  np.testing.assert_allclose(float(tis), float(base) * np.exp(-0.5), rtol=1e-5)
+  capped, _ = grpo_loss(logp, old, None, A, m, beta=0.0, loss_type="dapo",
+                        rollout_logp=old - 1.0, tis_cap=2.0)   # weight e^1 capped at 2
+  np.testing.assert_allclose(float(capped), 2.0 * float(base), rtol=1e-5)
+  ref = jnp.array([-5.0, 0.0, 0.5])
+  np.testing.assert_allclose(np.asarray(kl_per_token(jnp.zeros(3), ref, "k3")),
+                             [np.exp(-5) + 4, 0.0, np.exp(0.5) - 1.5], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(kl_per_token(jnp.zeros(3), ref, "k3", clamp=1.0)),
+                             [1.0, 0.0, np.exp(0.5) - 1.5], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(kl_per_token(jnp.zeros(3), ref, "k1", clamp=1.0)),
+                             [1.0, 0.0, -0.5], rtol=1e-6)
+
+
+def test_bad_arguments_are_refused_by_name():
+  logp, old, ref, A, m = _case(3)
+  for kwargs, msg in (({"loss_type": "ppo"}, "loss_type='ppo'"),
+                      ({"kl_estimator": "k4"}, "kl_estimator='k4'"),
+                      ({"beta": -1.0}, "beta=-1.0"),
+                      ({"eps_low": 1.0}, "eps_low=1.0")):
+    with pytest.raises(ValueError, match=msg):
+      grpo_loss(logp, old, ref, A, m, **kwargs)
+  with pytest.raises(ValueError, match="beta > 0 needs ref_logp"):
+    grpo_loss(logp, old, None, A, m)
+  with pytest.raises(ValueError, match="mask shape"):
+    grpo_loss(logp, old, ref, A, m[:, :3])
+  with pytest.raises(ValueError, match="advantages shape"):
+    grpo_loss(logp, old, ref, A[:3], m)
