@@ -147,3 +147,78 @@ def test_bad_arguments_are_refused_by_name():
     grpo_loss(logp, old, ref, A, m[:, :3])
   with pytest.raises(ValueError, match="advantages shape"):
     grpo_loss(logp, old, ref, A[:3], m)
+
+
+# ---------------------------------------------------------------------------
+# rewards.py
+# ---------------------------------------------------------------------------
+from deepseek_jax.rl import rewards  # noqa: E402
+
+_EX = {"answer": "405"}
+REWARD_TABLE = [
+    # completion, accuracy, format
+    (" <think>7+8=15</think> <answer>405</answer>", 1.0, 1.0),
+    ("<think>x</think><answer> 405 </answer>", 1.0, 1.0),
+    (" <think>a</think> <answer>0405</answer>", 1.0, 1.0),          # same number
+    (" <think>a</think> <answer>405.000</answer>", 1.0, 1.0),
+    (" <think>a</think> <answer>4.05e2</answer>", 1.0, 1.0),
+    (" <think>a</think> <answer>+405</answer>", 1.0, 1.0),
+    (" <think>a</think> <answer>404</answer>", 0.0, 1.0),
+    (" <think>a</think> <answer>405.5</answer>", 0.0, 1.0),
+    (" <think>a</think> <answer>405 apples</answer>", 0.0, 1.0),     # not one number
+    (" <think>a</think> <answer></answer>", 0.0, 0.0),               # missing answer
+    (" <think>a</think>", 0.0, 0.0),
+    ("405", 0.0, 0.0),                                                # no tags at all
+    (" <answer>405</answer> <think>a</think>", 1.0, 0.0),            # wrong order
+    (" <think>a</think> <answer>405</answer> <answer>404</answer>", 1.0, 0.0),  # two answers
+    (" <think>a</think> <answer>404</answer> <answer>405</answer>", 0.0, 0.0),
+    (" <think><think>a</think></think> <answer>405</answer>", 1.0, 0.0),        # nested
+    (" <think>a</think> <answer><answer>405</answer></answer>", 1.0, 0.0),
+    (" <think>a</think> <answer>" + "9" * 5000 + "</answer>", 0.0, 1.0),       # huge
+    (" <think>a</think> <answer>1e999999999</answer>", 0.0, 1.0),
+    (" <think>a</think> <answer>٤٠٥</answer>", 0.0, 1.0),            # Arabic-Indic digits
+    (" <think>a</think> <answer>405</answer> trailing", 1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,acc,fmt", REWARD_TABLE)
+def test_accuracy_and_format_rewards_on_a_table(completion, acc, fmt):
+  assert rewards.accuracy(completion, _EX) == acc
+  assert rewards.format_reward(completion, _EX) == fmt
+
+
+def test_language_overlong_and_number_parsing():
+  assert rewards.language(" <think>carry the one</think> <answer>1</answer>", _EX) == 1.0
+  assert rewards.language(" <think>7+8=15</think>", _EX) == 1.0            # no letters
+  mixed = " <think>ab进位</think> <answer>1</answer>"
+  assert rewards.language(mixed, _EX) == 0.5
+  assert rewards.language(mixed, {"answer": "1", "script": "cjk"}) == 0.5
+  assert [rewards.overlong(n, 100, 20) for n in (50, 80, 90, 100, 101)] == \
+      [0.0, 0.0, -0.5, -1.0, -1.0]
+  assert rewards.parse_number("1,234") == 1234
+  assert rewards.parse_number("-0.5") == rewards.parse_number("-.50")
+  assert rewards.parse_number("1e3") == 1000 and rewards.parse_number("nan") is None
+  with pytest.raises(ValueError, match="buffer=0"):
+    rewards.overlong(5, 10, 0)
+
+
+def test_combine_weights_functions_and_excludes_what_a_broken_one_cannot_score(caplog):
+  comps = [" <think>a</think> <answer>405</answer>", " <think>a</think> <answer>4</answer>",
+           "garbage"]
+  exs = [_EX, _EX, {"answer": "405", "boom": True}]
+
+  def flaky(c, ex):
+    if ex.get("boom"):
+      raise RuntimeError("judge offline")
+    return 0.5
+
+  total, per, valid = rewards.combine(comps, exs, {"accuracy": (rewards.accuracy, 1.0),
+                                                   "format": (rewards.format_reward, 0.5),
+                                                   "flaky": (flaky, 2.0)})
+  np.testing.assert_allclose(total, [1 + 0.5 + 1.0, 0 + 0.5 + 1.0, 0.0])
+  assert valid.tolist() == [True, True, False]
+  assert np.isnan(per["flaky"][2]) and per["accuracy"][2] == 0.0
+  assert "reward 'flaky' could not score 1 of 3" in caplog.text
+  assert "judge offline" in caplog.text
+  none_total, _, none_valid = rewards.combine(comps, exs, {"none": (lambda c, e: None, 1.0)})
+  assert not none_valid.any() and not none_total.any()
