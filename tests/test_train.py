@@ -240,6 +240,38 @@ def test_train_step_moves_bias_by_hand_rule_only_and_reduces_loss(configs):
   assert float(m["loss"]) < first_loss - 0.3, (first_loss, float(m["loss"]))
 
 
+def test_update_step_takes_any_loss_and_skips_non_finite_updates(configs):
+  model_cfg, train_cfg = configs
+  batch = _fixed_batch(train_cfg)
+  base = step.pretraining_loss(model_cfg, train_cfg)
+
+  def scaled(params, router_bias, b):      # the pretraining loss times a batch field
+    loss, aux = base(params, router_bias, {k: v for k, v in b.items() if k != "scale"})
+    return loss * b["scale"][0, 0], aux
+
+  update = step.make_update_step(model_cfg, train_cfg, scaled, skip_nonfinite=True)
+  state = step.init_train_state(model_cfg, train_cfg, jax.random.key(0))
+  before = jax.device_get((state.params, state.opt_state, state.router_bias))
+  ones = np.ones(batch["tokens"].shape, np.float32)
+  state, m = update(state, dict(batch, scale=ones * np.nan))
+  assert float(m["skipped"]) == 1.0 and int(state.step) == 1
+  for x, y in zip(jax.tree.leaves(before),
+                  jax.tree.leaves(jax.device_get((state.params, state.opt_state,
+                                                  state.router_bias)))):
+    np.testing.assert_array_equal(x, y)
+  # A finite step moves params exactly as the plain pretraining step does.
+  plain = step.make_train_step(model_cfg, train_cfg)
+  state, m = update(state, dict(batch, scale=ones))
+  ref = step.init_train_state(model_cfg, train_cfg, jax.random.key(0))
+  ref = ref.replace(step=ref.step + 1)
+  ref, m_ref = plain(ref, batch)
+  assert float(m["skipped"]) == 0.0
+  np.testing.assert_allclose(float(m["loss"]), float(m_ref["loss"]), rtol=1e-6)
+  for x, y in zip(jax.tree.leaves((state.params, state.router_bias)),
+                  jax.tree.leaves((ref.params, ref.router_bias))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------
 # loop.py + checkpoint.py
 # ---------------------------------------------------------------------------

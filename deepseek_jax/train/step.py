@@ -14,6 +14,10 @@ never differentiated, clipped or weight-decayed. gamma = `bias_update_speed`
 
 MTP modules: each MTP block's MoE has its own bias, moved by the same rule
 from that block's loads (`aux["mtp_expert_load"]`).
+
+`make_update_step(cfg, train_cfg, loss_fn)` is the step for any loss (the
+GRPO trainer's among them); `make_train_step` is it with the pretraining
+loss above.
 """
 
 from __future__ import annotations
@@ -153,24 +157,17 @@ def load_imbalance(expert_load: jax.Array) -> jax.Array:
   return (expert_load.max(-1) / mean).max()
 
 
-def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | None = None,
-                    rules: Rules | None = None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """jit(step)(state, batch) -> (new state, metrics); `state` is donated.
+# A loss for `make_update_step`: (params, router_bias, batch) -> (scalar to
+# minimise, aux) with aux["metrics"] a dict of scalars and, for the router-bias
+# update, optionally aux["expert_load"] [n_moe_layers, E] and
+# aux["mtp_expert_load"] [D, E].
+LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]
 
-  With `mesh` and `rules` (parallel.setup): the state stays in its
-  shardings, the batch is split over the batch axes, the MoE dispatch runs
-  in shard_map (expert parallel under `ep_fsdp`), metrics come back
-  replicated; numerically the single-device step (tests/test_parallel.py).
 
-  batch: the data contract (tokens, targets, segment_ids, positions,
-  loss_mask; [batch, seq]). metrics: scalars loss, ce, mtp, balance,
-  grad_norm (before clipping), lr (used by this step), load_imbalance,
-  tokens (non-padding inputs), target_tokens; and expert_load
-  [n_moe_layers, E].
-  """
+def pretraining_loss(cfg: ModelConfig, train_cfg: "TrainConfig") -> LossFn:
+  """CE + lambda MTP + alpha balance (losses.total_loss) on the data contract
+  (tokens, targets, segment_ids, positions, loss_mask)."""
   model = Transformer(cfg)
-  tx, schedule = make_tx(train_cfg)
 
   def loss_fn(params, router_bias, batch):
     logits, aux = model.apply(
@@ -180,24 +177,62 @@ def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | Non
     loss, metrics = losses.total_loss(
         logits, aux, batch, mtp_weight=train_cfg.mtp_weight,
         balance_weight=train_cfg.balance_weight)
-    return loss, (metrics, aux["expert_load"], aux.get("mtp_expert_load"))
+    metrics = dict(metrics, tokens=(batch["segment_ids"] != 0).sum().astype(jnp.float32))
+    out = {"metrics": metrics, "expert_load": aux["expert_load"]}
+    if "mtp_expert_load" in aux:
+      out["mtp_expert_load"] = aux["mtp_expert_load"]
+    return loss, out
+  return loss_fn
+
+
+def _all_finite(*trees) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(trees)]))
+
+
+def make_update_step(cfg: ModelConfig, train_cfg: "TrainConfig", loss_fn: LossFn,
+                     mesh: Mesh | None = None, rules: Rules | None = None, *,
+                     skip_nonfinite: bool = False
+                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """jit(step)(state, batch) -> (new state, metrics) for any loss; `state` is
+  donated. The optimizer is train_cfg's (make_tx); the router bias moves by
+  train_cfg.bias_update_speed when the loss reports expert loads.
+
+  metrics: the loss's, plus grad_norm (before clipping), lr (used by this
+  step), and with expert loads load_imbalance and expert_load. With
+  skip_nonfinite, a step whose loss or gradients are not finite leaves
+  params, optimizer state and router bias as they were (the step counter
+  still advances) and reports skipped = 1.
+
+  With `mesh` and `rules` (parallel.setup): the state stays in its
+  shardings, every batch array ([rows, seq]) is split over the batch axes
+  by rows, the MoE dispatch runs in shard_map (expert parallel under
+  `ep_fsdp`), metrics come back replicated.
+  """
+  tx, schedule = make_tx(train_cfg)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, load, mtp_load)), grads = grad_fn(state.params, state.router_bias, batch)
+    (loss, aux), grads = grad_fn(state.params, state.router_bias, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    router_bias = update_router_bias(
-        state.router_bias, jax.lax.stop_gradient(load), train_cfg.bias_update_speed,
-        None if mtp_load is None else jax.lax.stop_gradient(mtp_load))
-    metrics = dict(metrics,
-                   grad_norm=optax.tree.norm(grads),
-                   lr=jnp.asarray(schedule(state.step), jnp.float32),
-                   load_imbalance=load_imbalance(load),
-                   tokens=(batch["segment_ids"] != 0).sum().astype(jnp.float32),
-                   expert_load=load)
-    if mtp_load is not None:
-      metrics["mtp_expert_load"] = mtp_load
+    router_bias = state.router_bias
+    metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(grads),
+                   lr=jnp.asarray(schedule(state.step), jnp.float32))
+    load = aux.get("expert_load")
+    if load is not None:
+      mtp_load = aux.get("mtp_expert_load")
+      router_bias = update_router_bias(
+          state.router_bias, jax.lax.stop_gradient(load), train_cfg.bias_update_speed,
+          None if mtp_load is None else jax.lax.stop_gradient(mtp_load))
+      metrics.update(load_imbalance=load_imbalance(load), expert_load=load)
+      if mtp_load is not None:
+        metrics["mtp_expert_load"] = mtp_load
+    if skip_nonfinite:
+      ok = _all_finite(loss, grads)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa
+      params, opt_state, router_bias = keep((params, opt_state, router_bias),
+                                            (state.params, state.opt_state, state.router_bias))
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            router_bias=router_bias)
     return new_state, metrics
@@ -220,3 +255,18 @@ def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | Non
       return jitted.lower(state, batch)
   sharded_step.lower = lower
   return sharded_step
+
+
+def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | None = None,
+                    rules: Rules | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The pretraining step: `make_update_step` with `pretraining_loss`.
+
+  batch: the data contract (tokens, targets, segment_ids, positions,
+  loss_mask; [batch, seq]). metrics: scalars loss, ce, mtp, balance,
+  grad_norm (before clipping), lr (used by this step), load_imbalance,
+  tokens (non-padding inputs), target_tokens; and expert_load
+  [n_moe_layers, E]. Numerically the same on one device and on a mesh
+  (tests/test_parallel.py).
+  """
+  return make_update_step(cfg, train_cfg, pretraining_loss(cfg, train_cfg), mesh, rules)
