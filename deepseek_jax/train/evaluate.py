@@ -1,7 +1,8 @@
-"""Held-out exact-match accuracy by greedy decoding.
+"""Held-out exact-match accuracy by greedy (or sampled) decoding.
 
-For each test problem the model reads `<bos> prompt` and greedily writes the
-completion until <eos>; the completion is scored with the task's rule-based
+For each test problem the model reads `<bos> prompt` and writes the
+completion until <eos> (greedily; `temperature` > 0 samples, what GRPO's
+"sampled accuracy" reports); the completion is scored with the task's rule-based
 check (`data.tasks.is_correct`: the text inside <answer>...</answer> equals
 the reference answer) and the format check (`format_ok`).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
@@ -33,22 +35,34 @@ def eval_max_new_tokens(prompts: Sequence[Sequence[int]], max_new_tokens: int,
   return min(max_new_tokens, room)
 
 
-def greedy_completions(cfg: ModelConfig, variables: Any, prompts: Sequence[Sequence[int]], *,
-                       max_new_tokens: int, eos_id: int, batch_size: int,
-                       mesh=None) -> list[list[int]]:
-  """Greedy completion of every prompt (without its <eos>), batch by batch.
+def completions(cfg: ModelConfig, variables: Any, prompts: Sequence[Sequence[int]], *,
+                max_new_tokens: int, eos_id: int, batch_size: int, temperature: float = 0.0,
+                rng=None, mesh=None) -> list[list[int]]:
+  """Completion of every prompt (without its <eos>), batch by batch: greedy
+  at temperature 0, else sampled (rng: a key, split per batch).
   mesh: the mesh `variables` live on (multi-host runs: every process gets
   the same completions)."""
+  if temperature > 0 and rng is None:
+    raise ValueError("sampled completions (temperature > 0) need rng=jax.random.key(...).")
   out: list[list[int]] = []
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
     n_real = len(chunk)
     chunk += [prompts[0]] * (batch_size - n_real)
+    key = None if rng is None else jax.random.fold_in(rng, start)
     gen = generate(cfg, variables, chunk, max_new_tokens=max_new_tokens, stop_ids=(eos_id,),
-                   mesh=mesh)
+                   temperature=temperature, rng=key, mesh=mesh)
     for ids in gen.sequences()[:n_real]:
       out.append(ids[:-1] if ids and ids[-1] == eos_id else ids)
   return out
+
+
+def greedy_completions(cfg: ModelConfig, variables: Any, prompts: Sequence[Sequence[int]], *,
+                       max_new_tokens: int, eos_id: int, batch_size: int,
+                       mesh=None) -> list[list[int]]:
+  """`completions` at temperature 0."""
+  return completions(cfg, variables, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                     batch_size=batch_size, mesh=mesh)
 
 
 def encode_prompts(tok: Tokenizer, problems: Sequence[tasks.Problem], template: str
@@ -58,16 +72,18 @@ def encode_prompts(tok: Tokenizer, problems: Sequence[tasks.Problem], template: 
 
 def exact_match(variables: Any, tok: Tokenizer, problems: Sequence[tasks.Problem],
                 cfg: ModelConfig, *, max_new_tokens: int, batch_size: int,
-                template: str = "short", mesh=None) -> dict[str, Any]:
-  """Greedy-decodes every problem; returns accuracy, format rate, accuracy
-  per problem kind (`by_kind`, tasks.kind_of) and samples."""
+                template: str = "short", mesh=None, temperature: float = 0.0,
+                rng=None) -> dict[str, Any]:
+  """Decodes every problem (greedy, or sampled at `temperature` with `rng`);
+  returns accuracy, format rate, accuracy per problem kind (`by_kind`,
+  tasks.kind_of) and samples."""
   prompts = encode_prompts(tok, problems, template)
   new = eval_max_new_tokens(prompts, max_new_tokens, cfg.max_seq_len)
-  completions = [tok.decode(ids) for ids in greedy_completions(
+  texts = [tok.decode(ids) for ids in completions(
       cfg, variables, prompts, max_new_tokens=new, eos_id=tok.eos_id,
-      batch_size=batch_size, mesh=mesh)]
-  correct = [tasks.is_correct(c, p) for c, p in zip(completions, problems)]
-  well_formed = [tasks.format_ok(c) for c in completions]
+      batch_size=batch_size, temperature=temperature, rng=rng, mesh=mesh)]
+  correct = [tasks.is_correct(c, p) for c, p in zip(texts, problems)]
+  well_formed = [tasks.format_ok(c) for c in texts]
   return {
       "accuracy": float(np.mean(correct)) if correct else 0.0,
       "format_ok": float(np.mean(well_formed)) if well_formed else 0.0,
@@ -76,5 +92,5 @@ def exact_match(variables: Any, tok: Tokenizer, problems: Sequence[tasks.Problem
                                     if tasks.kind_of(p) == k]))
                   for k in sorted({tasks.kind_of(p) for p in problems})},
       "samples": [{"prompt": p.prompt, "answer": p.answer, "completion": c, "correct": ok}
-                  for p, c, ok in zip(problems, completions, correct)],
+                  for p, c, ok in zip(problems, texts, correct)],
   }

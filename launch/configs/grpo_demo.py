@@ -1,0 +1,43 @@
+"""The R1-style demo: cold-start SFT from scratch, then GRPO, on the arithmetic task.
+
+  python -m launch.grpo --config=launch/configs/grpo_demo.py --workdir=runs/grpo
+
+Stage 1 is the README demo (launch/configs/default.py: the "small" preset,
+MLA + MoE + MTP, learns column arithmetic with worked solutions); skipped
+with --config.init_from=RUN. Stage 2, GRPO: 16 held-in prompts x 8 sampled
+completions per step (temperature 1), rewards accuracy (1) + format (0.5),
+group-normalised advantages, the DeepSeekMath loss with k3 KL (beta 0.04)
+against the SFT model, one pass per rollout, AdamW at constant 1e-4
+(3e-4 collapsed the sampled distribution onto worse answers: greedy 0.47
+-> 0.37 by step 50).
+Held-out accuracy (greedy and sampled) before and after: summary.json.
+Measured figures: bench/RESULTS.md (GRPO).
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+from deepseek_jax.rl.trainer import GRPOConfig
+
+
+def get_config():
+  """python -m launch.grpo --config=launch/configs/grpo_demo.py --workdir=runs/grpo"""
+  config = ConfigDict()
+  for name, value in GRPOConfig().to_dict().items():
+    config[name] = value if value is not None else config_dict.placeholder(float)
+  config.sft_config = "launch/configs/default.py"
+  config.steps = 250
+  config.prompts_per_step = 16
+  config.group_size = 8
+  config.max_new_tokens = 64
+  config.max_digits = 2
+  config.n_train_problems = 8000
+  config.n_eval_problems = 100
+  config.temperature = 1.0
+  config.lr = 1e-4
+  config.warmup_steps = 5
+  config.beta = 0.04
+  config.log_every = 10
+  config.eval_every = 50
+  config.eval_batch_size = 50
+  config.ckpt_every = 50
+  return config
