@@ -22,6 +22,34 @@ _REMAT = ("none", "full", "dots_saveable")
 FP8_LAYER_KINDS = ("attn", "mlp", "experts")
 
 
+def check_field_names(cls, values: dict[str, Any]) -> None:
+  """ValueError for a key of `values` that is not a field of dataclass `cls`,
+  with the closest field name as a hint. Shared by every config's from_dict."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  for key in values:
+    if key not in names:
+      hint = difflib.get_close_matches(key, names, n=1)
+      raise ValueError(f"Unknown {cls.__name__} field {key!r}"
+                       + (f"; did you mean {hint[0]!r}?" if hint else f"; fields: {names}"))
+
+
+def check_ints(obj, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
+               ) -> None:
+  """ValueError naming the first field of `obj` that is not an int > 0
+  (`positive`) or >= 0 (`non_negative`); bools are refused."""
+  for names, low, what in ((positive, 1, "a positive"), (non_negative, 0, "a non-negative")):
+    for name in names:
+      v = getattr(obj, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ValueError(f"{name}={v!r} must be {what} integer.")
+
+
+def split_names(value) -> tuple[str, ...]:
+  """("a", "b") from "a,b" (what a command line gives) or from ("a", "b")."""
+  parts = (value,) if isinstance(value, str) else value
+  return tuple(k.strip() for part in parts for k in str(part).split(",") if k.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """DeepSeek-V3-family model shape.
@@ -155,20 +183,12 @@ class ModelConfig:
   # ---- validation ---------------------------------------------------------
   def validate(self) -> None:
     """Raises ValueError naming the field and the fix for impossible configs."""
-    positive = ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads",
-                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                "v_head_dim", "original_seq_len", "max_seq_len")
-    for name in positive:
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ValueError(f"{name}={v!r} must be a positive integer.")
-    non_negative = ("n_dense_layers", "n_shared_experts", "n_mtp_depth",
-                    "moe_block_size", "n_routed_experts", "n_activated_experts",
-                    "moe_inter_dim", "n_expert_groups", "n_limited_groups")
-    for name in non_negative:
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"{name}={v!r} must be a non-negative integer.")
+    check_ints(self, positive=("vocab_size", "dim", "inter_dim", "n_layers", "n_heads",
+                               "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                               "v_head_dim", "original_seq_len", "max_seq_len"),
+               non_negative=("n_dense_layers", "n_shared_experts", "n_mtp_depth",
+                             "moe_block_size", "n_routed_experts", "n_activated_experts",
+                             "moe_inter_dim", "n_expert_groups", "n_limited_groups"))
     if self.q_lora_rank is not None and (
         not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
       raise ValueError(
@@ -264,13 +284,7 @@ class ModelConfig:
   def from_dict(cls, values: dict[str, Any], base: "ModelConfig | None" = None
                 ) -> "ModelConfig":
     """Builds a config from field values (unknown names raise, with a hint)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-      if key not in names:
-        hint = difflib.get_close_matches(key, names, n=1)
-        raise ValueError(
-            f"Unknown ModelConfig field {key!r}"
-            + (f"; did you mean {hint[0]!r}?" if hint else f"; fields: {names}"))
+    check_field_names(cls, values)
     base = base if base is not None else cls()
     return dataclasses.replace(base, **values)
 

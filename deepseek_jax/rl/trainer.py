@@ -36,7 +36,6 @@ grpo.png (reward and accuracy over steps).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import time
@@ -46,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, check_field_names, check_ints, split_names
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.infer import generate, token_logprobs
@@ -124,23 +123,15 @@ class GRPOConfig:
   fast_compile: bool = False
 
   def __post_init__(self):
-    kinds = (self.task_kinds,) if isinstance(self.task_kinds, str) else self.task_kinds
-    object.__setattr__(self, "task_kinds", tuple(
-        k.strip() for part in kinds for k in str(part).split(",") if k.strip()))
+    object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
     self.validate()
 
   def validate(self) -> None:
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu",
-                 "log_every", "eval_batch_size", "sample_every", "ckpt_every", "keep_ckpts",
-                 "n_train_problems"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name}={v!r} must be a positive integer.")
-    for name in ("warmup_steps", "eval_every", "ref_refresh_every", "overlong_buffer",
-                 "n_eval_problems"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"{name}={v!r} must be a non-negative integer.")
+    check_ints(self, positive=("steps", "prompts_per_step", "group_size", "max_new_tokens",
+                               "mu", "log_every", "eval_batch_size", "sample_every",
+                               "ckpt_every", "keep_ckpts", "n_train_problems"),
+               non_negative=("warmup_steps", "eval_every", "ref_refresh_every",
+                             "overlong_buffer", "n_eval_problems"))
     if self.group_size < 2:
       raise ValueError(f"group_size={self.group_size} must be >= 2: advantages compare "
                        "completions of the same prompt.")
@@ -177,12 +168,7 @@ class GRPOConfig:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "GRPOConfig":
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-      if key not in names:
-        hint = difflib.get_close_matches(key, names, n=1)
-        raise ValueError(f"Unknown GRPOConfig field {key!r}"
-                         + (f"; did you mean {hint[0]!r}?" if hint else f"; fields: {names}"))
+    check_field_names(cls, values)
     return cls(**values)
 
   def optimizer_config(self, source: TrainConfig) -> TrainConfig:
@@ -270,11 +256,8 @@ def _plot(workdir: str) -> str | None:
   steps = np.array([r["step"] for r in train])
   window = max(1, len(train) // 20)
   for key, label in (("reward", "rollout reward (mean)"), ("accuracy", "rollout accuracy")):
-    values = np.array([r[key] for r in train])
-    line, = ax.plot(steps, values, alpha=0.25 if window > 1 else 1.0)
-    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-    ax.plot(steps[window - 1:], smooth, color=line.get_color(),
-            label=label + (f" ({window}-step mean)" if window > 1 else ""))
+    metrics.plot_smoothed(ax, steps, np.array([r[key] for r in train]),
+                          label + (f" ({window}-step mean)" if window > 1 else ""), window)
   if evals:
     ax.plot([r["step"] for r in evals], [r["eval_sampled_accuracy"] for r in evals], "o-",
             label="held-out sampled accuracy")

@@ -16,7 +16,6 @@ environment. The sections of `train` follow big_vision's trainer:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import time
 from typing import Any, Callable
@@ -26,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from deepseek_jax import parallel
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, check_field_names, check_ints, split_names
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.model import count_params
@@ -118,23 +117,14 @@ class TrainConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "data_files", tuple(self.data_files))
-    kinds = (self.task_kinds,) if isinstance(self.task_kinds, str) else self.task_kinds
-    # "add,passkey" (what a command line gives) as well as ("add", "passkey")
-    object.__setattr__(self, "task_kinds", tuple(
-        k.strip() for part in kinds for k in str(part).split(",") if k.strip()))
+    object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
     self.validate()
 
   def validate(self) -> None:
-    for name in ("steps", "batch_size", "seq_len", "log_every", "ckpt_every",
-                 "keep_ckpts", "eval_batch_size", "max_new_tokens"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name}={v!r} must be a positive integer.")
-    for name in ("warmup_steps", "hold_steps", "decay_steps", "end_steps", "eval_every",
-                 "n_eval_problems", "passkey_chars"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"{name}={v!r} must be a non-negative integer.")
+    check_ints(self, positive=("steps", "batch_size", "seq_len", "log_every", "ckpt_every",
+                               "keep_ckpts", "eval_batch_size", "max_new_tokens"),
+               non_negative=("warmup_steps", "hold_steps", "decay_steps", "end_steps",
+                             "eval_every", "n_eval_problems", "passkey_chars"))
     if not self.data_files and self.n_train_problems < 1:
       raise ValueError(f"n_train_problems={self.n_train_problems} must be >= 1 "
                        "when no data_files are given.")
@@ -167,12 +157,7 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-      if key not in names:
-        hint = difflib.get_close_matches(key, names, n=1)
-        raise ValueError(f"Unknown TrainConfig field {key!r}"
-                         + (f"; did you mean {hint[0]!r}?" if hint else f"; fields: {names}"))
+    check_field_names(cls, values)
     return cls(**values)
 
 

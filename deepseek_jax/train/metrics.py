@@ -102,6 +102,18 @@ def progress_line(step: int, total: int, m: dict[str, Any], tokens_per_s: float,
           f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}")
 
 
+def plot_smoothed(ax, steps: np.ndarray, values: np.ndarray, label: str, window: int) -> None:
+  """The raw curve faint and its moving average over `window` steps solid
+  (just the curve, solid, when window is 1)."""
+  line, = ax.plot(steps, values, alpha=0.25)
+  if window > 1:
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1:], smooth, color=line.get_color(), label=label)
+  else:
+    line.set_alpha(1.0)
+    line.set_label(label)
+
+
 def plot_losses(workdir: str) -> str | None:
   """Plots loss/ce (and eval accuracy if any) from metrics.jsonl to loss.png."""
   records = read_metrics(os.path.join(workdir, METRICS_FILE))
@@ -121,14 +133,7 @@ def plot_losses(workdir: str) -> str | None:
   if any(r.get("mtp") for r in train):
     curves.append(("mtp", "MTP CE"))
   for key, label in curves:
-    values = np.array([r[key] for r in train])
-    line, = ax.plot(steps, values, alpha=0.25)
-    if window > 1:   # moving average over `window` steps, drawn solid
-      smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-      ax.plot(steps[window - 1:], smooth, color=line.get_color(), label=label)
-    else:
-      line.set_alpha(1.0)
-      line.set_label(label)
+    plot_smoothed(ax, steps, np.array([r[key] for r in train]), label, window)
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats / token)")
   ax.set_yscale("log")
