@@ -267,3 +267,41 @@ def test_inference_notebook_reports_cache_sizes_and_mtp_acceptance(tmp_path):
   greedy = spec[0]
   assert greedy["identical"]
   np.testing.assert_array_equal(np.load(greedy["plain_path"]), np.load(greedy["spec_path"]))
+
+
+GRPO_NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "grpo_loss_types.ipynb")
+
+
+def test_grpo_notebook_runs_each_loss_type_and_its_rewards_recompute(tmp_path):
+  """One run per loss type from a tiny SFT stage: the config each run recorded,
+  per-step metrics behind the RESULT lines, and every logged sample's reward
+  recomputed here from its text with the rule-based functions (accuracy +
+  0.5 x format)."""
+  from deepseek_jax.rl import rewards
+  params = dict(sft_config="launch/configs/tiny.py", sft_overrides={"steps": 4},
+                steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, max_digits=1,
+                n_train_problems=40,
+                n_eval_problems=4, eval_every=0, eval_batch_size=4, fast_compile=True,
+                workdir_root=str(tmp_path), jax_cache_dir=CACHE)
+  nb = run_notebook(GRPO_NOTEBOOK, params, out=str(tmp_path / "executed.ipynb"), timeout=900)
+  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
+             if line.startswith("RESULT ")]
+  assert [r["loss_type"] for r in results] == ["grpo", "dr_grpo", "dapo"]
+  for r in results:
+    cfg = json.load(open(os.path.join(r["workdir"], "grpo_config.json")))
+    assert cfg["loss_type"] == r["loss_type"]
+    assert cfg["scale"] == ("none" if r["loss_type"] == "dr_grpo" else "group")
+    records = [json.loads(l) for l in open(os.path.join(r["workdir"], "metrics.jsonl"))]
+    steps = [x for x in records if "reward" in x]
+    assert r["steps"] == len(steps) == 2
+    assert math.isclose(r["length_mean"], np.mean([x["completion_len"] for x in steps]))
+    for x in steps:
+      assert math.isfinite(x["reward"]) and math.isfinite(x["grad_norm"])
+    samples = [json.loads(l) for l in open(os.path.join(r["workdir"], "samples.jsonl"))]
+    assert samples
+    for s in samples:
+      ex = {"answer": s["answer"]}
+      want = rewards.accuracy(s["completion"], ex) + 0.5 * rewards.format_reward(
+          s["completion"], ex)
+      assert math.isclose(s["reward"], want), s
+  assert os.path.exists(tmp_path / "grpo_loss_types.png")
