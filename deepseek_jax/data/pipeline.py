@@ -352,9 +352,9 @@ def make_task_dataset(tok: Tokenizer, *, n_train: int, n_test: int, seq_len: int
                              "lower passkey_chars or raise seq_len.")
         context_chars = context_chars or room
     train = tasks.generate_problems(n_train, seed=seed, split="train", max_digits=max_digits,
-                                    kinds=kinds, context_chars=context_chars or 256)
+                                    kinds=kinds, context_chars=context_chars)
     test = tasks.generate_problems(n_test, seed=seed, split="test", max_digits=max_digits,
-                                   kinds=kinds, context_chars=context_chars or 256)
+                                   kinds=kinds, context_chars=context_chars)
     docs = [encode_problem(tok, p, template) for p in train]
     rows = pack_documents(docs, seq_len, pad_id=tok.pad_id, completion_only=completion_only)
     return TaskDataset(train_rows=rows, test_problems=test, n_train_documents=len(docs))

@@ -294,9 +294,7 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
                      "stage: python -m launch.train --config=launch/configs/default.py "
                      "--workdir=W, then --config.init_from=W).")
   from deepseek_jax.train import export
-  if not os.path.isdir(os.path.join(gcfg.init_from, checkpoint.CHECKPOINT_DIR)):
-    raise FileNotFoundError(f"init_from={gcfg.init_from!r} holds no "
-                            f"{checkpoint.CHECKPOINT_DIR}/: give the workdir of a trained run.")
+  export.require_run(gcfg.init_from, "init_from")
   model_cfg, src_train, init_vars, src_step = export.load_trained_run(gcfg.init_from)
   tok = (load_tokenizer(src_train.tokenizer_path) if src_train.tokenizer_path
          else default_tokenizer())

@@ -28,6 +28,14 @@ def load_trained_variables(workdir: str, step: int | None = None
   return model_cfg, variables, step
 
 
+def require_run(workdir: str, field: str) -> None:
+  """FileNotFoundError naming `field` unless `workdir` holds a run's
+  checkpoints (for flags that point at an earlier run: init_from)."""
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    raise FileNotFoundError(f"{field}={workdir!r} holds no {CHECKPOINT_DIR}/: give the "
+                            "workdir of a trained run.")
+
+
 def load_trained_run(workdir: str, step: int | None = None
                      ) -> tuple[ModelConfig, TrainConfig, dict[str, Any], int]:
   """(model config, train config, variables, step): `load_trained_variables`

@@ -170,9 +170,9 @@ def check_compatible(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
 
 # ModelConfig fields a run may change from the run it starts from (init_from):
 # the context extension (YaRN) and how the same weights are computed.
-INIT_FROM_MAY_CHANGE = ("max_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale",
-                        "dtype", "param_dtype", "moe_impl", "moe_block_size",
-                        "moe_ep_capacity", "fp8", "fp8_layers", "remat_policy", "init_std")
+INIT_FROM_MAY_CHANGE = (("max_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale",
+                         "dtype", "param_dtype", "init_std")
+                        + checkpoint.IMPLEMENTATION_FIELDS)
 
 
 def load_init_from(model_cfg: ModelConfig, workdir: str) -> tuple[dict, int]:
@@ -182,9 +182,7 @@ def load_init_from(model_cfg: ModelConfig, workdir: str) -> tuple[dict, int]:
   INIT_FROM_MAY_CHANGE (shapes or the function computed).
   """
   from deepseek_jax.train import export  # noqa: PLC0415  (export imports this module)
-  if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
-    raise FileNotFoundError(f"init_from={workdir!r} holds no {checkpoint.CHECKPOINT_DIR}/: "
-                            "give the workdir of a finished training run.")
+  export.require_run(workdir, "init_from")
   src_cfg, _, variables, src_step = export.load_trained_run(workdir)
   src, dst = src_cfg.to_dict(), model_cfg.to_dict()
   bad = [f"{k}: {src[k]!r} -> {dst[k]!r}" for k in dst
