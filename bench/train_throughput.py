@@ -33,7 +33,7 @@ import jaxlib
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import count_params
+from deepseek_jax.model import count_active_params, count_params
 from deepseek_jax.model.moe import resolve_moe_impl
 from deepseek_jax.train.loop import TrainConfig
 from deepseek_jax.train.step import init_train_state, make_train_step
@@ -90,22 +90,8 @@ def random_batch(vocab_size: int, batch: int, seq: int, seed: int) -> dict[str, 
 
 
 def active_params_per_token(cfg: ModelConfig, params) -> int:
-  """All parameters except the routed experts a token does not visit.
-
-  Routed expert weights are the `ffn/w1|w2|w3` leaves with an expert axis
-  (dense MLPs and shared experts keep theirs under `.../kernel`); a token
-  uses n_activated_experts / n_routed_experts of them.
-  """
-  total = routed = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    keys = [getattr(k, "key", str(k)) for k in path]
-    n = int(np.prod(leaf.shape))
-    total += n
-    if len(keys) >= 2 and keys[-2] == "ffn" and keys[-1] in ("w1", "w2", "w3"):
-      routed += n
-  if not routed:
-    return total
-  return total - routed + routed * cfg.n_activated_experts // cfg.n_routed_experts
+  """All parameters a token touches (the input embedding included)."""
+  return count_active_params(cfg, params, embedding=True)
 
 
 def peak_rss_mb() -> float:

@@ -259,10 +259,10 @@ class ModelConfig:
     if not 1 <= lg <= g:
       raise ValueError(
           f"n_limited_groups={lg} must be in [1, n_expert_groups={g}].")
-    if g > 1 and e // g < 2:
+    if g > 1 and e // g < 2 and self.score_func == "sigmoid":
       raise ValueError(
-          f"n_routed_experts/n_expert_groups={e // g}: group scores sum each "
-          "group's top-2 experts, so groups need >= 2 experts; use fewer groups.")
+          f"n_routed_experts/n_expert_groups={e // g}: sigmoid routing scores a group "
+          "by its top-2 experts, so groups need >= 2 experts; use fewer groups.")
     if lg * (e // g) < k:
       raise ValueError(
           f"n_limited_groups={lg} groups x {e // g} experts/group < "
@@ -324,15 +324,29 @@ def _small() -> ModelConfig:
 
 
 def _v2_lite_16b() -> ModelConfig:
-  # DeepSeek-V2-Lite: 15.7B total / 2.4B active, softmax routing, no q LoRA.
+  # DeepSeek-V2-Lite (and Coder-V2-Lite): the published config.json field by
+  # field: 15.7B total / 2.4B active, softmax routing over all 64 experts
+  # (topk_method greedy), no q LoRA, YaRN x40 from 4K (mscale 0.707).
   return ModelConfig(
       vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408,
       n_layers=27, n_dense_layers=1, n_heads=16, n_routed_experts=64,
       n_shared_experts=2, n_activated_experts=6, n_expert_groups=1,
       n_limited_groups=1, score_func="softmax", route_scale=1.0, q_lora_rank=0,
       kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-      v_head_dim=128, original_seq_len=4096, rope_factor=40.0, mscale=0.707,
-      max_seq_len=4096, n_mtp_depth=0)
+      v_head_dim=128, original_seq_len=4096, rope_theta=10000.0, rope_factor=40.0,
+      beta_fast=32.0, beta_slow=1.0, mscale=0.707, max_seq_len=163840, n_mtp_depth=0,
+      rms_norm_eps=1e-6, init_std=0.02, dtype="bfloat16", param_dtype="float32",
+      remat_policy="full")
+
+
+def _v2_236b() -> ModelConfig:
+  # DeepSeek-V2 (and V2-Chat / V2.5): 236B total / 21B active, 160 experts in
+  # 8 device groups of which each token may use 3 (topk_method
+  # group_limited_greedy), gates scaled by 16.
+  return _v2_lite_16b().replace(
+      dim=5120, inter_dim=12288, moe_inter_dim=1536, n_layers=60, n_heads=128,
+      n_routed_experts=160, n_expert_groups=8, n_limited_groups=3, route_scale=16.0,
+      q_lora_rank=1536)
 
 
 def _v3_671b() -> ModelConfig:
@@ -352,6 +366,7 @@ PRESETS = {
     "tiny": _tiny,
     "small": _small,
     "v2_lite_16b": _v2_lite_16b,
+    "v2_236b": _v2_236b,
     "v3_671b": _v3_671b,
 }
 

@@ -54,6 +54,35 @@ PUBLISHED_V3 = {
     "v_head_dim": 128, "vocab_size": 129280,
 }
 
+# The published DeepSeek-V2-Lite and DeepSeek-V2 config.json files (as on the Hub).
+PUBLISHED_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "attention_bias": False, "attention_dropout": 0.0, "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1,
+    "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+    "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                     "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                     "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+    "seq_aux": True, "tie_word_embeddings": False, "topk_group": 1,
+    "topk_method": "greedy", "torch_dtype": "bfloat16", "use_cache": True,
+    "v_head_dim": 128, "vocab_size": 102400,
+}
+PUBLISHED_V2 = {
+    **PUBLISHED_V2_LITE, "hidden_size": 5120, "intermediate_size": 12288,
+    "moe_intermediate_size": 1536, "n_group": 8, "n_routed_experts": 160,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "num_hidden_layers": 60,
+    "q_lora_rank": 1536, "routed_scaling_factor": 16.0, "topk_group": 3,
+    "topk_method": "group_limited_greedy",
+}
+RUNTIME = {"dtype": "bfloat16", "param_dtype": "float32", "remat_policy": "full"}
+
 
 def _random_variables(cfg, seed=0):
   rng = np.random.default_rng(seed)
@@ -173,9 +202,67 @@ def test_config_without_a_model_dimension_is_rejected():
     config_from_hf(broken)
 
 
-def test_softmax_routing_is_not_exported_to_hf():
-  with pytest.raises(NotImplementedError, match="sigmoid-only"):
-    config_to_hf(get_preset("v2_lite_16b"))
+@pytest.mark.parametrize("published,preset,total,active", [
+    (PUBLISHED_V2_LITE, "v2_lite_16b", 15.7e9, 2.4e9),
+    (PUBLISHED_V2, "v2_236b", 236e9, 21e9),
+])
+def test_published_v2_configs_are_the_presets(published, preset, total, active):
+  from deepseek_jax.model import count_active_params, count_params
+  cfg = config_from_hf(published, **RUNTIME)
+  assert cfg == get_preset(preset)
+  params = abstract_variables(cfg)["params"]
+  # The V2 report's counts: total, and active without the input embedding.
+  assert count_params(params) == pytest.approx(total, rel=0.01)
+  assert count_active_params(cfg, params, embedding=False) == pytest.approx(active, rel=0.03)
+  hf = config_to_hf(cfg)
+  assert (hf["architectures"], hf["topk_method"]) == (
+      published["architectures"], published["topk_method"])
+  assert "num_nextn_predict_layers" not in hf and hf["norm_topk_prob"] is False
+  assert config_from_hf(hf, **RUNTIME) == cfg
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"model_type": "deepseek", "architectures": ["DeepseekForCausalLM"]}, ValueError,
+     "DeepSeekMoE 16B"),
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, ValueError, "unknown architecture"),
+    ({"topk_method": "noaux_tc"}, NotImplementedError, "topk_method='noaux_tc'"),
+    ({"norm_topk_prob": True}, NotImplementedError, "norm_topk_prob"),
+    ({"scoring_func": "sigmoid"}, NotImplementedError, "softmax"),
+    ({"num_nextn_predict_layers": 1}, NotImplementedError, "no MTP"),
+    ({"topk_method": "group_limited_greedy", "n_group": None}, ValueError, "n_group"),
+    ({"num_key_value_heads": 8}, NotImplementedError, "num_key_value_heads"),
+    ({"mlp_bias": True}, NotImplementedError, "mlp_bias"),
+])
+def test_unsupported_v2_configs_fail_naming_the_field(change, error, match):
+  with pytest.raises(error, match=match):
+    config_from_hf({**PUBLISHED_V2_LITE, **change})
+
+
+def test_v2_export_refuses_what_v2_cannot_hold(tmp_path):
+  with pytest.raises(NotImplementedError, match="no MTP"):
+    config_to_hf(get_preset("tiny", score_func="softmax", route_scale=1.0))
+  cfg = get_preset("tiny", score_func="softmax", route_scale=1.0, n_mtp_depth=0)
+  variables = _random_variables(cfg)       # router bias random: not representable
+  with pytest.raises(ValueError, match="bias_update_speed=0"):
+    save_hf_checkpoint(cfg, variables, str(tmp_path / "v2"))
+  assert not os.path.exists(tmp_path / "v2" / "config.json")
+  variables["router_bias"] = jax.tree.map(jnp.zeros_like, variables["router_bias"])
+  save_hf_checkpoint(cfg, variables, str(tmp_path / "v2"))
+  assert not any("e_score_correction_bias" in k for k in _read_all(tmp_path / "v2"))
+  cfg2, loaded = load_hf_checkpoint(str(tmp_path / "v2"))
+  assert cfg2 == cfg
+  _assert_trees_equal(loaded, variables)
+  # launch.convert reads and writes the V2 family too
+  convert.convert(from_hf=str(tmp_path / "v2"), to_jax=str(tmp_path / "jax"))
+  convert.convert(from_jax=str(tmp_path / "jax"), to_hf=str(tmp_path / "back"))
+  with open(tmp_path / "back" / "config.json") as f:
+    assert json.load(f)["model_type"] == "deepseek_v2"
+  _assert_trees_equal(load_hf_checkpoint(str(tmp_path / "back"))[1], variables)
+  # shard-by-shard loading onto a mesh fills the absent router bias with zeros
+  from deepseek_jax.parallel import MeshConfig, setup
+  mesh, _ = setup(MeshConfig(data=1, fsdp=2, expert=4))
+  _, placed = load_hf_checkpoint(str(tmp_path / "v2"), mesh=mesh, rules="ep_fsdp")
+  _assert_trees_equal(jax.device_get(placed), jax.device_get(variables))
 
 
 # ---------------------------------------------------------------------------

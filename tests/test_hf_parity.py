@@ -224,3 +224,79 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
                            max_new_tokens=12, min_new_tokens=12, do_sample=False,
                            pad_token_id=0)
     assert out[0, len(p):].tolist() == gen.tokens[i].tolist(), i
+
+
+# ---------------------------------------------------------------------------
+# DeepSeek-V2 (transformers' DeepseekV2ForCausalLM): no router bias, no MTP,
+# softmax gates times routed_scaling_factor, greedy or group-limited routing.
+# ---------------------------------------------------------------------------
+V2_BASE = {k: v for k, v in BASE.items() if k != "num_nextn_predict_layers"}
+V2_BASE.update(routed_scaling_factor=1.5, topk_method="greedy", norm_topk_prob=False,
+               n_group=1, topk_group=1)
+
+
+def _hf_v2_model(seed: int = 0, **overrides):
+  torch.manual_seed(seed)
+  config = transformers.DeepseekV2Config(**{**V2_BASE, **overrides},
+                                         attn_implementation="eager")
+  model = transformers.DeepseekV2ForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.1)
+  return model
+
+
+V2_YARN = {"rope_type": "yarn", "rope_theta": 50.0, "factor": 4.0,
+           "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0,
+           "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+@pytest.mark.parametrize("label,overrides,seq", [
+    ("greedy, no q LoRA, YaRN past 32", dict(q_lora_rank=None, qk_rope_head_dim=16,
+                                             max_position_embeddings=128,
+                                             rope_parameters=V2_YARN), 48),
+    # With group-max scores the limit binds only when topk_group < top-k.
+    ("group_limited_greedy, q LoRA", dict(topk_method="group_limited_greedy", n_group=4,
+                                          topk_group=1), 24),
+])
+def test_v2_checkpoint_matches_hf(tmp_path, label, overrides, seq):
+  model = _hf_v2_model(seed=21, **overrides)
+  cfg, variables = _check_hf_to_ours(tmp_path, model, seq=seq, label=f"(v2) {label}")
+  assert cfg.score_func == "softmax" and cfg.n_mtp_depth == 0
+  assert cfg.route_scale == 1.5 and cfg.use_q_lora == ("q_lora_rank" not in overrides)
+  assert all(not np.any(np.asarray(b)) for b in jax.tree.leaves(variables["router_bias"]))
+  if cfg.use_yarn:
+    assert seq > cfg.original_seq_len and cfg.mscale == 0.707
+    assert cfg.softmax_scale != cfg.qk_head_dim ** -0.5
+  else:   # the group limit changes the choice on these inputs (not vacuous)
+    assert (cfg.n_expert_groups, cfg.n_limited_groups) == (4, 1)
+    gate = model.model.layers[1].mlp.gate
+    seen = []
+    handle = gate.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    _hf_logits(model, _tokens(cfg, seq))
+    handle.remove()
+    with torch.no_grad():
+      h = seen[0].reshape(-1, cfg.dim)
+      chosen = gate(h)[2].sort(-1).values
+      ungrouped = (h.float() @ gate.weight.float().T).topk(2, dim=-1).indices.sort(-1).values
+    assert (chosen != ungrouped).any(-1).any()
+
+
+def test_our_v2_variables_load_in_hf_with_same_logits(tmp_path):
+  cfg = get_preset("tiny", vocab_size=160, score_func="softmax", route_scale=2.0,
+                   n_mtp_depth=0, q_lora_rank=0)
+  variables = _random_variables(cfg, seed=12)
+  variables["router_bias"] = jax.tree.map(jnp.zeros_like, variables["router_bias"])
+  save_hf_checkpoint(cfg, variables, str(tmp_path))
+  with open(os.path.join(tmp_path, "config.json")) as f:
+    assert json.load(f)["architectures"] == ["DeepseekV2ForCausalLM"]
+  model, info = transformers.DeepseekV2ForCausalLM.from_pretrained(
+      str(tmp_path), attn_implementation="eager", output_loading_info=True)
+  assert not any(info.values()), info
+  tokens = _tokens(cfg, 20, seed=3)
+  err = float(np.abs(_our_logits(cfg, variables, tokens) - _hf_logits(model.eval(), tokens)).max())
+  print(f"\n[parity] V2: ours -> save_hf_checkpoint -> DeepseekV2 from_pretrained: {err:.3g}")
+  assert err < TOL

@@ -1,6 +1,14 @@
-"""Hugging Face checkpoints <-> deepseek_jax variables (DeepSeek-V3 layout).
+"""Hugging Face checkpoints <-> deepseek_jax variables (DeepSeek-V3 and V2 layouts).
 
-An HF DeepSeek-V3 checkpoint is a directory with `config.json` and
+Two families are read and written: DeepSeek-V3 / R1 (`DeepseekV3ForCausalLM`,
+model_type `deepseek_v3`) and DeepSeek-V2 / V2-Lite / V2.5 / Coder-V2
+(`DeepseekV2ForCausalLM`, `deepseek_v2`). Their tensors share one key layout;
+V2 has no router bias (`e_score_correction_bias`) and no MTP layers, routes by
+softmax (raw gates times routed_scaling_factor) and limits groups by their best
+expert (`topk_method` greedy / group_limited_greedy). Our config says which
+family a model is by its router: score_func "sigmoid" is V3, "softmax" is V2.
+
+An HF DeepSeek checkpoint is a directory with `config.json` and
 `*.safetensors` shards (plus `model.safetensors.index.json` when sharded).
 Each torch `Linear` weight is [out, in]; our kernels are input-major for
 einsum, with head axes split out, e.g.
@@ -65,6 +73,10 @@ log = logging.getLogger(__name__)
 
 HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
 HF_MODEL_TYPE = "deepseek_v3"
+HF_V2_ARCHITECTURE = "DeepseekV2ForCausalLM"
+HF_V2_MODEL_TYPE = "deepseek_v2"
+HF_FAMILIES = {HF_MODEL_TYPE: HF_ARCHITECTURE, HF_V2_MODEL_TYPE: HF_V2_ARCHITECTURE}
+V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 JAX_CONFIG_NAME = "model_config.json"
@@ -79,6 +91,14 @@ _HF_DEFAULTS = {
     "q_lora_rank": 1536, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
     "norm_topk_prob": True, "scoring_func": "sigmoid", "num_nextn_predict_layers": 1,
     "initializer_range": 0.02, "rope_theta": 10000.0,
+}
+# ... and transformers' DeepseekV2Config (num_experts_per_tok has no default).
+_HF_V2_DEFAULTS = {
+    "moe_intermediate_size": 1407, "n_shared_experts": 2, "n_routed_experts": 64,
+    "num_experts_per_tok": None, "first_k_dense_replace": 0, "routed_scaling_factor": 1.0,
+    "q_lora_rank": 1536, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+    "norm_topk_prob": False, "scoring_func": "softmax", "initializer_range": 0.02,
+    "rope_theta": 10000.0, "topk_method": "greedy",
 }
 _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
@@ -143,64 +163,116 @@ def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> dict[str, Any]:
           "mscale": float(mscale_all or 1.0)}
 
 
+def hf_model_type(hf_config: Mapping[str, Any]) -> str:
+  """"deepseek_v3" or "deepseek_v2" for a config.json dict; ValueError naming
+  what it found for any other architecture."""
+  archs = hf_config.get("architectures") or []
+  model_type = hf_config.get("model_type")
+  if model_type in HF_FAMILIES and (not archs or HF_FAMILIES[model_type] in archs):
+    return model_type
+  hint = ""
+  if model_type == "deepseek":
+    hint = (" DeepSeek V1 / DeepSeekMoE 16B (model_type 'deepseek', remote code) has no "
+            "MLA and is not supported.")
+  raise ValueError(
+      f"unknown architecture {archs or None} / model_type {model_type!r}: expected "
+      f"{HF_ARCHITECTURE} / {HF_MODEL_TYPE!r} (DeepSeek-V3 / R1) or {HF_V2_ARCHITECTURE} / "
+      f"{HF_V2_MODEL_TYPE!r} (DeepSeek-V2 / V2-Lite / V2.5 / Coder-V2).{hint}")
+
+
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """ModelConfig from an HF DeepSeek-V3 `config.json` dict.
+  """ModelConfig from an HF DeepSeek-V3 or DeepSeek-V2 `config.json` dict.
 
   `overrides` set ModelConfig fields HF configs do not carry (dtype,
   moe_impl, remat_policy, ...). Keys a config.json omits take transformers'
-  DeepseekV3Config defaults. Raises ValueError for other architectures and
-  NotImplementedError for HF features deepseek_jax does not model.
+  DeepseekV3Config / DeepseekV2Config defaults. Raises ValueError for other
+  architectures and NotImplementedError for HF features deepseek_jax does not
+  model (naming the field), rather than loading a different model.
+
+  V2 routing maps onto the one router (model/moe.py `route`): softmax scores,
+  raw gates times routed_scaling_factor; `topk_method` "greedy" is top-k over
+  all experts (n_expert_groups = 1), "group_limited_greedy" keeps the
+  `topk_group` of `n_group` groups with the best single expert (V2's
+  device-limited routing: groups = devices).
   """
   hf = dict(hf_config)
-  archs = hf.get("architectures") or []
-  if hf.get("model_type") != HF_MODEL_TYPE or (archs and HF_ARCHITECTURE not in archs):
-    raise ValueError(
-        f"unknown architecture {archs or None} / model_type {hf.get('model_type')!r}: "
-        f"expected {HF_ARCHITECTURE} / {HF_MODEL_TYPE!r} (DeepSeek-V3 / R1 checkpoints).")
+  v2 = hf_model_type(hf) == HF_V2_MODEL_TYPE
+  defaults = _HF_V2_DEFAULTS if v2 else _HF_DEFAULTS
   missing = [k for k in _HF_REQUIRED if k not in hf]
   if missing:
-    raise ValueError(f"config.json lacks {missing}; it does not describe a DeepSeek-V3 model.")
+    raise ValueError(f"config.json lacks {missing}; it does not describe a DeepSeek "
+                     f"{'V2' if v2 else 'V3'} model.")
 
   def get(name):  # transformers' default when the key is absent or null
     value = hf.get(name)
-    return _HF_DEFAULTS[name] if value is None else value
+    return defaults[name] if value is None else value
 
   if hf.get("tie_word_embeddings", False):
-    raise ValueError("tie_word_embeddings=true: DeepSeek-V3 has a separate lm_head; "
+    raise ValueError("tie_word_embeddings=true: DeepSeek models have a separate lm_head; "
                      "deepseek_jax does not tie embeddings.")
-  for name, want in (("hidden_act", "silu"), ("attention_bias", False),
-                     ("rope_interleave", True), ("moe_layer_freq", 1)):
+  unsupported = [("hidden_act", "silu"), ("attention_bias", False), ("moe_layer_freq", 1),
+                 ("mlp_bias", False)]
+  unsupported += [] if v2 else [("rope_interleave", True)]
+  for name, want in unsupported:
     if name in hf and hf[name] != want:
       raise NotImplementedError(
-          f"{name}={hf[name]!r} is not supported (DeepSeek-V3 uses {want!r}).")
+          f"{name}={hf[name]!r} is not supported (DeepSeek models use {want!r}).")
+  kv_heads = hf.get("num_key_value_heads")
+  if kv_heads is not None and kv_heads != hf["num_attention_heads"]:
+    raise NotImplementedError(
+        f"num_key_value_heads={kv_heads} != num_attention_heads="
+        f"{hf['num_attention_heads']}: MLA has one key/value per head.")
   score_func = get("scoring_func")
   norm_topk = bool(get("norm_topk_prob"))
-  if score_func == "sigmoid" and not norm_topk:
-    raise NotImplementedError(
-        "scoring_func='sigmoid' with norm_topk_prob=false: deepseek_jax always "
-        "normalises sigmoid gates over the chosen experts (V3 eq. 14).")
-  if score_func == "softmax" and norm_topk:
-    raise NotImplementedError(
-        "scoring_func='softmax' with norm_topk_prob=true: deepseek_jax uses the raw "
-        "softmax gates (DeepSeek-V2); set norm_topk_prob=false.")
+  n_moe = hf["num_hidden_layers"] - min(get("first_k_dense_replace"), hf["num_hidden_layers"])
+  if v2:
+    groups, limited = _v2_groups(hf, get)
+    if score_func != "softmax":
+      raise NotImplementedError(
+          f"scoring_func={score_func!r}: DeepSeek-V2 routes by softmax (transformers' "
+          "DeepseekV2 router is softmax-only).")
+    if norm_topk:
+      raise NotImplementedError(
+          "norm_topk_prob=true in a DeepSeek-V2 config: transformers' DeepseekV2 ignores "
+          "it while DeepSeek's own modeling code renormalises the gates, so the model is "
+          "ambiguous; the published V2 models use false.")
+    depth = hf.get("num_nextn_predict_layers")
+    if depth:
+      raise NotImplementedError(
+          f"num_nextn_predict_layers={depth} in a DeepSeek-V2 config: V2 has no MTP "
+          "layers (transformers' DeepseekV2 would drop them).")
+    if n_moe and get("num_experts_per_tok") is None:
+      raise ValueError("config.json lacks num_experts_per_tok (DeepseekV2Config has no "
+                       "default); set the number of routed experts per token.")
+    n_mtp = 0
+  else:
+    groups = hf.get("n_group", _HF_DEFAULTS["n_group"]) or 1
+    limited = hf.get("topk_group", _HF_DEFAULTS["topk_group"]) or 1
+    if score_func == "sigmoid" and not norm_topk:
+      raise NotImplementedError(
+          "scoring_func='sigmoid' with norm_topk_prob=false: deepseek_jax always "
+          "normalises sigmoid gates over the chosen experts (V3 eq. 14).")
+    if score_func == "softmax" and norm_topk:
+      raise NotImplementedError(
+          "scoring_func='softmax' with norm_topk_prob=true: deepseek_jax uses the raw "
+          "softmax gates (DeepSeek-V2); set norm_topk_prob=false.")
+    n_mtp = int(hf.get("num_nextn_predict_layers", hf.get(
+        "num_mtp_layers", _HF_DEFAULTS["num_nextn_predict_layers"])) or 0)
   max_pos = int(get("max_position_embeddings"))
   fields = dict(
       vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
       moe_inter_dim=get("moe_intermediate_size"), n_layers=hf["num_hidden_layers"],
       n_dense_layers=min(get("first_k_dense_replace"), hf["num_hidden_layers"]),
       n_heads=hf["num_attention_heads"], n_routed_experts=get("n_routed_experts"),
-      n_shared_experts=hf.get("n_shared_experts", _HF_DEFAULTS["n_shared_experts"]) or 0,
-      n_activated_experts=get("num_experts_per_tok"),
-      n_expert_groups=hf.get("n_group", _HF_DEFAULTS["n_group"]) or 1,
-      n_limited_groups=hf.get("topk_group", _HF_DEFAULTS["topk_group"]) or 1,
+      n_shared_experts=hf.get("n_shared_experts", defaults["n_shared_experts"]) or 0,
+      n_activated_experts=get("num_experts_per_tok") or 1,
+      n_expert_groups=groups, n_limited_groups=limited,
       score_func=score_func, route_scale=float(get("routed_scaling_factor")),
-      q_lora_rank=(hf.get("q_lora_rank", _HF_DEFAULTS["q_lora_rank"]) or 0),
+      q_lora_rank=(hf.get("q_lora_rank", defaults["q_lora_rank"]) or 0),
       kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
       qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
       max_seq_len=max_pos, rms_norm_eps=float(get("rms_norm_eps")),
-      n_mtp_depth=int(hf.get("num_nextn_predict_layers", hf.get(
-          "num_mtp_layers", _HF_DEFAULTS["num_nextn_predict_layers"])) or 0),
-      init_std=float(get("initializer_range")))
+      n_mtp_depth=n_mtp, init_std=float(get("initializer_range")))
   fields.update(_rope_from_hf(hf, max_pos))
   fields.update(overrides)
   cfg = ModelConfig.from_dict(fields)
@@ -212,16 +284,35 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfi
   return cfg
 
 
+def _v2_groups(hf: Mapping[str, Any], get) -> tuple[int, int]:
+  """(n_expert_groups, n_limited_groups) from a V2 config's topk_method."""
+  method = get("topk_method")
+  if method == "greedy":      # n_group / topk_group are ignored by this method
+    return 1, 1
+  if method == "group_limited_greedy":
+    groups, limited = hf.get("n_group"), hf.get("topk_group")
+    if not isinstance(groups, int) or not isinstance(limited, int):
+      raise ValueError(f"topk_method='group_limited_greedy' needs integer n_group and "
+                       f"topk_group (got {groups!r}, {limited!r}).")
+    return groups, limited
+  raise NotImplementedError(
+      f"topk_method={method!r} in a DeepSeek-V2 config: supported are {V2_TOPK_METHODS} "
+      "(V3's 'noaux_tc' belongs to model_type 'deepseek_v3').")
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-  """HF `config.json` dict for `cfg`, loadable by DeepseekV3ForCausalLM.
+  """HF `config.json` dict for `cfg`: DeepseekV3ForCausalLM for a sigmoid
+  router, DeepseekV2ForCausalLM for a softmax one (V2-shaped: no MTP).
 
   Inactive YaRN fields (max_seq_len <= original_seq_len) are not written:
   they have no effect, and HF would apply YaRN at any length.
   """
-  if cfg.score_func != "sigmoid":
+  v2 = cfg.score_func == "softmax"
+  if v2 and cfg.n_mtp_depth:
     raise NotImplementedError(
-        f"score_func={cfg.score_func!r}: transformers' DeepseekV3 router is sigmoid-only, "
-        "so it would silently run a different model.")
+        f"n_mtp_depth={cfg.n_mtp_depth} with score_func='softmax': a softmax-routed model "
+        "is written as DeepSeek-V2, which has no MTP layers; set n_mtp_depth=0 (or use "
+        "score_func='sigmoid' for a V3 checkpoint).")
   if cfg.n_mtp_depth and not cfg.n_moe_layers:
     raise NotImplementedError(
         "n_mtp_depth > 0 with no MoE layer: our MTP block is then dense but "
@@ -236,8 +327,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     legacy["type"] = "yarn"
   else:
     rope, legacy = {"rope_type": "default", "rope_theta": cfg.rope_theta}, None
-  return {
-      "architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE,
+  out = {
+      "architectures": [HF_V2_ARCHITECTURE if v2 else HF_ARCHITECTURE],
+      "model_type": HF_V2_MODEL_TYPE if v2 else HF_MODEL_TYPE,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
       "intermediate_size": cfg.inter_dim, "moe_intermediate_size": cfg.moe_inter_dim,
       "num_hidden_layers": cfg.n_layers, "first_k_dense_replace": cfg.n_dense_layers,
@@ -245,7 +337,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
       "num_experts_per_tok": cfg.n_activated_experts, "n_group": cfg.n_expert_groups,
       "topk_group": cfg.n_limited_groups, "scoring_func": cfg.score_func,
-      "topk_method": "noaux_tc", "norm_topk_prob": True,
+      "topk_method": ("greedy" if cfg.n_expert_groups == 1 else "group_limited_greedy")
+                     if v2 else "noaux_tc",
+      "norm_topk_prob": not v2,
       "routed_scaling_factor": cfg.route_scale,
       "q_lora_rank": cfg.q_lora_rank or None, "kv_lora_rank": cfg.kv_lora_rank,
       "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
@@ -256,6 +350,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "attention_bias": False, "hidden_act": "silu", "moe_layer_freq": 1,
       "initializer_range": cfg.init_std, "dtype": cfg.param_dtype,
   }
+  if v2:
+    for key in ("rope_interleave", "num_nextn_predict_layers"):   # not V2 fields
+      del out[key]
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -311,8 +409,10 @@ def _block_slots(cfg: ModelConfig, hf: str, ours: str, idx: tuple, *,
                 _linear(f"{m}.up_proj.weight", f"{f}/w3/kernel", idx, (d,), (i,)),
                 _linear(f"{m}.down_proj.weight", f"{f}/w2/kernel", idx, (i,), (d,))]
   e, i = cfg.n_routed_experts, cfg.moe_inter_dim
-  s += [_linear(f"{m}.gate.weight", f"{f}/gate", idx, (d,), (e,)),
-        _copy(f"{m}.gate.e_score_correction_bias", f"router_bias/{ours}/ffn/bias", idx, (e,))]
+  s += [_linear(f"{m}.gate.weight", f"{f}/gate", idx, (d,), (e,))]
+  if cfg.score_func == "sigmoid":   # V3's balancing bias; V2 has none (ours stays 0)
+    s += [_copy(f"{m}.gate.e_score_correction_bias", f"router_bias/{ours}/ffn/bias", idx,
+                (e,))]
   if cfg.n_shared_experts:
     si, sh = cfg.n_shared_experts * i, f"{f}/shared_experts"
     s += [_linear(f"{m}.shared_experts.gate_proj.weight", f"{sh}/w1/kernel", idx, (d,), (si,)),
@@ -505,7 +605,7 @@ def _np_dtype(name: str):
 
 def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
                        keep_fp8: bool = False) -> tuple[ModelConfig, dict]:
-  """Reads an HF DeepSeek-V3 checkpoint directory into (cfg, variables).
+  """Reads an HF DeepSeek-V3 or V2 checkpoint directory into (cfg, variables).
 
   Tensors are streamed one at a time into preallocated stacked arrays of
   `dtype` (default float32; FP8 weights are dequantised first), so peak host
@@ -597,6 +697,9 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
     arrays[name] = np.empty(abstract[name].shape, fp8_dtype)
     arrays[name + "_scale"] = np.empty(scale_shape, np.float32)
   filled = dict.fromkeys(arrays, 0)
+  for name in _unslotted_biases(slots, arrays):   # V2: no router bias in the checkpoint
+    arrays[name] = np.zeros(arrays[name].shape, np.float32)
+    filled[name] = arrays[name].size
   for n, file in enumerate(files):
     keys = [k for k, info in infos.items() if info.file == file and k in by_key]
     with safetensors.safe_open(file, framework="numpy") as f:
@@ -622,6 +725,12 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
   for name in list(arrays):
     variables[name] = jnp.asarray(arrays.pop(name))
   return cfg, _unflatten(variables)
+
+
+def _unslotted_biases(slots: list[_Slot], leaves) -> list[str]:
+  """Router-bias leaves no checkpoint tensor fills (V2 checkpoints): zeros."""
+  slotted = {s.leaf for s in slots}
+  return [n for n in leaves if n.startswith("router_bias/") and n not in slotted]
 
 
 def _fp8_leaves(slots: list[_Slot], infos: dict[str, _Info], shapes: Mapping[str, Any]
@@ -672,6 +781,7 @@ def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, _Info],
   by_leaf: dict[str, list[_Slot]] = {}
   for s in slots:
     by_leaf.setdefault(s.leaf, []).append(s)
+  zero = set(_unslotted_biases(slots, _flatten(abstract)))
   out = {}
   with contextlib.ExitStack() as stack:
     handles: dict[str, Any] = {}
@@ -691,7 +801,10 @@ def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, _Info],
         bounds += tuple((0, n) for n in shape[len(bounds):])
         if bounds in done:
           return done[bounds]
-        buf = np.empty([hi - lo for lo, hi in bounds], dtype)
+        buf = np.zeros([hi - lo for lo, hi in bounds], dtype)
+        if name in zero:
+          done[bounds] = buf
+          return buf
         filled = 0
         for s in by_leaf[name]:
           k = len(s.index)
@@ -780,7 +893,8 @@ def _check_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where
 def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str, *,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                        dtype=None) -> None:
-  """Writes an HF DeepSeek-V3 checkpoint (config.json, shards, index).
+  """Writes an HF DeepSeek checkpoint (config.json, shards, index): V3 for a
+  sigmoid router, V2 for a softmax one (config_to_hf; its router bias must be 0).
 
   Per-expert keys as published; MTP module k at layer num_hidden_layers + k.
   Tensors keep their dtype unless `dtype` is given (the router bias stays
@@ -792,9 +906,16 @@ def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str
   hf_config = config_to_hf(cfg)
   flat = _flatten(variables)
   _check_shapes(cfg, {k: np.shape(v) for k, v in flat.items()}, "variables")
+  slots = _slots(cfg)
+  for name in _unslotted_biases(slots, flat):
+    if np.any(np.asarray(flat[name]) != 0):
+      raise ValueError(
+          f"{name} is not zero, but a softmax-routed (DeepSeek-V2) checkpoint has no router "
+          "bias to hold it: the exported model would route differently. Train V2-shaped "
+          "models with bias_update_speed=0 (V2's balance losses instead), or export a "
+          "sigmoid-routed model as V3.")
   os.makedirs(path, exist_ok=True)
   out_dtype = None if dtype is None else _np_dtype(_param_dtype(dtype))
-  slots = _slots(cfg)
 
   def tensor_dtype(s: _Slot):
     if out_dtype is None or s.leaf.startswith("router_bias/"):

@@ -1,8 +1,8 @@
 """DeepSeek-V3 model: `Transformer(cfg).apply(variables, tokens)` -> logits."""
 
 from deepseek_jax.model.transformer import (Transformer, abstract_variables,
-                                            check_inputs, count_params,
-                                            init_variables)
+                                            check_inputs, count_active_params,
+                                            count_params, init_variables)
 
 __all__ = ["Transformer", "init_variables", "abstract_variables", "count_params",
-           "check_inputs"]
+           "count_active_params", "check_inputs"]

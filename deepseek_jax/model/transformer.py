@@ -231,3 +231,26 @@ def abstract_variables(cfg: ModelConfig):
 
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def count_active_params(cfg: ModelConfig, params, *, embedding: bool = True) -> int:
+  """Parameters one token uses: all but the routed experts it does not visit.
+
+  Routed expert weights are the `ffn/w1|w2|w3` leaves with an expert axis
+  (dense MLPs and shared experts keep theirs under `.../kernel`); a token
+  uses n_activated_experts / n_routed_experts of them. embedding=False
+  leaves out the input embedding (a lookup, not a matmul): the convention of
+  DeepSeek's "active parameters" (V3 37B, V2 21B, V2-Lite 2.4B).
+  """
+  total = routed = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    keys = [getattr(k, "key", str(k)) for k in path]
+    n = int(np.prod(leaf.shape))
+    if not embedding and keys[-2:] == ["embed", "embedding"]:
+      continue
+    total += n
+    if len(keys) >= 2 and keys[-2] == "ffn" and keys[-1] in ("w1", "w2", "w3"):
+      routed += n
+  if not routed:
+    return total
+  return total - routed + routed * cfg.n_activated_experts // cfg.n_routed_experts
