@@ -603,6 +603,63 @@ def _np_dtype(name: str):
   return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
+def read_hf_config(path: str) -> dict[str, Any]:
+  """The config.json dict of an HF checkpoint directory (clear errors for a
+  missing directory or file and for invalid JSON)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path!r} is not a directory: an HF checkpoint is a directory "
+                            "with config.json and *.safetensors.")
+  config_path = os.path.join(path, CONFIG_NAME)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(
+        f"{config_path} not found: an HF checkpoint directory needs config.json next "
+        "to its *.safetensors (copy it from the model repo or use save_pretrained).")
+  with open(config_path) as f:
+    try:
+      hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{config_path}: not valid JSON ({e}).") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}.")
+  return hf
+
+
+def check_hf_checkpoint(path: str, dtype=None) -> ModelConfig:
+  """The ModelConfig of an HF checkpoint directory after checking, from the
+  safetensors headers alone (no tensor is read), that every tensor the config
+  implies is there with its shape: a missing, incomplete or mismatched
+  checkpoint fails here, before anything is compiled."""
+  return _open_checkpoint(path, _param_dtype(dtype))[0]
+
+
+def _open_checkpoint(path: str, param_dtype: str):
+  """(cfg, files, infos, slots, block) of a checked checkpoint directory."""
+  hf = read_hf_config(path)
+  files = _checkpoint_files(path)
+  infos = _list_tensors(files)
+
+  n_layers = hf.get("num_hidden_layers")
+  layer_ids = {int(m.group(1)) for k in infos
+               if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+  depth = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers"))
+  if depth and isinstance(n_layers, int) and not any(i >= n_layers for i in layer_ids):
+    warnings.warn(f"{path}: config.json has num_nextn_predict_layers={depth} but the "
+                  "checkpoint holds no MTP weights; loading with n_mtp_depth=0.")
+    hf["num_nextn_predict_layers"] = 0
+    hf.pop("num_mtp_layers", None)
+  cfg = config_from_hf(hf, param_dtype=param_dtype)
+
+  fused = frozenset(i for i in layer_ids if f"model.layers.{i}.mlp.experts.gate_up_proj" in infos)
+  slots = _slots(cfg, fused)
+  quant = hf.get("quantization_config") or {}
+  block = tuple(quant.get("weight_block_size") or (128, 128))
+  if quant and quant.get("quant_method", "fp8") != "fp8":
+    raise NotImplementedError(f"quantization {quant.get('quant_method')!r}: only DeepSeek's "
+                              "block FP8 checkpoints are supported.")
+  _check_tensors(path, slots, infos, block, _mtp_duplicates(cfg))
+  return cfg, files, infos, slots, block
+
+
 def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
                        keep_fp8: bool = False) -> tuple[ModelConfig, dict]:
   """Reads an HF DeepSeek-V3 or V2 checkpoint directory into (cfg, variables).
@@ -635,39 +692,8 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
   128 x 128 blocks and no mesh; a checkpoint without FP8 weights loads as
   usual (with a warning).
   """
-  config_path = os.path.join(path, CONFIG_NAME)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(
-        f"{config_path} not found: an HF checkpoint directory needs config.json next "
-        "to its *.safetensors (copy it from the model repo or use save_pretrained).")
-  with open(config_path) as f:
-    try:
-      hf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{config_path}: not valid JSON ({e}).") from None
   param_dtype = _param_dtype(dtype)
-  files = _checkpoint_files(path)
-  infos = _list_tensors(files)
-
-  n_layers = hf.get("num_hidden_layers")
-  layer_ids = {int(m.group(1)) for k in infos
-               if (m := re.match(r"model\.layers\.(\d+)\.", k))}
-  depth = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers"))
-  if depth and isinstance(n_layers, int) and not any(i >= n_layers for i in layer_ids):
-    warnings.warn(f"{path}: config.json has num_nextn_predict_layers={depth} but the "
-                  "checkpoint holds no MTP weights; loading with n_mtp_depth=0.")
-    hf["num_nextn_predict_layers"] = 0
-    hf.pop("num_mtp_layers", None)
-  cfg = config_from_hf(hf, param_dtype=param_dtype)
-
-  fused = frozenset(i for i in layer_ids if f"model.layers.{i}.mlp.experts.gate_up_proj" in infos)
-  slots = _slots(cfg, fused)
-  quant = hf.get("quantization_config") or {}
-  block = tuple(quant.get("weight_block_size") or (128, 128))
-  if quant and quant.get("quant_method", "fp8") != "fp8":
-    raise NotImplementedError(f"quantization {quant.get('quant_method')!r}: only DeepSeek's "
-                              "block FP8 checkpoints are supported.")
-  _check_tensors(path, slots, infos, block, _mtp_duplicates(cfg))
+  cfg, files, infos, slots, block = _open_checkpoint(path, param_dtype)
   abstract = _flatten(abstract_variables(cfg))
   kept = _fp8_leaves(slots, infos, abstract) if keep_fp8 else {}
   if keep_fp8:
