@@ -19,10 +19,14 @@ class Block(nn.Module):
   carries its balance loss and expert loads; zeros otherwise). mode: MLA's
   ("train", "prefill", "decode"); outside training aux["cache"] holds the
   new tokens' cache entries, and `cache` (decode) the layer's cache.
+  balance_devices, balance_max_devices: the MoE's DeepSeek-V2 balance losses
+  (D, M; 0 = off): aux["v2_balance"] when on (MoE blocks only).
   """
   cfg: ModelConfig
   moe: bool
   mode: str = "train"
+  balance_devices: int = 0
+  balance_max_devices: int = 0
 
   @nn.compact
   def __call__(self, x, positions, mask, valid, cache=None):
@@ -35,7 +39,7 @@ class Block(nn.Module):
     h = x + attn
     y = RMSNorm(cfg, name="ffn_norm")(h)
     if self.moe:
-      out, aux = MoE(cfg, name="ffn")(y, valid)
+      out, aux = MoE(cfg, self.balance_devices, self.balance_max_devices, name="ffn")(y, valid)
     else:
       out = MLP(cfg, cfg.inter_dim, name="ffn")(y)
       aux = {"balance_loss": jnp.zeros((), jnp.float32),

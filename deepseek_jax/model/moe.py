@@ -17,6 +17,11 @@ training hyperparameter):
   L_bal = sum_i f_i P_i,  f_i = E / (k T) sum_t 1[t selects i],
   P_i = 1/T sum_t s'_{i,t},  s'_{i,t} = s_{i,t} / sum_j s_{j,t},  per sequence.
 
+DeepSeek-V2's three auxiliary balance losses (expert-, device- and
+communication-level; `v2_balance_losses`) are computed too when the layer is
+built with `balance_devices` D > 0 (and `balance_max_devices` M), for
+ablations against the aux-loss-free scheme; off (D = 0) by default.
+
 Dispatch is dropless: every (token, expert) pair is computed. Rows are sorted
 by expert and fed to a grouped matmul; `moe_impl` picks how:
   "blocked"  each expert's rows padded to a multiple of a block size, then one
@@ -108,6 +113,88 @@ def balance_loss_terms(scores: jax.Array, experts: jax.Array, valid: jax.Array,
   return (per_seq * has_tokens).sum(), has_tokens.sum()
 
 
+V2_BALANCE_KEYS = ("expert", "device", "comm")
+
+
+def check_v2_devices(n_experts: int, n_devices: int, max_devices: int) -> None:
+  """ValueError unless n_devices D divides n_experts and 1 <= max_devices M <= D."""
+  if not (isinstance(n_devices, int) and n_devices >= 1) or n_experts % n_devices:
+    raise ValueError(
+        f"n_devices={n_devices} must be a positive divisor of the {n_experts} routed "
+        f"experts (each device holds a contiguous group of E/D experts); pick D among "
+        f"{[d for d in range(1, n_experts + 1) if n_experts % d == 0]}.")
+  if not (isinstance(max_devices, int) and 1 <= max_devices <= n_devices):
+    raise ValueError(
+        f"max_devices={max_devices} must be in [1, n_devices={n_devices}] (M, the "
+        "devices a token may send to under device-limited routing; M = D when the "
+        "routing does not limit devices).")
+
+
+def v2_balance_terms(scores: jax.Array, topk_idx: jax.Array, *, n_devices: int,
+                     max_devices: int, valid: jax.Array | None = None
+                     ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """({"expert", "device", "comm"}: sums over sequences of the per-sequence
+  losses, number of non-empty sequences). `v2_balance_losses` is their ratio;
+  a batch split over devices sums both over the devices first (as
+  parallel/expert.py does for `balance_loss_terms`). Arguments: see
+  `v2_balance_losses`.
+  """
+  b, t, n_exp = scores.shape
+  k = topk_idx.shape[-1]
+  check_v2_devices(n_exp, n_devices, max_devices)
+  if valid is None:
+    valid = jnp.ones((b, t), bool)
+  valid_f = valid.astype(jnp.float32)
+  n_valid = valid_f.sum(-1)                                      # T per sequence
+  t_seq = jnp.maximum(n_valid, 1.0)[:, None]
+  picked = jax.nn.one_hot(topk_idx, n_exp, dtype=jnp.float32).sum(-2)     # [b, t, E]
+  counts = jnp.einsum("bte,bt->be", picked, valid_f)           # tokens choosing i
+  f = n_exp / (k * t_seq) * counts                               # f_i
+  p = jnp.einsum("bte,bt->be", scores.astype(jnp.float32), valid_f) / t_seq   # P_i
+  per_dev = n_exp // n_devices
+  p_dev = p.reshape(b, n_devices, per_dev).sum(-1)               # P'_d = P''_d
+  f_dev = f.reshape(b, n_devices, per_dev).mean(-1)              # f'_d
+  sends = picked.reshape(b, t, n_devices, per_dev).max(-1)       # token -> device d, once
+  f_comm = n_devices / (max_devices * t_seq) * jnp.einsum("btd,bt->bd", sends, valid_f)
+  has_tokens = (n_valid > 0).astype(jnp.float32)
+  per_seq = {"expert": (f * p).sum(-1), "device": (f_dev * p_dev).sum(-1),
+             "comm": (f_comm * p_dev).sum(-1)}
+  return {key: (v * has_tokens).sum() for key, v in per_seq.items()}, has_tokens.sum()
+
+
+def v2_balance_losses(scores: jax.Array, topk_idx: jax.Array, *, n_devices: int,
+                      max_devices: int, valid: jax.Array | None = None
+                      ) -> dict[str, jax.Array]:
+  """DeepSeek-V2's auxiliary balance losses (V2 report sec. 2.2.3), batch mean.
+
+  scores [B, T, E]: the routing affinities s_{i,t}, used as given (a softmax
+  router's probabilities; for a sigmoid-scored V3 router pass them normalised
+  to sum 1 per token, as `balance_loss_terms` and the training integration
+  do). topk_idx [B, T, K]: the experts each token chose. The E routed experts
+  sit on D = `n_devices` devices in contiguous groups E_1..E_D of E/D (D must
+  divide E); M = `max_devices` is the bound of device-limited routing
+  (1 <= M <= D). valid [B, T] bool (default all True): padding is excluded
+  from T and from every sum; a sequence without valid tokens contributes
+  nothing and is not counted. Per sequence, with T its valid tokens and N_r = E:
+
+    expert  sum_i f_i P_i,     f_i = N_r / (K T) #{t: t chose i},
+                               P_i = 1/T sum_t s_{i,t}
+    device  sum_d f'_d P'_d,   f'_d = mean_{j in E_d} f_j,  P'_d = sum_{j in E_d} P_j
+    comm    sum_d f''_d P''_d, f''_d = D / (M T) #{t: t sent to device d}
+                               (a token counted once per device however many
+                               of its experts sit there), P''_d = P'_d
+
+  Returns {"expert", "device", "comm"}: each averaged over the non-empty
+  sequences, without its alpha factor (V2: alpha1 0.003, alpha2 0.05, alpha3
+  0.02). Device-limited routing (each token's experts on at most M devices)
+  is this repo's group-limited router with ModelConfig `n_expert_groups = D`
+  and `n_limited_groups = M`. Raises ValueError for a bad D or M.
+  """
+  sums, n_seqs = v2_balance_terms(scores, topk_idx, n_devices=n_devices,
+                                  max_devices=max_devices, valid=valid)
+  return {key: v / jnp.maximum(n_seqs, 1.0) for key, v in sums.items()}
+
+
 # ---------------------------------------------------------------------------
 # Grouped expert FFNs: x [n, D], experts/gates [n, k], w1/w3 [E, D, F], w2 [E, F, D]
 # ---------------------------------------------------------------------------
@@ -195,13 +282,19 @@ def experts_dense(x, experts, gates, w1, w3, w2, fp8: bool = False):
   return jnp.einsum("end,ne->nd", y, dense_gates.astype(y.dtype))
 
 
-def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel):
+def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel, *,
+               balance_devices: int = 0, balance_max_devices: int = 0):
   """Route x [b, s, d] and run the routed experts with `kernel`.
 
-  Returns (out [b, s, d], load [E] token counts, balance-loss numerator and
-  denominator: see `balance_loss_terms`). The one routing code path: the
-  MoE layer calls it on the whole batch, parallel/expert.py on each device's
-  rows (with an exchanging kernel when experts are split over devices).
+  Returns (out [b, s, d], load [E] token counts, numerators, denominator):
+  the balance losses' sums over sequences and the number of non-empty
+  sequences (see `balance_loss_terms`). numerators: {"balance": V3's} plus,
+  when balance_devices D > 0, V2's "expert", "device", "comm"
+  (`v2_balance_terms` with M = balance_max_devices, on the scores normalised
+  per token like V3's) and "device_tokens" [D] (tokens sent to each device,
+  counted once per token and device). The one routing code path: the MoE layer calls it on
+  the whole batch, parallel/expert.py on each device's rows (with an
+  exchanging kernel when experts are split over devices).
   """
   b, s, d = x.shape
   n_exp = cfg.n_routed_experts
@@ -212,8 +305,20 @@ def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel):
   experts_bsk = experts.reshape(b, s, -1)
   load = jnp.einsum("bske,bs->e", jax.nn.one_hot(experts_bsk, n_exp, dtype=jnp.float32),
                     valid.astype(jnp.float32))
-  num, den = balance_loss_terms(scores.reshape(b, s, n_exp), experts_bsk, valid, n_exp)
-  return out, load, num, den
+  scores_bse = scores.reshape(b, s, n_exp)
+  num, den = balance_loss_terms(scores_bse, experts_bsk, valid, n_exp)
+  nums = {"balance": num}
+  if balance_devices:
+    normed = scores_bse / scores_bse.sum(-1, keepdims=True)
+    v2, _ = v2_balance_terms(normed, experts_bsk, n_devices=balance_devices,
+                             max_devices=balance_max_devices, valid=valid)
+    nums.update(v2)
+    # Tokens each device receives (a token counted once per device): the
+    # traffic device-limited routing bounds and the comm loss evens out.
+    sends = jax.nn.one_hot(experts_bsk, n_exp, dtype=jnp.float32).sum(-2).reshape(
+        b, s, balance_devices, n_exp // balance_devices).max(-1)
+    nums["device_tokens"] = jnp.einsum("bsd,bs->d", sends, valid.astype(jnp.float32))
+  return out, load, nums, den
 
 
 def resolve_moe_impl(cfg: ModelConfig, n_tokens: int | None = None) -> str:
@@ -232,8 +337,14 @@ def resolve_moe_impl(cfg: ModelConfig, n_tokens: int | None = None) -> str:
 
 
 class MoE(nn.Module):
-  """Shared + routed SwiGLU experts. Returns (output, {balance_loss, load})."""
+  """Shared + routed SwiGLU experts. Returns (output, {balance_loss, load}),
+  plus "v2_balance" {"expert", "device", "comm"} (DeepSeek-V2's losses,
+  `v2_balance_losses`) and "device_tokens" [D] (per sequence: tokens that
+  send to each device) when balance_devices D > 0, with M =
+  balance_max_devices: static, set by the trainer (0 = off)."""
   cfg: ModelConfig
+  balance_devices: int = 0
+  balance_max_devices: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array):
@@ -272,17 +383,25 @@ class MoE(nn.Module):
     else:
       kernel = functools.partial(experts_dense, fp8=fp8)
 
+    v2 = dict(balance_devices=self.balance_devices,
+              balance_max_devices=self.balance_max_devices)
+    if self.balance_devices:
+      check_v2_devices(n_exp, self.balance_devices, self.balance_max_devices)
     rules = current_rules()
     if rules is not None:
       # Under a mesh: route and dispatch per device in shard_map (expert
       # parallelism when the rules split `exp`); loads summed over the mesh.
       from deepseek_jax.parallel.expert import routed_experts
       routed, load, bal = routed_experts(x.astype(dt), valid, gate, bias, w1, w3, w2,
-                                         cfg=cfg, rules=rules, kernel=kernel)
+                                         cfg=cfg, rules=rules, kernel=kernel, **v2)
     else:
-      routed, load, num, den = routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel)
-      bal = num / jnp.maximum(den, 1.0)
+      routed, load, nums, den = routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel,
+                                           **v2)
+      bal = {key: v / jnp.maximum(den, 1.0) for key, v in nums.items()}
     out = routed.astype(dt)
     if cfg.n_shared_experts:
       out = out + MLP(cfg, cfg.n_shared_experts * f, name="shared_experts")(x)
-    return out, {"balance_loss": bal, "load": load}
+    aux = {"balance_loss": bal.pop("balance"), "load": load}
+    if bal:
+      aux["v2_balance"] = bal
+    return out, aux

@@ -42,6 +42,8 @@ class MTPModule(nn.Module):
   cfg: ModelConfig
   moe: bool   # the block's FFN: MoE unless the model has no MoE layers
   mode: str = "train"   # the block's attention mode (Block); decode drafts tokens
+  balance_devices: int = 0       # the block's V2 balance losses (Block); 0 = off
+  balance_max_devices: int = 0
 
   @nn.compact
   def __call__(self, h_prev, emb, positions, mask, valid, cache=None):
@@ -50,5 +52,6 @@ class MTPModule(nn.Module):
     x = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb),
                          RMSNorm(cfg, name="hnorm")(h_prev)], axis=-1)
     x = Einsum(cfg, (2 * cfg.dim, cfg.dim), "bsd,de->bse", name="eh_proj")(x)
-    x, aux = Block(cfg, self.moe, self.mode, name="block")(x, positions, mask, valid, cache)
+    x, aux = Block(cfg, self.moe, self.mode, self.balance_devices, self.balance_max_devices,
+                   name="block")(x, positions, mask, valid, cache)
     return RMSNorm(cfg, name="norm")(x), aux

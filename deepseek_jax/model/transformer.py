@@ -15,6 +15,13 @@ by the optimizer). `aux` carries what training needs beyond the logits:
                 MoE layer (padding excluded): input to the bias update
   mtp_expert_load [D, E] the same for the MTP blocks (when MTP runs and
                 the blocks are MoE)
+  v2_balance    only when built with balance_devices > 0 (training):
+                {"expert", "device", "comm"} DeepSeek-V2's balance losses
+                (moe.v2_balance_losses), unscaled, per MoE layer [L]: the
+                main MoE layers, then the MTP blocks' (when MTP runs)
+`Transformer(cfg, balance_devices=D, balance_max_devices=M)`: D devices,
+M = devices a token may reach (static; the trainer sets them from
+TrainConfig); the default 0 computes no V2 loss.
 Blocks of each kind are stacked with `nn.scan` (params get a leading layer
 axis: `dense_layers` [n_dense, ...], `moe_layers` [n_moe, ...]) and wrapped
 in `nn.remat` according to `cfg.remat_policy`.
@@ -45,18 +52,20 @@ def _remat(block_cls, cfg: ModelConfig):
   return nn.remat(block_cls, policy=policy, prevent_cse=False)
 
 
-def _stack(cfg: ModelConfig, moe: bool, length: int, name: str, mode: str = "train"):
+def _stack(cfg: ModelConfig, moe: bool, length: int, name: str, mode: str = "train",
+           v2: tuple[int, int] = (0, 0)):
   """`length` Blocks under nn.scan. Their inputs (positions, mask, valid) are
   broadcast to every layer; when decoding, each layer also gets its slice of
   the stacked cache (scanned along axis 0), and every mode but training
-  returns the new tokens' cache entries stacked in aux["cache"]."""
+  returns the new tokens' cache entries stacked in aux["cache"]. v2: the
+  blocks' (balance_devices, balance_max_devices)."""
   scanned = nn.scan(
       _remat(Block, cfg) if mode == "train" else Block,
       variable_axes={"params": 0, "router_bias": 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast,) * 3 + ((0,) if mode == "decode" else ()),
       length=length)
-  return scanned(cfg, moe, mode, name=name)
+  return scanned(cfg, moe, mode, *v2, name=name)
 
 
 def check_inputs(cfg: ModelConfig, tokens, segment_ids=None, positions=None) -> None:
@@ -99,6 +108,8 @@ MODES = ("train", "prefill", "decode", "mtp_prefill", "mtp_decode")
 
 class Transformer(nn.Module):
   cfg: ModelConfig
+  balance_devices: int = 0        # DeepSeek-V2 balance losses (module doc); 0 = off
+  balance_max_devices: int = 0
 
   @nn.compact
   def __call__(self, tokens, *, segment_ids=None, positions=None, targets=None,
@@ -152,32 +163,42 @@ class Transformer(nn.Module):
           x, positions, mask, valid)
     balance = jnp.zeros((), jnp.float32)
     load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
+    v2 = (self.balance_devices, self.balance_max_devices)
+    v2_layers = []        # per-layer V2 losses: [n_moe_layers] arrays, then MTP scalars
     if cfg.n_moe_layers:
-      x, moe_aux = _stack(cfg, True, cfg.n_moe_layers, "moe_layers")(
+      x, moe_aux = _stack(cfg, True, cfg.n_moe_layers, "moe_layers", v2=v2)(
           x, positions, mask, valid)
       balance = moe_aux["balance_loss"].sum()
       load = moe_aux["load"]
+      if "v2_balance" in moe_aux:
+        v2_layers.append(moe_aux["v2_balance"])
     h = final_norm(x)
+    aux = {"balance_loss": balance, "expert_load": load}
     if return_hidden:
-      return (h, {"balance_loss": balance, "expert_load": load}) if return_aux else h
+      if v2_layers:
+        aux["v2_balance"] = v2_layers[0]
+      return (h, aux) if return_aux else h
     logits = constrain(head(h), ("batch", "seq", "vocab"))
     if not return_aux:
       return logits
 
-    aux = {"balance_loss": balance, "expert_load": load}
     if targets is not None and cfg.n_mtp_depth:
       mtp_moe = cfg.n_moe_layers > 0
       mtp_logits, mtp_loads = [], []
       for k in range(1, cfg.n_mtp_depth + 1):
         emb = embed(shift_left(targets, k - 1))           # Emb(t_{i+k})
-        h, mtp_aux = MTPModule(cfg, mtp_moe, name=f"mtp_{k - 1}")(
+        h, mtp_aux = MTPModule(cfg, mtp_moe, "train", *v2, name=f"mtp_{k - 1}")(
             h, emb, positions, mask, valid)
         aux["balance_loss"] = aux["balance_loss"] + mtp_aux["balance_loss"]
         mtp_loads.append(mtp_aux["load"])
         mtp_logits.append(head(h))
+        if "v2_balance" in mtp_aux:
+          v2_layers.append(jax.tree.map(lambda v: v[None], mtp_aux["v2_balance"]))
       aux["mtp_logits"] = jnp.stack(mtp_logits)
       if mtp_moe:
         aux["mtp_expert_load"] = jnp.stack(mtp_loads)
+    if v2_layers:
+      aux["v2_balance"] = jax.tree.map(lambda *v: jnp.concatenate(v), *v2_layers)
     return logits, aux
 
   def _infer(self, mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,

@@ -13,8 +13,9 @@ dispatch here, per device, on the device's own rows of the batch:
   3. hidden units split over `tensor` (`mlp_moe -> tensor`): each tensor rank
      computes a slice of every expert's hidden layer; `psum` over `tensor`;
   4. the per-expert load (the aux-loss-free bias update's input) and the
-     balance loss's numerator/denominator are `psum`-ed over the batch axes:
-     every device sees the global batch's numbers, so all apply the same bias.
+     balance losses' numerators/denominator (V3's, and DeepSeek-V2's three
+     when the layer computes them) are `psum`-ed over the batch axes: every
+     device sees the global batch's numbers, so all apply the same bias.
 
 Dropless and exact on every backend, with fixed-size buffers (all_to_all
 needs static shapes). With R = local tokens x top-k routed rows per device,
@@ -118,11 +119,13 @@ def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int
 
 
 def routed_experts(x, valid, gate, bias, w1, w3, w2, *, cfg: ModelConfig, rules: Rules,
-                   kernel):
-  """Sharded routed FFN. x [b, s, d], valid [b, s]; returns (out, load [E], bal).
+                   kernel, balance_devices: int = 0, balance_max_devices: int = 0):
+  """Sharded routed FFN. x [b, s, d], valid [b, s]; returns (out, load [E],
+  losses): losses {"balance": V3's balance loss} plus V2's "expert",
+  "device", "comm" when balance_devices > 0, each the global batch's mean.
 
   `kernel(tokens, experts, gates, w1, w3, w2)` is the grouped-matmul kernel
-  the MoE layer chose; routing and loads are `model.moe.routed_ffn`'s.
+  the MoE layer chose; routing, loads and losses are `model.moe.routed_ffn`'s.
   """
   mesh = jax.sharding.get_abstract_mesh()
   sizes = dict(mesh.shape)
@@ -145,12 +148,14 @@ def routed_experts(x, valid, gate, bias, w1, w3, w2, *, cfg: ModelConfig, rules:
                                capacity=cfg.moe_ep_capacity, sync_axes=tuple(batch))
 
   def local(x, valid, gate, bias, w1, w3, w2):
-    out, load, num, den = routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel)
+    out, load, nums, den = routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel,
+                                      balance_devices=balance_devices,
+                                      balance_max_devices=balance_max_devices)
     if mlp_axes:
       out = jax.lax.psum(out, mlp_axes)        # each tensor rank held a hidden slice
     if batch:
-      load, num, den = (jax.lax.psum(v, batch) for v in (load, num, den))
-    return out, load, num / jnp.maximum(den, 1.0)
+      load, nums, den = jax.tree.map(lambda v: jax.lax.psum(v, batch), (load, nums, den))
+    return out, load, {key: v / jnp.maximum(den, 1.0) for key, v in nums.items()}
 
   rows = _spec_entry(batch)
   e, f = _spec_entry(exp_axes), _spec_entry(mlp_axes)

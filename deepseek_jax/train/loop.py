@@ -33,7 +33,7 @@ from deepseek_jax.parallel import MeshConfig, distributed
 from deepseek_jax.train import checkpoint, evaluate, metrics
 from deepseek_jax.train.optimizer import MOMENT_DTYPES
 from deepseek_jax.train.step import (abstract_train_state, compiler_options,
-                                     init_train_state, make_train_step)
+                                     init_train_state, make_train_step, v2_balance_devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,18 @@ class TrainConfig:
   moments_dtype: storage of AdamW's moments, "float32" or "bfloat16" (V3).
   Losses: mtp_weight (lambda; V3 0.3 then 0.1), balance_weight (alpha; V3
     1e-4), bias_update_speed (gamma; V3 1e-3, 0 = off).
+    DeepSeek-V2's auxiliary balance losses (model.moe.v2_balance_losses), for
+    ablations; each weight 0 = off (nothing computed when all three are):
+    expert_balance_weight (alpha1; V2 0.003), device_balance_weight (alpha2;
+    V2 0.05), comm_balance_weight (alpha3; V2 0.02), summed over MoE layers
+    (MTP blocks included); they combine with balance_weight and the bias
+    update. balance_devices: D, the devices the experts are split over in
+    contiguous groups (must divide n_routed_experts); 0 = the mesh's
+    expert-parallel degree when a mesh splits the experts, else the model's
+    n_expert_groups. The losses' M (devices a token may reach) is the
+    model's n_limited_groups when n_expert_groups == D (device-limited
+    routing), else D. Logged as balance_expert, balance_device,
+    balance_comm (layer sums, before alpha) and *_per_layer lists.
   Logging: every step to metrics.jsonl, every log_every steps to `log`
     (with tokens/s); eval_every steps (0 = only at the end);
     eval_batch_size, max_new_tokens for decoding. Checkpoints: ckpt_every
@@ -105,6 +117,10 @@ class TrainConfig:
   mtp_weight: float = 0.3
   balance_weight: float = 1e-4
   bias_update_speed: float = 1e-3
+  expert_balance_weight: float = 0.0
+  device_balance_weight: float = 0.0
+  comm_balance_weight: float = 0.0
+  balance_devices: int = 0
   # logging, evaluation, checkpoints
   log_every: int = 10
   eval_every: int = 0
@@ -124,7 +140,8 @@ class TrainConfig:
     check_ints(self, positive=("steps", "batch_size", "seq_len", "log_every", "ckpt_every",
                                "keep_ckpts", "eval_batch_size", "max_new_tokens"),
                non_negative=("warmup_steps", "hold_steps", "decay_steps", "end_steps",
-                             "eval_every", "n_eval_problems", "passkey_chars"))
+                             "eval_every", "n_eval_problems", "passkey_chars",
+                             "balance_devices"))
     if not self.data_files and self.n_train_problems < 1:
       raise ValueError(f"n_train_problems={self.n_train_problems} must be >= 1 "
                        "when no data_files are given.")
@@ -132,7 +149,8 @@ class TrainConfig:
       raise ValueError(f"lr={self.lr} must be > 0.")
     if not 0 <= self.end_lr <= self.lr:
       raise ValueError(f"end_lr={self.end_lr} must be in [0, lr={self.lr}].")
-    for name in ("weight_decay", "mtp_weight", "balance_weight", "bias_update_speed"):
+    for name in ("weight_decay", "mtp_weight", "balance_weight", "bias_update_speed",
+                 "expert_balance_weight", "device_balance_weight", "comm_balance_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
@@ -166,6 +184,7 @@ def check_compatible(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
   if train_cfg.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
                      f"{model_cfg.max_seq_len}; lower seq_len or raise model.max_seq_len.")
+  v2_balance_devices(model_cfg, train_cfg)    # balance_devices must divide the experts
 
 
 # ModelConfig fields a run may change from the run it starts from (init_from):
@@ -400,6 +419,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
             f"{ckpts.directory}; lower lr or raise warmup_steps.")
       loads.append(np.asarray(m.pop("expert_load")))
       m.pop("mtp_expert_load", None)
+      per_layer = {k: np.asarray(m.pop(k)).tolist()      # V2 balance losses, per layer
+                   for k in [k for k in m if k.endswith("_per_layer")]}
       scalars = {k: float(v) for k, v in m.items()}
       history.append({"step": step, **scalars})
       progress.add(scalars["tokens"])
@@ -412,7 +433,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
         scalars["tokens_per_s"] = tps
         log(metrics.progress_line(step, train_cfg.steps, scalars, tps, eta))
       if writer:
-        writer.write(step, scalars)
+        writer.write(step, {**scalars, **per_layer})
       paused = time.time()
       if run_eval and train_cfg.eval_every and step % train_cfg.eval_every == 0 \
           and step != train_cfg.steps:

@@ -10,6 +10,14 @@ non-zero) and belongs to the same packed document as position i: in a packed
 row the next document's tokens must not be predicted from this one's context.
 L_bal arrives from the model already summed over MoE layers and unscaled
 (`aux["balance_loss"]`); alpha is a training hyperparameter (V3: 1e-4).
+
+DeepSeek-V2's auxiliary losses, for ablations (off unless the model was built
+with balance_devices > 0, which the trainer does when one of their weights is):
+
+  L += alpha1 L_expert + alpha2 L_device + alpha3 L_comm     (V2 sec. 2.2.3)
+
+each summed over the MoE layers (MTP blocks included), from
+`aux["v2_balance"]` (per-layer, unscaled; model.moe.v2_balance_losses).
 """
 
 from __future__ import annotations
@@ -50,13 +58,24 @@ def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array
   return targets_k, weights_k
 
 
+V2_METRICS = (("expert", "balance_expert"), ("device", "balance_device"),
+              ("comm", "balance_comm"))
+
+
 def total_loss(logits: jax.Array, aux: dict[str, Any], batch: dict[str, jax.Array], *,
-               mtp_weight: float, balance_weight: float
+               mtp_weight: float, balance_weight: float, expert_balance_weight: float = 0.0,
+               device_balance_weight: float = 0.0, comm_balance_weight: float = 0.0
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Returns (L, metrics) for one batch.
 
   metrics: loss (L), ce (main head), mtp (mean CE over the D depths, before
   lambda), balance (L_bal before alpha), target_tokens (sum of loss_mask).
+  When aux has "v2_balance" (V2's losses per MoE layer), the three V2 weights
+  (alpha1..3) scale their layer sums into L, and metrics add balance_expert,
+  balance_device, balance_comm (layer sums before alpha) and the per-layer
+  values balance_expert_per_layer etc. ([layers] arrays), and
+  device_tokens_per_layer ([layers, D]: tokens per sequence that send to
+  each device).
   """
   ce, n_targets = cross_entropy(logits, batch["targets"], batch["loss_mask"])
   loss = ce
@@ -76,5 +95,19 @@ def total_loss(logits: jax.Array, aux: dict[str, Any], batch: dict[str, jax.Arra
   balance = aux.get("balance_loss", jnp.zeros((), jnp.float32))
   loss = loss + balance_weight * balance
   metrics["balance"] = balance
+  weights = (expert_balance_weight, device_balance_weight, comm_balance_weight)
+  if "v2_balance" in aux:
+    for (key, name), weight in zip(V2_METRICS, weights):
+      per_layer = aux["v2_balance"][key]
+      total = per_layer.sum()
+      loss = loss + weight * total
+      metrics[name] = total
+      metrics[f"{name}_per_layer"] = per_layer
+    if "device_tokens" in aux["v2_balance"]:   # [layers, D] per sequence
+      metrics["device_tokens_per_layer"] = aux["v2_balance"]["device_tokens"]
+  elif any(weights):
+    raise ValueError("V2 balance weights > 0 need the model's V2 losses (aux['v2_balance']): "
+                     "build it with Transformer(cfg, balance_devices=D, "
+                     "balance_max_devices=M).")
   metrics["loss"] = loss
   return loss, metrics

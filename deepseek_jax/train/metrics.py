@@ -4,7 +4,9 @@ and the loss plot `workdir/loss.png`.
 Every line of metrics.jsonl is one JSON object with a "step" key: one train
 line per step with the step's scalars (loss, ce, mtp, balance, grad_norm, lr,
 load_imbalance, tokens, target_tokens; tokens_per_s on the steps that were
-also printed), and eval lines with `eval_accuracy` and `eval_format_ok`. A resumed run first drops the lines of steps after the
+also printed; with DeepSeek-V2's balance losses on, balance_expert,
+balance_device, balance_comm and the lists balance_expert_per_layer,
+balance_device_per_layer, balance_comm_per_layer), and eval lines with `eval_accuracy` and `eval_format_ok`. A resumed run first drops the lines of steps after the
 checkpoint it resumes from (they are about to be recomputed), so the file
 always describes one consistent history.
 """
@@ -96,8 +98,12 @@ class Progress:
 
 def progress_line(step: int, total: int, m: dict[str, Any], tokens_per_s: float,
                   eta_s: float) -> str:
+  v2 = ""
+  if "balance_expert" in m:     # DeepSeek-V2's losses (layer sums): expert/device/comm
+    v2 = (f" v2 {m['balance_expert']:.3f}/{m['balance_device']:.3f}/"
+          f"{m['balance_comm']:.3f}")
   return (f"step {step:>6d}/{total} | loss {m['loss']:.4f} ce {m['ce']:.4f} "
-          f"mtp {m['mtp']:.4f} bal {m['balance']:.3f} | gnorm {m['grad_norm']:.3f} "
+          f"mtp {m['mtp']:.4f} bal {m['balance']:.3f}{v2} | gnorm {m['grad_norm']:.3f} "
           f"lr {m['lr']:.2e} | load max/mean {m['load_imbalance']:.2f} | "
           f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}")
 

@@ -15,6 +15,11 @@ never differentiated, clipped or weight-decayed. gamma = `bias_update_speed`
 MTP modules: each MTP block's MoE has its own bias, moved by the same rule
 from that block's loads (`aux["mtp_expert_load"]`).
 
+DeepSeek-V2's auxiliary balance losses (expert, device, communication;
+model.moe.v2_balance_losses) join the loss when one of their TrainConfig
+weights is > 0 (`v2_balance_devices` picks their D and M), alongside the
+bias update and the V3 balance loss: all may be on at once.
+
 `make_update_step(cfg, train_cfg, loss_fn)` is the step for any loss (the
 GRPO trainer's among them); `make_train_step` is it with the pretraining
 loss above.
@@ -34,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer, init_variables
-from deepseek_jax.parallel.rules import Rules
+from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import lr_schedule_from_config, make_optimizer
 
@@ -164,10 +169,50 @@ def load_imbalance(expert_load: jax.Array) -> jax.Array:
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]
 
 
-def pretraining_loss(cfg: ModelConfig, train_cfg: "TrainConfig") -> LossFn:
-  """CE + lambda MTP + alpha balance (losses.total_loss) on the data contract
-  (tokens, targets, segment_ids, positions, loss_mask)."""
-  model = Transformer(cfg)
+def v2_balance_devices(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | None = None,
+                       rules: Rules | None = None) -> tuple[int, int]:
+  """(D, M) of DeepSeek-V2's balance losses for this run; (0, 0) = off (all
+  three weights 0, or a model without MoE layers).
+
+  D = train_cfg.balance_devices, or when 0: the mesh's expert-parallel
+  degree when `mesh`/`rules` split the experts, else cfg.n_expert_groups.
+  M = cfg.n_limited_groups when the router's groups are those D devices
+  (n_expert_groups == D: device-limited routing), else D (no limit).
+  ValueError, before anything compiles, when D does not divide
+  n_routed_experts.
+  """
+  n_dev, e = train_cfg.balance_devices, cfg.n_routed_experts
+  if cfg.n_moe_layers and n_dev and e % n_dev:
+    raise ValueError(
+        f"balance_devices={n_dev} must divide n_routed_experts={e} (the V2 device and "
+        f"communication losses put E/D contiguous experts on each of D devices); set "
+        f"balance_devices to one of {[d for d in range(1, e + 1) if e % d == 0]}, or 0 "
+        "(the mesh's expert-parallel degree, else n_expert_groups).")
+  weights = (train_cfg.expert_balance_weight, train_cfg.device_balance_weight,
+             train_cfg.comm_balance_weight)
+  if not any(weights) or not cfg.n_moe_layers:
+    return 0, 0
+  if not n_dev and mesh is not None and rules is not None:
+    ep = axes_size(dict(mesh.shape), mesh_axes_of("exp", rules))
+    n_dev = ep if ep > 1 else 0      # ep divides E (parallel/expert.py checks)
+  n_dev = n_dev or cfg.n_expert_groups
+  max_dev = cfg.n_limited_groups if cfg.n_expert_groups == n_dev else n_dev
+  return n_dev, max_dev
+
+
+def pretraining_loss(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | None = None,
+                     rules: Rules | None = None) -> LossFn:
+  """CE + lambda MTP + alpha balance (+ alpha1..3 times V2's balance losses
+  when their weights are > 0; losses.total_loss) on the data contract
+  (tokens, targets, segment_ids, positions, loss_mask). mesh/rules: only to
+  default V2's D to the expert-parallel degree (`v2_balance_devices`)."""
+  n_dev, max_dev = v2_balance_devices(cfg, train_cfg, mesh, rules)
+  model = Transformer(cfg, balance_devices=n_dev, balance_max_devices=max_dev)
+  v2_weights = {}
+  if n_dev:
+    v2_weights = dict(expert_balance_weight=train_cfg.expert_balance_weight,
+                      device_balance_weight=train_cfg.device_balance_weight,
+                      comm_balance_weight=train_cfg.comm_balance_weight)
 
   def loss_fn(params, router_bias, batch):
     logits, aux = model.apply(
@@ -176,7 +221,7 @@ def pretraining_loss(cfg: ModelConfig, train_cfg: "TrainConfig") -> LossFn:
         targets=batch["targets"], return_aux=True)
     loss, metrics = losses.total_loss(
         logits, aux, batch, mtp_weight=train_cfg.mtp_weight,
-        balance_weight=train_cfg.balance_weight)
+        balance_weight=train_cfg.balance_weight, **v2_weights)
     metrics = dict(metrics, tokens=(batch["segment_ids"] != 0).sum().astype(jnp.float32))
     out = {"metrics": metrics, "expert_load": aux["expert_load"]}
     if "mtp_expert_load" in aux:
@@ -266,7 +311,10 @@ def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | Non
   loss_mask; [batch, seq]). metrics: scalars loss, ce, mtp, balance,
   grad_norm (before clipping), lr (used by this step), load_imbalance,
   tokens (non-padding inputs), target_tokens; and expert_load
-  [n_moe_layers, E]. Numerically the same on one device and on a mesh
-  (tests/test_parallel.py).
+  [n_moe_layers, E]. With a V2 balance weight > 0 also balance_expert,
+  balance_device, balance_comm (sums over MoE layers, before alpha) and
+  balance_expert_per_layer etc. [main MoE layers + MTP blocks].
+  Numerically the same on one device and on a mesh (tests/test_parallel.py).
   """
-  return make_update_step(cfg, train_cfg, pretraining_loss(cfg, train_cfg), mesh, rules)
+  return make_update_step(cfg, train_cfg, pretraining_loss(cfg, train_cfg, mesh, rules),
+                          mesh, rules)
