@@ -1,4 +1,4 @@
-"""Convert checkpoints between Hugging Face DeepSeek-V3 and deepseek_jax.
+"""Convert checkpoints between Hugging Face DeepSeek-V3 / V2 and deepseek_jax.
 
   # HF directory (config.json + *.safetensors, FP8 or bf16) -> deepseek_jax
   python -m launch.convert --from_hf /ckpt/DeepSeek-V3 --to_jax /ckpt/v3_jax
@@ -6,8 +6,13 @@
   # deepseek_jax directory -> HF (loadable by DeepseekV3ForCausalLM.from_pretrained)
   python -m launch.convert --from_jax /ckpt/v3_jax --to_hf /ckpt/v3_hf --max_shard_gb 5
 
-  # a training run's latest checkpoint (launch.train --workdir) -> HF or deepseek_jax
+  # a training run's latest checkpoint (launch.train --workdir) -> HF (with the
+  # run's tokenizer.json) or deepseek_jax
   python -m launch.convert --from_workdir runs/demo --to_hf runs/demo_hf [--step N]
+
+Both DeepSeek families: V3 / R1 (DeepseekV3ForCausalLM) and V2 / V2-Lite /
+V2.5 / Coder-V2 (DeepseekV2ForCausalLM); a model with softmax routing is
+written as V2, one with sigmoid routing as V3.
 
 The deepseek_jax format is `model_config.json` + `variables.safetensors`
 (see `deepseek_jax.interop.hf`). `--dtype` casts the written weights
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 
 from absl import app, flags
@@ -49,12 +55,18 @@ def convert(*, from_hf: str | None = None, to_jax: str | None = None,
   if from_workdir:
     if from_hf or from_jax or bool(to_hf) == bool(to_jax):
       raise app.UsageError("give --from_workdir DIR with exactly one of --to_hf / --to_jax.")
-    from deepseek_jax.train.export import load_trained_variables  # training deps only here
+    from deepseek_jax.data.tokenizer import ASSET_PATH  # training deps only here
+    from deepseek_jax.train.export import load_trained_run
     start = time.time()
-    cfg, variables, saved_step = load_trained_variables(from_workdir, step)
+    cfg, train_cfg, variables, saved_step = load_trained_run(from_workdir, step)
     logging.info("restored step %d of %s in %.1fs", saved_step, from_workdir, time.time() - start)
     if to_hf:
       hf.save_hf_checkpoint(cfg, variables, to_hf, max_shard_bytes=max_shard_bytes, dtype=dtype)
+      # The run's tokenizer goes along: the directory is then all a fine-tune
+      # (launch.train --config.init_from_hf) or transformers needs.
+      tokenizer = train_cfg.tokenizer_path or ASSET_PATH
+      if os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(to_hf, "tokenizer.json"))
     else:
       hf.save_jax_variables(cfg, variables, to_jax)
     logging.info("done in %.1fs: %s (step %d) -> %s", time.time() - start, from_workdir,

@@ -6,8 +6,10 @@
       --config.init_from=runs/demo --config.loss_type=dr_grpo --config.scale=none
 
 With `init_from` empty the command first runs the cold-start SFT stage (the
-config's `sft_config` file, trained into WORKDIR/sft, resumable), then GRPO
-from it into WORKDIR. Outputs: WORKDIR/summary.json (held-out greedy and
+config's `sft_config` file, trained into WORKDIR/sft, resumable; with
+`--config.init_from_hf=DIR` it fine-tunes that HF checkpoint, e.g. with
+`--config.sft_config=launch/configs/finetune.py`), then GRPO from it into
+WORKDIR. Outputs: WORKDIR/summary.json (held-out greedy and
 sampled accuracy before and after, format rate, wall_s), metrics.jsonl,
 samples.jsonl, grpo.png, checkpoints/ (readable by launch.generate).
 Rerunning with the same --workdir resumes. Config errors exit non-zero
@@ -43,16 +45,24 @@ def main(argv):
   t0 = time.time()
   values = dict(_CONFIG.value)
   sft_config = values.pop("sft_config", "")
+  init_from_hf = values.pop("init_from_hf", "")
   workdir = _WORKDIR.value
   log = lambda s: print(s, flush=True)  # noqa: E731
   try:
     gcfg = GRPOConfig.from_dict(values)
+    if gcfg.init_from and init_from_hf:
+      raise ValueError(f"init_from={gcfg.init_from!r} and init_from_hf={init_from_hf!r}: "
+                       "GRPO starts from a trained run, or the SFT stage from an HF "
+                       "checkpoint; set one of them.")
     if not gcfg.init_from:
       if not sft_config:
         raise ValueError("init_from is empty and no sft_config is given: name a trained "
                          "run (--config.init_from=DIR) or an SFT config file.")
-      model_cfg, train_cfg = build_configs(ConfigFileParser("sft_config").parse(sft_config))
-  except (ValueError, NotImplementedError) as e:
+      sft = ConfigFileParser("sft_config").parse(sft_config)
+      if init_from_hf:       # the SFT stage fine-tunes the published checkpoint
+        sft.init_from_hf = init_from_hf
+      model_cfg, train_cfg = build_configs(sft)
+  except (ValueError, NotImplementedError, FileNotFoundError) as e:
     sys.exit(f"launch.grpo: config error: {e}")
   print("grpo config:", json.dumps(gcfg.to_dict()), flush=True)
   try:

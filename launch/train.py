@@ -15,6 +15,10 @@
   # on SLURM (srun, one task per host): JAX reads the job's environment
   srun python -m launch.train ... --multihost
 
+  # fine-tune a published checkpoint (DeepSeek-V2-Lite, V3, ...) on your data
+  python -m launch.train --config=launch/configs/finetune.py --workdir=runs/ft \
+      --config.init_from_hf=/ckpt/DeepSeek-V2-Lite --config.data_files='("data.jsonl",)'
+
 Rerunning with the same --workdir resumes from its latest checkpoint. Outputs
 in the workdir: checkpoints/, metrics.jsonl, loss.png. Config errors (an
 impossible model field, an unknown preset) exit non-zero before compiling.
@@ -63,7 +67,7 @@ def main(argv):
   try:
     model_cfg, train_cfg = build_configs(_CONFIG.value, _PRESET.value)
     mesh_cfg = build_mesh_config(_CONFIG.value)
-  except (ValueError, NotImplementedError) as e:
+  except (ValueError, NotImplementedError, FileNotFoundError) as e:
     sys.exit(f"launch.train: config error: {e}")
   try:
     multi = distributed.initialize(

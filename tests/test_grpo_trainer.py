@@ -93,7 +93,9 @@ def test_grpo_cli_refuses_bad_configs_before_compiling(tmp_path):
   for flags, message in (
       (("--config.group_size=1",), "config error: group_size=1 must be >= 2"),
       (("--config.loss_type=ppo",), "loss_type='ppo' must be one of"),
-      ((f"--config.init_from={tmp_path / 'nothing'}",), "holds no checkpoints/")):
+      ((f"--config.init_from={tmp_path / 'nothing'}",), "holds no checkpoints/"),
+      ((f"--config.init_from_hf={tmp_path / 'no_hf'}", "--config.sft_config="
+        "launch/configs/finetune.py"), "config error: " + repr(str(tmp_path / "no_hf")))):
     res = _grpo_cli(demo, f"--workdir={tmp_path / 'w'}", *flags, timeout=120)
     assert res.returncode != 0 and message in res.stderr, (flags, res.stderr[-2000:])
     assert "Traceback" not in res.stderr

@@ -72,6 +72,10 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
     (("--config=launch/configs/no_such.py",), "no such config file"),
     ((f"--config={TINY}", "--config.model.n_layerz=3"),
      'config does not have: n_layerz Did you mean "n_layers"'),
+    ((f"--config={TINY}", "--config.init_from_hf=/no/such/ckpt"),
+     "config error: '/no/such/ckpt' is not a directory"),
+    ((f"--config={TINY}", "--config.init_from_hf=launch", "--preset=tiny"),
+     "config error: --preset=tiny and init_from_hf='launch' both name the model"),
     ((f"--config={TINY}", "--num_processes=2", "--process_id=0"),
      "flag error: multi-process launch: num_processes, process_id given but not "
      "coordinator_address"),

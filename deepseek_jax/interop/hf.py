@@ -635,6 +635,7 @@ def check_hf_checkpoint(path: str, dtype=None) -> ModelConfig:
 def _open_checkpoint(path: str, param_dtype: str):
   """(cfg, files, infos, slots, block) of a checked checkpoint directory."""
   hf = read_hf_config(path)
+  hf_model_type(hf)             # another architecture: say so before looking at tensors
   files = _checkpoint_files(path)
   infos = _list_tensors(files)
 

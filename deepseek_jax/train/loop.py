@@ -30,10 +30,10 @@ from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.model import count_params
 from deepseek_jax.parallel import MeshConfig, distributed
-from deepseek_jax.train import checkpoint, evaluate, metrics
+from deepseek_jax.train import checkpoint, evaluate, hf_init, metrics
 from deepseek_jax.train.optimizer import MOMENT_DTYPES
-from deepseek_jax.train.step import (abstract_train_state, compiler_options,
-                                     init_train_state, make_train_step, v2_balance_devices)
+from deepseek_jax.train.step import (abstract_train_state, init_train_state,
+                                     make_train_step, v2_balance_devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,15 @@ class TrainConfig:
     extension (launch/configs/long_context.py). The model config may differ
     from that run's only in INIT_FROM_MAY_CHANGE (context length / YaRN and
     numerics); once this run has checkpoints it resumes from its own.
+  init_from_hf: an HF checkpoint directory (DeepSeek-V3 / R1 or V2 / V2-Lite,
+    interop.hf): a run with no checkpoint of its own starts from its
+    parameters and router biases (fresh optimizer, step 0), streamed tensor
+    by tensor onto the mesh. The model config must be the checkpoint's up to
+    shape-keeping changes: build both configs with
+    `train.hf_init.finetune_configs(dir, train_values, model_overrides)`
+    (launch.train does), which also picks DIR/tokenizer.json as the
+    tokenizer when tokenizer_path is empty. Once this run has checkpoints it
+    resumes from its own and ignores init_from_hf.
   fast_compile: compile the step and the decoder at XLA backend optimisation
     level 0 (on CPU ~2.5x faster compiles, ~1.6x slower steps): for tests and
     short runs.
@@ -97,6 +106,7 @@ class TrainConfig:
   task_kinds: tuple[str, ...] = tasks.DEFAULT_KINDS
   passkey_chars: int = 0
   init_from: str = ""
+  init_from_hf: str = ""
   template: str = "short"
   completion_only: bool = False
   # optimizer (V3 values)
@@ -160,6 +170,12 @@ class TrainConfig:
                        f"{tasks.PASSKEY_MIN_CHARS}.")
     if not isinstance(self.init_from, str):
       raise ValueError(f"init_from={self.init_from!r} must be a workdir path or ''.")
+    if not isinstance(self.init_from_hf, str):
+      raise ValueError(f"init_from_hf={self.init_from_hf!r} must be an HF checkpoint "
+                       "directory or ''.")
+    if self.init_from and self.init_from_hf:
+      raise ValueError(f"init_from={self.init_from!r} and init_from_hf={self.init_from_hf!r} "
+                       "both give the starting weights; set one of them.")
     if self.moments_dtype not in MOMENT_DTYPES:
       raise ValueError(f"moments_dtype={self.moments_dtype!r} must be one of "
                        f"{MOMENT_DTYPES}.")
@@ -346,7 +362,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
 
     # 4. Resume ------------------------------------------------------------------
     resumed_from = ckpts.latest_step()
-    if resumed_from is None:
+    if resumed_from is None and train_cfg.init_from_hf:
+      state = hf_init.init_state_from_hf(model_cfg, train_cfg, train_cfg.init_from_hf,
+                                         mesh, rules)
+      log(f"initialised from {train_cfg.init_from_hf} (HF checkpoint): parameters and "
+          "router biases; optimizer and data start fresh")
+    elif resumed_from is None:
       init = load_init_from(model_cfg, train_cfg.init_from) if train_cfg.init_from else None
       state = init_train_state(model_cfg, train_cfg, rng, mesh, rules)
       if init is not None:
@@ -358,7 +379,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       state, data_state = ckpts.restore(
           abstract_train_state(model_cfg, train_cfg, mesh, rules))
       data.iterator.restore(data_state)
-      log(f"resuming from {ckpts.directory} at step {resumed_from}")
+      log(f"resuming from {ckpts.directory} at step {resumed_from}"
+          + (f" (ignoring init_from_hf={train_cfg.init_from_hf}: the run's own checkpoint "
+             "comes first)" if train_cfg.init_from_hf else ""))
     start = int(state.step)
     if resumed_from is not None and start != data.iterator.step:
       raise ValueError(f"checkpoint step {start} and data iterator step "

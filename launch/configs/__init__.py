@@ -1,7 +1,8 @@
 """Experiment configs: Python files whose `get_config()` returns a ConfigDict.
 
 A config has three parts, all overridable from the command line:
-  config.preset      a ModelConfig preset name ("tiny", "small", ...)
+  config.preset      a ModelConfig preset name ("tiny", "small", ...); unused
+                     with config.init_from_hf (the checkpoint is the model)
   config.model.<f>   ModelConfig fields replacing the preset's (None = keep
                      the preset's value; every field exists as a typed
                      placeholder so `--config.model.n_layers=6` works)
@@ -21,6 +22,7 @@ from ml_collections import ConfigDict, config_dict
 
 from deepseek_jax.config import ModelConfig, get_preset
 from deepseek_jax.parallel import MeshConfig
+from deepseek_jax.train.hf_init import finetune_configs
 from deepseek_jax.train.loop import TrainConfig, check_compatible
 
 _NON_TRAIN_KEYS = ("preset", "model", "mesh")
@@ -57,12 +59,28 @@ def build_configs(config: ConfigDict, preset: str | None = None
                   ) -> tuple[ModelConfig, TrainConfig]:
   """(ModelConfig, TrainConfig) from a config; `preset` replaces config.preset.
 
+  With `init_from_hf=DIR` the model is the checkpoint's (its config.json; the
+  config's model fields may only change what keeps every parameter shape) and
+  the tokenizer defaults to DIR/tokenizer.json (train.hf_init).
+
   Raises ValueError naming the offending field (before anything compiles).
   """
-  preset = preset or config.preset
   overrides = {k: v for k, v in config.model.items() if v is not None}
-  model_cfg = get_preset(preset, **overrides)
   train_values = {k: v for k, v in config.items() if k not in _NON_TRAIN_KEYS}
+  if train_values.get("init_from_hf"):
+    # The checkpoint's config.json is the model (config.preset is not used).
+    if preset:
+      raise ValueError(f"--preset={preset} and init_from_hf={train_values['init_from_hf']!r} "
+                       "both name the model; drop --preset (the checkpoint's config.json "
+                       "is the model).")
+    model_cfg, train_cfg = finetune_configs(train_values["init_from_hf"], train_values,
+                                            overrides)
+    check_compatible(model_cfg, train_cfg)
+    return model_cfg, train_cfg
+  if not (preset or config.preset):
+    raise ValueError("no model: config.preset is empty; set --config.init_from_hf=DIR (an HF "
+                     "checkpoint to fine-tune) or --preset=NAME.")
+  model_cfg = get_preset(preset or config.preset, **overrides)
   train_cfg = TrainConfig.from_dict(train_values)
   check_compatible(model_cfg, train_cfg)
   return model_cfg, train_cfg

@@ -4,7 +4,9 @@
 
 Stage 1 is the README demo (launch/configs/default.py: the "small" preset,
 MLA + MoE + MTP, learns column arithmetic with worked solutions); skipped
-with --config.init_from=RUN. Stage 2, GRPO: 16 held-in prompts x 8 sampled
+with --config.init_from=RUN; from a published HF checkpoint with
+--config.init_from_hf=DIR --config.sft_config=launch/configs/finetune.py
+(the SFT stage fine-tunes it, then GRPO). Stage 2, GRPO: 16 held-in prompts x 8 sampled
 completions per step (temperature 1), rewards accuracy (1) + format (0.5),
 group-normalised advantages, the DeepSeekMath loss with k3 KL (beta 0.04)
 against the SFT model, one pass per rollout, AdamW at constant 1e-4
@@ -25,6 +27,7 @@ def get_config():
   for name, value in GRPOConfig().to_dict().items():
     config[name] = value if value is not None else config_dict.placeholder(float)
   config.sft_config = "launch/configs/default.py"
+  config.init_from_hf = ""     # an HF checkpoint the SFT stage starts from (finetune.py)
   config.steps = 250
   config.prompts_per_step = 16
   config.group_size = 8

@@ -1,0 +1,109 @@
+"""Fine-tuning from a published Hugging Face checkpoint (`TrainConfig.init_from_hf`).
+
+A run with `init_from_hf=DIR` and no checkpoint of its own starts from the
+weights in DIR (DeepSeek-V3 / R1 or V2 / V2-Lite, `interop.hf`): parameters
+and router biases (`e_score_correction_bias`; zero for V2) as published, a
+fresh optimizer, step 0. The model config is the checkpoint's
+(`finetune_configs`); a run's own model overrides may change only what keeps
+every parameter's shape (context length and YaRN, numerics, kernels,
+`n_mtp_depth=0` to leave the MTP module out), and an override that would add
+or reshape a parameter is refused, naming it. Once the run has checkpoints it
+resumes from them and ignores init_from_hf.
+
+Memory: tensors stream from the safetensors shards into the model's leaves
+one at a time (`load_hf_checkpoint`; with a mesh each device's shard is built
+from the tensors it overlaps), so the host holds the model plus one tensor;
+the optimizer state is then created from the loaded parameters, never a
+second, random copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.interop import hf
+from deepseek_jax.model import abstract_variables
+from deepseek_jax.parallel.rules import Rules
+
+TOKENIZER_NAME = "tokenizer.json"
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  return {k: tuple(v.shape) for k, v in hf._flatten(abstract_variables(cfg)).items()}
+
+
+def check_shapes_kept(base: ModelConfig, cfg: ModelConfig, where: str) -> None:
+  """ValueError unless every variable `cfg` builds exists in `base` with the
+  same shape (leaving variables out, e.g. the MTP module, is allowed); the
+  message names the config fields that differ."""
+  have, want = _shapes(base), _shapes(cfg)
+  bad = sorted(k for k, shape in want.items() if have.get(k) != shape)
+  if not bad:
+    return
+  fields = [f"{f.name}: {getattr(base, f.name)!r} -> {getattr(cfg, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig)
+            if getattr(base, f.name) != getattr(cfg, f.name)]
+  shown = ", ".join(f"{k} {have.get(k, 'absent')} -> {want[k]}" for k in bad[:3])
+  raise ValueError(
+      f"init_from_hf={where!r}: the model overrides ({'; '.join(fields)}) change parameter "
+      f"shapes the checkpoint does not have ({shown}{', ...' if len(bad) > 3 else ''}); only "
+      "shape-keeping fields (max_seq_len, rope_factor, mscale, dtype, param_dtype, moe_impl, "
+      "remat_policy, fp8, n_mtp_depth=0, ...) may differ from the checkpoint's config.")
+
+
+def finetune_model_config(path: str, overrides: Mapping[str, Any] | None = None
+                          ) -> ModelConfig:
+  """The checkpoint's ModelConfig (its tensors checked from the headers) with
+  `overrides` (ModelConfig fields) applied where they keep every shape."""
+  base = hf.check_hf_checkpoint(path)
+  overrides = dict(overrides or {})
+  cfg = ModelConfig.from_dict(overrides, base=base)
+  check_shapes_kept(base, cfg, path)
+  return cfg
+
+
+def finetune_configs(path: str, train_values: Mapping[str, Any],
+                     model_overrides: Mapping[str, Any] | None = None):
+  """(ModelConfig, TrainConfig) of a run fine-tuning the checkpoint in `path`:
+  the model from the checkpoint (+ shape-keeping overrides), the train config
+  from `train_values` with init_from_hf=path and, unless tokenizer_path is
+  set, the checkpoint's tokenizer.json when it has one."""
+  from deepseek_jax.train.loop import TrainConfig  # noqa: PLC0415 (loop imports this)
+  model_cfg = finetune_model_config(path, model_overrides)
+  values = dict(train_values, init_from_hf=path)
+  tokenizer = os.path.join(path, TOKENIZER_NAME)
+  if not values.get("tokenizer_path") and os.path.isfile(tokenizer):
+    values["tokenizer_path"] = tokenizer
+  return model_cfg, TrainConfig.from_dict(values)
+
+
+def init_state_from_hf(cfg: ModelConfig, train_cfg, path: str, mesh=None,
+                       rules: Rules | None = None):
+  """TrainState at step 0 holding the checkpoint's parameters and router
+  biases (cast to cfg.param_dtype; variables cfg does not build, e.g. MTP
+  with n_mtp_depth=0, are dropped) and a fresh optimizer state built from
+  them, placed in the training shardings when a mesh is given."""
+  from deepseek_jax.train import step as step_lib  # noqa: PLC0415 (step imports loop)
+  check_shapes_kept(hf.check_hf_checkpoint(path), cfg, path)
+  _, loaded = hf.load_hf_checkpoint(path, dtype=cfg.param_dtype, mesh=mesh, rules=rules)
+  want = abstract_variables(cfg)
+  flat = hf._flatten(loaded)
+  kept = hf._unflatten({k: flat.pop(k) for k in hf._flatten(want)})
+  del flat, loaded
+  tx, _ = step_lib.make_tx(train_cfg)
+
+  def fresh(params):
+    return jnp.zeros((), jnp.int32), tx.init(params)
+  if mesh is None:
+    step, opt_state = jax.jit(fresh)(kept["params"])
+  else:
+    sh = step_lib.state_shardings(cfg, train_cfg, mesh, rules)
+    step, opt_state = jax.jit(fresh, out_shardings=(sh.step, sh.opt_state))(kept["params"])
+  return step_lib.TrainState(step=step, params=kept["params"], opt_state=opt_state,
+                             router_bias=kept.get("router_bias", {}))
