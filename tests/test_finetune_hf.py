@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,10 +17,10 @@ from deepseek_jax import get_preset
 from deepseek_jax.data.tokenizer import ASSET_PATH
 from deepseek_jax.interop import hf as hf_lib
 from deepseek_jax.interop import load_hf_checkpoint, save_hf_checkpoint
-from deepseek_jax.model import abstract_variables
 from deepseek_jax.train import export
 from deepseek_jax.train.hf_init import finetune_configs, finetune_model_config
 from deepseek_jax.train.loop import train
+from random_weights import random_variables, randomize_torch_model
 
 # A V3-shaped model with MTP and a random router bias: everything the loader maps.
 V3 = get_preset("tiny", vocab_size=128, n_mtp_depth=1)
@@ -32,25 +30,10 @@ TRAIN = dict(steps=1, batch_size=4, seq_len=64, n_train_problems=64, n_eval_prob
              max_new_tokens=4, fast_compile=True)
 
 
-def _variables(cfg, seed):
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "router_bias" in name:
-      x = rng.uniform(0.0, 0.5, leaf.shape)
-    elif "norm" in name:
-      x = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    else:
-      x = 0.1 * rng.standard_normal(leaf.shape)
-    return jnp.asarray(x, jnp.float32)
-  return jax.tree_util.tree_map_with_path(draw, abstract_variables(cfg))
-
-
 @pytest.fixture(scope="module")
 def v3_ckpt(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("v3_hf"))
-  variables = _variables(V3, seed=5)
+  variables = random_variables(V3, seed=5)
   save_hf_checkpoint(V3, variables, path, max_shard_bytes=50_000)
   return path, variables
 
@@ -139,9 +122,7 @@ def test_first_loss_equals_transformers_loss_on_the_same_batch(tmp_path):
       v_head_dim=8, max_position_embeddings=128, routed_scaling_factor=1.0,
       topk_method="greedy", norm_topk_prob=False, attn_implementation="eager")
   model = transformers.DeepseekV2ForCausalLM(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+  randomize_torch_model(model)
   model.save_pretrained(tmp_path / "hf")
   model_cfg, train_cfg = finetune_configs(str(tmp_path / "hf"), TRAIN)
   assert model_cfg.score_func == "softmax"

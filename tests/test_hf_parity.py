@@ -18,8 +18,9 @@ import pytest
 
 from deepseek_jax import get_preset
 from deepseek_jax.interop import load_hf_checkpoint, save_hf_checkpoint
-from deepseek_jax.model import Transformer, abstract_variables
+from deepseek_jax.model import Transformer
 from deepseek_jax.model.rope import rope_frequencies
+from random_weights import random_variables, randomize_torch_model
 
 # Marked `torch`: tests/conftest.py stops the run with a clear message if these
 # are selected without torch installed (deselect with -m "not torch").
@@ -46,33 +47,12 @@ def _hf_model(seed: int = 0, **overrides):
   torch.manual_seed(seed)
   config = transformers.DeepseekV3Config(**{**BASE, **overrides}, attn_implementation="eager")
   model = transformers.DeepseekV3ForCausalLM(config).eval()
+  randomize_torch_model(model)
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.1)
     for name, b in model.named_buffers():
       if name.endswith("e_score_correction_bias"):
         b.copy_(0.5 * torch.rand_like(b))
   return model
-
-
-def _random_variables(cfg, seed: int):
-  """Our own random init: norms near 1, weights N(0, 0.1), router bias U(0, 0.5)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "router_bias" in name:
-      x = rng.uniform(0.0, 0.5, leaf.shape)
-    elif "norm" in name:
-      x = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    else:
-      x = 0.1 * rng.standard_normal(leaf.shape)
-    return jnp.asarray(x, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract_variables(cfg))
 
 
 def _our_logits(cfg, variables, tokens):
@@ -175,7 +155,7 @@ def test_fused_expert_layout_matches_hf(tmp_path):
 def test_our_checkpoint_loads_in_hf_with_same_logits_and_mtp(tmp_path, monkeypatch):
   from transformers.modeling_layers import MtpModel
   cfg = get_preset("tiny", vocab_size=160, n_mtp_depth=1)
-  variables = _random_variables(cfg, seed=11)
+  variables = random_variables(cfg, seed=11)
   save_hf_checkpoint(cfg, variables, str(tmp_path), max_shard_bytes=100_000)
   assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
 
@@ -240,12 +220,7 @@ def _hf_v2_model(seed: int = 0, **overrides):
   config = transformers.DeepseekV2Config(**{**V2_BASE, **overrides},
                                          attn_implementation="eager")
   model = transformers.DeepseekV2ForCausalLM(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.1)
+  randomize_torch_model(model)
   return model
 
 
@@ -288,7 +263,7 @@ def test_v2_checkpoint_matches_hf(tmp_path, label, overrides, seq):
 def test_our_v2_variables_load_in_hf_with_same_logits(tmp_path):
   cfg = get_preset("tiny", vocab_size=160, score_func="softmax", route_scale=2.0,
                    n_mtp_depth=0, q_lora_rank=0)
-  variables = _random_variables(cfg, seed=12)
+  variables = random_variables(cfg, seed=12)
   variables["router_bias"] = jax.tree.map(jnp.zeros_like, variables["router_bias"])
   save_hf_checkpoint(cfg, variables, str(tmp_path))
   with open(os.path.join(tmp_path, "config.json")) as f:
