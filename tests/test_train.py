@@ -339,7 +339,8 @@ def test_resume_equals_straight_run(configs, tmp_path):
 
   a, data_a = _params(str(tmp_path / "straight"), model_cfg, train_cfg)
   b, data_b = _params(str(tmp_path / "resumed"), model_cfg, train_cfg)
-  assert int(a.step) == int(b.step) == 6 and data_a == data_b == {"step": 6, "seed": 0}
+  assert int(a.step) == int(b.step) == 6
+  assert data_a == data_b == {"step": 6, "seed": 0, "bad_in_a_row": 0, "bad_steps": 0}
   for x, y in zip(jax.tree.leaves((a.params, a.router_bias, a.opt_state)),
                   jax.tree.leaves((b.params, b.router_bias, b.opt_state))):
     np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-6)
@@ -410,6 +411,43 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(configs, tmp_path,
   assert ckpts.latest_step() == 3
   ckpts.close()
   assert max(r["step"] for r in _read(workdir)) == 4
+
+
+def test_bad_steps_are_skipped_then_stop_the_run(configs, tmp_path):
+  """NaN batches at steps 2 and 3 (the nan_steps hook): both updates are
+  skipped, so the parameters after step 3 are exactly those after step 1 of a
+  clean run, the data moved on, and metrics.jsonl counts them; a third
+  consecutive bad step with max_bad_steps=3 stops the run with the message."""
+  model_cfg, train_cfg = configs
+  quiet = lambda s: None  # noqa: E731
+  tcfg = dataclasses.replace(train_cfg, steps=4, ckpt_every=1, eval_every=0,
+                             n_eval_problems=0 if train_cfg.data_files else 1)
+  clean = loop.train(model_cfg, dataclasses.replace(tcfg, steps=1), str(tmp_path / "clean"),
+                     log=quiet)
+  lines = []
+  bad = dataclasses.replace(tcfg, nan_steps=(2, 3), max_bad_steps=3)
+  out = loop.train(model_cfg, bad, str(tmp_path / "bad"), stop_after=3, log=lines.append)
+  assert [h["skipped"] for h in out["history"]] == [0.0, 1.0, 1.0]
+  assert [h["bad_steps"] for h in out["history"]] == [0.0, 1.0, 2.0]
+  assert sum("not finite, update skipped (2 in a row" in line for line in lines) == 1
+  rows = [r for r in _read(str(tmp_path / "bad")) if "loss" in r]
+  assert [r["skipped"] for r in rows] == [0.0, 1.0, 1.0]
+  skipped_state, data_state = _params(str(tmp_path / "bad"), model_cfg, bad)
+  clean_state, _ = _params(str(tmp_path / "clean"), model_cfg, bad)
+  assert int(skipped_state.step) == 3 and data_state["step"] == 3     # the data moved on
+  for a, b in zip(jax.tree.leaves((skipped_state.params, skipped_state.opt_state,
+                                   skipped_state.router_bias)),
+                  jax.tree.leaves((clean_state.params, clean_state.opt_state,
+                                   clean_state.router_bias))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert clean["history"][0]["loss"] == out["history"][0]["loss"]
+
+  with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps .*step 4.*"
+                     "still those of step 1"):
+    loop.train(model_cfg, dataclasses.replace(bad, nan_steps=(2, 3, 4)),
+               str(tmp_path / "bad"), log=quiet)
+  with pytest.raises(ValueError, match="nan_steps"):
+    dataclasses.replace(bad, nan_steps=(0,))
 
 
 def test_trains_on_user_jsonl_files_without_exact_match_eval(configs, tmp_path):

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -87,6 +88,14 @@ class TrainConfig:
     (launch.train does), which also picks DIR/tokenizer.json as the
     tokenizer when tokenizer_path is empty. Once this run has checkpoints it
     resumes from its own and ignores init_from_hf.
+  max_bad_steps: a step whose loss or gradients are not finite is skipped
+    (parameters, optimizer state and router biases stay as they were; the
+    data moves on; `skipped` in metrics.jsonl, `bad_steps` counted in the
+    progress line); after max_bad_steps consecutive ones the run stops with
+    FloatingPointError naming the last good checkpoint. 0 = stop at the
+    first non-finite step.
+  nan_steps: test hook: the batches of these steps get a NaN loss mask, so
+    their loss and gradients are NaN (exercises the skip above).
   fast_compile: compile the step and the decoder at XLA backend optimisation
     level 0 (on CPU ~2.5x faster compiles, ~1.6x slower steps): for tests and
     short runs.
@@ -138,11 +147,15 @@ class TrainConfig:
   max_new_tokens: int = 96
   ckpt_every: int = 100
   keep_ckpts: int = 3
+  # robustness
+  max_bad_steps: int = 10
+  nan_steps: tuple[int, ...] = ()
   # compilation
   fast_compile: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "data_files", tuple(self.data_files))
+    object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
     object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
     self.validate()
 
@@ -151,7 +164,9 @@ class TrainConfig:
                                "keep_ckpts", "eval_batch_size", "max_new_tokens"),
                non_negative=("warmup_steps", "hold_steps", "decay_steps", "end_steps",
                              "eval_every", "n_eval_problems", "passkey_chars",
-                             "balance_devices"))
+                             "balance_devices", "max_bad_steps"))
+    if not all(isinstance(t, int) and t >= 1 for t in self.nan_steps):
+      raise ValueError(f"nan_steps={self.nan_steps!r} must be step numbers >= 1.")
     if not self.data_files and self.n_train_problems < 1:
       raise ValueError(f"n_train_problems={self.n_train_problems} must be >= 1 "
                        "when no data_files are given.")
@@ -318,8 +333,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
   decoded completions of the last eval), resumed_from (step or None),
   workdir.
 
-  Raises FloatingPointError on a non-finite loss (the last good checkpoint
-  stays the latest one), ValueError on bad configs or data.
+  Raises FloatingPointError after max_bad_steps consecutive non-finite
+  steps (each one skipped until then), or at once with max_bad_steps=0 (the
+  last good checkpoint stays the latest one), ValueError on bad configs or
+  data.
   """
   check_compatible(model_cfg, train_cfg)
   mesh, rules = mesh_for(mesh_cfg, train_cfg)
@@ -362,6 +379,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
 
     # 4. Resume ------------------------------------------------------------------
     resumed_from = ckpts.latest_step()
+    saved: dict[str, Any] = {}      # the checkpoint's data/loop state when resuming
     if resumed_from is None and train_cfg.init_from_hf:
       state = hf_init.init_state_from_hf(model_cfg, train_cfg, train_cfg.init_from_hf,
                                          mesh, rules)
@@ -376,9 +394,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
             "router biases; optimizer and data start fresh")
         del init
     else:
-      state, data_state = ckpts.restore(
+      state, saved = ckpts.restore(
           abstract_train_state(model_cfg, train_cfg, mesh, rules))
-      data.iterator.restore(data_state)
+      data.iterator.restore(saved)
       log(f"resuming from {ckpts.directory} at step {resumed_from}"
           + (f" (ignoring init_from_hf={train_cfg.init_from_hf}: the run's own checkpoint "
              "comes first)" if train_cfg.init_from_hf else ""))
@@ -428,23 +446,44 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
           f"{time.time() - t:.1f}s); e.g. {prompt} -> {ex['completion']!r}")
 
     last = None
+    # Skipped-step counters live in the checkpoint with the data position, so a
+    # streak of bad steps is counted across a resume.
+    bad_in_a_row, bad_steps = int(saved.get("bad_in_a_row", 0)), int(saved.get("bad_steps", 0))
     for step in range(start + 1, end_step + 1):
       batch = next_batch()
+      if step in train_cfg.nan_steps:
+        batch = dict(batch, loss_mask=batch["loss_mask"] * jnp.float32(jnp.nan))
       state, m = train_step(state, batch)
       m = jax.device_get(m)
       loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+      skipped = bool(m.get("skipped", 0.0))
+      if not skipped and not (np.isfinite(loss) and np.isfinite(grad_norm)):
         # Checked before this step's state can be saved: a non-finite gradient
-        # has already poisoned the new parameters.
+        # has already poisoned the new parameters (max_bad_steps=0).
         raise FloatingPointError(
             f"loss={loss} at step {step} (ce={float(m['ce'])}, grad_norm={grad_norm}); "
             f"stopping. The last good checkpoint is step {ckpts.latest_step()} in "
             f"{ckpts.directory}; lower lr or raise warmup_steps.")
+      if skipped:
+        bad_in_a_row, bad_steps = bad_in_a_row + 1, bad_steps + 1
+        log(f"step {step}: loss={loss}, grad_norm={grad_norm}: not finite, update skipped "
+            f"({bad_in_a_row} in a row; the run stops at max_bad_steps="
+            f"{train_cfg.max_bad_steps})")
+        if bad_in_a_row >= train_cfg.max_bad_steps:
+          raise FloatingPointError(
+              f"{bad_in_a_row} consecutive non-finite steps (the last: step {step}, "
+              f"loss={loss}, grad_norm={grad_norm}); stopping. The parameters are still "
+              f"those of step {step - bad_in_a_row}; the last checkpoint is step "
+              f"{ckpts.latest_step()} in {ckpts.directory}; lower lr or raise warmup_steps.")
+      else:
+        bad_in_a_row = 0
       loads.append(np.asarray(m.pop("expert_load")))
       m.pop("mtp_expert_load", None)
       per_layer = {k: np.asarray(m.pop(k)).tolist()      # V2 balance losses, per layer
                    for k in [k for k in m if k.endswith("_per_layer")]}
       scalars = {k: float(v) for k, v in m.items()}
+      if "skipped" in scalars:
+        scalars["bad_steps"] = float(bad_steps)
       history.append({"step": step, **scalars})
       progress.add(scalars["tokens"])
       last = scalars
@@ -461,12 +500,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       if run_eval and train_cfg.eval_every and step % train_cfg.eval_every == 0 \
           and step != train_cfg.steps:
         do_eval(step)
-      ckpts.save(step, state, data.iterator.state(), force=step == end_step)
+      ckpts.save(step, state, {**data.iterator.state(), "bad_in_a_row": bad_in_a_row,
+                               "bad_steps": bad_steps}, force=step == end_step)
       progress.t0 += time.time() - paused   # eval/checkpoint time is not step time
 
     # 7. Wrap-up -----------------------------------------------------------------
     final_step = int(state.step)
-    ckpts.save(final_step, state, data.iterator.state(), force=True)
+    ckpts.save(final_step, state, {**data.iterator.state(), "bad_in_a_row": bad_in_a_row,
+                                   "bad_steps": bad_steps}, force=True)
     def evals_so_far():   # the whole run's, resumed calls included
       if not writer:
         return list(evals_here)

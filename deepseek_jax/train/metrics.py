@@ -105,7 +105,8 @@ def progress_line(step: int, total: int, m: dict[str, Any], tokens_per_s: float,
   return (f"step {step:>6d}/{total} | loss {m['loss']:.4f} ce {m['ce']:.4f} "
           f"mtp {m['mtp']:.4f} bal {m['balance']:.3f}{v2} | gnorm {m['grad_norm']:.3f} "
           f"lr {m['lr']:.2e} | load max/mean {m['load_imbalance']:.2f} | "
-          f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}")
+          f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}"
+          + (f" | skipped {int(m['bad_steps'])}" if m.get("bad_steps") else ""))
 
 
 def plot_smoothed(ax, steps: np.ndarray, values: np.ndarray, label: str, window: int) -> None:

@@ -313,8 +313,10 @@ def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | Non
   tokens (non-padding inputs), target_tokens; and expert_load
   [n_moe_layers, E]. With a V2 balance weight > 0 also balance_expert,
   balance_device, balance_comm (sums over MoE layers, before alpha) and
-  balance_expert_per_layer etc. [main MoE layers + MTP blocks].
+  balance_expert_per_layer etc. [main MoE layers + MTP blocks]. With
+  train_cfg.max_bad_steps > 0 a non-finite update is skipped and reported as
+  skipped = 1 (make_update_step's skip_nonfinite).
   Numerically the same on one device and on a mesh (tests/test_parallel.py).
   """
   return make_update_step(cfg, train_cfg, pretraining_loss(cfg, train_cfg, mesh, rules),
-                          mesh, rules)
+                          mesh, rules, skip_nonfinite=train_cfg.max_bad_steps > 0)
