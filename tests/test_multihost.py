@@ -191,3 +191,32 @@ def test_a_process_whose_peer_dies_exits_with_a_clear_message_in_bounded_time(tm
   if ours in out:
     assert "Relaunch all processes with the same workdir to resume from step" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.slow    # CI runs it in leg 1's slow step (.ci/run)
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+  """Under jax.distributed JAX's preemption service catches SIGTERM; every
+  process polls reached_preemption, so both save the same step and exit 0."""
+  workdir = str(tmp_path / "term" / "run")
+  os.makedirs(os.path.dirname(workdir))
+  procs = _launch(workdir, "--config.steps=10000", "--config.ckpt_every=1000",
+                  "--config.n_eval_problems=0", "--config.log_every=1", port=_free_port())
+  try:
+    deadline = time.time() + 300
+    while "step      3/" not in _output(workdir, 0):
+      assert procs[0].poll() is None and procs[1].poll() is None, _output(workdir, 0)[-3000:]
+      assert time.time() < deadline, "the run did not reach step 3"
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    rcs = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  out = _output(workdir, 0)
+  assert rcs == [0, 0], (rcs, out[-3000:], _output(workdir, 1)[-3000:])
+  stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM")]
+  assert len(stopped) == 1, out[-3000:]
+  step = int(stopped[0].split("after step ")[1].split(":")[0])
+  assert step >= 3 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))

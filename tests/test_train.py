@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -355,6 +356,27 @@ def test_resume_equals_straight_run(configs, tmp_path):
   assert straight["eval"][-1]["step"] == 6 and second["eval"] == straight["eval"]
   assert 0.0 <= straight["eval"][-1]["accuracy"] <= 1.0
   assert os.path.exists(tmp_path / "straight" / "loss.png")
+
+  # SIGTERM while step 1 is being processed (and a second one, as while its
+  # checkpoint is written): the call finishes that step, checkpoints it and
+  # returns; the rerun resumes from there and ends where the straight run did.
+  def signal_twice(line):
+    if line.startswith("first step"):
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGTERM)
+  lines = []
+  cut = loop.train(model_cfg, train_cfg, str(tmp_path / "signalled"),
+                   log=lambda line: (lines.append(line), signal_twice(line)))
+  assert cut["stopped_by"] == "SIGTERM" and cut["final_step"] == 1 and not cut["eval"]
+  assert any(line.startswith("stopped by SIGTERM after step 1: checkpoint written")
+             for line in lines), lines
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # handlers put back
+  rest = loop.train(model_cfg, train_cfg, str(tmp_path / "signalled"), log=quiet)
+  assert rest["resumed_from"] == 1 and rest["stopped_by"] is None
+  c, _ = _params(str(tmp_path / "signalled"), model_cfg, train_cfg)
+  for x, y in zip(jax.tree.leaves((a.params, a.router_bias, a.opt_state)),
+                  jax.tree.leaves((c.params, c.router_bias, c.opt_state))):
+    np.testing.assert_array_equal(x, y)
 
   # A different model in the same workdir is refused before anything is built.
   with pytest.raises(ValueError, match=r"n_layers: saved 3, requested 4"):

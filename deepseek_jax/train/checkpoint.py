@@ -135,6 +135,12 @@ class Checkpoints:
     self.manager.wait_until_finished()
     return bool(saved)
 
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-process runs: True on every process at the same step once any
+    of them got SIGTERM (JAX's preemption service, live after
+    jax.distributed.initialize, catches the signal and agrees on the step)."""
+    return bool(self.manager.reached_preemption(step))
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -16,6 +16,8 @@ environment. The sections of `train` follow big_vision's trainer:
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import os
 import time
 from typing import Any, Callable
@@ -275,6 +277,34 @@ def describe_mesh(mesh) -> str:
   return " ".join(f"{a}={n}" for a, n in mesh.shape.items()) + f" ({mesh.size} devices)"
 
 
+class StopSignals:
+  """SIGTERM / SIGINT -> finish the step in flight, checkpoint it, return.
+
+  Single-process runs only (in the main thread): the handlers record the
+  first signal; later ones (e.g. a second Ctrl-C while the checkpoint is
+  written) are ignored, so a save is never interrupted. Under
+  jax.distributed JAX's preemption service owns SIGTERM, and every process
+  must stop at the same step: the loop polls Checkpoints.reached_preemption
+  instead (a local handler here would desynchronise the processes).
+  """
+
+  def __init__(self, install: bool):
+    self.received: str | None = None
+    self._previous = {}
+    if install and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
 @dataclasses.dataclass
 class Data:
   iterator: pipeline.BatchIterator
@@ -326,6 +356,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
   `eval` on other processes lists this call's evaluations only); a peer that
   dies raises distributed.PeerLostError.
 
+  SIGTERM / SIGINT (or, multi-process, JAX's preemption notice) end the call
+  after the step in flight with a checkpoint at that step (`stopped_by` in
+  the summary names the signal; launch.train then exits 0); rerunning
+  resumes from exactly there.
+
   Returns a summary: final_step, final_loss, eval (list of {step, accuracy,
   format_ok} of the whole run, from metrics.jsonl), history (per-step scalar
   metrics of this call), expert_load
@@ -352,6 +387,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       workdir, model_cfg, train_cfg.to_dict(), every=train_cfg.ckpt_every,
       keep=train_cfg.keep_ckpts)
   peer_lost = False
+  stop = StopSignals(install=not multiprocess)
   try:
     if train_diff:
       log("note: the config differs from the checkpointed run: " + "; ".join(train_diff))
@@ -500,9 +536,16 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       if run_eval and train_cfg.eval_every and step % train_cfg.eval_every == 0 \
           and step != train_cfg.steps:
         do_eval(step)
+      if stop.received is None and multiprocess and ckpts.reached_preemption(step):
+        stop.received = "SIGTERM (preemption, all processes)"
       ckpts.save(step, state, {**data.iterator.state(), "bad_in_a_row": bad_in_a_row,
-                               "bad_steps": bad_steps}, force=step == end_step)
+                               "bad_steps": bad_steps},
+                 force=step == end_step or stop.received is not None)
       progress.t0 += time.time() - paused   # eval/checkpoint time is not step time
+      if stop.received is not None:
+        log(f"stopped by {stop.received} after step {step}: checkpoint written to "
+            f"{ckpts.directory}; rerun with the same workdir to resume from step {step}")
+        break
 
     # 7. Wrap-up -----------------------------------------------------------------
     final_step = int(state.step)
@@ -514,7 +557,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       return [{"step": r["step"], "accuracy": r["eval_accuracy"],
                "format_ok": r["eval_format_ok"]}
               for r in metrics.read_metrics(writer.path) if "eval_accuracy" in r]
-    if run_eval and final_step == train_cfg.steps:
+    if run_eval and final_step == train_cfg.steps and stop.received is None:
       # Every process must take the same decision (decoding is collective):
       # process 0 reads metrics.jsonl and tells the others.
       need = not any(e["step"] == final_step for e in evals_so_far())
@@ -538,6 +581,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
                         else np.zeros((0, n_moe, n_exp), np.float32)),
         "samples": samples,
         "resumed_from": resumed_from,
+        "stopped_by": stop.received,
         "workdir": workdir,
     }
   except jax.errors.JaxRuntimeError as e:
@@ -554,5 +598,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
         + (f"step {latest}" if latest is not None else "the start (no checkpoint yet)")
         + f" in {ckpts.directory}.") from e
   finally:
+    stop.restore()
     if not peer_lost:
       ckpts.close()
