@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     cfg = cfg.replace(n_mtp_depth=0)
   if args.seq > cfg.max_seq_len:
     sys.exit(f"--seq={args.seq} exceeds max_seq_len={cfg.max_seq_len} of {args.model_json}")
-  train_cfg = TrainConfig(steps=1, batch_size=args.batch, seq_len=args.seq)
+  train_cfg = TrainConfig(steps=1, warmup_steps=0, batch_size=args.batch, seq_len=args.seq)
   rss_after_import = peak_rss_mb()
 
   hf_config = transformers.DeepseekV3Config.from_dict(config_to_hf(cfg))

@@ -25,7 +25,7 @@ from random_weights import random_variables, randomize_torch_model
 # A V3-shaped model with MTP and a random router bias: everything the loader maps.
 V3 = get_preset("tiny", vocab_size=128, n_mtp_depth=1)
 TRAIN = dict(steps=1, batch_size=4, seq_len=64, n_train_problems=64, n_eval_problems=4,
-             max_digits=1, warmup_steps=2, lr=1e-3, bias_update_speed=0.0,
+             max_digits=1, warmup_steps=1, lr=1e-3, bias_update_speed=0.0,
              balance_weight=0.0, log_every=1, ckpt_every=1, eval_every=0, eval_batch_size=4,
              max_new_tokens=4, fast_compile=True)
 

@@ -301,7 +301,7 @@ def test_trainer_on_a_mesh_resumes_on_one_device_like_an_unsharded_run(tmp_path)
 
 def test_trainer_refuses_a_batch_the_mesh_cannot_split(tmp_path):
   from deepseek_jax.train import loop
-  train_cfg = TrainConfig(steps=1, batch_size=4, seq_len=64, n_train_problems=8,
+  train_cfg = TrainConfig(steps=1, batch_size=4, seq_len=64, n_train_problems=8, warmup_steps=0,
                           n_eval_problems=0)
   with pytest.raises(ValueError, match=r"batch_size=4 must be a multiple of .*=8"):
     loop.train(CFG, train_cfg, str(tmp_path / "run"), mesh_cfg=MeshConfig(expert=8),

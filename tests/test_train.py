@@ -81,6 +81,16 @@ def test_weight_decay_mask_skips_norm_scales_and_one_dim_params():
   assert flat["['moe_layers']['ffn']['w1']"] and flat["['moe_layers']['ffn']['gate']"]
   for path, m in flat.items():
     assert m == (not path.endswith("['scale']")), path
+  # Every no-decay name names parameters of the V3 model (none is dead).
+  v3 = abstract_variables(get_preset("v3_671b"))["params"]
+  names = {getattr(p[-1], "key", None) for p, _ in jax.tree_util.tree_leaves_with_path(v3)}
+  assert set(optimizer.NO_DECAY_NAMES) <= names
+
+
+def test_warmup_longer_than_the_run_is_refused():
+  with pytest.raises(ValueError, match="warmup_steps=20 exceeds steps=10"):
+    loop.TrainConfig(steps=10, warmup_steps=20)
+  assert loop.TrainConfig().warmup_steps <= loop.TrainConfig().steps    # the defaults
 
 
 def test_adamw_decays_matrices_but_not_scales():
@@ -378,6 +388,13 @@ def test_resume_equals_straight_run(configs, tmp_path):
                   jax.tree.leaves((c.params, c.router_bias, c.opt_state))):
     np.testing.assert_array_equal(x, y)
 
+  # Resuming with a larger `steps` (decay_steps=0) would stretch the cosine
+  # mid-run: refused, naming the resolved decay length.
+  with pytest.raises(ValueError, match=r"schedule differs .*decay_steps: (\d+) -> (?!\1)\d+"):
+    loop.train(model_cfg, dataclasses.replace(train_cfg, steps=train_cfg.steps + 2,
+                                              decay_steps=0), str(tmp_path / "resumed"),
+               log=quiet)
+
   # A different model in the same workdir is refused before anything is built.
   with pytest.raises(ValueError, match=r"n_layers: saved 3, requested 4"):
     loop.train(model_cfg.replace(n_layers=4), train_cfg, str(tmp_path / "resumed"), log=quiet)
@@ -444,8 +461,7 @@ def test_bad_steps_are_skipped_then_stop_the_run(configs, tmp_path):
   quiet = lambda s: None  # noqa: E731
   tcfg = dataclasses.replace(train_cfg, steps=4, ckpt_every=1, eval_every=0,
                              n_eval_problems=0 if train_cfg.data_files else 1)
-  clean = loop.train(model_cfg, dataclasses.replace(tcfg, steps=1), str(tmp_path / "clean"),
-                     log=quiet)
+  clean = loop.train(model_cfg, tcfg, str(tmp_path / "clean"), stop_after=1, log=quiet)
   lines = []
   bad = dataclasses.replace(tcfg, nan_steps=(2, 3), max_bad_steps=3)
   out = loop.train(model_cfg, bad, str(tmp_path / "bad"), stop_after=3, log=lines.append)

@@ -338,7 +338,8 @@ def test_trainer_logs_layer_sums_and_per_layer_lists(tmp_path, monkeypatch):
     return state.replace(step=state.step + 1), dict(metrics)
   monkeypatch.setattr(loop, "make_train_step", lambda *args: fake_step)
   monkeypatch.setattr(loop.metrics, "plot_losses", lambda workdir: None)   # not tested here
-  tc = TrainConfig(steps=2, batch_size=8, seq_len=64, n_train_problems=16, n_eval_problems=0,
+  tc = TrainConfig(steps=2, warmup_steps=1, batch_size=8, seq_len=64, n_train_problems=16,
+                   n_eval_problems=0,
                    max_digits=1, ckpt_every=2, keep_ckpts=1, log_every=1, **WEIGHTS)
   lines = []
   summary = loop.train(CFG, tc, str(tmp_path), log=lines.append)

@@ -53,9 +53,12 @@ class TrainConfig:
     as a row of seq_len holds).
     tokenizer_path "" = the shipped character tokenizer. completion_only: loss
     only on completion tokens.
-  Optimizer (optimizer.py): peak lr, warmup_steps, hold_steps, decay_steps
-    (0 = cosine until the last step minus end_steps), end_lr, end_steps,
-    final_lr (None = end_lr); AdamW b1, b2, eps, weight_decay; clip_norm.
+  Optimizer (optimizer.py): peak lr, warmup_steps (<= steps; V3 used 2000
+    of ~530K), hold_steps, decay_steps (0 = cosine until the last step minus
+    end_steps), end_lr, end_steps, final_lr (None = end_lr); AdamW b1, b2,
+    eps, weight_decay; clip_norm. A resumed run keeps its schedule: a change
+    that would bend it mid-run (e.g. a larger `steps` with decay_steps=0) is
+    refused, naming the fields (`schedule_changes`).
   moments_dtype: storage of AdamW's moments, "float32" or "bfloat16" (V3).
   Losses: mtp_weight (lambda; V3 0.3 then 0.1), balance_weight (alpha; V3
     1e-4), bias_update_speed (gamma; V3 1e-3, 0 = off).
@@ -122,7 +125,7 @@ class TrainConfig:
   completion_only: bool = False
   # optimizer (V3 values)
   lr: float = 2.2e-4
-  warmup_steps: int = 2000
+  warmup_steps: int = 100
   hold_steps: int = 0
   decay_steps: int = 0
   end_lr: float = 2.2e-5
@@ -174,6 +177,9 @@ class TrainConfig:
                        "when no data_files are given.")
     if not self.lr > 0:
       raise ValueError(f"lr={self.lr} must be > 0.")
+    if self.warmup_steps > self.steps:
+      raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: the run "
+                       "would end before reaching the peak lr; lower warmup_steps.")
     if not 0 <= self.end_lr <= self.lr:
       raise ValueError(f"end_lr={self.end_lr} must be in [0, lr={self.lr}].")
     for name in ("weight_decay", "mtp_weight", "balance_weight", "bias_update_speed",
@@ -210,6 +216,29 @@ class TrainConfig:
   def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
     check_field_names(cls, values)
     return cls(**values)
+
+
+SCHEDULE_FIELDS = ("lr", "warmup_steps", "hold_steps", "decay_steps", "end_lr", "end_steps",
+                   "final_lr")
+
+
+def resolved_schedule(train_cfg: TrainConfig) -> dict[str, Any]:
+  """The LR schedule's parameters with decay_steps=0 resolved (as
+  optimizer.lr_schedule_from_config does)."""
+  out = {k: getattr(train_cfg, k) for k in SCHEDULE_FIELDS}
+  out["decay_steps"] = train_cfg.decay_steps or max(
+      train_cfg.steps - train_cfg.warmup_steps - train_cfg.hold_steps - train_cfg.end_steps, 0)
+  return out
+
+
+def schedule_changes(saved: dict[str, Any], train_cfg: TrainConfig) -> list[str]:
+  """How train_cfg's resolved LR schedule differs from that of the saved
+  train config dict (a checkpoint's), e.g. ["decay_steps: 97 -> 197"]."""
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  old = resolved_schedule(TrainConfig.from_dict(
+      {k: v for k, v in saved.items() if k in fields}))
+  new = resolved_schedule(train_cfg)
+  return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_FIELDS if old[k] != new[k]]
 
 
 def check_compatible(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
@@ -430,6 +459,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
             "router biases; optimizer and data start fresh")
         del init
     else:
+      changed = schedule_changes(ckpts.saved_meta()["train_config"], train_cfg)
+      if changed:
+        raise ValueError(
+            f"the learning-rate schedule differs from the checkpointed run's in {ckpts.directory} "
+            f"({'; '.join(changed)}): resuming would bend it mid-run. Keep the saved values "
+            "(with decay_steps=0 the cosine runs to `steps`: to extend a run, set decay_steps "
+            "to the saved resolved value), or start a new workdir with init_from.")
       state, saved = ckpts.restore(
           abstract_train_state(model_cfg, train_cfg, mesh, rules))
       data.iterator.restore(saved)
@@ -541,7 +577,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       ckpts.save(step, state, {**data.iterator.state(), "bad_in_a_row": bad_in_a_row,
                                "bad_steps": bad_steps},
                  force=step == end_step or stop.received is not None)
-      progress.t0 += time.time() - paused   # eval/checkpoint time is not step time
+      progress.exclude(time.time() - paused)   # eval/checkpoint time is not step time
       if stop.received is not None:
         log(f"stopped by {stop.received} after step {step}: checkpoint written to "
             f"{ckpts.directory}; rerun with the same workdir to resume from step {step}")

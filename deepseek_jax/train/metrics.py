@@ -6,7 +6,10 @@ line per step with the step's scalars (loss, ce, mtp, balance, grad_norm, lr,
 load_imbalance, tokens, target_tokens; tokens_per_s on the steps that were
 also printed; with DeepSeek-V2's balance losses on, balance_expert,
 balance_device, balance_comm and the lists balance_expert_per_layer,
-balance_device_per_layer, balance_comm_per_layer), and eval lines with `eval_accuracy` and `eval_format_ok`. A resumed run first drops the lines of steps after the
+balance_device_per_layer, balance_comm_per_layer, device_tokens_per_layer;
+with bad-step skipping on, skipped and bad_steps), and eval lines with
+`eval_accuracy` and `eval_format_ok`. A resumed run first drops the lines of
+steps after the
 checkpoint it resumes from (they are about to be recomputed), so the file
 always describes one consistent history.
 """
@@ -67,8 +70,8 @@ class Progress:
   """Throughput and ETA over the steps run since the last report.
 
   Time spent outside steps (evaluation, checkpoints) is excluded from
-  tokens/s via `pause()` / `resume()`; the first step (compilation) is
-  excluded from the rate too.
+  tokens/s by `exclude(seconds)`; the first step (compilation) is excluded
+  from the rate too (`restart_window`).
   """
 
   def __init__(self, start_step: int, total_steps: int, clock: Callable[[], float] = time.time):
@@ -78,6 +81,10 @@ class Progress:
     self.compiled = False
     self.rate_steps = 0.0      # steps / second, last window
     self.rate_tokens = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` spent outside steps (eval, checkpoints) out of the rate."""
+    self.t0 += seconds
 
   def restart_window(self, step: int) -> None:
     self.step0, self.t0, self.tokens = step, self.clock(), 0.0

@@ -9,8 +9,8 @@ gradient clipping at global norm 1.0 and this learning-rate schedule:
   * constant 2.2e-5 for 333B tokens, then 7.3e-6 for the last 167B.
 
 `lr_schedule` is that shape parameterised by steps. Weight decay is decoupled
-(AdamW) and skips norm scales, biases and any other parameter with fewer than
-two dimensions: decaying an RMSNorm scale towards 0 fights the normalisation
+(AdamW) and skips norm scales and any other parameter with fewer than two
+dimensions: decaying an RMSNorm scale towards 0 fights the normalisation
 it exists for. Stacked (`nn.scan`) layers give norm scales a leading layer
 axis, so the mask goes by leaf name first and by rank second. The router bias
 of aux-loss-free balancing is not a parameter at all (its own collection) and
@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 # Leaf names that are never weight-decayed, whatever their rank.
-NO_DECAY_NAMES = ("scale", "bias")
+NO_DECAY_NAMES = ("scale",)      # RMSNorm scales (the model has no additive biases)
 
 
 def lr_schedule(peak_lr: float, *, warmup_steps: int, hold_steps: int = 0,
@@ -87,7 +87,7 @@ def lr_schedule_from_config(train_cfg: Any) -> optax.Schedule:
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True where a leaf is weight-decayed: rank >= 2 and not a scale/bias."""
+  """True where a leaf is weight-decayed: rank >= 2 and not a norm scale."""
   def decays(path, leaf):
     name = getattr(path[-1], "key", getattr(path[-1], "name", None))
     return bool(name not in NO_DECAY_NAMES and np.ndim(leaf) >= 2)
