@@ -97,6 +97,12 @@ def run_notebook(path: str, params: dict[str, Any] | None = None, *, out: str | 
   return nb
 
 
+def image_outputs(nb: nbformat.NotebookNode) -> int:
+  """How many figures (image/png outputs) the executed notebook holds."""
+  return sum("image/png" in output.get("data", {})
+             for cell in nb.cells for output in cell.get("outputs", []))
+
+
 def stdout_lines(nb: nbformat.NotebookNode) -> list[str]:
   """Every line the executed notebook's cells printed to stdout, in order."""
   lines = []

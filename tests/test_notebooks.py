@@ -21,7 +21,18 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 
-from run_notebook import inject_parameters, run_notebook, stdout_lines  # noqa: E402
+from run_notebook import image_outputs, inject_parameters, stdout_lines  # noqa: E402
+from run_notebook import run_notebook as _execute  # noqa: E402
+
+
+def run_notebook(path, params, **kwargs):
+  """Executes the notebook (experiments/run_notebook.py) and checks that it
+  keeps its figures: every notebook here plots, and an executed notebook
+  without image outputs means a backend switch or a plot that never showed."""
+  nb = _execute(path, params, **kwargs)
+  assert image_outputs(nb) > 0, f"{path}: the executed notebook holds no figures"
+  return nb
+
 
 NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "moe_load_balance.ipynb")
 ARMS = ("aux_free_bias", "aux_loss", "none")
