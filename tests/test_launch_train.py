@@ -29,6 +29,29 @@ def _run(*args, timeout=240):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _tensorboard_scalars(workdir, tag):
+  """{step: value} of `tag` in workdir/tb's event files (TFRecord framing:
+  length u64, crc u32, payload, crc u32), later files and purges applied."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  values = {}
+  tb = os.path.join(workdir, "tb")
+  for name in sorted(os.listdir(tb)):
+    with open(os.path.join(tb, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == 1:   # START
+        values = {s: v for s, v in values.items() if s < event.step}
+      for v in event.summary.value:
+        if v.tag == tag:
+          values[event.step] = v.simple_value
+  return values
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -38,7 +61,8 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   # decay_steps fixed so the schedule (and the compiled step) is the same for
   # both invocations: the second only extends the run.
-  common = [f"--config={TINY}", f"--workdir={workdir}", "--config.decay_steps=4"]
+  common = [f"--config={TINY}", f"--workdir={workdir}", "--config.decay_steps=4",
+            "--config.peak_tflops=0.05"]
   first = _run(*common, "--config.steps=3")
   assert first.returncode == 0, first.stderr[-3000:]
   train_lines = [r for r in _metrics(workdir) if "loss" in r]
@@ -53,6 +77,18 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
   assert "step      3/3" in first.stdout
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
   assert os.path.exists(os.path.join(workdir, "loss.png"))
+  # config.json (resolved configs, FLOPs) and MFU = tokens/s x FLOPs / (devices x peak)
+  with open(os.path.join(workdir, "config.json")) as f:
+    written = json.load(f)
+  assert written["train"]["steps"] == 3 and written["model"]["n_layers"] == 3
+  printed = [r for r in train_lines if "tokens_per_s" in r]
+  assert printed and all(r["mfu"] == pytest.approx(
+      r["tokens_per_s"] * written["train_flops_per_token"]
+      / (written["devices"] * 0.05e12), rel=1e-9) for r in printed)
+  assert "| mfu " in first.stdout
+  # TensorBoard event files hold the same scalars
+  assert _tensorboard_scalars(workdir, "loss") == {
+      r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in train_lines}
 
   second = _run(*common, "--config.steps=5")
   assert second.returncode == 0, second.stderr[-3000:]
@@ -61,6 +97,7 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
   assert "step      1/" not in second.stdout              # did not restart
   steps = [r["step"] for r in _metrics(workdir) if "loss" in r]
   assert steps == [1, 2, 3, 4, 5]
+  assert sorted(_tensorboard_scalars(workdir, "loss")) == [1, 2, 3, 4, 5]
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "5"))
 
 

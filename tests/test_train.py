@@ -87,6 +87,32 @@ def test_weight_decay_mask_skips_norm_scales_and_one_dim_params():
   assert set(optimizer.NO_DECAY_NAMES) <= names
 
 
+def test_flops_per_token_match_the_parameter_shapes_and_a_hand_count():
+  from deepseek_jax.train import flops
+  for cfg in (get_preset("tiny"), get_preset("tiny", q_lora_rank=0, n_mtp_depth=2),
+              get_preset("v3_671b")):
+    # Every matmul weight a token meets, from the shapes: 2 FLOPs per weight,
+    # routed experts k/E of them, the head once more per MTP module.
+    params = abstract_variables(cfg)["params"]
+    weights = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+      keys = [getattr(k, "key", None) for k in path]
+      n = math.prod(leaf.shape)
+      if keys[-1] == "scale" or keys[-2:] == ["embed", "embedding"]:
+        continue
+      if keys[-1] in ("w1", "w2", "w3"):     # routed experts [..., E, *, *]
+        n = n * cfg.n_activated_experts // cfg.n_routed_experts
+      weights += n
+    weights += cfg.n_mtp_depth * cfg.dim * cfg.vocab_size
+    core = (cfg.n_layers + cfg.n_mtp_depth) * flops.attention_core_flops(cfg, 9)
+    assert flops.forward_flops_per_token(cfg, 9) == 2 * weights + core
+  # Attention core by hand, tiny (H=4, qk 16+8, v 16) at S=7: each token sees
+  # (7+1)/2 = 4 positions on average; QK 2*4*24*4 = 768, PV 2*4*16*4 = 512.
+  assert flops.attention_core_flops(get_preset("tiny"), 7) == 768 + 512
+  assert flops.train_flops_per_token(get_preset("tiny"), 7) == \
+      3 * flops.forward_flops_per_token(get_preset("tiny"), 7)
+
+
 def test_warmup_longer_than_the_run_is_refused():
   with pytest.raises(ValueError, match="warmup_steps=20 exceeds steps=10"):
     loop.TrainConfig(steps=10, warmup_steps=20)
@@ -553,7 +579,7 @@ def test_loss_plot_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_p
   import matplotlib
   import matplotlib.pyplot as plt
   from deepseek_jax.train import metrics
-  writer = metrics.MetricsWriter(str(tmp_path), 0)
+  writer = metrics.MetricsWriter(str(tmp_path), 0, tensorboard=False)
   for i in range(1, 4):
     writer.write(i, {"loss": 3.0 / i, "ce": 2.0 / i})
   before = matplotlib.get_backend()

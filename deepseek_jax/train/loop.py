@@ -16,9 +16,10 @@ environment. The sections of `train` follow big_vision's trainer:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import signal
 import threading
-import os
 import time
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.model import count_params
 from deepseek_jax.parallel import MeshConfig, distributed
-from deepseek_jax.train import checkpoint, evaluate, hf_init, metrics
+from deepseek_jax.train import checkpoint, evaluate, flops, hf_init, metrics
 from deepseek_jax.train.optimizer import MOMENT_DTYPES
 from deepseek_jax.train.step import (abstract_train_state, init_train_state,
                                      make_train_step, v2_balance_devices)
@@ -93,6 +94,11 @@ class TrainConfig:
     (launch.train does), which also picks DIR/tokenizer.json as the
     tokenizer when tokenizer_path is empty. Once this run has checkpoints it
     resumes from its own and ignores init_from_hf.
+  peak_tflops: per-device peak (TFLOP/s) for MFU in the progress line and
+    metrics.jsonl (`mfu`: model FLOPs of a trained token, train/flops.py,
+    x tokens/s / (devices x peak)); 0 = no MFU, < 0 = measure a float32
+    matmul on this device at start (CPU). The resolved configs, devices and
+    FLOPs per token go to workdir/config.json at start.
   max_bad_steps: a step whose loss or gradients are not finite is skipped
     (parameters, optimizer state and router biases stay as they were; the
     data moves on; `skipped` in metrics.jsonl, `bad_steps` counted in the
@@ -152,6 +158,7 @@ class TrainConfig:
   max_new_tokens: int = 96
   ckpt_every: int = 100
   keep_ckpts: int = 3
+  peak_tflops: float = 0.0
   # robustness
   max_bad_steps: int = 10
   nan_steps: tuple[int, ...] = ()
@@ -306,6 +313,18 @@ def describe_mesh(mesh) -> str:
   return " ".join(f"{a}={n}" for a, n in mesh.shape.items()) + f" ({mesh.size} devices)"
 
 
+CONFIG_FILE = "config.json"
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
 class StopSignals:
   """SIGTERM / SIGINT -> finish the step in flight, checkpoint it, return.
 
@@ -417,6 +436,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       keep=train_cfg.keep_ckpts)
   peer_lost = False
   stop = StopSignals(install=not multiprocess)
+  writer = None
   try:
     if train_diff:
       log("note: the config differs from the checkpointed run: " + "; ".join(train_diff))
@@ -479,6 +499,21 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     n_params = count_params(state.params)
     log(f"model: {n_params:,} parameters; training steps {start} -> {end_step} "
         f"of {train_cfg.steps}")
+    step_flops = flops.train_flops_per_token(model_cfg, train_cfg.seq_len)
+    peak = train_cfg.peak_tflops * 1e12
+    if train_cfg.peak_tflops < 0:
+      peak = flops.measured_peak_flops()
+    n_devices = mesh.size if mesh is not None else 1
+    if peak:
+      log(f"MFU against {peak / 1e12:.3g} TFLOP/s per device "
+          f"({'a measured float32 matmul' if train_cfg.peak_tflops < 0 else 'peak_tflops'}) "
+          f"x {n_devices}; {step_flops / 1e6:,.2f} MFLOP per trained token")
+    if primary:   # the resolved configs of this call, beside metrics.jsonl
+      _write_json(os.path.join(workdir, CONFIG_FILE), {
+          "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+          "mesh": mesh_cfg.to_dict() if mesh_cfg is not None else None,
+          "devices": n_devices, "train_flops_per_token": step_flops,
+          "peak_flops_per_device": peak or None})
 
     # 5. Evaluation --------------------------------------------------------------
     run_eval = None
@@ -565,6 +600,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       if step % train_cfg.log_every == 0 or step == end_step or step == start + 1:
         tps, eta = progress.report(step)
         scalars["tokens_per_s"] = tps
+        if peak:
+          scalars["mfu"] = tps * step_flops / (peak * n_devices)
         log(metrics.progress_line(step, train_cfg.steps, scalars, tps, eta))
       if writer:
         writer.write(step, {**scalars, **per_layer})
@@ -602,6 +639,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       if need:
         do_eval(final_step)
     evals = evals_so_far()
+    if writer:
+      writer.close()      # flushes the TensorBoard events
     plot = metrics.plot_losses(workdir) if primary else None
     log(f"done: step {final_step}, {time.time() - t_start:.1f}s"
         + (f", loss {last['loss']:.4f}" if last else "")
@@ -635,5 +674,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
         + f" in {ckpts.directory}.") from e
   finally:
     stop.restore()
+    if writer:
+      writer.close()
     if not peer_lost:
       ckpts.close()

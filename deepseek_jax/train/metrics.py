@@ -23,8 +23,10 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
 PLOT_FILE = "loss.png"
 
 
@@ -42,19 +44,38 @@ def _scalar(v: Any) -> Any:
 
 
 class MetricsWriter:
-  """Appends JSON lines; on resume keeps only lines with step <= start_step."""
+  """Appends JSON lines to metrics.jsonl and the scalars to TensorBoard event
+  files in `workdir/tb`. On resume both keep only steps <= start_step: the
+  JSON file is rewritten atomically (temp file + rename, so a kill leaves the
+  old or the new file, never half of one), TensorBoard purges later steps
+  (`purge_step`)."""
 
-  def __init__(self, workdir: str, start_step: int):
+  def __init__(self, workdir: str, start_step: int, tensorboard: bool = True):
     self.path = os.path.join(workdir, METRICS_FILE)
     kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-    with open(self.path, "w") as f:
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
       for r in kept:
         f.write(json.dumps(r) + "\n")
+    os.replace(tmp, self.path)
+    self.tb = None
+    if tensorboard:
+      self.tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+                              purge_step=start_step + 1, flush_secs=30)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     record = {"step": int(step), **{k: _scalar(v) for k, v in values.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self.tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+      self.tb = None
 
 
 def format_duration(seconds: float) -> str:
@@ -113,6 +134,7 @@ def progress_line(step: int, total: int, m: dict[str, Any], tokens_per_s: float,
           f"mtp {m['mtp']:.4f} bal {m['balance']:.3f}{v2} | gnorm {m['grad_norm']:.3f} "
           f"lr {m['lr']:.2e} | load max/mean {m['load_imbalance']:.2f} | "
           f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}"
+          + (f" | mfu {m['mfu']:.1%}" if "mfu" in m else "")
           + (f" | skipped {int(m['bad_steps'])}" if m.get("bad_steps") else ""))
 
 
