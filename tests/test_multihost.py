@@ -62,6 +62,15 @@ def _launch(workdir, *flags, port):
   return procs
 
 
+def _wait_for_step(procs, workdir, step, timeout=300):
+  """Waits until process 0 prints step `step`, both processes still alive."""
+  deadline = time.time() + timeout
+  while f"step {step:>6d}/" not in _output(workdir, 0):
+    assert procs[0].poll() is None and procs[1].poll() is None, _output(workdir, 0)[-3000:]
+    assert time.time() < deadline, f"the run did not reach step {step}"
+    time.sleep(0.2)
+
+
 def _output(workdir, pid) -> str:
   with open(os.path.join(os.path.dirname(workdir), f"process{pid}.log")) as f:
     return f.read()
@@ -165,11 +174,7 @@ def test_a_process_whose_peer_dies_exits_with_a_clear_message_in_bounded_time(tm
   procs = _launch(workdir, "--config.steps=10000", "--config.ckpt_every=2",
                   "--config.n_eval_problems=0", port=_free_port())
   try:
-    deadline = time.time() + 300
-    while "step      3/" not in _output(workdir, 0):
-      assert procs[0].poll() is None and procs[1].poll() is None, _output(workdir, 0)[-3000:]
-      assert time.time() < deadline, "the run did not reach step 3"
-      time.sleep(0.2)
+    _wait_for_step(procs, workdir, 3)
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     rc = procs[0].wait(timeout=60)     # heartbeat 20 s: the bound, were it idle
@@ -202,11 +207,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
   procs = _launch(workdir, "--config.steps=10000", "--config.ckpt_every=1000",
                   "--config.n_eval_problems=0", "--config.log_every=1", port=_free_port())
   try:
-    deadline = time.time() + 300
-    while "step      3/" not in _output(workdir, 0):
-      assert procs[0].poll() is None and procs[1].poll() is None, _output(workdir, 0)[-3000:]
-      assert time.time() < deadline, "the run did not reach step 3"
-      time.sleep(0.2)
+    _wait_for_step(procs, workdir, 3)
     procs[1].send_signal(signal.SIGTERM)
     rcs = [p.wait(timeout=120) for p in procs]
   finally:
