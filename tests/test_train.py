@@ -117,6 +117,12 @@ def test_warmup_longer_than_the_run_is_refused():
   with pytest.raises(ValueError, match="warmup_steps=20 exceeds steps=10"):
     loop.TrainConfig(steps=10, warmup_steps=20)
   assert loop.TrainConfig().warmup_steps <= loop.TrainConfig().steps    # the defaults
+  # A checkpoint written under the old defaults (warmup 2000 > steps 1000) is
+  # still compared, not re-validated: its resolved decay was max(1000-2000, 0).
+  old = dict(loop.TrainConfig().to_dict(), steps=1000, warmup_steps=2000)
+  assert loop.resolved_schedule(old)["decay_steps"] == 0
+  assert loop.schedule_changes(old, loop.TrainConfig(steps=3000, warmup_steps=2000)) == [
+      "decay_steps: 0 -> 1000"]
 
 
 def test_adamw_decays_matrices_but_not_scales():

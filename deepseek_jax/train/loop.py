@@ -229,22 +229,22 @@ SCHEDULE_FIELDS = ("lr", "warmup_steps", "hold_steps", "decay_steps", "end_lr", 
                    "final_lr")
 
 
-def resolved_schedule(train_cfg: TrainConfig) -> dict[str, Any]:
-  """The LR schedule's parameters with decay_steps=0 resolved (as
-  optimizer.lr_schedule_from_config does)."""
-  out = {k: getattr(train_cfg, k) for k in SCHEDULE_FIELDS}
-  out["decay_steps"] = train_cfg.decay_steps or max(
-      train_cfg.steps - train_cfg.warmup_steps - train_cfg.hold_steps - train_cfg.end_steps, 0)
+def resolved_schedule(values: dict[str, Any]) -> dict[str, Any]:
+  """The LR schedule's parameters of a train config dict (TrainConfig.to_dict
+  or a checkpoint's; missing keys take today's defaults, nothing is
+  re-validated) with decay_steps=0 resolved as
+  optimizer.lr_schedule_from_config does."""
+  v = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **values}
+  out = {k: v[k] for k in SCHEDULE_FIELDS}
+  out["decay_steps"] = v["decay_steps"] or max(
+      v["steps"] - v["warmup_steps"] - v["hold_steps"] - v["end_steps"], 0)
   return out
 
 
 def schedule_changes(saved: dict[str, Any], train_cfg: TrainConfig) -> list[str]:
   """How train_cfg's resolved LR schedule differs from that of the saved
   train config dict (a checkpoint's), e.g. ["decay_steps: 97 -> 197"]."""
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
-  old = resolved_schedule(TrainConfig.from_dict(
-      {k: v for k, v in saved.items() if k in fields}))
-  new = resolved_schedule(train_cfg)
+  old, new = resolved_schedule(saved), resolved_schedule(train_cfg.to_dict())
   return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_FIELDS if old[k] != new[k]]
 
 
