@@ -123,6 +123,8 @@ def test_warmup_longer_than_the_run_is_refused():
   assert loop.resolved_schedule(old)["decay_steps"] == 0
   assert loop.schedule_changes(old, loop.TrainConfig(steps=3000, warmup_steps=2000)) == [
       "decay_steps: 0 -> 1000"]
+  # ... and such a run still exports (its config is read, not re-validated).
+  assert loop.TrainConfig.from_saved({**old, "grpo": {}}).warmup_steps == 1000
 
 
 def test_adamw_decays_matrices_but_not_scales():

@@ -56,8 +56,7 @@ def load_trained_run(workdir: str, step: int | None = None
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     model_cfg = ModelConfig.from_dict(meta["model_config"])
     # A GRPO run keeps its own config beside the TrainConfig (rl/trainer.py).
-    train_cfg = TrainConfig.from_dict({k: v for k, v in meta["train_config"].items()
-                                       if k != "grpo"})
+    train_cfg = TrainConfig.from_saved(meta["train_config"])
     abstract = abstract_train_state(model_cfg, train_cfg)
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]

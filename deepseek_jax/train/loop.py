@@ -224,6 +224,18 @@ class TrainConfig:
     check_field_names(cls, values)
     return cls(**values)
 
+  @classmethod
+  def from_saved(cls, values: dict[str, Any]) -> "TrainConfig":
+    """The TrainConfig a checkpoint's meta recorded, for reading the run
+    (export, GRPO's source run): keys of other trainers (GRPO's "grpo") are
+    dropped, and a warmup longer than the run (allowed before that was
+    refused) is clamped to `steps`: the schedule is not part of the state."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in values.items() if k in names}
+    if "warmup_steps" in values and "steps" in values:
+      values["warmup_steps"] = min(values["warmup_steps"], values["steps"])
+    return cls(**values)
+
 
 SCHEDULE_FIELDS = ("lr", "warmup_steps", "hold_steps", "decay_steps", "end_lr", "end_steps",
                    "final_lr")
