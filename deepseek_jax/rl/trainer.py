@@ -322,6 +322,7 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
   ckpts, diff = checkpoint.open_checkpoints(
       workdir, model_cfg, {**opt_cfg.to_dict(), "grpo": gcfg.to_dict()},
       every=gcfg.ckpt_every, keep=gcfg.keep_ckpts)
+  writer = None
   try:
     if diff:
       log("note: the config differs from the checkpointed run: " + "; ".join(diff))
@@ -471,4 +472,6 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
         f"{summary['greedy_accuracy_after']}" + (f"; plot {plot}" if plot else ""))
     return {**summary, "history": history}
   finally:
+    if writer is not None:
+      writer.close()     # flushes the TensorBoard events
     ckpts.close()
