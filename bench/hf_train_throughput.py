@@ -36,7 +36,7 @@ import transformers
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop import config_to_hf
-from deepseek_jax.train.loop import TrainConfig
+from deepseek_jax.train.config import TrainConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -35,7 +35,7 @@ import numpy as np
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import count_active_params, count_params
 from deepseek_jax.model.moe import resolve_moe_impl
-from deepseek_jax.train.loop import TrainConfig
+from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import init_train_state, make_train_step
 
 

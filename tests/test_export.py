@@ -9,7 +9,7 @@ from deepseek_jax import get_preset
 from deepseek_jax.model import Transformer
 from deepseek_jax.train import checkpoint, step
 from deepseek_jax.train.export import load_trained_variables
-from deepseek_jax.train.loop import TrainConfig
+from deepseek_jax.train.config import TrainConfig
 from launch.convert import convert
 
 # Marked `torch`: tests/conftest.py stops the run with a clear message if these

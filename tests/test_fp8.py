@@ -350,7 +350,7 @@ def test_fp8_model_quantizes_exactly_the_v3_layers(monkeypatch):
 
 def test_fp8_train_step_learns_and_bad_settings_are_refused():
   from deepseek_jax import get_preset
-  from deepseek_jax.train.loop import TrainConfig
+  from deepseek_jax.train.config import TrainConfig
   from deepseek_jax.train.step import init_train_state, make_train_step
   sys_path_bench()
   from train_throughput import random_batch

@@ -179,7 +179,7 @@ def test_sampling_is_reproducible_and_follows_the_filters(tiny):
 def trained_mtp():
   """tiny, trained 120 steps on arithmetic progressions mod vocab (the
   next token depends on the last two): MTP module 1 learns to draft."""
-  from deepseek_jax.train.loop import TrainConfig
+  from deepseek_jax.train.config import TrainConfig
   from deepseek_jax.train.step import init_train_state, make_train_step
   cfg = get_preset("tiny", vocab_size=64)
   tcfg = TrainConfig(steps=120, batch_size=16, seq_len=24, warmup_steps=10, lr=3e-3,

@@ -22,7 +22,7 @@ from deepseek_jax import get_preset
 from deepseek_jax.model import Transformer, abstract_variables, init_variables
 from deepseek_jax.parallel import (MeshConfig, activate, batch_sharding, setup,
                                    tree_shardings)
-from deepseek_jax.train.loop import TrainConfig
+from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import init_train_state, make_train_step
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))

@@ -24,6 +24,7 @@ from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer
 from deepseek_jax.model import abstract_variables
 from deepseek_jax.train import checkpoint, evaluate, loop, losses, optimizer, step
+from deepseek_jax.train import config as train_config
 from launch.configs import build_configs
 from launch.configs import tiny as tiny_config
 
@@ -115,16 +116,16 @@ def test_flops_per_token_match_the_parameter_shapes_and_a_hand_count():
 
 def test_warmup_longer_than_the_run_is_refused():
   with pytest.raises(ValueError, match="warmup_steps=20 exceeds steps=10"):
-    loop.TrainConfig(steps=10, warmup_steps=20)
-  assert loop.TrainConfig().warmup_steps <= loop.TrainConfig().steps    # the defaults
+    train_config.TrainConfig(steps=10, warmup_steps=20)
+  assert train_config.TrainConfig().warmup_steps <= train_config.TrainConfig().steps    # the defaults
   # A checkpoint written under the old defaults (warmup 2000 > steps 1000) is
   # still compared, not re-validated: its resolved decay was max(1000-2000, 0).
-  old = dict(loop.TrainConfig().to_dict(), steps=1000, warmup_steps=2000)
-  assert loop.resolved_schedule(old)["decay_steps"] == 0
-  assert loop.schedule_changes(old, loop.TrainConfig(steps=3000, warmup_steps=2000)) == [
+  old = dict(train_config.TrainConfig().to_dict(), steps=1000, warmup_steps=2000)
+  assert train_config.resolved_schedule(old)["decay_steps"] == 0
+  assert train_config.schedule_changes(old, train_config.TrainConfig(steps=3000, warmup_steps=2000)) == [
       "decay_steps: 0 -> 1000"]
   # ... and such a run still exports (its config is read, not re-validated).
-  assert loop.TrainConfig.from_saved({**old, "grpo": {}}).warmup_steps == 1000
+  assert train_config.TrainConfig.from_saved({**old, "grpo": {}}).warmup_steps == 1000
 
 
 def test_adamw_decays_matrices_but_not_scales():

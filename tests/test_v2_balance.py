@@ -21,7 +21,8 @@ from deepseek_jax import get_preset
 from deepseek_jax.model import Transformer, moe
 from deepseek_jax.parallel import MeshConfig, activate, batch_sharding, setup, tree_shardings
 from deepseek_jax.train import loop, losses, step
-from deepseek_jax.train.loop import TrainConfig, check_compatible
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.loop import check_compatible
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 from train_throughput import random_batch  # noqa: E402

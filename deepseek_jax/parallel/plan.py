@@ -54,7 +54,7 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_si
 
   sizes: {axis: size} for all five mesh axes (MeshConfig.shape(n)).
   """
-  from deepseek_jax.train.loop import TrainConfig        # train imports parallel
+  from deepseek_jax.train.config import TrainConfig      # train imports parallel
   from deepseek_jax.train.step import abstract_train_state
   rule_set = resolve(rules)
   rows = axes_size(sizes, BATCH_AXES)

@@ -51,7 +51,8 @@ from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.infer import generate, token_logprobs
 from deepseek_jax.rl import grpo, rewards
 from deepseek_jax.train import checkpoint, evaluate, metrics
-from deepseek_jax.train.loop import TrainConfig, with_variables
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.loop import with_variables
 from deepseek_jax.train.step import init_train_state, make_update_step
 
 

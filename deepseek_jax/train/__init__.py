@@ -7,7 +7,8 @@
 from deepseek_jax.train.checkpoint import Checkpoints, open_checkpoints
 from deepseek_jax.train.evaluate import exact_match, greedy_completions
 from deepseek_jax.train.losses import cross_entropy, mtp_targets, total_loss
-from deepseek_jax.train.loop import TrainConfig, build_data, train
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.loop import build_data, train
 from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, weight_decay_mask
 from deepseek_jax.train.step import (TrainState, abstract_train_state, init_train_state,
                                      make_train_step, make_update_step,

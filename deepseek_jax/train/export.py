@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train.checkpoint import CHECKPOINT_DIR
-from deepseek_jax.train.loop import TrainConfig
+from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import abstract_train_state
 
 

@@ -27,7 +27,7 @@ loss above.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import flax
 import jax
@@ -41,10 +41,9 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer, init_variables
 from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 from deepseek_jax.train import losses
+from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.optimizer import lr_schedule_from_config, make_optimizer
 
-if TYPE_CHECKING:
-  from deepseek_jax.train.loop import TrainConfig
 
 
 @flax.struct.dataclass
@@ -56,7 +55,7 @@ class TrainState:
   router_bias: Any         # the `router_bias` collection (not trained by grads)
 
 
-def make_tx(train_cfg: "TrainConfig") -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_tx(train_cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer and its learning-rate schedule for a TrainConfig."""
   schedule = lr_schedule_from_config(train_cfg)
   tx = make_optimizer(schedule, weight_decay=train_cfg.weight_decay, b1=train_cfg.b1,
@@ -71,11 +70,11 @@ def make_tx(train_cfg: "TrainConfig") -> tuple[optax.GradientTransformation, opt
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def compiler_options(train_cfg: "TrainConfig") -> dict[str, Any] | None:
+def compiler_options(train_cfg: TrainConfig) -> dict[str, Any] | None:
   return dict(FAST_COMPILE) if train_cfg.fast_compile else None
 
 
-def _init_state_fn(cfg: ModelConfig, train_cfg: "TrainConfig"
+def _init_state_fn(cfg: ModelConfig, train_cfg: TrainConfig
                    ) -> Callable[[jax.Array], TrainState]:
   tx, _ = make_tx(train_cfg)
 
@@ -88,7 +87,7 @@ def _init_state_fn(cfg: ModelConfig, train_cfg: "TrainConfig"
   return init
 
 
-def init_train_state(cfg: ModelConfig, train_cfg: "TrainConfig", rng: jax.Array,
+def init_train_state(cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array,
                      mesh: Mesh | None = None, rules: Rules | None = None) -> TrainState:
   """Fresh parameters, optimizer state, zero router bias; step 0.
 
@@ -104,7 +103,7 @@ def init_train_state(cfg: ModelConfig, train_cfg: "TrainConfig", rng: jax.Array,
   return jax.jit(init, out_shardings=shardings, compiler_options=FAST_COMPILE)(rng)
 
 
-def abstract_train_state(cfg: ModelConfig, train_cfg: "TrainConfig",
+def abstract_train_state(cfg: ModelConfig, train_cfg: TrainConfig,
                          mesh: Mesh | None = None, rules: Rules | None = None) -> TrainState:
   """Shapes and dtypes of `init_train_state` (jax.ShapeDtypeStruct leaves),
   carrying their shardings when a mesh is given (restore targets)."""
@@ -115,7 +114,7 @@ def abstract_train_state(cfg: ModelConfig, train_cfg: "TrainConfig",
                       abstract, parallel.tree_shardings(abstract, mesh, rules))
 
 
-def state_shardings(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh,
+def state_shardings(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
                     rules: Rules) -> TrainState:
   """NamedSharding of every TrainState leaf under `rules` (optimizer moments
   follow their parameters; counters are replicated)."""
@@ -169,7 +168,7 @@ def load_imbalance(expert_load: jax.Array) -> jax.Array:
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]
 
 
-def v2_balance_devices(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | None = None,
+def v2_balance_devices(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None,
                        rules: Rules | None = None) -> tuple[int, int]:
   """(D, M) of DeepSeek-V2's balance losses for this run; (0, 0) = off (all
   three weights 0, or a model without MoE layers).
@@ -200,7 +199,7 @@ def v2_balance_devices(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | 
   return n_dev, max_dev
 
 
-def pretraining_loss(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | None = None,
+def pretraining_loss(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None,
                      rules: Rules | None = None) -> LossFn:
   """CE + lambda MTP + alpha balance (+ alpha1..3 times V2's balance losses
   when their weights are > 0; losses.total_loss) on the data contract
@@ -234,7 +233,7 @@ def _all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(trees)]))
 
 
-def make_update_step(cfg: ModelConfig, train_cfg: "TrainConfig", loss_fn: LossFn,
+def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
                      mesh: Mesh | None = None, rules: Rules | None = None, *,
                      skip_nonfinite: bool = False
                      ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -302,7 +301,7 @@ def make_update_step(cfg: ModelConfig, train_cfg: "TrainConfig", loss_fn: LossFn
   return sharded_step
 
 
-def make_train_step(cfg: ModelConfig, train_cfg: "TrainConfig", mesh: Mesh | None = None,
+def make_train_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None,
                     rules: Rules | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pretraining step: `make_update_step` with `pretraining_loss`.

@@ -23,7 +23,8 @@ from ml_collections import ConfigDict, config_dict
 from deepseek_jax.config import ModelConfig, get_preset
 from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.train.hf_init import finetune_configs
-from deepseek_jax.train.loop import TrainConfig, check_compatible
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.loop import check_compatible
 
 _NON_TRAIN_KEYS = ("preset", "model", "mesh")
 

@@ -1,0 +1,237 @@
+"""The training configuration: `TrainConfig` (hyperparameters of a run) and
+the learning-rate schedule a checkpoint keeps (`resolved_schedule`,
+`schedule_changes`).
+
+Its own module so that the step builder (step.py), the loop (loop.py), the
+GRPO trainer and the planner import it without importing each other; the
+model's configuration is `deepseek_jax.config.ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from deepseek_jax.config import check_field_names, check_ints, split_names
+from deepseek_jax.data import tasks
+from deepseek_jax.train.optimizer import MOMENT_DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Training hyperparameters (the model's live in ModelConfig).
+
+  Run: steps (optimizer steps in total), seed (init and data order).
+  Data: batch_size rows of seq_len tokens. With `data_files` empty the
+    corpus is the generated arithmetic task (data/tasks.py): n_train_problems
+    training documents, n_eval_problems held-out ones for exact match; with
+    jsonl `data_files` (field `text_field`) there is no exact-match eval.
+    task_kinds: the problem kinds (data/tasks.py KINDS); "passkey" is the
+    long-context retrieval kind, its prompts passkey_chars long (0 = as long
+    as a row of seq_len holds).
+    tokenizer_path "" = the shipped character tokenizer. completion_only: loss
+    only on completion tokens.
+  Optimizer (optimizer.py): peak lr, warmup_steps (<= steps; V3 used 2000
+    of ~530K), hold_steps, decay_steps (0 = cosine until the last step minus
+    end_steps), end_lr, end_steps, final_lr (None = end_lr); AdamW b1, b2,
+    eps, weight_decay; clip_norm. A resumed run keeps its schedule: a change
+    that would bend it mid-run (e.g. a larger `steps` with decay_steps=0) is
+    refused, naming the fields (`schedule_changes`).
+  moments_dtype: storage of AdamW's moments, "float32" or "bfloat16" (V3).
+  Losses: mtp_weight (lambda; V3 0.3 then 0.1), balance_weight (alpha; V3
+    1e-4), bias_update_speed (gamma; V3 1e-3, 0 = off).
+    DeepSeek-V2's auxiliary balance losses (model.moe.v2_balance_losses), for
+    ablations; each weight 0 = off (nothing computed when all three are):
+    expert_balance_weight (alpha1; V2 0.003), device_balance_weight (alpha2;
+    V2 0.05), comm_balance_weight (alpha3; V2 0.02), summed over MoE layers
+    (MTP blocks included); they combine with balance_weight and the bias
+    update. balance_devices: D, the devices the experts are split over in
+    contiguous groups (must divide n_routed_experts); 0 = the mesh's
+    expert-parallel degree when a mesh splits the experts, else the model's
+    n_expert_groups. The losses' M (devices a token may reach) is the
+    model's n_limited_groups when n_expert_groups == D (device-limited
+    routing), else D. Logged as balance_expert, balance_device,
+    balance_comm (layer sums, before alpha) and *_per_layer lists.
+  Logging: every step to metrics.jsonl, every log_every steps to `log`
+    (with tokens/s); eval_every steps (0 = only at the end);
+    eval_batch_size, max_new_tokens for decoding. Checkpoints: ckpt_every
+    steps plus the last step, keep_ckpts most recent.
+  init_from: the workdir of an earlier run; a run with no checkpoint of
+    its own starts from that run's latest parameters and router biases
+    (fresh optimizer, step 0): a fine-tuning stage, e.g. the long-context
+    extension (launch/configs/long_context.py). The model config may differ
+    from that run's only in INIT_FROM_MAY_CHANGE (context length / YaRN and
+    numerics); once this run has checkpoints it resumes from its own.
+  init_from_hf: an HF checkpoint directory (DeepSeek-V3 / R1 or V2 / V2-Lite,
+    interop.hf): a run with no checkpoint of its own starts from its
+    parameters and router biases (fresh optimizer, step 0), streamed tensor
+    by tensor onto the mesh. The model config must be the checkpoint's up to
+    shape-keeping changes: build both configs with
+    `train.hf_init.finetune_configs(dir, train_values, model_overrides)`
+    (launch.train does), which also picks DIR/tokenizer.json as the
+    tokenizer when tokenizer_path is empty. Once this run has checkpoints it
+    resumes from its own and ignores init_from_hf.
+  peak_tflops: per-device peak (TFLOP/s) for MFU in the progress line and
+    metrics.jsonl (`mfu`: model FLOPs of a trained token, train/flops.py,
+    x tokens/s / (devices x peak)); 0 = no MFU, < 0 = measure a float32
+    matmul on this device at start (CPU). The resolved configs, devices and
+    FLOPs per token go to workdir/config.json at start.
+  max_bad_steps: a step whose loss or gradients are not finite is skipped
+    (parameters, optimizer state and router biases stay as they were; the
+    data moves on; `skipped` in metrics.jsonl, `bad_steps` counted in the
+    progress line); after max_bad_steps consecutive ones the run stops with
+    FloatingPointError naming the last good checkpoint. 0 = stop at the
+    first non-finite step.
+  nan_steps: test hook: the batches of these steps get a NaN loss mask, so
+    their loss and gradients are NaN (exercises the skip above).
+  fast_compile: compile the step and the decoder at XLA backend optimisation
+    level 0 (on CPU ~2.5x faster compiles, ~1.6x slower steps): for tests and
+    short runs.
+  """
+
+  steps: int = 1000
+  seed: int = 0
+  # data
+  batch_size: int = 16
+  seq_len: int = 128
+  data_files: tuple[str, ...] = ()
+  text_field: str = "text"
+  tokenizer_path: str = ""
+  n_train_problems: int = 20000
+  n_eval_problems: int = 100
+  max_digits: int = 3
+  task_kinds: tuple[str, ...] = tasks.DEFAULT_KINDS
+  passkey_chars: int = 0
+  init_from: str = ""
+  init_from_hf: str = ""
+  template: str = "short"
+  completion_only: bool = False
+  # optimizer (V3 values)
+  lr: float = 2.2e-4
+  warmup_steps: int = 100
+  hold_steps: int = 0
+  decay_steps: int = 0
+  end_lr: float = 2.2e-5
+  end_steps: int = 0
+  final_lr: float | None = None
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+  moments_dtype: str = "float32"
+  # losses
+  mtp_weight: float = 0.3
+  balance_weight: float = 1e-4
+  bias_update_speed: float = 1e-3
+  expert_balance_weight: float = 0.0
+  device_balance_weight: float = 0.0
+  comm_balance_weight: float = 0.0
+  balance_devices: int = 0
+  # logging, evaluation, checkpoints
+  log_every: int = 10
+  eval_every: int = 0
+  eval_batch_size: int = 50
+  max_new_tokens: int = 96
+  ckpt_every: int = 100
+  keep_ckpts: int = 3
+  peak_tflops: float = 0.0
+  # robustness
+  max_bad_steps: int = 10
+  nan_steps: tuple[int, ...] = ()
+  # compilation
+  fast_compile: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "data_files", tuple(self.data_files))
+    object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
+    object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
+    self.validate()
+
+  def validate(self) -> None:
+    check_ints(self, positive=("steps", "batch_size", "seq_len", "log_every", "ckpt_every",
+                               "keep_ckpts", "eval_batch_size", "max_new_tokens"),
+               non_negative=("warmup_steps", "hold_steps", "decay_steps", "end_steps",
+                             "eval_every", "n_eval_problems", "passkey_chars",
+                             "balance_devices", "max_bad_steps"))
+    if not all(isinstance(t, int) and t >= 1 for t in self.nan_steps):
+      raise ValueError(f"nan_steps={self.nan_steps!r} must be step numbers >= 1.")
+    if not self.data_files and self.n_train_problems < 1:
+      raise ValueError(f"n_train_problems={self.n_train_problems} must be >= 1 "
+                       "when no data_files are given.")
+    if not self.lr > 0:
+      raise ValueError(f"lr={self.lr} must be > 0.")
+    if self.warmup_steps > self.steps:
+      raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: the run "
+                       "would end before reaching the peak lr; lower warmup_steps.")
+    if not 0 <= self.end_lr <= self.lr:
+      raise ValueError(f"end_lr={self.end_lr} must be in [0, lr={self.lr}].")
+    for name in ("weight_decay", "mtp_weight", "balance_weight", "bias_update_speed",
+                 "expert_balance_weight", "device_balance_weight", "comm_balance_weight"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ValueError(f"b1={self.b1}, b2={self.b2} must lie in [0, 1).")
+    if self.passkey_chars and self.passkey_chars < tasks.PASSKEY_MIN_CHARS:
+      raise ValueError(f"passkey_chars={self.passkey_chars} must be 0 (fill the row) or >= "
+                       f"{tasks.PASSKEY_MIN_CHARS}.")
+    if not isinstance(self.init_from, str):
+      raise ValueError(f"init_from={self.init_from!r} must be a workdir path or ''.")
+    if not isinstance(self.init_from_hf, str):
+      raise ValueError(f"init_from_hf={self.init_from_hf!r} must be an HF checkpoint "
+                       "directory or ''.")
+    if self.init_from and self.init_from_hf:
+      raise ValueError(f"init_from={self.init_from!r} and init_from_hf={self.init_from_hf!r} "
+                       "both give the starting weights; set one of them.")
+    if self.moments_dtype not in MOMENT_DTYPES:
+      raise ValueError(f"moments_dtype={self.moments_dtype!r} must be one of "
+                       f"{MOMENT_DTYPES}.")
+    if self.template not in tasks.TEMPLATES:
+      raise ValueError(f"template={self.template!r} must be one of {tuple(tasks.TEMPLATES)}.")
+    bad = [k for k in self.task_kinds if k not in tasks.KINDS]
+    if bad or not self.task_kinds:
+      raise ValueError(f"task_kinds={self.task_kinds} must be a non-empty subset of "
+                       f"{tasks.KINDS}.")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    check_field_names(cls, values)
+    return cls(**values)
+
+  @classmethod
+  def from_saved(cls, values: dict[str, Any]) -> "TrainConfig":
+    """The TrainConfig a checkpoint's meta recorded, for reading the run
+    (export, GRPO's source run): keys of other trainers (GRPO's "grpo") are
+    dropped, and a warmup longer than the run (allowed before that was
+    refused) is clamped to `steps`: the schedule is not part of the state."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in values.items() if k in names}
+    if "warmup_steps" in values and "steps" in values:
+      values["warmup_steps"] = min(values["warmup_steps"], values["steps"])
+    return cls(**values)
+
+
+SCHEDULE_FIELDS = ("lr", "warmup_steps", "hold_steps", "decay_steps", "end_lr", "end_steps",
+                   "final_lr")
+
+
+def resolved_schedule(values: dict[str, Any]) -> dict[str, Any]:
+  """The LR schedule's parameters of a train config dict (TrainConfig.to_dict
+  or a checkpoint's; missing keys take today's defaults, nothing is
+  re-validated) with decay_steps=0 resolved as
+  optimizer.lr_schedule_from_config does."""
+  v = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **values}
+  out = {k: v[k] for k in SCHEDULE_FIELDS}
+  out["decay_steps"] = v["decay_steps"] or max(
+      v["steps"] - v["warmup_steps"] - v["hold_steps"] - v["end_steps"], 0)
+  return out
+
+
+def schedule_changes(saved: dict[str, Any], train_cfg: TrainConfig) -> list[str]:
+  """How train_cfg's resolved LR schedule differs from that of the saved
+  train config dict (a checkpoint's), e.g. ["decay_steps: 97 -> 197"]."""
+  old, new = resolved_schedule(saved), resolved_schedule(train_cfg.to_dict())
+  return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_FIELDS if old[k] != new[k]]
