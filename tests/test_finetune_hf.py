@@ -15,8 +15,8 @@ import pytest
 
 from deepseek_jax import get_preset
 from deepseek_jax.data.tokenizer import ASSET_PATH
-from deepseek_jax.interop import hf as hf_lib
 from deepseek_jax.interop import load_hf_checkpoint, save_hf_checkpoint
+from deepseek_jax.interop.safetensors_io import flatten
 from deepseek_jax.train import export
 from deepseek_jax.train.hf_init import finetune_configs, finetune_model_config
 from deepseek_jax.train.loop import train
@@ -94,7 +94,7 @@ def test_first_update_at_lr_zero_keeps_the_checkpoint_and_a_rerun_resumes(v3_ckp
   assert any(f"initialised from {path}" in line for line in lines), lines
   _, _, trained, step = export.load_trained_run(str(tmp_path / "run"))
   assert step == 1
-  flat_ckpt, flat_run = hf_lib._flatten(variables), hf_lib._flatten(trained)
+  flat_ckpt, flat_run = flatten(variables), flatten(trained)
   assert sorted(flat_run) == sorted(flat_ckpt)
   for k, v in flat_ckpt.items():
     np.testing.assert_array_equal(np.asarray(flat_run[k]), np.asarray(v), err_msg=k)
@@ -146,8 +146,8 @@ def test_first_loss_equals_transformers_loss_on_the_same_batch(tmp_path):
   # and the run's parameters are still transformers' (lr 0 at step 1)
   _, loaded = load_hf_checkpoint(str(tmp_path / "hf"))
   _, _, trained, _ = export.load_trained_run(str(tmp_path / "run"))
-  for k, v in hf_lib._flatten(loaded).items():
-    np.testing.assert_array_equal(np.asarray(hf_lib._flatten(trained)[k]), np.asarray(v))
+  for k, v in flatten(loaded).items():
+    np.testing.assert_array_equal(np.asarray(flatten(trained)[k]), np.asarray(v))
 
 
 @pytest.mark.slow
@@ -163,5 +163,5 @@ def test_init_from_hf_on_a_mesh_streams_shards_and_matches_one_device(v3_ckpt, t
                  mesh_cfg=MeshConfig(data=1, fsdp=2, expert=4))
   assert meshed["history"][0]["loss"] == pytest.approx(single["history"][0]["loss"], rel=1e-5)
   _, _, trained, _ = export.load_trained_run(str(tmp_path / "mesh"))
-  for k, v in hf_lib._flatten(variables).items():
-    np.testing.assert_array_equal(np.asarray(hf_lib._flatten(trained)[k]), np.asarray(v))
+  for k, v in flatten(variables).items():
+    np.testing.assert_array_equal(np.asarray(flatten(trained)[k]), np.asarray(v))

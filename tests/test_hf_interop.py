@@ -24,6 +24,7 @@ from deepseek_jax.interop import (config_from_hf, config_to_hf, dequantize_fp8_b
                                   load_hf_checkpoint, load_jax_variables,
                                   save_hf_checkpoint, save_jax_variables)
 from deepseek_jax.interop import hf as hf_lib
+from deepseek_jax.interop.safetensors_io import flatten
 from deepseek_jax.model import abstract_variables
 from deepseek_jax.model.rope import rope_frequencies
 from launch import convert
@@ -95,7 +96,7 @@ def _random_variables(cfg, seed=0):
 
 
 def _assert_trees_equal(a, b):
-  flat_a, flat_b = hf_lib._flatten(a), hf_lib._flatten(b)
+  flat_a, flat_b = flatten(a), flatten(b)
   assert sorted(flat_a) == sorted(flat_b)
   for k in flat_a:
     assert flat_a[k].dtype == flat_b[k].dtype, k
@@ -371,7 +372,7 @@ def test_keep_fp8_keeps_published_blocks_and_the_model_runs_on_them(tmp_path):
   cfg_r, deq = load_hf_checkpoint(ref_dir)
   assert cfg_k.fp8 and not cfg_r.fp8
 
-  flat_k, flat_r = hf_lib._flatten(kept), hf_lib._flatten(deq)
+  flat_k, flat_r = flatten(kept), flatten(deq)
   fp8_leaves = sorted(k for k, v in flat_k.items() if v.dtype == jnp.float8_e4m3fn)
   assert set(flat_k) == set(flat_r) | {k + "_scale" for k in fp8_leaves}
   assert "params/moe_layers/ffn/w1" in fp8_leaves                    # routed experts
@@ -395,7 +396,7 @@ def test_keep_fp8_keeps_published_blocks_and_the_model_runs_on_them(tmp_path):
       logits, aux = Transformer(c).apply(v, tokens, targets=targets, return_aux=True)
       return logits.sum() + aux["mtp_logits"].sum(), logits
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(v)
-    return np.asarray(logits), hf_lib._flatten(grads)
+    return np.asarray(logits), flatten(grads)
 
   weight_only, _ = run(cfg_k.replace(fp8=False), kept)
   reference_logits, _ = run(cfg_r, deq)
@@ -473,7 +474,7 @@ def test_bfloat16_load_keeps_router_bias_float32(tiny_ckpt):
   cfg, variables, path = tiny_ckpt
   loaded_cfg, loaded = load_hf_checkpoint(path, dtype="bfloat16")
   assert loaded_cfg.param_dtype == "bfloat16"
-  flat, want = hf_lib._flatten(loaded), hf_lib._flatten(variables)
+  flat, want = flatten(loaded), flatten(variables)
   for k, v in flat.items():
     expected = np.asarray(want[k])
     if k.startswith("router_bias/"):
@@ -581,8 +582,8 @@ def test_convert_cli_round_trip(tiny_ckpt, tmp_path):
   convert.convert(from_jax=jax_dir, to_hf=hf_out, dtype="bfloat16", max_shard_bytes=100_000)
   back_cfg, back = load_hf_checkpoint(hf_out)
   assert back_cfg == cfg
-  for k, v in hf_lib._flatten(back).items():
-    want = np.asarray(hf_lib._flatten(variables)[k])
+  for k, v in flatten(back).items():
+    want = np.asarray(flatten(variables)[k])
     if not k.startswith("router_bias/"):        # weights went through bfloat16
       want = want.astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(v), want, err_msg=k)
@@ -614,7 +615,7 @@ def test_failed_save_leaves_no_partial_files(tiny, tmp_path, monkeypatch):
       f.write(b"\0" * 1000)
     raise OSError("No space left on device")
 
-  monkeypatch.setattr(hf_lib, "_write_safetensors", disk_full)
+  monkeypatch.setattr(hf_lib, "write_safetensors", disk_full)
   fresh = str(tmp_path / "fresh")
   with pytest.raises(OSError, match="No space"):
     save_hf_checkpoint(cfg, variables, fresh)
@@ -650,8 +651,8 @@ def test_loading_onto_a_mesh_builds_each_shard_from_the_tensors_it_overlaps(tiny
 
   monkeypatch.setattr(jax, "make_array_from_callback", spy)
   _, placed = load_hf_checkpoint(path, mesh=mesh, rules="ep_fsdp")
-  want = hf_lib._flatten(tree_shardings(abstract_variables(cfg), mesh, rules))
-  flat_host, flat_placed = hf_lib._flatten(host), hf_lib._flatten(placed)
+  want = flatten(tree_shardings(abstract_variables(cfg), mesh, rules))
+  flat_host, flat_placed = flatten(host), flatten(placed)
   assert sorted(flat_placed) == sorted(flat_host)
   for name, arr in flat_placed.items():
     assert arr.sharding == want[name], name

@@ -40,6 +40,12 @@ tensors are read one at a time into preallocated stacked arrays.
 The JAX-side format (`save_jax_variables` / `load_jax_variables`) is a
 directory with `model_config.json` (ModelConfig.to_dict) and
 `variables.safetensors` keyed by flattened paths like `params/moe_layers/ffn/w1`.
+
+This module is the DeepSeek side: config.json <-> ModelConfig, which HF key
+is which slice of which leaf, FP8 block scales, and the checks and streaming
+around them. The safetensors file level (listing shards and headers, raw
+float8 reads, atomic writes, flattening trees to "a/b/c" keys) lives in
+`safetensors_io`.
 """
 
 from __future__ import annotations
@@ -53,8 +59,6 @@ import logging
 import math
 import os
 import re
-import struct
-import tempfile
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -63,10 +67,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors
-import safetensors.numpy
 
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.interop.safetensors_io import (INDEX_NAME, TensorInfo, atomic_json,
+                                                 atomic_write, checkpoint_files, corrupt_error,
+                                                 flatten, list_tensors, read_raw, unflatten,
+                                                 write_safetensors)
 from deepseek_jax.model import abstract_variables
 
 log = logging.getLogger(__name__)
@@ -78,7 +85,6 @@ HF_V2_MODEL_TYPE = "deepseek_v2"
 HF_FAMILIES = {HF_MODEL_TYPE: HF_ARCHITECTURE, HF_V2_MODEL_TYPE: HF_V2_ARCHITECTURE}
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
 JAX_CONFIG_NAME = "model_config.json"
 JAX_VARIABLES_NAME = "variables.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
@@ -468,55 +474,8 @@ def _mtp_duplicates(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------
-# Reading safetensors
+# Reading HF checkpoints
 # ---------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Info:
-  file: str
-  dtype: str                     # safetensors dtype string, e.g. "BF16", "F8_E4M3"
-  shape: tuple[int, ...]
-
-
-def _corrupt(file: str, err: Exception) -> ValueError:
-  return ValueError(
-      f"{file}: corrupt safetensors header ({err}); the file is truncated or not a "
-      "safetensors file: re-download or re-save it.")
-
-
-def _list_tensors(files: list[str]) -> dict[str, _Info]:
-  infos: dict[str, _Info] = {}
-  for file in files:
-    try:
-      with safetensors.safe_open(file, framework="numpy") as f:
-        for key in f.keys():
-          sl = f.get_slice(key)
-          if key in infos:
-            raise ValueError(f"tensor {key} appears in both {infos[key].file} and {file}; "
-                             "remove the stale shard.")
-          infos[key] = _Info(file, sl.get_dtype(), tuple(sl.get_shape()))
-    except safetensors.SafetensorError as e:
-      raise _corrupt(file, e) from None
-  return infos
-
-
-@functools.lru_cache(maxsize=4)
-def _raw_header(file: str, mtime_ns: int, size: int) -> tuple[dict, int]:
-  del mtime_ns, size  # cache key only: a rewritten file gets re-read
-  with open(file, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return json.loads(f.read(n)), 8 + n
-
-
-def _read_raw(file: str, key: str, dtype) -> np.ndarray:
-  """A tensor numpy's safetensors reader cannot decode (float8), via its header."""
-  st = os.stat(file)
-  header, base = _raw_header(file, st.st_mtime_ns, st.st_size)
-  start, end = header[key]["data_offsets"]
-  shape = tuple(header[key]["shape"])
-  arr = np.memmap(file, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
-  return np.array(arr).view(dtype).reshape(shape)
-
-
 def dequantize_fp8_blocks(w: np.ndarray, scale_inv: np.ndarray,
                           block: tuple[int, int] = (128, 128)) -> np.ndarray:
   """float32 w_fp8 * scale_inv, one scale per [block] tile (edge tiles partial).
@@ -532,36 +491,13 @@ def dequantize_fp8_blocks(w: np.ndarray, scale_inv: np.ndarray,
   return w.astype(np.float32) * scale
 
 
-def _checkpoint_files(path: str) -> list[str]:
-  index = os.path.join(path, INDEX_NAME)
-  if os.path.exists(index):
-    with open(index) as f:
-      try:
-        weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{index}: not a safetensors index ({e!r}); delete it to "
-                         "fall back to globbing *.safetensors.") from None
-    files = sorted({os.path.join(path, v) for v in weight_map.values()})
-    for file in files:
-      if not os.path.exists(file):
-        raise FileNotFoundError(f"{index} lists shard {os.path.basename(file)}, which is "
-                                f"missing from {path}; download or copy all shards.")
-    return files
-  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-  if not files:
-    raise FileNotFoundError(
-        f"no *.safetensors files in {path}; only safetensors checkpoints are read "
-        "(re-save pytorch *.bin weights with save_pretrained(safe_serialization=True)).")
-  return files
-
-
 def _fail_keys(path: str, what: str, keys, fix: str) -> ValueError:
   keys = sorted(keys)
   shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
   return ValueError(f"{path}: {len(keys)} {what} tensors: {shown}; {fix}")
 
 
-def _check_tensors(path: str, slots: list[_Slot], infos: dict[str, _Info],
+def _check_tensors(path: str, slots: list[_Slot], infos: dict[str, TensorInfo],
                    block: tuple[int, int], extra: dict[str, tuple[int, ...]]) -> None:
   expected = {s.key: s.shape for s in slots}
   scales = {}
@@ -636,8 +572,8 @@ def _open_checkpoint(path: str, param_dtype: str):
   """(cfg, files, infos, slots, block) of a checked checkpoint directory."""
   hf = read_hf_config(path)
   hf_model_type(hf)             # another architecture: say so before looking at tensors
-  files = _checkpoint_files(path)
-  infos = _list_tensors(files)
+  files = checkpoint_files(path)
+  infos = list_tensors(files)
 
   n_layers = hf.get("num_hidden_layers")
   layer_ids = {int(m.group(1)) for k in infos
@@ -695,7 +631,7 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
   """
   param_dtype = _param_dtype(dtype)
   cfg, files, infos, slots, block = _open_checkpoint(path, param_dtype)
-  abstract = _flatten(abstract_variables(cfg))
+  abstract = flatten(abstract_variables(cfg))
   kept = _fp8_leaves(slots, infos, abstract) if keep_fp8 else {}
   if keep_fp8:
     if mesh is not None:
@@ -751,7 +687,7 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
   variables = {}
   for name in list(arrays):
     variables[name] = jnp.asarray(arrays.pop(name))
-  return cfg, _unflatten(variables)
+  return cfg, unflatten(variables)
 
 
 def _unslotted_biases(slots: list[_Slot], leaves) -> list[str]:
@@ -760,7 +696,7 @@ def _unslotted_biases(slots: list[_Slot], leaves) -> list[str]:
   return [n for n in leaves if n.startswith("router_bias/") and n not in slotted]
 
 
-def _fp8_leaves(slots: list[_Slot], infos: dict[str, _Info], shapes: Mapping[str, Any]
+def _fp8_leaves(slots: list[_Slot], infos: dict[str, TensorInfo], shapes: Mapping[str, Any]
                 ) -> dict[str, tuple[Any, tuple[int, ...]]]:
   """Leaves keep_fp8 keeps as FP8 blocks -> (float8 dtype, scale leaf shape):
   projection kernels and routed-expert weights whose every HF tensor is a
@@ -780,15 +716,15 @@ def _fp8_leaves(slots: list[_Slot], infos: dict[str, _Info], shapes: Mapping[str
   return kept
 
 
-def _read_fp8(infos: dict[str, _Info], key: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_fp8(infos: dict[str, TensorInfo], key: str) -> tuple[np.ndarray, np.ndarray]:
   """(float8 values [out, in], float32 weight_scale_inv) of a block-FP8 weight."""
   info, scale_info = infos[key], infos[key + "_scale_inv"]
   with safetensors.safe_open(scale_info.file, framework="numpy") as g:
     scale_inv = g.get_tensor(key + "_scale_inv").astype(np.float32)
-  return _read_raw(info.file, key, _FP8_DTYPES[info.dtype]), scale_inv
+  return read_raw(info.file, key, _FP8_DTYPES[info.dtype]), scale_inv
 
 
-def _read_tensor(f, infos: dict[str, _Info], key: str, block: tuple[int, int]) -> np.ndarray:
+def _read_tensor(f, infos: dict[str, TensorInfo], key: str, block: tuple[int, int]) -> np.ndarray:
   """Tensor `key` from the open safetensors file `f` that holds it (FP8
   weights dequantised with their scales, which may sit in another file)."""
   if infos[key].dtype in _FP8_DTYPES:
@@ -796,7 +732,7 @@ def _read_tensor(f, infos: dict[str, _Info], key: str, block: tuple[int, int]) -
   return f.get_tensor(key)
 
 
-def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, _Info],
+def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, TensorInfo],
                     slots: list[_Slot], block: tuple[int, int], param_dtype: str,
                     mesh, rules) -> dict:
   """Every leaf as a global array in its sharding, built shard by shard."""
@@ -804,11 +740,11 @@ def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, _Info],
     raise ValueError("load_hf_checkpoint(mesh=...) needs rules= too (a rule-set name "
                      f"from {tuple(parallel.RULE_SETS)} or parallel.setup's rules).")
   abstract = abstract_variables(cfg)
-  shardings = _flatten(parallel.tree_shardings(abstract, mesh, parallel.rules.resolve(rules)))
+  shardings = flatten(parallel.tree_shardings(abstract, mesh, parallel.rules.resolve(rules)))
   by_leaf: dict[str, list[_Slot]] = {}
   for s in slots:
     by_leaf.setdefault(s.leaf, []).append(s)
-  zero = set(_unslotted_biases(slots, _flatten(abstract)))
+  zero = set(_unslotted_biases(slots, flatten(abstract)))
   out = {}
   with contextlib.ExitStack() as stack:
     handles: dict[str, Any] = {}
@@ -819,7 +755,7 @@ def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, _Info],
         handles[file] = stack.enter_context(safetensors.safe_open(file, framework="numpy"))
       return _read_tensor(handles[file], infos, key, block)
 
-    for name, a in _flatten(abstract).items():
+    for name, a in flatten(abstract).items():
       dtype = np.float32 if name.startswith("router_bias/") else _np_dtype(param_dtype)
       done: dict[tuple, np.ndarray] = {}     # replicas of one shard are built once
 
@@ -847,66 +783,15 @@ def _load_onto_mesh(cfg: ModelConfig, files: list[str], infos: dict[str, _Info],
 
       out[name] = jax.make_array_from_callback(a.shape, shardings[name], shard)
       done.clear()
-  return _unflatten(out)
+  return unflatten(out)
 
 
 # ---------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------
-def _write_safetensors(tensors: dict[str, np.ndarray], path: str, metadata=None) -> None:
-  safetensors.numpy.save_file(tensors, path, metadata=metadata)
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Calls write(tmp) on a temp file next to `path`, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _atomic_json(obj: Any, path: str) -> None:
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=False)
-      f.write("\n")
-  _atomic_write(path, write)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, name + "/"))
-    else:
-      out[name] = value
-  return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def _check_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
   """Flattened variable shapes must be exactly those `cfg` builds."""
-  want = {k: tuple(v.shape) for k, v in _flatten(abstract_variables(cfg)).items()}
+  want = {k: tuple(v.shape) for k, v in flatten(abstract_variables(cfg)).items()}
   missing, extra = set(want) - set(shapes), set(shapes) - set(want)
   if missing:
     raise _fail_keys(where, "missing", missing, "the variables do not match the config.")
@@ -931,7 +816,7 @@ def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str
   are removed so that no reader picks them up.
   """
   hf_config = config_to_hf(cfg)
-  flat = _flatten(variables)
+  flat = flatten(variables)
   _check_shapes(cfg, {k: np.shape(v) for k, v in flat.items()}, "variables")
   slots = _slots(cfg)
   for name in _unslotted_biases(slots, flat):
@@ -968,15 +853,15 @@ def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str
           s.to_hf(host(s.leaf)[s.index]).astype(tensor_dtype(s)))
       weight_map[s.key] = name
       total += tensors[s.key].nbytes
-    _atomic_write(os.path.join(path, name),
-                  lambda tmp, t=tensors: _write_safetensors(t, tmp, {"format": "pt"}))
+    atomic_write(os.path.join(path, name),
+                 lambda tmp, t=tensors: write_safetensors(t, tmp, {"format": "pt"}))
     log.info("wrote %s (%d tensors)", name, len(tensors))
     del tensors
   hf_config["dtype"] = (str(np.dtype(out_dtype)) if out_dtype is not None
                         else str(np.dtype(flat["params/embed/embedding"].dtype)))
-  _atomic_json(hf_config, os.path.join(path, CONFIG_NAME))
-  _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map},
-               os.path.join(path, INDEX_NAME))
+  atomic_json(hf_config, os.path.join(path, CONFIG_NAME))
+  atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+              os.path.join(path, INDEX_NAME))
   stale = glob.glob(os.path.join(path, "model-*-of-*.safetensors"))
   stale += glob.glob(os.path.join(path, "model.safetensors"))
   for file in stale:
@@ -989,13 +874,13 @@ def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str
 # ---------------------------------------------------------------------------
 def save_jax_variables(cfg: ModelConfig, variables: Mapping[str, Any], directory: str) -> None:
   """Writes `model_config.json` + `variables.safetensors` (flattened paths)."""
-  flat = _flatten(variables)
+  flat = flatten(variables)
   _check_shapes(cfg, {k: np.shape(v) for k, v in flat.items()}, "variables")
   os.makedirs(directory, exist_ok=True)
   tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
-  _atomic_write(os.path.join(directory, JAX_VARIABLES_NAME),
-                lambda tmp: _write_safetensors(tensors, tmp, {"format": "deepseek_jax"}))
-  _atomic_json(cfg.to_dict(), os.path.join(directory, JAX_CONFIG_NAME))
+  atomic_write(os.path.join(directory, JAX_VARIABLES_NAME),
+               lambda tmp: write_safetensors(tensors, tmp, {"format": "deepseek_jax"}))
+  atomic_json(cfg.to_dict(), os.path.join(directory, JAX_CONFIG_NAME))
 
 
 def load_jax_variables(directory: str) -> tuple[ModelConfig, dict]:
@@ -1013,5 +898,5 @@ def load_jax_variables(directory: str) -> tuple[ModelConfig, dict]:
       _check_shapes(cfg, shapes, weights_path)
       flat = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}
   except safetensors.SafetensorError as e:
-    raise _corrupt(weights_path, e) from None
-  return cfg, _unflatten(flat)
+    raise corrupt_error(weights_path, e) from None
+  return cfg, unflatten(flat)

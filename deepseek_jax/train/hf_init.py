@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop import hf
+from deepseek_jax.interop.safetensors_io import flatten, unflatten
 from deepseek_jax.model import abstract_variables
 from deepseek_jax.parallel.rules import Rules
 
@@ -35,7 +36,7 @@ TOKENIZER_NAME = "tokenizer.json"
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  return {k: tuple(v.shape) for k, v in hf._flatten(abstract_variables(cfg)).items()}
+  return {k: tuple(v.shape) for k, v in flatten(abstract_variables(cfg)).items()}
 
 
 def check_shapes_kept(base: ModelConfig, cfg: ModelConfig, where: str) -> None:
@@ -93,8 +94,8 @@ def init_state_from_hf(cfg: ModelConfig, train_cfg, path: str, mesh=None,
   check_shapes_kept(hf.check_hf_checkpoint(path), cfg, path)
   _, loaded = hf.load_hf_checkpoint(path, dtype=cfg.param_dtype, mesh=mesh, rules=rules)
   want = abstract_variables(cfg)
-  flat = hf._flatten(loaded)
-  kept = hf._unflatten({k: flat.pop(k) for k in hf._flatten(want)})
+  flat = flatten(loaded)
+  kept = unflatten({k: flat.pop(k) for k in flatten(want)})
   del flat, loaded
   tx, _ = step_lib.make_tx(train_cfg)
 
