@@ -480,3 +480,218 @@ def test_kind_of_recovers_the_kind_each_problem_was_drawn_as():
     for kind in KINDS:
         problems = generate_problems(30, seed=1, kinds=(kind,), max_digits=2, context_chars=150)
         assert {kind_of(p) for p in problems} == {kind}
+
+
+# ----------------------------------------------------------------------------
+# pipeline.py: parquet, SFT records and load_documents
+
+from deepseek_jax.data.pipeline import (  # noqa: E402
+    encode_sft,
+    load_documents,
+    load_parquet,
+    load_records,
+)
+
+
+def test_importing_the_data_package_does_not_load_pyarrow():
+    import subprocess
+    import sys
+    code = "import sys, deepseek_jax.data; assert 'pyarrow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_load_parquet_round_trips_string_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = ["a b", "", "two\nlines", "é ✓ unicode", "x" * 1000]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": texts, "n": list(range(5)),
+                             "body": pa.array(texts[::-1], pa.large_string()),
+                             "cat": pa.array(texts).dictionary_encode()}), path)
+    assert load_parquet(path) == texts
+    assert load_parquet(str(path), text_field="body") == texts[::-1]
+    assert load_parquet(path, "cat") == texts
+    assert load_records(path) == texts
+
+
+def test_load_parquet_names_the_file_and_the_fix(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        load_parquet(tmp_path / "missing.parquet")
+    fake = tmp_path / "fake.parquet"
+    fake.write_text('{"text": "a jsonl file, misnamed"}\n')
+    with pytest.raises(ValueError, match=r"fake.parquet: not a readable parquet file"):
+        load_parquet(fake)
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": ["abc"] * 100}), good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # footer lost
+    with pytest.raises(ValueError, match=r"cut.parquet: not a readable parquet file"):
+        load_parquet(cut)
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"body": ["a"], "n": [1]}), path)
+    with pytest.raises(ValueError, match=r"d.parquet: no column 'text'; its columns are "
+                                         r"\['body', 'n'\]; pass text_field="):
+        load_parquet(path)
+    with pytest.raises(ValueError, match=r"d.parquet: column 'n' has type int64, not string"):
+        load_parquet(path, text_field="n")
+    pq.write_table(pa.table({"text": ["a", "b", None, "d"]}), path)
+    with pytest.raises(ValueError, match=r"d.parquet: row 2 \(0-based\) of column 'text' "
+                                         r"is null; drop or fill"):
+        load_parquet(path)
+
+
+_SFT_PAIRS = [("User: 12+7\nAssistant:", " <think>2+7</think> <answer>19</answer>"),
+              ("Q: the capital of France?\nA:", " Paris."),
+              ("Say hi in tags, twice over", " <answer>hi</answer>")]
+
+
+def _write_records(path, records):
+    """A .jsonl/.json (one object per line) or .parquet file of dict records; parquet
+    columns are the union of the keys, None where a record lacks one."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        keys = list(dict.fromkeys(k for r in records for k in r))
+        pq.write_table(pa.table({k: [r.get(k) for r in records] for k in keys}), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("name", ["sft.jsonl", "sft.json", "sft.parquet"])
+def test_sft_records_carry_loss_exactly_on_completion_targets(tmp_path, tok, name):
+    path = tmp_path / name
+    _write_records(path, [{"prompt": p, "completion": c, "id": i}
+                          for i, (p, c) in enumerate(_SFT_PAIRS)])
+    assert load_records(path) == _SFT_PAIRS
+    docs, is_sft = load_documents(tok, [path])
+    assert is_sft and len(docs) == 3
+    # The oracle, from token ids alone: document = <bos> P C <eos>. Target j of the
+    # document is id j+1, so loss sits on j in [len(P), len(P) + len(C)]: the
+    # targets C and <eos>. Every document is over half a row, so first fit puts
+    # document k alone in row k.
+    encoded = [(tok.encode(p), tok.encode(c)) for p, c in _SFT_PAIRS]
+    lengths = [2 + len(p) + len(c) for p, c in encoded]
+    seq_len = max(lengths) - 1
+    assert 2 * min(lengths) > seq_len + 1
+    b = pack_documents(docs, seq_len, pad_id=tok.pad_id, completion_only=True)
+    assert b["tokens"].shape == (3, seq_len)
+    for k, (p, c) in enumerate(encoded):
+        doc = [tok.bos_id] + p + c + [tok.eos_id]
+        np.testing.assert_array_equal(b["tokens"][k, :len(doc) - 1], doc[:-1])
+        expected = np.zeros(seq_len, np.float32)
+        expected[len(p):len(p) + len(c) + 1] = 1.0
+        np.testing.assert_array_equal(b["loss_mask"][k], expected)
+        np.testing.assert_array_equal(b["targets"][k][expected > 0], c + [tok.eos_id])
+    # Several documents to a row: the supervised targets are the completions.
+    b = pack_documents(docs, 200, pad_id=tok.pad_id, completion_only=True)
+    assert b["tokens"].shape[0] == 1
+    assert tok.decode(b["targets"][b["loss_mask"] > 0]) == "".join(
+        c + "<eos>" for _, c in _SFT_PAIRS)
+    # Without completion_only every in-document target counts, prompts included.
+    b = pack_documents(docs, seq_len, pad_id=tok.pad_id)
+    assert b["loss_mask"].sum() == sum(n - 1 for n in lengths)
+
+
+def test_encode_sft_matches_encode_problem_for_the_same_text(tok):
+    p = solve("12+7")
+    [doc] = encode_sft(tok, [(format_prompt(p), format_completion(p))])
+    ref = encode_problem(tok, p)
+    np.testing.assert_array_equal(doc.ids, ref.ids)
+    np.testing.assert_array_equal(doc.completion_mask, ref.completion_mask)
+    assert doc.ids.dtype == np.int32 and doc.completion_mask.dtype == np.float32
+
+
+def test_load_documents_reads_plain_text_of_every_format(tmp_path, tok):
+    _write_records(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two", "prompt": "x"}])
+    _write_records(tmp_path / "b.parquet", [{"text": "three"}])
+    (tmp_path / "c.txt").write_text("four\nlines\n\nfive\n")
+    paths = [tmp_path / n for n in ("a.jsonl", "b.parquet", "c.txt")]
+    docs, is_sft = load_documents(tok, paths)
+    assert not is_sft
+    texts = ["one", "two", "three", "four\nlines", "five"]
+    for doc, ref in zip(docs, encode_texts(tok, texts), strict=True):
+        np.testing.assert_array_equal(doc.ids, ref.ids)
+        np.testing.assert_array_equal(doc.completion_mask, ref.completion_mask)
+    # A single path works too; a record with prompt, completion and text is SFT.
+    _write_records(tmp_path / "s.jsonl", [{"prompt": "p", "completion": "c", "text": "t"}])
+    docs, is_sft = load_documents(tok, tmp_path / "s.jsonl")
+    assert is_sft and tok.decode(docs[0].ids) == "<bos>pc<eos>"
+    # Other field names.
+    _write_records(tmp_path / "q.parquet", [{"q": "1+1=", "a": "2"}])
+    assert load_records(tmp_path / "q.parquet", prompt_field="q",
+                        completion_field="a") == [("1+1=", "2")]
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".parquet"])
+def test_a_file_mixing_sft_and_plain_records_is_refused_naming_both(tmp_path, ext):
+    path = tmp_path / f"mix{ext}"
+    _write_records(path, [{"text": "a"}, {"text": "b"},
+                          {"prompt": "p", "completion": "c"}])
+    where = (r"line 3\) with plain-text records \('text'; e.g. line 1" if ext == ".jsonl"
+             else r"row 2 \(0-based\)\) with plain-text records \('text'; e.g. row 0")
+    with pytest.raises(ValueError, match=rf"mix{ext}: mixes SFT records \('prompt' \+ "
+                                         rf"'completion'; e.g. {where}.*split it"):
+        load_records(path)
+
+
+def test_bad_records_name_the_line_or_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    _write_records(path, [{"prompt": "p", "completion": "c"}, {"prompt": "q"}])
+    with pytest.raises(ValueError, match=r"d.jsonl:2: expected a string field 'text' "
+                                         r"\(plain text\) or string fields 'prompt' and "
+                                         r"'completion' \(SFT\), got fields \['prompt'\]"):
+        load_records(path)
+    _write_records(path, [{"prompt": "p", "completion": 3}])
+    with pytest.raises(ValueError, match=r"d.jsonl:1: field 'completion' is a int"):
+        load_records(path)
+    path.write_text('{"text": "a"}\n["text"]\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: expected a JSON object, got list"):
+        load_records(path)
+    path.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: invalid JSON"):
+        load_records(path)
+    path = tmp_path / "d.parquet"
+    _write_records(path, [{"prompt": "p", "completion": "c"}, {"prompt": "q"}])
+    with pytest.raises(ValueError, match=r"d.parquet: row 1 \(0-based\): expected .*got "
+                                         r"fields \['prompt'\] \(null: \['completion'\]\)"):
+        load_records(path)
+    _write_records(path, [{"body": "b", "prompt": "p"}])
+    with pytest.raises(ValueError, match=r"d.parquet: no column 'text' \(plain text\) nor "
+                                         r"columns 'prompt' and 'completion' \(SFT\); its "
+                                         r"columns are \['body', 'prompt'\]"):
+        load_records(path)
+    _write_records(path, [{"prompt": "p", "completion": 1}])
+    with pytest.raises(ValueError, match=r"d.parquet: column 'completion' has type int64"):
+        load_records(path)
+
+
+def test_load_documents_refuses_sft_and_plain_files_together(tmp_path, tok):
+    _write_records(tmp_path / "plain.jsonl", [{"text": "a"}])
+    _write_records(tmp_path / "sft.parquet", [{"prompt": "p", "completion": "c"}])
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"data files mix SFT records \('.*sft.parquet'\) "
+                                         r"with plain text \('.*plain.jsonl'\)"):
+        load_documents(tok, [tmp_path / "plain.jsonl", tmp_path / "empty.jsonl",
+                             tmp_path / "sft.parquet"])
+    with pytest.raises(ValueError, match=r"empty.jsonl'\] hold no documents"):
+        load_documents(tok, [tmp_path / "empty.jsonl"])
+    assert load_records(tmp_path / "empty.jsonl") == []
+
+
+def test_unknown_extensions_are_refused_naming_the_supported_ones(tmp_path, tok):
+    path = tmp_path / "d.csv"
+    path.write_text("text\na\n")
+    with pytest.raises(ValueError, match=r"d.csv: unknown data file extension '.csv'; "
+                                         r"supported: .jsonl or .json .*\.parquet, \.txt"):
+        load_records(path)
+    with pytest.raises(ValueError, match="unknown data file extension"):
+        load_documents(tok, [path])
+    plain = tmp_path / "data"
+    plain.write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match=r"extension '\(none\)'.*format="):
+        load_records(plain)
+    assert load_records(plain, format="jsonl") == ["a"]
+    with pytest.raises(ValueError, match=r"format='csv' is not one of"):
+        load_records(plain, format="csv")

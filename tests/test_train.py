@@ -529,12 +529,57 @@ def test_trains_on_user_jsonl_files_without_exact_match_eval(configs, tmp_path):
   with open(path, "w") as f:
     for i in range(40):
       f.write(json.dumps({"body": f"doc {i}: " + "abc " * (i % 7)}) + "\n")
-  train_cfg = dataclasses.replace(train_cfg, data_files=(str(path),), text_field="body")
+  train_cfg = dataclasses.replace(train_cfg, data_files=(str(path),), text_field="body",
+                                  fim_rate=0.5)
+  lines = []
   summary = loop.train(model_cfg, train_cfg, str(tmp_path / "run"), stop_after=2,
-                       log=lambda s: None)
+                       log=lines.append)
   assert summary["final_step"] == 2 and summary["eval"] == []
   assert summary["expert_load"].shape == (2, model_cfg.n_moe_layers, model_cfg.n_routed_experts)
   assert all(np.isfinite(h["loss"]) for h in summary["history"])
+  assert any(line.startswith("data: 40 documents") for line in lines), lines
+
+
+def test_sft_parquet_records_keep_every_and_the_mtp_weight_switch(configs, tmp_path):
+  """One run: prompt/completion records from parquet (loss on completions
+  only), keep_every retention, V3's MTP weight switch, the bounded summary."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  model_cfg, train_cfg = configs
+  path = str(tmp_path / "sft.parquet")
+  pq.write_table(pa.table({"prompt": [f"{i}+{i}=" for i in range(60)],
+                           "completion": [str(2 * i) for i in range(60)]}), path)
+  train_cfg = dataclasses.replace(
+      train_cfg, data_files=(path,), ckpt_every=1, keep_ckpts=1, keep_every=2,
+      mtp_weight=0.3, mtp_weight_final=0.1, mtp_weight_switch_step=2, summary_steps=2)
+  data = loop.build_data(model_cfg, train_cfg)
+  batch = data.iterator.batch_at(0)
+  tok = data.tokenizer
+  # The loss falls on the completion digits and <eos> only (exact positions:
+  # tests/test_data.py).
+  for row_t, row_m in zip(batch["targets"], batch["loss_mask"]):
+    text = tok.decode(row_t[row_m > 0])
+    assert set(text.replace("<eos>", "")) <= set("0123456789"), text
+    assert row_m.sum() > 0
+  lines = []
+  summary = loop.train(model_cfg, train_cfg, str(tmp_path / "run"), stop_after=4,
+                       log=lines.append)
+  assert any("prompt/completion records (loss on completions only)" in line for line in lines)
+  assert any(line.startswith("step 3: MTP weight 0.3 -> 0.1") for line in lines), lines
+  records = {r["step"]: r for r in _read(str(tmp_path / "run")) if "loss" in r}
+  for step_no, weight in ((1, 0.3), (2, 0.3), (3, 0.1), (4, 0.1)):
+    r = records[step_no]
+    assert r["mtp_weight"] == weight
+    assert r["loss"] == pytest.approx(
+        r["ce"] + weight * r["mtp"] + train_cfg.balance_weight * r["balance"], rel=1e-6)
+  assert sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints")
+                if d.isdigit()) == [2, 4]          # latest 1 + every 2nd
+  assert [h["step"] for h in summary["history"]] == [3, 4]
+  assert summary["expert_load"].shape[0] == 2
+  with pytest.raises(ValueError, match="keep_every=3 must be a multiple of ckpt_every=2"):
+    dataclasses.replace(train_cfg, ckpt_every=2, keep_every=3)
+  with pytest.raises(ValueError, match="fim_rate=0.5 rewrites plain-text documents"):
+    loop.build_data(model_cfg, dataclasses.replace(train_cfg, fim_rate=0.5))
 
 
 # ---------------------------------------------------------------------------

@@ -265,14 +265,7 @@ def validate_batch(batch: dict[str, Any], vocab_size: int, max_seq_len: int) -> 
 def load_jsonl(path: str | os.PathLike, text_field: str = "text") -> list[str]:
     """The `text_field` string of every JSON object line; blank lines are skipped."""
     texts = []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON "
-                             "object per line") from e
+    for lineno, record in _json_lines(path):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             fields = list(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{path}:{lineno}: expected an object with a string field "
@@ -312,6 +305,231 @@ def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte "
                                  f"{e.start}); re-encode the file as UTF-8") from e
+
+
+def _json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSON-lines file."""
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON "
+                             "object per line") from e
+
+
+# Parquet (pyarrow is imported inside these functions: importing the package
+# never loads it).
+
+
+def _open_parquet(path: str | os.PathLike) -> Any:
+    """A pyarrow.parquet.ParquetFile; errors name the file and the fix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(f"reading {str(path)!r} needs pyarrow; pip install 'pyarrow>=17'"
+                          ) from e
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e}); write it with "
+                         "pyarrow.parquet.write_table (or pandas.DataFrame.to_parquet), "
+                         "or give it the extension of its real format") from e
+
+
+def _parquet_strings(pf: Any, path: str | os.PathLike, name: str) -> list[str | None]:
+    """Column `name` of a parquet file as Python strings (None where null)."""
+    import pyarrow
+    kind = pf.schema_arrow.field(name).type
+    is_string = (pyarrow.types.is_string, pyarrow.types.is_large_string,
+                 getattr(pyarrow.types, "is_string_view", lambda t: False))
+    value = kind.value_type if pyarrow.types.is_dictionary(kind) else kind
+    if not any(f(value) for f in is_string):
+        raise ValueError(f"{path}: column {name!r} has type {kind}, not string; store the "
+                         f"text as a string column or pass the name of one "
+                         f"(columns: {pf.schema_arrow.names})")
+    try:
+        column = pf.read(columns=[name]).column(0)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: column {name!r} could not be read ({e}); the file is "
+                         "damaged, rewrite it") from e
+    if pyarrow.types.is_dictionary(kind):
+        column = column.cast(value)
+    return column.to_pylist()
+
+
+def load_parquet(path: str | os.PathLike, text_field: str = "text") -> list[str]:
+    """The strings of column `text_field` of a parquet file, in row order.
+
+    Errors name the file and the fix: a missing file (FileNotFoundError, as
+    load_jsonl), a file that is not parquet, a missing column (listing the
+    columns there are), a non-string column, a null value (naming its row,
+    0-based).
+    """
+    with _open_parquet(path) as pf:
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            raise ValueError(f"{path}: no column {text_field!r}; its columns are {names}; "
+                             "pass text_field=<your column>")
+        texts = _parquet_strings(pf, path, text_field)
+    for row, text in enumerate(texts):
+        if text is None:
+            raise ValueError(f"{path}: row {row} (0-based) of column {text_field!r} is "
+                             "null; drop or fill the null rows")
+    return texts
+
+
+# Any data file: plain texts or SFT (prompt, completion) pairs
+
+# Extension -> format of the files load_records reads.
+DATA_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
+
+
+def data_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """'jsonl', 'parquet' or 'text': `format` if given, else from the extension."""
+    if format is not None:
+        if format not in set(DATA_FORMATS.values()):
+            raise ValueError(f"format={format!r} is not one of "
+                             f"{sorted(set(DATA_FORMATS.values()))}")
+        return format
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in DATA_FORMATS:
+        raise ValueError(f"{path}: unknown data file extension {ext or '(none)'!r}; "
+                         "supported: .jsonl or .json (one JSON object per line), .parquet, "
+                         ".txt (blank-line-separated documents); rename the file or pass "
+                         "format='jsonl' | 'parquet' | 'text'")
+    return DATA_FORMATS[ext]
+
+
+def _parquet_rows(path: str | os.PathLike,
+                  fields: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row, {field: value or None}) per row, over the `fields` the file has."""
+    text_field, prompt_field, completion_field = fields
+    with _open_parquet(path) as pf:
+        names = pf.schema_arrow.names
+        present = [f for f in dict.fromkeys(fields) if f in names]
+        if text_field not in present and not {prompt_field, completion_field} <= set(present):
+            raise ValueError(
+                f"{path}: no column {text_field!r} (plain text) nor columns "
+                f"{prompt_field!r} and {completion_field!r} (SFT); its columns are {names}; "
+                "pass text_field=, or prompt_field= and completion_field=, naming yours")
+        columns = {f: _parquet_strings(pf, path, f) for f in present}
+    for row in range(len(columns[present[0]])):
+        yield row, {f: c[row] for f, c in columns.items()}
+
+
+def _record(where: str, record: Any, text_field: str, prompt_field: str,
+            completion_field: str) -> str | tuple[str, str]:
+    """One record as a text, or an SFT (prompt, completion) pair; None values count
+    as absent."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    has = {f for f in (text_field, prompt_field, completion_field) if record.get(f) is not None}
+    used = ((prompt_field, completion_field) if {prompt_field, completion_field} <= has
+            else (text_field,) if text_field in has else ())
+    if not used:
+        got = [f for f, v in record.items() if v is not None]
+        nulls = [f for f, v in record.items() if v is None]
+        raise ValueError(
+            f"{where}: expected a string field {text_field!r} (plain text) or string "
+            f"fields {prompt_field!r} and {completion_field!r} (SFT), got fields {got}"
+            + (f" (null: {nulls})" if nulls else "")
+            + "; pass text_field=, or prompt_field= and completion_field=, naming yours")
+    for f in used:
+        if not isinstance(record[f], str):
+            raise ValueError(f"{where}: field {f!r} is a {type(record[f]).__name__}, "
+                             "expected a string")
+    return tuple(record[f] for f in used) if len(used) == 2 else record[text_field]
+
+
+def load_records(path: str | os.PathLike, *, text_field: str = "text",
+                 prompt_field: str = "prompt", completion_field: str = "completion",
+                 format: str | None = None) -> list[str] | list[tuple[str, str]]:
+    """The documents of one data file: plain texts, or SFT (prompt, completion) pairs.
+
+    The format comes from the extension (`DATA_FORMATS`; `format` overrides it):
+      .jsonl, .json  one JSON object per line (blank lines skipped)
+      .parquet       one record per row (read with pyarrow)
+      .txt           plain text, blank-line-separated documents (`load_text`)
+    A record (JSON object or parquet row) holding both `prompt_field` and
+    `completion_field` is an SFT record, trained on the completion only; otherwise
+    one holding `text_field` is plain text. A null value counts as absent; a
+    field that is used must be a string. One file holds one kind: a record of
+    the other kind than the file's first is an error naming both lines/rows.
+    An empty file gives [].
+    """
+    kind = data_format(path, format)
+    if kind == "text":
+        return load_text(path)
+    fields = (text_field, prompt_field, completion_field)
+    if kind == "jsonl":
+        records, at, at_path = _json_lines(path), "line {}", "{}:{}"
+    else:
+        records = _parquet_rows(path, fields)
+        at, at_path = "row {} (0-based)", "{}: row {} (0-based)"
+    out: list = []
+    first = None  # where the first record is
+    for i, record in records:
+        doc = _record(at_path.format(path, i), record, *fields)
+        where = at.format(i)
+        if out and isinstance(doc, tuple) != isinstance(out[0], tuple):
+            sft, plain = ((where, first) if isinstance(doc, tuple) else (first, where))
+            raise ValueError(
+                f"{path}: mixes SFT records ({prompt_field!r} + {completion_field!r}; e.g. "
+                f"{sft}) with plain-text records ({text_field!r}; e.g. {plain}); a file "
+                "must hold one kind: split it into an SFT file and a plain-text file")
+        first = first or where
+        out.append(doc)
+    return out
+
+
+def encode_sft(tok: Tokenizer, pairs: Sequence[tuple[str, str]]) -> list[Document]:
+    """`<bos> prompt completion <eos>` per pair, completion_mask 1 on the completion
+    and <eos> (as encode_problem): packed with completion_only=True, loss falls
+    exactly on the targets that are completion tokens or <eos>. Prompt and
+    completion are tokenized separately, so ids never straddle the boundary."""
+    prompts = tok.encode_batch([p for p, _ in pairs], add_bos=True)
+    completions = tok.encode_batch([c for _, c in pairs], add_eos=True)
+    return [Document(np.asarray(p + c, np.int32),
+                     np.concatenate([np.zeros(len(p)), np.ones(len(c))]).astype(np.float32))
+            for p, c in zip(prompts, completions)]
+
+
+def load_documents(tok: Tokenizer, paths: str | os.PathLike | Sequence[str | os.PathLike],
+                   *, text_field: str = "text", prompt_field: str = "prompt",
+                   completion_field: str = "completion") -> tuple[list[Document], bool]:
+    """Reads and encodes data files (`load_records`), in order: (documents, is_sft).
+
+    is_sft is True when the files hold SFT records: pack those with
+    completion_only=True so loss falls on completions only. Plain-text files
+    give `encode_texts` documents. Mixing SFT and plain-text files is an error
+    naming one of each; so is holding no document at all.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    texts: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    first: dict[bool, str] = {}  # is_sft -> first file of that kind
+    for path in paths:
+        records = load_records(path, text_field=text_field, prompt_field=prompt_field,
+                               completion_field=completion_field)
+        if not records:
+            continue
+        sft = isinstance(records[0], tuple)
+        first.setdefault(sft, os.fspath(path))
+        if len(first) == 2:
+            raise ValueError(
+                f"data files mix SFT records ({first[True]!r}) with plain text "
+                f"({first[False]!r}); train on one kind per run (SFT trains on "
+                "completions only), or turn the texts into (prompt, completion) records")
+        (pairs if sft else texts).extend(records)
+    if not first:
+        raise ValueError(f"the data files {[os.fspath(p) for p in paths]} hold no documents")
+    sft = True in first
+    return (encode_sft(tok, pairs) if sft else encode_texts(tok, texts)), sft
 
 
 # ----------------------------------------------------------------------------

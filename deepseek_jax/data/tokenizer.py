@@ -24,6 +24,11 @@ _ROLE_NAMES = {
             "<|endoftext|>"),
     "eos": ("<eos>", "<｜end▁of▁sentence｜>", "</s>", "[SEP]", "<|end_of_text|>",
             "<|endoftext|>"),
+    # Fill-in-the-middle (PSM: begin prefix hole suffix end middle): ours,
+    # DeepSeek's, StarCoder's prefix/suffix/middle spellings.
+    "fim_begin": ("<fim_begin>", "<｜fim▁begin｜>", "<|fim_begin|>", "<fim_prefix>"),
+    "fim_hole": ("<fim_hole>", "<｜fim▁hole｜>", "<|fim_hole|>", "<fim_suffix>"),
+    "fim_end": ("<fim_end>", "<｜fim▁end｜>", "<|fim_end|>", "<fim_middle>"),
 }
 
 
@@ -57,6 +62,16 @@ class Tokenizer:
                 return i
         raise ValueError(f"{role}_token: none of {names} is in the vocabulary; pass "
                          f"{role}_token=<the tokenizer's {role} token string>")
+
+    def fim_ids(self) -> tuple[int, int, int]:
+        """Ids of the FIM tokens (begin, hole, end) for pipeline.fim_transform;
+        ValueError naming the spellings tried when the vocabulary lacks one."""
+        try:
+            return tuple(self._role_id(role, None)
+                         for role in ("fim_begin", "fim_hole", "fim_end"))
+        except ValueError as e:
+            raise ValueError(f"the tokenizer has no fill-in-the-middle tokens ({e}); use a "
+                             "tokenizer that defines them, or fim_rate=0") from None
 
     @property
     def vocab_size(self) -> int:

@@ -13,8 +13,16 @@ the model config (IMPLEMENTATION_FIELDS: kernels, remat, EP buffers) are
 allowed and reported; a model-config field the saved run predates counts as
 its default.
 
-Saving is synchronous: the train step donates its input state, so the
-arrays must be written before the next step may reuse their buffers.
+Saving is asynchronous (orbax): `save` blocks only while the arrays are
+copied to host memory, then the files are written by a background thread
+while training goes on; the next save (or close) waits for the previous one.
+The donated train state is safe: a buffer that the host copy still
+references is not donated. Each save is written to a temporary directory
+and renamed when complete, so a process killed at any moment (even -9,
+mid-write) leaves only whole checkpoints behind; the temporary directory of
+an interrupted save is never picked for resume and is deleted on the next
+open. Retention: the `keep` most recent, plus every step that is a multiple
+of `keep_every` (> 0) for long runs.
 """
 
 from __future__ import annotations
@@ -52,27 +60,58 @@ def _normalise(v):
 class Checkpoints:
   """A run's checkpoints. Use `open_checkpoints`; close() when done."""
 
-  def __init__(self, workdir: str, model_cfg: ModelConfig, train_cfg_dict: dict[str, Any],
-               *, every: int, keep: int):
+  def __init__(self, workdir: str, model_cfg: ModelConfig | None = None,
+               train_cfg_dict: dict[str, Any] | None = None, *, every: int = 1, keep: int = 1,
+               keep_every: int = 0, async_save: bool = True, read_only: bool = False):
     if every < 1:
       raise ValueError(f"ckpt_every={every} must be >= 1.")
     if keep < 1:
       raise ValueError(f"keep_ckpts={keep} must be >= 1.")
+    if keep_every < 0 or (keep_every and keep_every % every):
+      raise ValueError(f"keep_every={keep_every} must be 0 (off) or a multiple of "
+                       f"ckpt_every={every} (only saved steps can be kept).")
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.model_cfg = model_cfg
-    self.train_cfg_dict = train_cfg_dict
+    self.every = every
+    self.train_cfg_dict = train_cfg_dict or {}
+    keep_policy = ocp.checkpoint_managers.LatestN(keep)
+    if keep_every:
+      keep_policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+          [keep_policy, ocp.checkpoint_managers.EveryNSteps(keep_every)])
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        enable_async_checkpointing=False,
-        create=True)
+        preservation_policy=keep_policy,
+        enable_async_checkpointing=async_save,
+        # A reader leaves the directory alone (a writer may be running).
+        cleanup_tmp_directories=not read_only,
+        create=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
+    self._last_saved: int | None = None
+
+  @classmethod
+  def existing(cls, workdir: str) -> "Checkpoints":
+    """The checkpoints of a finished or running run, for reading (export,
+    init_from, GRPO's source run): FileNotFoundError when there are none."""
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(
+          f"{directory} does not exist: pass the --workdir of a training run "
+          "(launch.train writes its checkpoints there).")
+    ckpts = cls(workdir, async_save=False, read_only=True)
+    if ckpts.latest_step() is None:
+      ckpts.close()
+      raise FileNotFoundError(f"no checkpoints in {directory}.")
+    return ckpts
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def saved_meta(self, step: int | None = None) -> dict[str, Any] | None:
+    self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
       return None
@@ -106,15 +145,22 @@ class Checkpoints:
           + ". Use a new workdir, or request the saved model config.")
     return knobs + config_diff(meta.get("train_config", {}), self.train_cfg_dict)
 
-  def restore(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-    """(state, data iterator state) of the latest checkpoint, or None if none.
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[Any, dict[str, Any]] | None:
+    """(state, data iterator state) of checkpoint `step` (default: the
+    latest), or None if there is none.
 
     abstract_state: a pytree of jax.ShapeDtypeStruct like the state to load
-    (e.g. `step.abstract_train_state(...)`).
+    (e.g. `step.abstract_train_state(...)`), shardings included for a mesh.
     """
-    step = self.latest_step()
+    self.wait()
     if step is None:
-      return None
+      step = self.latest_step()
+      if step is None:
+        return None
+    elif step not in self.manager.all_steps():
+      raise ValueError(f"step {step} is not saved in {self.directory}; saved steps: "
+                       f"{self.all_steps()}.")
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         meta=ocp.args.JsonRestore()))
@@ -124,16 +170,27 @@ class Checkpoints:
            force: bool = False) -> bool:
     """Saves when `step` is a multiple of `every` (or force=True).
 
-    A step that is already saved is skipped. Returns whether it saved.
+    A step that is already saved (or being saved) is skipped. Returns
+    whether it started a save; the write finishes in the background
+    (`wait` or `close` to wait for it).
     """
-    if step in self.manager.all_steps():
+    if step == self._last_saved or step in self.manager.all_steps():
       return False
     meta = {"data": data_state, "model_config": self.model_cfg.to_dict(),
             "train_config": self.train_cfg_dict}
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    saved = bool(self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force))
+    if saved:
+      self._last_saved = step
+    return saved
+
+  def due(self, step: int) -> bool:
+    """Whether `save(step)` (without force) would write a checkpoint."""
+    return step % self.every == 0 and step != self._last_saved
+
+  def wait(self) -> None:
+    """Blocks until the background write of the last save is committed."""
     self.manager.wait_until_finished()
-    return bool(saved)
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-process runs: True on every process at the same step once any
@@ -147,13 +204,15 @@ class Checkpoints:
 
 
 def open_checkpoints(workdir: str, model_cfg: ModelConfig, train_cfg_dict: dict[str, Any],
-                     *, every: int, keep: int) -> tuple[Checkpoints, list[str]]:
+                     *, every: int, keep: int, keep_every: int = 0,
+                     async_save: bool = True) -> tuple[Checkpoints, list[str]]:
   """Opens (creating) `workdir/checkpoints` and checks the saved model config.
 
   Returns (checkpoints, train-config differences to report). Raises
   ValueError, naming the fields, when the saved model config differs.
   """
-  ckpts = Checkpoints(workdir, model_cfg, train_cfg_dict, every=every, keep=keep)
+  ckpts = Checkpoints(workdir, model_cfg, train_cfg_dict, every=every, keep=keep,
+                      keep_every=keep_every, async_save=async_save)
   try:
     train_diff = ckpts.check_model_config()
   except Exception:

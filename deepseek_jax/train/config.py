@@ -24,8 +24,12 @@ class TrainConfig:
   Run: steps (optimizer steps in total), seed (init and data order).
   Data: batch_size rows of seq_len tokens. With `data_files` empty the
     corpus is the generated arithmetic task (data/tasks.py): n_train_problems
-    training documents, n_eval_problems held-out ones for exact match; with
-    jsonl `data_files` (field `text_field`) there is no exact-match eval.
+    training documents, n_eval_problems held-out ones for exact match.
+    `data_files` (no exact-match eval): .jsonl / .json (JSON lines), .parquet
+    or .txt (blank-line-separated documents), by extension
+    (data.pipeline.load_documents); a record with `prompt` and `completion`
+    fields is an SFT record (loss on the completion and <eos> only), else
+    its `text_field` is a plain document; the files must be all of one kind.
     task_kinds: the problem kinds (data/tasks.py KINDS); "passkey" is the
     long-context retrieval kind, its prompts passkey_chars long (0 = as long
     as a row of seq_len holds).
@@ -38,7 +42,8 @@ class TrainConfig:
     that would bend it mid-run (e.g. a larger `steps` with decay_steps=0) is
     refused, naming the fields (`schedule_changes`).
   moments_dtype: storage of AdamW's moments, "float32" or "bfloat16" (V3).
-  Losses: mtp_weight (lambda; V3 0.3 then 0.1), balance_weight (alpha; V3
+  Losses: mtp_weight (lambda; V3 0.3 then 0.1: mtp_weight_final from the
+    step after mtp_weight_switch_step, 0 = no switch), balance_weight (alpha; V3
     1e-4), bias_update_speed (gamma; V3 1e-3, 0 = off).
     DeepSeek-V2's auxiliary balance losses (model.moe.v2_balance_losses), for
     ablations; each weight 0 = off (nothing computed when all three are):
@@ -54,8 +59,16 @@ class TrainConfig:
     balance_comm (layer sums, before alpha) and *_per_layer lists.
   Logging: every step to metrics.jsonl, every log_every steps to `log`
     (with tokens/s); eval_every steps (0 = only at the end);
-    eval_batch_size, max_new_tokens for decoding. Checkpoints: ckpt_every
-    steps plus the last step, keep_ckpts most recent.
+    eval_batch_size, max_new_tokens for decoding. summary_steps: how many of
+    the last steps' metrics and expert loads the returned summary keeps in
+    memory (metrics.jsonl has every step). Checkpoints: ckpt_every steps
+    plus the last step, keep_ckpts most recent plus every keep_every-th step
+    (0 = none; a multiple of ckpt_every), written in the background while
+    training goes on unless async_checkpoints=False.
+  fim_rate: with data_files of plain text, the fraction of documents
+    rewritten as fill-in-the-middle (PSM, data.pipeline.fim_transform; V3
+    used 0.1); the FIM token ids come from the tokenizer (refused when it
+    has none).
   init_from: the workdir of an earlier run; a run with no checkpoint of
     its own starts from that run's latest parameters and router biases
     (fresh optimizer, step 0): a fine-tuning stage, e.g. the long-context
@@ -106,6 +119,7 @@ class TrainConfig:
   init_from_hf: str = ""
   template: str = "short"
   completion_only: bool = False
+  fim_rate: float = 0.0
   # optimizer (V3 values)
   lr: float = 2.2e-4
   warmup_steps: int = 100
@@ -122,6 +136,8 @@ class TrainConfig:
   moments_dtype: str = "float32"
   # losses
   mtp_weight: float = 0.3
+  mtp_weight_final: float = 0.1
+  mtp_weight_switch_step: int = 0
   balance_weight: float = 1e-4
   bias_update_speed: float = 1e-3
   expert_balance_weight: float = 0.0
@@ -135,6 +151,9 @@ class TrainConfig:
   max_new_tokens: int = 96
   ckpt_every: int = 100
   keep_ckpts: int = 3
+  keep_every: int = 0
+  async_checkpoints: bool = True
+  summary_steps: int = 1000
   peak_tflops: float = 0.0
   # robustness
   max_bad_steps: int = 10
@@ -150,10 +169,20 @@ class TrainConfig:
 
   def validate(self) -> None:
     check_ints(self, positive=("steps", "batch_size", "seq_len", "log_every", "ckpt_every",
-                               "keep_ckpts", "eval_batch_size", "max_new_tokens"),
+                               "keep_ckpts", "eval_batch_size", "max_new_tokens",
+                               "summary_steps"),
                non_negative=("warmup_steps", "hold_steps", "decay_steps", "end_steps",
                              "eval_every", "n_eval_problems", "passkey_chars",
-                             "balance_devices", "max_bad_steps"))
+                             "balance_devices", "max_bad_steps", "keep_every",
+                             "mtp_weight_switch_step"))
+    if self.keep_every % self.ckpt_every:
+      raise ValueError(f"keep_every={self.keep_every} must be a multiple of ckpt_every="
+                       f"{self.ckpt_every} (only saved steps can be kept), or 0.")
+    if not 0 <= self.fim_rate <= 1:
+      raise ValueError(f"fim_rate={self.fim_rate} must lie in [0, 1].")
+    if self.fim_rate and not self.data_files:
+      raise ValueError(f"fim_rate={self.fim_rate} applies to plain-text data_files; the "
+                       "arithmetic task has none: set data_files or fim_rate=0.")
     if not all(isinstance(t, int) and t >= 1 for t in self.nan_steps):
       raise ValueError(f"nan_steps={self.nan_steps!r} must be step numbers >= 1.")
     if not self.data_files and self.n_train_problems < 1:
@@ -166,7 +195,7 @@ class TrainConfig:
                        "would end before reaching the peak lr; lower warmup_steps.")
     if not 0 <= self.end_lr <= self.lr:
       raise ValueError(f"end_lr={self.end_lr} must be in [0, lr={self.lr}].")
-    for name in ("weight_decay", "mtp_weight", "balance_weight", "bias_update_speed",
+    for name in ("weight_decay", "mtp_weight", "mtp_weight_final", "balance_weight", "bias_update_speed",
                  "expert_balance_weight", "device_balance_weight", "comm_balance_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")

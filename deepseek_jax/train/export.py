@@ -13,10 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import orbax.checkpoint as ocp
-
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.train.checkpoint import CHECKPOINT_DIR
+from deepseek_jax.train.checkpoint import CHECKPOINT_DIR, Checkpoints
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import abstract_train_state
 
@@ -40,27 +38,18 @@ def load_trained_run(workdir: str, step: int | None = None
                      ) -> tuple[ModelConfig, TrainConfig, dict[str, Any], int]:
   """(model config, train config, variables, step): `load_trained_variables`
   plus the run's TrainConfig (its tokenizer and prompt template)."""
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(
-        f"{directory} does not exist: pass the --workdir of a training run "
-        "(launch.train writes its checkpoints there).")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  ckpts = Checkpoints.existing(workdir)
   try:
-    steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints in {directory}.")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ValueError(f"step {step} is not saved in {directory}; saved steps: {sorted(steps)}.")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    step = ckpts.latest_step() if step is None else step
+    if step not in ckpts.all_steps():
+      raise ValueError(f"step {step} is not saved in {ckpts.directory}; saved steps: "
+                       f"{ckpts.all_steps()}.")
+    meta = ckpts.saved_meta(step)
     model_cfg = ModelConfig.from_dict(meta["model_config"])
     # A GRPO run keeps its own config beside the TrainConfig (rl/trainer.py).
     train_cfg = TrainConfig.from_saved(meta["train_config"])
-    abstract = abstract_train_state(model_cfg, train_cfg)
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    state, _ = ckpts.restore(abstract_train_state(model_cfg, train_cfg), step)
   finally:
-    manager.close()
+    ckpts.close()
   return (model_cfg, train_cfg, {"params": state.params, "router_bias": state.router_bias},
           int(step))

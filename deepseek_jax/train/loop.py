@@ -15,6 +15,7 @@ environment. The sections of `train` follow big_vision's trainer:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -151,6 +152,7 @@ class Data:
   tokenizer: Any
   eval_problems: list[tasks.Problem]
   n_documents: int
+  sft: bool = False       # prompt/completion records: loss on the completions only
 
 
 def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
@@ -160,11 +162,20 @@ def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
   if tok.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tok.vocab_size} ids but vocab_size="
                      f"{model_cfg.vocab_size}; set model.vocab_size >= {tok.vocab_size}.")
+  sft = False
   if train_cfg.data_files:
-    texts = [t for path in train_cfg.data_files
-             for t in pipeline.load_jsonl(path, train_cfg.text_field)]
-    docs = pipeline.encode_texts(tok, texts)
-    rows = pipeline.pack_documents(docs, train_cfg.seq_len, pad_id=tok.pad_id)
+    docs, sft = pipeline.load_documents(tok, train_cfg.data_files,
+                                        text_field=train_cfg.text_field)
+    if train_cfg.fim_rate:
+      if sft:
+        raise ValueError(f"fim_rate={train_cfg.fim_rate} rewrites plain-text documents; the "
+                         "data files hold prompt/completion records: set fim_rate=0.")
+      fim_ids = tok.fim_ids()
+      fim_rng = np.random.default_rng([train_cfg.seed, 0xF1])
+      docs = [pipeline.fim_transform(d, fim_rng, rate=train_cfg.fim_rate, fim_ids=fim_ids)
+              for d in docs]
+    rows = pipeline.pack_documents(docs, train_cfg.seq_len, pad_id=tok.pad_id,
+                                   completion_only=sft or train_cfg.completion_only)
     eval_problems, n_docs = [], len(docs)
   else:
     ds = pipeline.make_task_dataset(
@@ -174,7 +185,8 @@ def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
         kinds=train_cfg.task_kinds, context_chars=train_cfg.passkey_chars)
     rows, eval_problems, n_docs = ds.train_rows, ds.test_problems, ds.n_train_documents
   it = pipeline.BatchIterator(rows, train_cfg.batch_size, seed=train_cfg.seed)
-  return Data(iterator=it, tokenizer=tok, eval_problems=eval_problems, n_documents=n_docs)
+  return Data(iterator=it, tokenizer=tok, eval_problems=eval_problems, n_documents=n_docs,
+              sft=sft)
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
@@ -225,7 +237,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   ckpts, train_diff = checkpoint.open_checkpoints(
       workdir, model_cfg, train_cfg.to_dict(), every=train_cfg.ckpt_every,
-      keep=train_cfg.keep_ckpts)
+      keep=train_cfg.keep_ckpts, keep_every=train_cfg.keep_every,
+      async_save=train_cfg.async_checkpoints)
   peer_lost = False
   stop = StopSignals(install=not multiprocess)
   writer = None
@@ -237,7 +250,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     data = build_data(model_cfg, train_cfg)
     pipeline.validate_batch(data.iterator.batch_at(0), model_cfg.vocab_size,
                             model_cfg.max_seq_len)
-    log(f"data: {data.n_documents} documents in {data.iterator.n_rows} rows of "
+    log(f"data: {data.n_documents} "
+        + ("prompt/completion records (loss on completions only)" if data.sft else "documents")
+        + f" in {data.iterator.n_rows} rows of "
         f"{train_cfg.seq_len} tokens, {data.iterator.steps_per_epoch} steps/epoch; "
         f"{len(data.eval_problems)} held-out problems")
 
@@ -323,7 +338,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     writer = metrics.MetricsWriter(workdir, start) if primary else None
     evals_here = []     # this call's evaluations (what non-primary processes report)
     progress = metrics.Progress(start, end_step)
-    history, loads, samples = [], [], []
+    # The summary keeps the last summary_steps steps; metrics.jsonl has all.
+    history = collections.deque(maxlen=train_cfg.summary_steps)
+    loads = collections.deque(maxlen=train_cfg.summary_steps)
+    samples = []
     t_start = time.time()
 
     def do_eval(step):
@@ -348,11 +366,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     # Skipped-step counters live in the checkpoint with the data position, so a
     # streak of bad steps is counted across a resume.
     bad_in_a_row, bad_steps = int(saved.get("bad_in_a_row", 0)), int(saved.get("bad_steps", 0))
-    for step in range(start + 1, end_step + 1):
-      batch = next_batch()
-      if step in train_cfg.nan_steps:
-        batch = dict(batch, loss_mask=batch["loss_mask"] * jnp.float32(jnp.nan))
-      state, m = train_step(state, batch)
+
+    def record(step, m):
+      """The host side of one step: its metrics, the finiteness check, logs.
+      Called one step late where nothing waits for it (the device runs the
+      next step meanwhile), at once before a log line, eval or checkpoint."""
+      nonlocal bad_in_a_row, bad_steps, last
       m = jax.device_get(m)
       loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
       skipped = bool(m.get("skipped", 0.0))
@@ -383,6 +402,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       scalars = {k: float(v) for k, v in m.items()}
       if "skipped" in scalars:
         scalars["bad_steps"] = float(bad_steps)
+      if train_cfg.mtp_weight_switch_step:
+        scalars["mtp_weight"] = mtp_weight_at(step)
       history.append({"step": step, **scalars})
       progress.add(scalars["tokens"])
       last = scalars
@@ -397,15 +418,49 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
         log(metrics.progress_line(step, train_cfg.steps, scalars, tps, eta))
       if writer:
         writer.write(step, {**scalars, **per_layer})
-      paused = time.time()
-      if run_eval and train_cfg.eval_every and step % train_cfg.eval_every == 0 \
-          and step != train_cfg.steps:
-        do_eval(step)
+
+    def mtp_weight_at(step):   # V3: lambda 0.3, then 0.1 (mtp_weight_switch_step)
+      switch = train_cfg.mtp_weight_switch_step
+      return train_cfg.mtp_weight_final if switch and step > switch else train_cfg.mtp_weight
+
+    late_step = None        # the step with mtp_weight_final, built at the switch
+    pending = None          # (step, device metrics) not yet recorded
+    for step in range(start + 1, end_step + 1):
+      batch = next_batch()
+      if step in train_cfg.nan_steps:
+        batch = dict(batch, loss_mask=batch["loss_mask"] * jnp.float32(jnp.nan))
+      step_fn = train_step
+      if model_cfg.n_mtp_depth and mtp_weight_at(step) != train_cfg.mtp_weight:
+        if late_step is None:
+          log(f"step {step}: MTP weight {train_cfg.mtp_weight} -> "
+              f"{train_cfg.mtp_weight_final} (mtp_weight_switch_step="
+              f"{train_cfg.mtp_weight_switch_step})")
+          late_step = make_train_step(
+              model_cfg, dataclasses.replace(train_cfg, mtp_weight=train_cfg.mtp_weight_final),
+              mesh, rules)
+        step_fn = late_step
+      state, m = step_fn(state, batch)      # dispatched; runs while the host goes on
+      if pending is not None:
+        record(*pending)
+      pending = (step, m)
       if stop.received is None and multiprocess and ckpts.reached_preemption(step):
         stop.received = "SIGTERM (preemption, all processes)"
+      eval_due = bool(run_eval and train_cfg.eval_every and step % train_cfg.eval_every == 0
+                      and step != train_cfg.steps)
+      if not (step == start + 1 or step % train_cfg.log_every == 0 or step == end_step
+              or eval_due or ckpts.due(step) or stop.received is not None):
+        continue
+      record(*pending)
+      pending = None
+      paused = time.time()
+      if eval_due:
+        do_eval(step)
+      force_save = step == end_step or stop.received is not None
+      if writer and (force_save or ckpts.due(step)):
+        writer.flush()
       ckpts.save(step, state, {**data.iterator.state(), "bad_in_a_row": bad_in_a_row,
                                "bad_steps": bad_steps},
-                 force=step == end_step or stop.received is not None)
+                 force=force_save)
       progress.exclude(time.time() - paused)   # eval/checkpoint time is not step time
       if stop.received is not None:
         log(f"stopped by {stop.received} after step {step}: checkpoint written to "
@@ -443,7 +498,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
         "final_step": final_step,
         "final_loss": last["loss"] if last else None,
         "eval": evals,
-        "history": history,
+        "history": list(history),
         "expert_load": (np.stack(loads) if loads
                         else np.zeros((0, n_moe, n_exp), np.float32)),
         "samples": samples,

@@ -31,11 +31,26 @@ PLOT_FILE = "loss.png"
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All JSON lines of a metrics file ([] if it does not exist)."""
+  """All JSON lines of a metrics file ([] if it does not exist).
+
+  A last line cut short (the process was killed while appending it) is
+  dropped: its step is recomputed on resume. A bad line elsewhere is a
+  ValueError naming it.
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for k, (i, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if k == len(lines) - 1 and not line.endswith("\n"):
+        break
+      raise ValueError(f"{path}:{i} is not a JSON line ({e}); move the file away to start "
+                       "its history afresh.") from None
+  return records
 
 
 def _scalar(v: Any) -> Any:
@@ -71,6 +86,12 @@ class MetricsWriter:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
           self.tb.add_scalar(k, v, int(step))
+
+  def flush(self) -> None:
+    """Puts buffered TensorBoard events on disk (before a checkpoint: a run
+    killed later resumes from it and must not miss the steps up to it)."""
+    if self.tb is not None:
+      self.tb.flush()
 
   def close(self) -> None:
     if self.tb is not None:
