@@ -576,6 +576,10 @@ def test_sft_parquet_records_keep_every_and_the_mtp_weight_switch(configs, tmp_p
                 if d.isdigit()) == [2, 4]          # latest 1 + every 2nd
   assert [h["step"] for h in summary["history"]] == [3, 4]
   assert summary["expert_load"].shape[0] == 2
+  # eval_task: held-out problems of the task's test split beside the files
+  held_out = loop.build_data(model_cfg, dataclasses.replace(train_cfg, eval_task=True))
+  assert len(held_out.eval_problems) == train_cfg.n_eval_problems
+  assert all(tasks.split_of(p.prompt) == "test" for p in held_out.eval_problems)
   with pytest.raises(ValueError, match="keep_every=3 must be a multiple of ckpt_every=2"):
     dataclasses.replace(train_cfg, ckpt_every=2, keep_every=3)
   with pytest.raises(ValueError, match="fim_rate=0.5 rewrites plain-text documents"):

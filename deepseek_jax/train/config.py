@@ -30,6 +30,10 @@ class TrainConfig:
     (data.pipeline.load_documents); a record with `prompt` and `completion`
     fields is an SFT record (loss on the completion and <eos> only), else
     its `text_field` is a plain document; the files must be all of one kind.
+    eval_task: with data_files, still evaluate exact match on the task's
+    held-out problems (n_eval_problems of task_kinds / max_digits, the
+    `template` prompt): for SFT on task records (launch.rejection_sample
+    output, distillation), whose prompts come from the train split.
     task_kinds: the problem kinds (data/tasks.py KINDS); "passkey" is the
     long-context retrieval kind, its prompts passkey_chars long (0 = as long
     as a row of seq_len holds).
@@ -120,6 +124,7 @@ class TrainConfig:
   template: str = "short"
   completion_only: bool = False
   fim_rate: float = 0.0
+  eval_task: bool = False
   # optimizer (V3 values)
   lr: float = 2.2e-4
   warmup_steps: int = 100

@@ -177,6 +177,12 @@ def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
     rows = pipeline.pack_documents(docs, train_cfg.seq_len, pad_id=tok.pad_id,
                                    completion_only=sft or train_cfg.completion_only)
     eval_problems, n_docs = [], len(docs)
+    if train_cfg.eval_task:
+      eval_problems = tasks.generate_problems(
+          train_cfg.n_eval_problems, seed=train_cfg.seed, split="test",
+          max_digits=train_cfg.max_digits, kinds=train_cfg.task_kinds,
+          context_chars=(train_cfg.passkey_chars
+                         or pipeline.passkey_room(tok, train_cfg.seq_len, train_cfg.template)))
   else:
     ds = pipeline.make_task_dataset(
         tok, n_train=train_cfg.n_train_problems, n_test=train_cfg.n_eval_problems,
@@ -234,6 +240,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     log = lambda line: None  # noqa: E731
 
   # 1. Workdir and checkpoints -------------------------------------------------
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir!r} is a file, not a directory; pass a new "
+                     "directory, or one of an earlier run to resume it.")
   os.makedirs(workdir, exist_ok=True)
   ckpts, train_diff = checkpoint.open_checkpoints(
       workdir, model_cfg, train_cfg.to_dict(), every=train_cfg.ckpt_every,
@@ -260,7 +269,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     if mesh is not None:
       log(f"mesh: {describe_mesh(mesh)}, rules {mesh_cfg.rules}")
     rng = jax.random.key(train_cfg.seed)
-    train_step = make_train_step(model_cfg, train_cfg, mesh, rules)
     if mesh is None:
       next_batch = lambda: next(data.iterator)  # noqa: E731
     else:   # this process's rows only, assembled into the global batch
@@ -303,6 +311,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     if resumed_from is not None and start != data.iterator.step:
       raise ValueError(f"checkpoint step {start} and data iterator step "
                        f"{data.iterator.step} disagree; the checkpoint is corrupt.")
+    # Built after the resume: a bad checkpoint or init_from fails before it.
+    train_step = make_train_step(model_cfg, train_cfg, mesh, rules)
     n_params = count_params(state.params)
     log(f"model: {n_params:,} parameters; training steps {start} -> {end_step} "
         f"of {train_cfg.steps}")
