@@ -295,8 +295,15 @@ class ModelConfig:
         values = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(values, dict):
+      raise ValueError(f"{path}: expected a JSON object of ModelConfig fields, got "
+                       f"{type(values).__name__}.")
     preset = values.pop("preset", None)
-    return cls.from_dict(values, base=get_preset(preset) if preset else None)
+    try:
+      return cls.from_dict(values, base=get_preset(preset) if preset else None)
+    except (ValueError, NotImplementedError) as e:   # a field: name the file too
+      kind = NotImplementedError if isinstance(e, NotImplementedError) else ValueError
+      raise kind(f"{path}: {e}") from None
 
 
 # --------------------------------------------------------------------------

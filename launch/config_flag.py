@@ -7,6 +7,11 @@ deprecated since Python 3.4, warned about on every run on 3.11 and 3.12, and
 removed in Python 3.15. `DEFINE_config_file` here keeps ml_collections' flag
 (overrides, locking, `--helpfull`) and swaps in a parser that loads the file
 with `importlib`'s spec / `exec_module` API instead.
+
+`parse_flags_or_exit` turns a flag mistake (a bad value, an override of a field
+the config lacks) into one line and a non-zero exit; `load_config` parses the
+same `--config=file.py --config.a=b` arguments into a config without absl's
+global FLAGS, raising ValueError with that line (a launcher run in-process).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from typing import Sequence
 
 from absl import flags
 from ml_collections import config_flags
@@ -47,26 +53,53 @@ class ConfigFileParser(flags.ArgumentParser):
 
 
 def DEFINE_config_file(name: str, help_string: str,  # noqa: N802 (absl naming)
-                       flag_values: flags.FlagValues = flags.FLAGS
-                       ) -> flags.FlagHolder:
-  """A required-style config-file flag (no default) with `--name.field=` overrides."""
+                       flag_values: flags.FlagValues = flags.FLAGS,
+                       sys_argv: Sequence[str] | None = None) -> flags.FlagHolder:
+  """A required-style config-file flag (no default) with `--name.field=` overrides
+  (found in `sys_argv`, default sys.argv)."""
   holder = config_flags.DEFINE_config_file(name, None, help_string,
-                                           flag_values=flag_values)
+                                           flag_values=flag_values,
+                                           sys_argv=None if sys_argv is None else list(sys_argv))
   flag_values[name].parser = ConfigFileParser(name)
   return holder
 
 
+def flag_error_message(e: Exception) -> str:
+  """One line for a flags.Error, AttributeError or KeyError that parsing flags
+  raised: "flag error: ..." or, for an override of a config field that does
+  not exist, "config error: ..." naming it."""
+  if isinstance(e, flags.Error):
+    return (f"flag error: {' '.join(str(e).split())} (pass --helpshort or --helpfull to see "
+            "help on flags)")
+  # An unknown field: ml_collections nests the KeyError's repr in an
+  # AttributeError: "'\\'name\\'\\nDid you mean ...'".
+  text = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
+  detail = " ".join(text.replace("'", "").split()).strip('"')
+  return ("config error: an override names a field the config does not have: "
+          f"{detail} (see the config file; config.model.* are ModelConfig fields)")
+
+
+def load_config(path: str, overrides: Sequence[str] = (), name: str = "config"):
+  """The locked config that `--{name}={path} *overrides` gives a launcher (e.g.
+  overrides=["--config.steps=3"]), parsed like the command line but without
+  touching absl's global FLAGS: for running a launcher in-process. Raises
+  ValueError with flag_error_message's line for a missing config file, a bad
+  value or an override of a field the config does not have."""
+  argv = [name, f"--{name}={path}", *overrides]
+  flag_values = flags.FlagValues()
+  DEFINE_config_file(name, "config file", flag_values=flag_values, sys_argv=argv)
+  try:
+    flag_values(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    raise ValueError(flag_error_message(e)) from e
+  return flag_values[name].value
+
+
 def parse_flags_or_exit(argv: list[str], prog: str) -> list[str]:
-  """absl `app.run(..., flags_parser=...)`: parses flags; an override of a
-  config field that does not exist exits with one line naming it (ml_collections
-  raises a chained AttributeError traceback for that)."""
+  """absl `app.run(..., flags_parser=...)`: parses flags; a bad flag, or an
+  override of a config field that does not exist, exits with one line naming
+  it (ml_collections raises a chained AttributeError traceback for the latter)."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"{prog}: flag error: {e}\nPass --helpshort or --helpfull to see help on flags.")
-  except (AttributeError, KeyError) as e:
-    # ml_collections nests the KeyError's repr: "'\\'name\\'\\nDid you mean ...'".
-    text = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'")
-    detail = " ".join(text.replace("'", "").split()).strip('"')
-    sys.exit(f"{prog}: config error: an override names a field the config does not have: "
-             f"{detail} (see the config file; config.model.* are ModelConfig fields)")
+  except (flags.Error, AttributeError, KeyError) as e:
+    sys.exit(f"{prog}: {flag_error_message(e)}")

@@ -25,11 +25,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 
 from absl import app, flags
 
 from deepseek_jax.interop import hf
+from launch.config_flag import parse_flags_or_exit
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory to read.")
 _TO_JAX = flags.DEFINE_string("to_jax", None, "deepseek_jax directory to write.")
@@ -45,13 +47,26 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", hf.DEFAULT_MAX_SHARD_BYTES / 
                                    "Largest HF safetensors shard, GiB.")
 
 
+# A user's mistake (flags, a missing, incomplete or corrupt checkpoint, another
+# architecture): the messages name the file or flag and the fix on one line.
+USER_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, app.UsageError)
+
+
 def convert(*, from_hf: str | None = None, to_jax: str | None = None,
             from_jax: str | None = None, to_hf: str | None = None,
             dtype: str | None = None,
             max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
             from_workdir: str | None = None, step: int | None = None) -> None:
   """Runs one conversion; exactly one of (from_hf, to_jax) / (from_jax, to_hf) /
-  (from_workdir, to_hf or to_jax)."""
+  (from_workdir, to_hf or to_jax).
+
+  Raises one of USER_ERRORS with a one-line message for a user's mistake (bad
+  flags, a missing, incomplete or corrupt source), before writing anything.
+  """
+  for dst in (to_hf, to_jax):
+    if dst and os.path.exists(dst) and not os.path.isdir(dst):
+      raise app.UsageError(f"destination {dst!r} is a file, not a directory; pass a "
+                           "directory to write the checkpoint into.")
   if from_workdir:
     if from_hf or from_jax or bool(to_hf) == bool(to_jax):
       raise app.UsageError("give --from_workdir DIR with exactly one of --to_hf / --to_jax.")
@@ -80,6 +95,9 @@ def convert(*, from_hf: str | None = None, to_jax: str | None = None,
     raise app.UsageError(f"both a source and a destination are needed (got {src!r} -> {dst!r}).")
   if os.path.abspath(src) == os.path.abspath(dst):
     raise app.UsageError(f"source and destination are the same directory {src!r}.")
+  if os.path.exists(src) and not os.path.isdir(src):
+    raise app.UsageError(f"source {src!r} is a file, not a directory; pass the checkpoint's "
+                         "directory.")
   if not os.path.isdir(src):
     raise app.UsageError(f"source directory {src!r} does not exist.")
   start = time.time()
@@ -98,13 +116,17 @@ def convert(*, from_hf: str | None = None, to_jax: str | None = None,
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sys.exit(f"launch.convert: error: unexpected arguments {argv[1:]}; every option is a "
+             "--flag=value (see --help).")
   logging.getLogger().setLevel(logging.INFO)
-  convert(from_hf=_FROM_HF.value, to_jax=_TO_JAX.value, from_jax=_FROM_JAX.value,
-          to_hf=_TO_HF.value, dtype=_DTYPE.value,
-          max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
-          from_workdir=_FROM_WORKDIR.value, step=_STEP.value)
+  try:
+    convert(from_hf=_FROM_HF.value, to_jax=_TO_JAX.value, from_jax=_FROM_JAX.value,
+            to_hf=_TO_HF.value, dtype=_DTYPE.value,
+            max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
+            from_workdir=_FROM_WORKDIR.value, step=_STEP.value)
+  except USER_ERRORS as e:
+    sys.exit(f"launch.convert: error: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: parse_flags_or_exit(argv, "launch.convert"))

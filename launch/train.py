@@ -20,8 +20,11 @@
       --config.init_from_hf=/ckpt/DeepSeek-V2-Lite --config.data_files='("data.jsonl",)'
 
 Rerunning with the same --workdir resumes from its latest checkpoint. Outputs
-in the workdir: checkpoints/, metrics.jsonl, loss.png. Config errors (an
-impossible model field, an unknown preset) exit non-zero before compiling.
+in the workdir: checkpoints/, metrics.jsonl, loss.png. A user's mistake (an
+impossible model field, an unknown preset, a missing or malformed data file or
+tokenizer, a workdir of another model, a corrupt checkpoint) exits non-zero
+with one line naming it and the fix, before anything compiles; `run` does the
+same in-process, raising one of USER_ERRORS.
 """
 
 from __future__ import annotations
@@ -59,42 +62,79 @@ _SHUTDOWN = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# A user's mistake (a config field, a data file, a workdir, a checkpoint): the
+# library's messages name the cause and the fix on one line, so main prints
+# that line and exits non-zero; a traceback adds nothing for users.
+USER_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, FloatingPointError)
+
+
+class LaunchError(ValueError):
+  """A user error found before training, its message prefixed with the stage
+  ("config error: ...", "flag error: ...")."""
+
+
+def run(config, workdir: str, *, preset: str | None = None,
+        coordinator_address: str | None = None, num_processes: int | None = None,
+        process_id: int | None = None, multihost: bool = False,
+        heartbeat_timeout_s: int = distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+        shutdown_timeout_s: int = distributed.DEFAULT_SHUTDOWN_TIMEOUT_S,
+        log=lambda s: print(s, flush=True)) -> dict:
+  """Everything `main` does, given plain arguments: the configs from `config`
+  (a ConfigDict, e.g. `launch.config_flag.load_config(path, overrides)`),
+  multi-process setup, then `train` in `workdir`; returns train's summary.
+
+  Raises one of USER_ERRORS with a one-line message for a user's mistake, all
+  of them before anything compiles except a diverged run's FloatingPointError
+  (a LaunchError for config and flag errors).
+  """
+  try:
+    model_cfg, train_cfg = build_configs(config, preset)
+    mesh_cfg = build_mesh_config(config)
+  except USER_ERRORS as e:
+    raise LaunchError(f"config error: {e}") from e
+  try:
+    multi = distributed.initialize(
+        coordinator_address, num_processes, process_id, auto=multihost,
+        heartbeat_timeout_s=heartbeat_timeout_s, shutdown_timeout_s=shutdown_timeout_s)
+  except ValueError as e:
+    raise LaunchError(f"flag error: {e}") from e
+  if multi:
+    import jax  # noqa: PLC0415  (only after initialize)
+    log(f"process {jax.process_index()} of {jax.process_count()}: "
+        f"{jax.local_device_count()} local of {jax.device_count()} devices")
+  if distributed.is_primary():
+    log("model config: " + json.dumps(model_cfg.to_dict()))
+    log("train config: " + json.dumps(train_cfg.to_dict()))
+  return train(model_cfg, train_cfg, workdir, mesh_cfg=mesh_cfg, log=log)
+
+
+def error_line(prog: str, e: Exception) -> str:
+  """The one line `prog` exits with for a user error `e`."""
+  text = " ".join(str(e).split())    # a message is one line, whatever its source
+  return f"{prog}: {text}" if isinstance(e, LaunchError) else f"{prog}: error: {text}"
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sys.exit(f"launch.train: error: unexpected arguments {argv[1:]}; every option is a "
+             "--flag=value (see --help).")
   if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   try:
-    model_cfg, train_cfg = build_configs(_CONFIG.value, _PRESET.value)
-    mesh_cfg = build_mesh_config(_CONFIG.value)
-  except (ValueError, NotImplementedError, FileNotFoundError) as e:
-    sys.exit(f"launch.train: config error: {e}")
-  try:
-    multi = distributed.initialize(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value,
+    run(_CONFIG.value, _WORKDIR.value, preset=_PRESET.value,
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value, multihost=_MULTIHOST.value,
         heartbeat_timeout_s=_HEARTBEAT.value, shutdown_timeout_s=_SHUTDOWN.value)
-  except ValueError as e:
-    sys.exit(f"launch.train: flag error: {e}")
-  if multi:
-    import jax  # noqa: PLC0415  (only after initialize)
-    print(f"process {jax.process_index()} of {jax.process_count()}: "
-          f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
-  if distributed.is_primary():
-    print("model config:", json.dumps(model_cfg.to_dict()), flush=True)
-    print("train config:", json.dumps(train_cfg.to_dict()), flush=True)
-  try:
-    train(model_cfg, train_cfg, _WORKDIR.value, mesh_cfg=mesh_cfg,
-          log=lambda s: print(s, flush=True))
   except distributed.PeerLostError as e:
     # Leave at once: a normal exit would wait for the dead peer in JAX's
     # shutdown barrier (up to --shutdown_timeout_s) and then abort anyway.
     print(f"launch.train: error: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # Bad data files, a mismatched workdir, a diverged run: the library's
-    # messages name the cause and the fix; a traceback adds nothing for users.
-    sys.exit(f"launch.train: error: {e}")
+  except USER_ERRORS as e:
+    # Bad configs or data files, a mismatched workdir, a corrupt checkpoint,
+    # a diverged run: one line naming the cause and the fix.
+    sys.exit(error_line("launch.train", e))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""`python -m launch.train` end to end: metrics, automatic resume, config
-errors, kill -9 at any moment and SIGTERM."""
+"""`python -m launch.train` end to end: metrics, automatic resume, kill -9 at
+any moment and SIGTERM (the error catalogue: tests/test_errors.py)."""
 
 import json
 import os
@@ -117,31 +117,8 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "5"))
 
 
-@pytest.mark.parametrize("flags,message", [
-    ((f"--config={TINY}", "--config.model.n_activated_experts=9"),
-     "config error: n_activated_experts"),
-    ((f"--config={TINY}", "--preset=huge"), "config error: Unknown preset"),
-    ((f"--config={TINY}", "--config.seq_len=1000"), "config error: seq_len"),
-    (("--config=launch/configs/no_such.py",), "no such config file"),
-    ((f"--config={TINY}", "--config.model.n_layerz=3"),
-     'config does not have: n_layerz Did you mean "n_layers"'),
-    ((f"--config={TINY}", "--config.init_from_hf=/no/such/ckpt"),
-     "config error: '/no/such/ckpt' is not a directory"),
-    ((f"--config={TINY}", "--config.init_from_hf=launch", "--preset=tiny"),
-     "config error: --preset=tiny and init_from_hf='launch' both name the model"),
-    ((f"--config={TINY}", "--num_processes=2", "--process_id=0"),
-     "flag error: multi-process launch: num_processes, process_id given but not "
-     "coordinator_address"),
-    ((f"--config={TINY}", "--coordinator_address=localhost", "--num_processes=2",
-      "--process_id=0"), "coordinator_address='localhost' must be HOST:PORT"),
-])
-def test_config_errors_exit_before_compiling(tmp_path, flags, message):
-  workdir = str(tmp_path / "bad")
-  result = _run(*flags, f"--workdir={workdir}", timeout=120)
-  assert result.returncode != 0
-  assert message in result.stderr, result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
-  assert not os.path.exists(workdir)       # failed before the trainer started
+# Config, flag, data, workdir and checkpoint errors (exit non-zero with one line
+# before compiling): tests/test_errors.py.
 
 
 def test_long_context_stages_extend_the_demo_model_with_yarn():

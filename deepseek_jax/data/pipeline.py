@@ -294,10 +294,18 @@ def load_text(path: str | os.PathLike, *, per_line: bool = False) -> list[str]:
     return docs
 
 
-def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, text) pairs; errors name the file and line."""
+def _require_file(path: str | os.PathLike) -> None:
+    """FileNotFoundError for a missing data file, ValueError for a directory."""
+    if os.path.isdir(path):
+        raise ValueError(f"data file {str(path)!r} is a directory; list the data files in it "
+                         "(.jsonl / .json, .parquet or .txt) instead")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+
+
+def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs; errors name the file and line."""
+    _require_file(path)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -325,8 +333,7 @@ def _json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 
 def _open_parquet(path: str | os.PathLike) -> Any:
     """A pyarrow.parquet.ParquetFile; errors name the file and the fix."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    _require_file(path)
     try:
         import pyarrow
         import pyarrow.parquet as pq
@@ -462,6 +469,8 @@ def load_records(path: str | os.PathLike, *, text_field: str = "text",
     the other kind than the file's first is an error naming both lines/rows.
     An empty file gives [].
     """
+    if os.path.isdir(path):  # before the extension: a directory has none
+        _require_file(path)
     kind = data_format(path, format)
     if kind == "text":
         return load_text(path)

@@ -105,6 +105,9 @@ class Tokenizer:
 def load_tokenizer(path: str | os.PathLike, **role_tokens: str | None) -> Tokenizer:
     """Loads a HuggingFace tokenizer.json; role_tokens as in `Tokenizer`."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"tokenizer file {str(path)!r} is a directory; pass the path of the "
+                         "HuggingFace tokenizer.json in it")
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist; pass the "
                                 "path of a HuggingFace tokenizer.json")
@@ -113,7 +116,10 @@ def load_tokenizer(path: str | os.PathLike, **role_tokens: str | None) -> Tokeni
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise ValueError(f"tokenizer file {str(path)!r} is not a valid HuggingFace "
                          f"tokenizer.json: {e}") from e
-    return Tokenizer(hf, **role_tokens)
+    try:
+        return Tokenizer(hf, **role_tokens)
+    except ValueError as e:  # a role token it lacks
+        raise ValueError(f"tokenizer file {str(path)!r}: {e}") from None
 
 
 def default_tokenizer() -> Tokenizer:

@@ -571,7 +571,11 @@ def check_hf_checkpoint(path: str, dtype=None) -> ModelConfig:
 def _open_checkpoint(path: str, param_dtype: str):
   """(cfg, files, infos, slots, block) of a checked checkpoint directory."""
   hf = read_hf_config(path)
-  hf_model_type(hf)             # another architecture: say so before looking at tensors
+  config_path = os.path.join(path, CONFIG_NAME)
+  try:
+    hf_model_type(hf)           # another architecture: say so before looking at tensors
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from None
   files = checkpoint_files(path)
   infos = list_tensors(files)
 
@@ -584,15 +588,21 @@ def _open_checkpoint(path: str, param_dtype: str):
                   "checkpoint holds no MTP weights; loading with n_mtp_depth=0.")
     hf["num_nextn_predict_layers"] = 0
     hf.pop("num_mtp_layers", None)
-  cfg = config_from_hf(hf, param_dtype=param_dtype)
+  try:
+    cfg = config_from_hf(hf, param_dtype=param_dtype)
+  except (ValueError, NotImplementedError) as e:   # name the file, not just "config.json"
+    text = str(e)
+    text = (text[len(CONFIG_NAME):] if text.startswith(CONFIG_NAME) else f": {text}")
+    kind = NotImplementedError if isinstance(e, NotImplementedError) else ValueError
+    raise kind(config_path + text) from None
 
   fused = frozenset(i for i in layer_ids if f"model.layers.{i}.mlp.experts.gate_up_proj" in infos)
   slots = _slots(cfg, fused)
   quant = hf.get("quantization_config") or {}
   block = tuple(quant.get("weight_block_size") or (128, 128))
   if quant and quant.get("quant_method", "fp8") != "fp8":
-    raise NotImplementedError(f"quantization {quant.get('quant_method')!r}: only DeepSeek's "
-                              "block FP8 checkpoints are supported.")
+    raise NotImplementedError(f"{config_path}: quantization {quant.get('quant_method')!r}: "
+                              "only DeepSeek's block FP8 checkpoints are supported.")
   _check_tensors(path, slots, infos, block, _mtp_duplicates(cfg))
   return cfg, files, infos, slots, block
 

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from deepseek_jax.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
+META_KEYS = ("data", "model_config", "train_config")   # what `save` writes in meta
 # ModelConfig fields that change how, not what, the model computes.
 IMPLEMENTATION_FIELDS = ("moe_impl", "moe_block_size", "moe_ep_capacity", "remat_policy",
                          "fp8", "fp8_layers")
@@ -115,8 +116,12 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(restored["meta"])
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))
+      return self._checked_meta(restored["meta"])
+    except Exception as e:   # orbax / tensorstore raise many types, bare Exception too
+      raise self._unreadable(step, e) from e
 
   def check_model_config(self) -> list[str]:
     """Raises ValueError if the latest checkpoint has another model config.
@@ -161,10 +166,30 @@ class Checkpoints:
     elif step not in self.manager.all_steps():
       raise ValueError(f"step {step} is not saved in {self.directory}; saved steps: "
                        f"{self.all_steps()}.")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"]["data"])
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          meta=ocp.args.JsonRestore()))
+      return restored["state"], dict(self._checked_meta(restored["meta"])["data"])
+    except Exception as e:   # orbax / tensorstore raise many types, bare Exception too
+      raise self._unreadable(step, e) from e
+
+  @staticmethod
+  def _checked_meta(meta: Any) -> dict[str, Any]:
+    if not (isinstance(meta, dict) and all(k in meta for k in META_KEYS)):
+      raise ValueError(f"its meta is not a dict of {META_KEYS}")
+    return dict(meta)
+
+  def _unreadable(self, step: int, error: Exception) -> ValueError:
+    """The error for a checkpoint step that cannot be read: one line naming
+    the step directory, the cause's first line and the fix."""
+    cause = (str(error).strip().splitlines() or [""])[0]
+    cause = cause.split(" See full TensorStore details")[0][:200]
+    return ValueError(
+        f"checkpoint {os.path.join(self.directory, str(step))} is unreadable "
+        f"({type(error).__name__}: {cause}); it is corrupt or incomplete: delete that step "
+        f"directory to use an earlier checkpoint (saved steps: {self.all_steps()}), or use "
+        "a new workdir.")
 
   def save(self, step: int, state: Any, data_state: dict[str, Any], *,
            force: bool = False) -> bool:
@@ -200,6 +225,15 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    # orbax's close() does not wait for the background removal of interrupted
+    # saves' temporary directories it starts on open; a process exiting while it
+    # runs (a run refused right after opening) logs a traceback on stderr.
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      try:
+        await_cleanup()
+      except Exception:  # noqa: BLE001  (retried on the next open; not worth failing for)
+        pass
     self.manager.close()
 
 
