@@ -80,6 +80,8 @@ def with_variables(state, variables: dict):
   like state's (any mesh, any process count)."""
   def place(new, old):
     host = np.asarray(jax.device_get(new)).astype(old.dtype)
+    if not old.committed:   # one device: stay uncommitted like the rest of the
+      return jnp.asarray(host)   # state, or the step compiles a second time
     return jax.make_array_from_callback(old.shape, old.sharding, lambda idx: host[idx])
   return state.replace(
       params=jax.tree.map(place, variables["params"], state.params),

@@ -1,0 +1,158 @@
+"""Rejection-sample a trained run's correct completions into an SFT data file (R1 sec. 2.3.3).
+
+  python -m launch.rejection_sample --from_workdir=/tmp/demo --out=/tmp/demo_samples.jsonl \
+      --n_prompts=500 --k=4 [--temperature=1.0 --max_new_tokens=64 --seed=0]
+  # then SFT on them (launch/configs/sft_samples.py) or distil them into a
+  # smaller model (launch/configs/distill.py)
+  python -m launch.train --config=launch/configs/sft_samples.py --workdir=/tmp/demo_rs \
+      --config.data_files='("/tmp/demo_samples.jsonl",)'
+
+Prompts are n_prompts problems of the task's *train* split (data/tasks.py;
+never the held-out test split that launch.train's eval_task scores), drawn
+with --seed from the run's own task settings: max_digits, task_kinds,
+prompt template and tokenizer (its TrainConfig; --max_digits / --task_kinds
+override). k completions per prompt are sampled at --temperature; a
+completion is kept when GRPO's format and accuracy rewards are both 1 and
+its answer is the reference's exact text (--nocanonical_only: accept any
+equal number), without repeats per prompt (--nodedupe keeps them), at most
+--keep_per_prompt per prompt (0 = all). Any launch.train or launch.grpo
+workdir works (a GRPO run is R1's teacher).
+
+Output: --out, one {"prompt", "completion", "answer", "kind"} object per line,
+written atomically; stdout: the stats as one JSON line (n_prompts,
+n_sampled, n_kept, acceptance, by_kind, prompts_with_kept, rejected by
+reason, ...). A bad flag, a missing run or an impossible request exits
+non-zero with one line naming it, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from absl import app, flags, logging
+
+from launch.config_flag import parse_flags_or_exit
+
+PROG = "launch.rejection_sample"
+# A user's mistake: the messages name the flag, file or field and the fix.
+USER_ERRORS = (ValueError, FileNotFoundError, app.UsageError)
+OUT_EXTENSIONS = (".jsonl", ".json")   # what launch.train reads as JSON lines
+
+
+def sample(from_workdir: str, out: str, *, step: int | None = None, n_prompts: int = 500,
+           k: int = 4, temperature: float = 1.0, max_new_tokens: int | None = None,
+           seed: int = 0, batch_size: int = 64, keep_per_prompt: int = 0,
+           dedupe: bool = True, canonical_only: bool = True, max_digits: int | None = None,
+           task_kinds: str | None = None, log=lambda line: print(line, file=sys.stderr)
+           ) -> dict:
+  """Samples and writes `out`; returns the stats (module docstring). None
+  for max_new_tokens / max_digits / task_kinds (comma-separated) = the run's.
+  Raises one of USER_ERRORS for a user's mistake, before compiling."""
+  if not from_workdir or not out:
+    raise app.UsageError("give --from_workdir=RUN (a launch.train or launch.grpo workdir) "
+                         "and --out=FILE.jsonl.")
+  if os.path.splitext(out)[1].lower() not in OUT_EXTENSIONS:
+    raise app.UsageError(f"--out={out!r} must end in .jsonl or .json (launch.train reads "
+                         "data files by extension).")
+  if os.path.isdir(out):
+    raise app.UsageError(f"--out={out!r} is a directory; give the path of a .jsonl file.")
+  for name, value, low in (("n_prompts", n_prompts, 1), ("k", k, 1),
+                           ("batch_size", batch_size, 1), ("keep_per_prompt", keep_per_prompt, 0),
+                           ("max_new_tokens", max_new_tokens, 1), ("max_digits", max_digits, 1)):
+    if value is not None and value < low:
+      raise app.UsageError(f"--{name}={value} must be >= {low}.")
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise app.UsageError(f"--temperature={temperature} must be a finite number >= 0.")
+  if temperature == 0 and k > 1:
+    raise app.UsageError(f"--temperature=0 (greedy) gives k={k} identical completions per "
+                         "prompt; sample with --temperature > 0, or use --k=1.")
+  from deepseek_jax.config import split_names
+  from deepseek_jax.data import tasks
+  kinds = split_names(task_kinds) if task_kinds else None
+  if kinds is not None and (not kinds or set(kinds) - set(tasks.KINDS)):
+    raise app.UsageError(f"--task_kinds={task_kinds!r} must be comma-separated kinds out of "
+                         f"{','.join(tasks.KINDS)}.")
+
+  # The heavy imports (jax, orbax) only once the flags are sound.
+  from deepseek_jax.data import pipeline
+  from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
+  from deepseek_jax.rl import rejection
+  from deepseek_jax.train import export
+
+  export.require_run(from_workdir, "--from_workdir")
+  model_cfg, train_cfg, variables, run_step = export.load_trained_run(from_workdir, step)
+  tok = (load_tokenizer(train_cfg.tokenizer_path) if train_cfg.tokenizer_path
+         else default_tokenizer())
+  kinds = kinds or train_cfg.task_kinds
+  digits = max_digits or train_cfg.max_digits
+  context_chars = 256
+  if "passkey" in kinds:       # as launch.train sizes them (loop.build_data)
+    context_chars = train_cfg.passkey_chars or pipeline.passkey_room(
+        tok, train_cfg.seq_len, train_cfg.template)
+  problems = tasks.generate_problems(n_prompts, seed=seed, split="train", max_digits=digits,
+                                     kinds=kinds, context_chars=context_chars)
+  new = max_new_tokens or train_cfg.max_new_tokens
+  log(f"{PROG}: {from_workdir} step {run_step}: {n_prompts} train-split prompts "
+      f"(max_digits={digits}, kinds={','.join(kinds)}, template={train_cfg.template!r}) "
+      f"x k={k} at temperature {temperature}")
+  records, stats = rejection.rejection_sample(
+      model_cfg, variables, tok, problems, k=k, max_new_tokens=new, temperature=temperature,
+      template=train_cfg.template, seed=seed, batch_size=min(batch_size, n_prompts * k),
+      keep_per_prompt=keep_per_prompt or None, dedupe=dedupe, canonical_only=canonical_only)
+  rejection.write_jsonl(records, out)
+  log(f"{PROG}: kept {stats['n_kept']} of {stats['n_sampled']} completions "
+      f"(acceptance {stats['acceptance']:.3f}) -> {out}")
+  if not records:
+    log(f"{PROG}: note: nothing was kept, so {out} is empty (launch.train refuses it): "
+        "sample from a better-trained run, or raise --k / --n_prompts.")
+  stats.update(out=out, from_workdir=from_workdir, step=run_step, template=train_cfg.template,
+               max_digits=digits, task_kinds=list(kinds))
+  return stats
+
+
+def _define_flags() -> None:
+  """The flags, defined when run as a program only: importing this module
+  (for `sample`) leaves absl's global FLAGS alone, so it can share a process
+  with launch.generate / launch.convert, which define flags of the same names."""
+  flags.DEFINE_string("from_workdir", None, "A launch.train or launch.grpo run directory.")
+  flags.DEFINE_integer("step", None, "The run's checkpoint step (default: latest).")
+  flags.DEFINE_string("out", None, "The .jsonl file to write (atomically).")
+  flags.DEFINE_integer("n_prompts", 500, "Train-split problems to sample for.")
+  flags.DEFINE_integer("k", 4, "Completions sampled per prompt.")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy, with --k=1).")
+  flags.DEFINE_integer("max_new_tokens", None, "Tokens per completion (default: the run's "
+                       "max_new_tokens).")
+  flags.DEFINE_integer("seed", 0, "Seed of the problems and of the sampling.")
+  flags.DEFINE_integer("batch_size", 64, "Completions decoded per batch.")
+  flags.DEFINE_integer("keep_per_prompt", 0, "Keep at most this many per prompt (0 = all).")
+  flags.DEFINE_bool("dedupe", True, "Drop a completion already kept for the same prompt.")
+  flags.DEFINE_bool("canonical_only", True, "Keep only answers written exactly as the "
+                    "reference ('7', not '007' or '7.0', which the accuracy reward accepts).")
+  flags.DEFINE_integer("max_digits", None, "Problem difficulty (default: the run's).")
+  flags.DEFINE_string("task_kinds", None, "Comma-separated problem kinds (default: the run's).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"{PROG}: error: unexpected arguments {argv[1:]}; every option is a "
+             "--flag=value (see --help).")
+  f = flags.FLAGS
+  if not f["verbosity"].present:     # orbax logs every restore at INFO
+    logging.set_verbosity(logging.WARNING)
+  try:
+    stats = sample(f.from_workdir, f.out, step=f.step, n_prompts=f.n_prompts, k=f.k,
+                   temperature=f.temperature, max_new_tokens=f.max_new_tokens, seed=f.seed,
+                   batch_size=f.batch_size, keep_per_prompt=f.keep_per_prompt,
+                   dedupe=f.dedupe, canonical_only=f.canonical_only,
+                   max_digits=f.max_digits, task_kinds=f.task_kinds)
+  except USER_ERRORS as e:
+    sys.exit(f"{PROG}: error: {' '.join(str(e).split())}")
+  print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=lambda argv: parse_flags_or_exit(argv, PROG))
