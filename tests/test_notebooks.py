@@ -437,3 +437,50 @@ def test_v2_notebook_loss_is_ce_plus_each_arms_weighted_balance_losses(v2_balanc
       assert rec["loss"] == pytest.approx(want, rel=1e-5), (arm, rec["step"])
     if arm.startswith("v2_"):
       assert r["balance_comm_final"] == records[-1]["balance_comm"]
+
+
+# ---------------------------------------------------------------------------
+# experiments/pipeline_schedules.ipynb
+PIPE_NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "pipeline_schedules.ipynb")
+
+
+def test_pipeline_schedules_notebook_matches_the_simulator_and_table2(tmp_path):
+  """Pure Python, no JAX (~8 s, mostly the kernel start): the Gantt runs'
+  numbers recompute with parallel.schedules.simulate, and at the notebook's
+  times (F = B - W = W) every bubble equals Table 2's formula written out here,
+  for every PP and M of the sweeps."""
+  from deepseek_jax.parallel.schedules import simulate
+  F, B, W, FB = 1.0, 2.0, 1.0, 2.5
+  params = dict(n_stages=4, n_microbatches=8, F=F, B=B, W=W, FB=FB, stages_sweep=[2, 4],
+                sweep_microbatches=8, microbatch_sweep=[8, 12], workdir_root=str(tmp_path))
+  nb = run_notebook(PIPE_NOTEBOOK, params, out=str(tmp_path / "executed.ipynb"), timeout=300)
+  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
+             if line.startswith("RESULT ")]
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f) == results
+  formula = {"gpipe": lambda pp: (pp - 1) * (F + B), "1f1b": lambda pp: (pp - 1) * (F + B),
+             "zb1p": lambda pp: (pp - 1) * (F + B - 2 * W),
+             "dualpipe": lambda pp: (pp / 2 - 1) * (FB + B - 3 * W)}
+  gantt = {r["schedule"]: r for r in results if r["part"] == "gantt"}
+  assert list(gantt) == ["gpipe", "1f1b", "zb1p", "dualpipe"]
+  for name, r in gantt.items():
+    sim = simulate(name, 4, 8, F=F, B=B, W=W, FB=FB)
+    assert r["makespan"] == sim["makespan"] and r["idle"] == sim["idle"]
+    assert r["bubble"] == max(r["idle"]) == formula[name](4) == r["table2_bubble"]
+    assert r["n_transfers"] == 2 * 8 * 3      # an activation and a gradient per boundary
+  assert [r["peak_activations"] for r in gantt.values()] == [8, 4, 4, 5]   # M, PP, PP, PP+1
+  assert [r["param_copies"] for r in gantt.values()] == [1, 1, 1, 2]
+  assert gantt["1f1b"]["makespan"] == (8 + 4 - 1) * (F + B)
+  parts = [r["part"] for r in results]
+  assert parts.count("sweep_pp") == parts.count("sweep_m") == 4 and parts.count("regime") == 2
+  for r in results:
+    if r["part"] == "sweep_pp":
+      assert r["n_stages"] == [2, 4]
+      assert r["bubble"] == [formula[r["schedule"]](pp) for pp in (2, 4)]
+    elif r["part"] == "sweep_m":                # the bubble does not depend on M
+      assert r["n_microbatches"] == [8, 12]
+      assert r["bubble"] == [formula[r["schedule"]](4)] * 2
+      assert r["bubble_fraction"] == pytest.approx(
+          [b / t for b, t in zip(r["bubble"], r["makespan"])])
+    elif r["part"] == "regime":
+      assert r["inside_exact"] == r["inside"] > 0 and r["outside_exact"] == 0
