@@ -2,13 +2,21 @@
 
   python -m launch.plan --preset=v3_671b --mesh=expert=64,fsdp=32 \\
       [--rules=ep_fsdp --batch_size=4096 --seq_len=4096]
+  # DeepSeek-V3's own layout: 16-way pipeline (DualPipe), 64-way EP, 2-way DP
+  python -m launch.plan --preset=v3_671b --mesh=pipe=16,expert=64,data=2 \\
+      --schedule=dualpipe --num_microbatches=32 --moments_dtype=bfloat16
 
-Axes not named in --mesh are 1; `-1` needs --devices. Prints a table of
-parameters, gradients, optimizer state and an activation estimate per
-device (formula: deepseek_jax/parallel/plan.py), then ONE JSON line with
-devices, params_bytes_per_device, grads_bytes_per_device,
-opt_state_bytes_per_device, activation_bytes_per_device. Allocates nothing:
-a 671B model plans in seconds on a laptop.
+Axes not named in --mesh are 1; `-1` needs --devices (and `pipe` must be
+given explicitly). Prints a table of parameters, gradients, optimizer state
+and an activation estimate per device (formula: deepseek_jax/parallel/plan.py;
+with a pipeline, each row is the largest pipeline rank's, and the total the
+largest rank total), then ONE JSON line with devices,
+params_bytes_per_device, grads_bytes_per_device, opt_state_bytes_per_device,
+activation_bytes_per_device, total_bytes_per_device, pipe, schedule,
+num_microbatches, layers_per_stage, layers_per_rank, peak_activations,
+param_copies and the per-rank lists. Allocates nothing: a 671B model plans in
+seconds on a laptop. The planner takes a `pipe` axis before the trainer runs
+one (MeshConfig still refuses pipe > 1): it plans the layout, nothing more.
 """
 
 from __future__ import annotations
@@ -24,51 +32,79 @@ from deepseek_jax.parallel import AXES, MeshConfig
 from deepseek_jax.parallel.mesh import parse_axis_sizes
 from deepseek_jax.parallel.plan import memory_plan
 from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
+from deepseek_jax.parallel.schedules import SCHEDULES
 
 _PRESET = flags.DEFINE_string("preset", "v3_671b", "Model preset.")
 _MESH = flags.DEFINE_string("mesh", "", "Axis sizes, e.g. expert=64,fsdp=32 (others 1).")
 _RULES = flags.DEFINE_string("rules", "ep_fsdp", "Rule set: dp, fsdp, fsdp_tp, ep_fsdp.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch in sequences "
-                              "(default: one sequence per batch-axis device).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch in sequences (default: one "
+                              "sequence per batch-axis device per micro-batch).")
 _SEQ = flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
 _MOMENTS = flags.DEFINE_enum("moments_dtype", "float32", ["float32", "bfloat16"],
                              "Storage of AdamW's two moments (V3: bfloat16).")
 _DEVICES = flags.DEFINE_integer("devices", None, "Device count (only with a -1 axis).")
+_SCHEDULE = flags.DEFINE_enum("schedule", None, list(SCHEDULES),
+                              "Pipeline schedule (needs mesh pipe > 1; V3: dualpipe).")
+_MICRO = flags.DEFINE_integer("num_microbatches", None,
+                              "Micro-batches per step of the pipeline schedule.")
 
 
 def gib(n: int) -> str:
   return f"{n / 2**30:10.2f} GiB"
 
 
+def mesh_sizes(given: dict[str, int], rules: str, devices: int | None) -> dict[str, int]:
+  """{axis: size} for --mesh. MeshConfig refuses pipe > 1 (the trainer has no
+  pipeline yet), so the other axes are resolved on devices / pipe and pipe
+  added back."""
+  given = dict(given)
+  pipe = given.pop("pipe", 1)
+  if pipe < 1:
+    raise ValueError(f"--mesh pipe={pipe}: give the pipeline an explicit size >= 1.")
+  mesh_cfg = MeshConfig(**{"data": 1, **given, "rules": rules})
+  n = devices
+  if n is None:
+    if -1 in given.values():
+      raise ValueError("an axis is -1: give --devices to resolve it.")
+    n = math.prod(getattr(mesh_cfg, a) for a in AXES) * pipe
+  if n % pipe:
+    raise ValueError(f"--devices={n} is not a multiple of --mesh pipe={pipe}.")
+  return {**mesh_cfg.shape(n // pipe), "pipe": pipe}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    given = parse_axis_sizes(_MESH.value, flag="--mesh")
-    mesh_cfg = MeshConfig(**{"data": 1, **given, "rules": _RULES.value})
-    n = _DEVICES.value
-    if n is None:
-      if -1 in given.values():
-        raise ValueError("an axis is -1: give --devices to resolve it.")
-      n = math.prod(getattr(mesh_cfg, a) for a in AXES)
-    sizes = mesh_cfg.shape(n)
+    sizes = mesh_sizes(parse_axis_sizes(_MESH.value, flag="--mesh"), _RULES.value,
+                       _DEVICES.value)
     rows = axes_size(sizes, BATCH_AXES)
     cfg = get_preset(_PRESET.value)
-    plan = memory_plan(cfg, sizes, _RULES.value, batch_size=_BATCH.value or rows,
-                       moments_dtype=_MOMENTS.value,
-                       seq_len=_SEQ.value)
+    plan = memory_plan(cfg, sizes, _RULES.value,
+                       batch_size=_BATCH.value or rows * (_MICRO.value or 1),
+                       moments_dtype=_MOMENTS.value, seq_len=_SEQ.value,
+                       pipe_schedule=_SCHEDULE.value, num_microbatches=_MICRO.value)
   except (ValueError, NotImplementedError) as e:
     sys.exit(f"launch.plan: error: {e}")
   print(f"{_PRESET.value} on {plan['devices']} devices "
         f"({' '.join(f'{a}={s}' for a, s in sizes.items() if s > 1) or 'one device'}), "
         f"rules {_RULES.value}, batch {plan['batch_size']} x {plan['seq_len']} tokens")
+  if plan["pipe"] > 1:
+    print(f"  pipeline: {plan['schedule']}, {plan['pipe']} stages, "
+          f"{plan['num_microbatches']} micro-batches of {plan['microbatch_size']} sequences")
+    print(f"  layers per stage (chunk): {plan['layers_per_stage']}")
+    if plan["param_copies"] > 1:
+      print(f"  layers per rank ({plan['param_copies']} chunks: r and pipe-1-r): "
+            f"{plan['layers_per_rank']}")
+    print(f"  in flight: up to {plan['peak_activations']} micro-batch chunks of activations "
+          "on a rank; rows below: the largest rank")
   rows_out = [("parameters", plan["params_bytes_per_device"]),
               ("gradients", plan["grads_bytes_per_device"]),
               ("optimizer state", plan["opt_state_bytes_per_device"]),
               ("activations (estimate)", plan["activation_bytes_per_device"])]
   for name, value in rows_out:
     print(f"  {name:24s}{gib(value)}")
-  print(f"  {'total per device':24s}{gib(sum(v for _, v in rows_out))}")
+  print(f"  {'total per device':24s}{gib(plan['total_bytes_per_device'])}")
   print(json.dumps(plan), flush=True)
 
 

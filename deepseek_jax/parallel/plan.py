@@ -21,12 +21,57 @@ takes nbytes / (product of the mesh axes its spec uses) on every device.
             + logits and their gradient  2 * t * (vocab/tensor) * 4 * (1 + D)
             with b the bytes of `dtype`, k the routed experts per token, ep the
             expert-parallel degree, D the MTP depth.
+
+Pipeline parallelism (sizes["pipe"] = PP > 1, with a schedule and M
+micro-batches; DESIGN.md §4, schedules in parallel/schedules.py)
+-------------------------------------------------------------------------
+No rule maps a weight to `pipe`: the layer stack is split by layer instead.
+The L = n_layers blocks (dense first, then MoE, as the model stacks them) are
+cut into PP contiguous chunks; chunk c has L // PP layers, one more for the
+first L % PP chunks (`stage_layers`; V3: 61 = 13 x 4 + 3 x 3). Chunk 0 also
+holds the embedding, chunk PP-1 the final norm, the output head and the MTP
+modules (V3 report sec. 3.2.3: with DualPipe one rank holds both ends, so MTP
+shares the embedding and head physically; with the other schedules MTP's
+embedding lookup is left to stage 0: no second copy is counted).
+Rank r holds chunk r; DualPipe's rank r holds chunk r (direction 0) AND chunk
+PP-1-r (direction 1): two copies of the model across the pipeline
+(param_copies = 2, V3 Table 2), 2 L / PP layers per rank, and ranks 0 and
+PP-1 hold the embedding and the head + MTP both. Per rank r:
+
+  params_r  = sum over its chunks c of  dense_c * P_dense + moe_c * P_moe
+              + [c = 0] P_embed + [c = PP-1] P_last
+  grads_r   = params_r;  opt_state_r the same sum over the moments, plus the
+              optimizer's counters (on every rank)
+  activations_r = peak_r * A_r + X + [rank holds chunk PP-1] logits
+     A_r    one micro-batch's layer inputs of the rank's largest chunk,
+            layers_c * t * dim * b with t = batch * seq / (M * data*fsdp*expert)
+            the tokens per device of ONE micro-batch
+     peak_r the (micro-batch, chunk) activations the schedule holds at once on
+            rank r, from `simulate(schedule, PP, M)`: GPipe M on every rank,
+            1F1B PP - r, ZB1P PP, DualPipe PP + 1 (Table 2's column is the max;
+            M >= PP, resp. >= 2 PP for DualPipe)
+     X      the recompute working set of one layer (max(scores, exchange)
+            above, for one micro-batch), twice for DualPipe: its F&B op runs
+            a forward and a backward at once
+     logits one micro-batch's logits and their gradient, 2 t (vocab/tensor) 4
+            (1 + D): the last chunk takes the loss and its gradient with
+            respect to its output in one go, so no schedule keeps them
+
+with dense_c / moe_c the dense / MoE layers of chunk c, P_dense / P_moe the
+per-layer bytes of the dense / MoE stack (their stacked leaves divided by
+their length), P_embed / P_last the sharded bytes of those leaves. Every
+`*_bytes_per_device` is the largest over the ranks (each some rank's real
+need; `*_per_rank` lists them all) and `total_bytes_per_device` the largest
+rank total. The MTP blocks' own layer inputs are left out, as above.
+DualPipe's two copies each keep their own moments here; the mirror ranks r
+and PP-1-r could split them (not modelled), as could a ZeRO-1 split over
+`data` (V3's; here `data` replicates the optimizer state).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -35,53 +80,172 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel.expert import exchange_capacity
 from deepseek_jax.parallel.rules import (BATCH_AXES, axes_size, check_divisible,
                                          logical_axes, mesh_axes_of, resolve, spec_for)
+from deepseek_jax.parallel.schedules import SCHEDULES, simulate
+
+_STACKS = ("dense_layers", "moe_layers")
 
 
-def _sharded_bytes(tree: Any, sizes: dict[str, int], rules) -> int:
-  total = 0
+def _leaf_bytes(tree: Any, sizes: dict[str, int], rules) -> Iterator[tuple[list[str], Any, int]]:
+  """(path keys, leaf, bytes of its shard on one device) for every leaf."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     names = logical_axes(path, leaf.ndim)
     spec = spec_for(names, rules, leaf.shape, sizes)
     check_divisible(jax.tree_util.keystr(path), leaf.shape, names, spec, sizes)
     split = math.prod(axes_size(sizes, entry) for entry in spec)
-    total += int(np.prod(leaf.shape)) * leaf.dtype.itemsize // split
-  return total
+    keys = [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path]
+    yield keys, leaf, int(np.prod(leaf.shape)) * leaf.dtype.itemsize // split
+
+
+def _sharded_bytes(tree: Any, sizes: dict[str, int], rules) -> int:
+  return sum(n for _, _, n in _leaf_bytes(tree, sizes, rules))
+
+
+def _place(keys: list[str], ndim: int) -> str:
+  """Where a leaf lives in a pipeline: a layer stack (split by layer), "first"
+  (the embedding, chunk 0), "last" (final norm, head, MTP: chunk PP-1) or
+  "every" (scalars: the optimizer's counters)."""
+  for stack in _STACKS:
+    if stack in keys:
+      return stack
+  if any(k.startswith("mtp_") for k in keys):
+    return "last"
+  for i in range(len(keys) - 1):
+    if (keys[i], keys[i + 1]) == ("embed", "embedding"):
+      return "first"
+    if (keys[i], keys[i + 1]) in (("head", "kernel"), ("norm", "scale")):
+      return "last"
+  if ndim == 0:
+    return "every"
+  raise ValueError(f"{'/'.join(keys)}: the pipeline planner does not know which stage holds "
+                   "this leaf; add it to deepseek_jax/parallel/plan.py `_place`.")
+
+
+def _stage_bytes(tree: Any, sizes: dict[str, int], rules) -> dict[str, int]:
+  """Sharded bytes by place; a stack's entry is per layer (bytes / its length)."""
+  out = dict.fromkeys(_STACKS + ("first", "last", "every"), 0)
+  for keys, leaf, n in _leaf_bytes(tree, sizes, rules):
+    place = _place(keys, leaf.ndim)
+    out[place] += n // leaf.shape[0] if place in _STACKS else n
+  return out
+
+
+def stage_layers(n_layers: int, n_stages: int) -> list[int]:
+  """Layers of each of `n_stages` contiguous chunks: n_layers // n_stages, one
+  more for the first n_layers % n_stages."""
+  base, extra = divmod(n_layers, n_stages)
+  return [base + (c < extra) for c in range(n_stages)]
+
+
+def _chunk_bytes(per: dict[str, int], cfg: ModelConfig, layers: list[int]) -> list[int]:
+  """Bytes of each chunk's share of a tree (`per` from `_stage_bytes`)."""
+  out, start = [], 0
+  for c, n in enumerate(layers):
+    dense = max(0, min(start + n, cfg.n_dense_layers) - start)
+    out.append(dense * per["dense_layers"] + (n - dense) * per["moe_layers"]
+               + (per["first"] if c == 0 else 0)
+               + (per["last"] if c == len(layers) - 1 else 0))
+    start += n
+  return out
+
+
+def _check_pipeline(cfg: ModelConfig, pp: int, schedule: str | None,
+                    num_microbatches: int | None) -> None:
+  if pp == 1:
+    if schedule is not None:
+      raise ValueError(f"pipe_schedule={schedule!r} needs a pipeline: set the mesh's pipe "
+                       "axis > 1 (e.g. --mesh=pipe=16,...), or drop the schedule.")
+    if num_microbatches not in (None, 1):
+      raise ValueError(f"num_microbatches={num_microbatches!r} applies only to a pipeline "
+                       "(mesh pipe > 1 with a pipe_schedule); drop it or add the pipe axis.")
+    return
+  if schedule is None:
+    raise ValueError(f"mesh pipe={pp} needs a pipe_schedule (launch.plan: --schedule), one "
+                     f"of {list(SCHEDULES)} (V3: dualpipe), and num_microbatches.")
+  if num_microbatches is None:
+    raise ValueError(f"mesh pipe={pp} with pipe_schedule={schedule!r} needs num_microbatches "
+                     f"(launch.plan: --num_microbatches), the micro-batches per step "
+                     f"(dualpipe: even and >= 2 * pipe = {2 * pp}).")
+  if cfg.n_layers < pp:
+    raise ValueError(f"n_layers={cfg.n_layers} cannot fill pipe={pp} stages (each chunk needs "
+                     f"a layer); use pipe <= {cfg.n_layers}.")
 
 
 def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_size: int,
-                seq_len: int, moments_dtype: str = "float32") -> dict[str, Any]:
+                seq_len: int, moments_dtype: str = "float32",
+                pipe_schedule: str | None = None,
+                num_microbatches: int | None = None) -> dict[str, Any]:
   """Bytes per device of params, grads, optimizer state and activations.
 
-  sizes: {axis: size} for all five mesh axes (MeshConfig.shape(n)).
+  sizes: {axis: size} for all five mesh axes (MeshConfig.shape(n)); pipe > 1
+    needs `pipe_schedule` (one of schedules.SCHEDULES) and `num_microbatches`
+    M, with batch_size a multiple of M * data*fsdp*expert (module doc).
   """
   from deepseek_jax.train.config import TrainConfig      # train imports parallel
   from deepseek_jax.train.step import abstract_train_state
   rule_set = resolve(rules)
+  pp = sizes.get("pipe", 1)
+  _check_pipeline(cfg, pp, pipe_schedule, num_microbatches)
   rows = axes_size(sizes, BATCH_AXES)
   if batch_size % rows:
     raise ValueError(f"batch_size={batch_size} must be a multiple of data*fsdp*expert={rows}.")
+  sim = simulate(pipe_schedule, pp, num_microbatches) if pp > 1 else None
+  m = num_microbatches if pp > 1 else 1
+  if batch_size % (m * rows):
+    raise ValueError(f"batch_size={batch_size} does not split into num_microbatches={m} "
+                     f"micro-batches over data*fsdp*expert={rows} devices: make it a multiple "
+                     f"of {m} * {rows} = {m * rows}.")
   state = abstract_train_state(cfg, TrainConfig(batch_size=batch_size, seq_len=seq_len,
                                                 steps=1, warmup_steps=0,
                                                 moments_dtype=moments_dtype))
-  params = _sharded_bytes(state.params, sizes, rule_set)
-  opt = _sharded_bytes(state.opt_state, sizes, rule_set)
 
   b = np.dtype(cfg.dtype).itemsize
-  t = batch_size * seq_len // rows
+  t = batch_size * seq_len // (m * rows)                 # tokens per device per micro-batch
   tensor = axes_size(sizes, mesh_axes_of("heads", rule_set))
   vocab_split = axes_size(sizes, mesh_axes_of("vocab", rule_set))
   ep = axes_size(sizes, mesh_axes_of("exp", rule_set))
-  scores = (batch_size // rows) * max(cfg.n_heads // tensor, 1) * seq_len ** 2 * 4
+  scores = (batch_size // (m * rows)) * max(cfg.n_heads // tensor, 1) * seq_len ** 2 * 4
   routed = t * cfg.n_activated_experts
   exchange = (2 * ep * exchange_capacity(routed, ep, cfg.moe_ep_capacity) * cfg.dim * b
               if cfg.n_moe_layers else 0)
-  activations = (cfg.n_layers * t * cfg.dim * b + max(scores, exchange)
-                 + 2 * t * (cfg.vocab_size // vocab_split) * 4 * (1 + cfg.n_mtp_depth))
+  logits = 2 * t * (cfg.vocab_size // vocab_split) * 4 * (1 + cfg.n_mtp_depth)
+
+  if pp == 1:
+    layers = [cfg.n_layers]
+    held = [(0,)]
+    params = [_sharded_bytes(state.params, sizes, rule_set)]
+    opt = [_sharded_bytes(state.opt_state, sizes, rule_set)]
+    activations = [cfg.n_layers * t * cfg.dim * b + max(scores, exchange) + logits]
+    peak, copies = 1, 1
+  else:
+    layers = stage_layers(cfg.n_layers, pp)
+    dual = pipe_schedule == "dualpipe"
+    held = [(r, pp - 1 - r) if dual else (r,) for r in range(pp)]
+    p_per = _stage_bytes(state.params, sizes, rule_set)
+    o_per = _stage_bytes(state.opt_state, sizes, rule_set)
+    p_chunk = _chunk_bytes(p_per, cfg, layers)
+    o_chunk = _chunk_bytes(o_per, cfg, layers)
+    params = [p_per["every"] + sum(p_chunk[c] for c in cs) for cs in held]
+    opt = [o_per["every"] + sum(o_chunk[c] for c in cs) for cs in held]
+    transient = max(scores, exchange) * (2 if dual else 1)
+    activations = [sim["activations"][r] * max(layers[c] for c in cs) * t * cfg.dim * b
+                   + transient + (logits if pp - 1 in cs else 0)
+                   for r, cs in enumerate(held)]
+    peak, copies = sim["peak_activations"], sim["param_copies"]
+  totals = [2 * p + o + a for p, o, a in zip(params, opt, activations)]
   return {
       "devices": math.prod(sizes.values()),
       "mesh": dict(sizes), "rules": rules, "batch_size": batch_size, "seq_len": seq_len,
-      "params_bytes_per_device": params,
-      "grads_bytes_per_device": params,
-      "opt_state_bytes_per_device": opt,
-      "activation_bytes_per_device": int(activations),
+      "params_bytes_per_device": max(params),
+      "grads_bytes_per_device": max(params),
+      "opt_state_bytes_per_device": max(opt),
+      "activation_bytes_per_device": int(max(activations)),
+      "total_bytes_per_device": int(max(totals)),
+      "pipe": pp, "schedule": pipe_schedule, "num_microbatches": m,
+      "microbatch_size": batch_size // m,
+      "layers_per_stage": layers,
+      "layers_per_rank": [sum(layers[c] for c in cs) for cs in held],
+      "peak_activations": peak, "param_copies": copies,
+      "params_bytes_per_rank": params,
+      "opt_state_bytes_per_rank": opt,
+      "activation_bytes_per_rank": [int(a) for a in activations],
   }

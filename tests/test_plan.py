@@ -1,0 +1,172 @@
+"""The memory planner with a pipeline (deepseek_jax/parallel/plan.py, launch/plan.py).
+
+Shapes only (jax.eval_shape): nothing compiles. Oracles written here, apart
+from the planner: per-stage parameter bytes counted leaf by leaf from the
+model's abstract variables and a contiguous layer split (np.array_split);
+conservation against the pipe-free plan (whose bytes tests/test_parallel.py
+checks against real sharded arrays); activations from the textbook in-flight
+counts (1F1B: PP - s on rank s, GPipe: M) times one micro-batch's layer
+inputs of one chunk.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from deepseek_jax import get_preset
+from deepseek_jax.model import abstract_variables
+from deepseek_jax.parallel.plan import memory_plan
+
+CFG = get_preset("tiny")                       # 1 dense + 2 MoE layers, 1 MTP module
+MOE8 = CFG.replace(n_layers=8, n_dense_layers=0)
+SEQ = 16
+
+
+def _sizes(pipe=1, data=2, fsdp=1, expert=1):
+  return {"data": data, "fsdp": fsdp, "tensor": 1, "expert": expert, "pipe": pipe}
+
+
+def _hand_stage_params(cfg, pipe):
+  """Unsharded parameter bytes of each 1F1B stage: the stage's layers of the
+  dense and MoE stacks, the embedding on stage 0, everything else outside the
+  stacks (final norm, head, MTP) on the last."""
+  params = abstract_variables(cfg)["params"]
+  stage_of = {}                                # global layer index -> stage
+  for s, layers in enumerate(np.array_split(np.arange(cfg.n_layers), pipe)):
+    stage_of.update({int(g): s for g in layers})
+  out = [0] * pipe
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    top = path[0].key
+    nbytes = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+    if top in ("dense_layers", "moe_layers"):
+      first = 0 if top == "dense_layers" else cfg.n_dense_layers
+      for i in range(leaf.shape[0]):
+        out[stage_of[first + i]] += nbytes // leaf.shape[0]
+    elif top == "embed":
+      out[0] += nbytes
+    else:
+      assert top in ("norm", "head") or top.startswith("mtp_"), top
+      out[-1] += nbytes
+  return out
+
+
+@pytest.mark.parametrize("pipe", [2, 3])
+def test_pipeline_stage_params_equal_a_hand_count_of_the_stage_leaves(pipe):
+  # rules "dp": nothing sharded, so a device holds its stage's leaves whole.
+  plan = memory_plan(CFG, _sizes(pipe), "dp", batch_size=2 * pipe, seq_len=SEQ,
+                     pipe_schedule="1f1b", num_microbatches=pipe)
+  hand = _hand_stage_params(CFG, pipe)
+  assert plan["params_bytes_per_rank"] == hand
+  assert plan["params_bytes_per_device"] == plan["grads_bytes_per_device"] == max(hand)
+  assert plan["layers_per_stage"] == [len(a) for a in np.array_split(range(3), pipe)]
+  # AdamW: two float32 moments per parameter; the step counters on every rank.
+  counters = memory_plan(CFG, _sizes(), "dp", batch_size=2, seq_len=SEQ)[
+      "opt_state_bytes_per_device"] - 2 * sum(hand)
+  assert 0 < counters < 64
+  assert plan["opt_state_bytes_per_rank"] == [2 * h + counters for h in hand]
+
+
+def test_sharded_stages_add_up_to_the_pipe_free_plan():
+  sizes = _sizes(data=1, fsdp=2, expert=2)
+  whole = memory_plan(CFG, sizes, "ep_fsdp", batch_size=4, seq_len=SEQ)
+  f1b = memory_plan(CFG, {**sizes, "pipe": 3}, "ep_fsdp", batch_size=8, seq_len=SEQ,
+                    pipe_schedule="1f1b", num_microbatches=2)
+  assert sum(f1b["params_bytes_per_rank"]) == whole["params_bytes_per_device"]
+  # DualPipe on 2 ranks: each holds chunks 0 and 1, i.e. the whole model.
+  dual = memory_plan(CFG, {**sizes, "pipe": 2}, "ep_fsdp", batch_size=16, seq_len=SEQ,
+                     pipe_schedule="dualpipe", num_microbatches=4)
+  assert dual["params_bytes_per_rank"] == [whole["params_bytes_per_device"]] * 2
+  assert dual["opt_state_bytes_per_rank"] == [whole["opt_state_bytes_per_device"]] * 2
+
+
+def test_dualpipe_doubles_the_layers_and_parameters_of_a_rank():
+  kw = dict(batch_size=16, seq_len=SEQ, num_microbatches=8)
+  f1b = memory_plan(MOE8, _sizes(4), "dp", pipe_schedule="1f1b", **kw)
+  dual = memory_plan(MOE8, _sizes(4), "dp", pipe_schedule="dualpipe", **kw)
+  assert f1b["param_copies"] == 1 and dual["param_copies"] == 2
+  assert f1b["layers_per_rank"] == [2] * 4 and dual["layers_per_rank"] == [4] * 4
+  p, d = f1b["params_bytes_per_rank"], dual["params_bytes_per_rank"]
+  assert d == [p[r] + p[3 - r] for r in range(4)]       # chunks r and PP-1-r
+  assert d[1] == d[2] == 2 * p[1] == 2 * p[2]           # middle ranks: layers only
+  assert dual["grads_bytes_per_device"] == max(d)
+
+
+def test_activations_are_chunks_in_flight_times_one_microbatch_chunk():
+  rows, pp, m = 2, 4, 8
+  b = np.dtype(MOE8.dtype).itemsize
+  t = SEQ                                    # one sequence per device per micro-batch
+  chunk = 2 * t * MOE8.dim * b               # layer inputs of 8 / 4 layers
+  logits = 2 * t * MOE8.vocab_size * 4 * (1 + MOE8.n_mtp_depth)
+  # The pipe-free plan of one micro-batch: 8 layers' inputs + one layer's
+  # working set X + the logits.
+  whole = memory_plan(MOE8, _sizes(), "dp", batch_size=rows, seq_len=SEQ)
+  x = whole["activation_bytes_per_device"] - 8 * t * MOE8.dim * b - logits
+  assert x > 0
+
+  def acts(schedule):
+    plan = memory_plan(MOE8, _sizes(pp), "dp", batch_size=rows * m, seq_len=SEQ,
+                       pipe_schedule=schedule, num_microbatches=m)
+    return plan, plan["activation_bytes_per_rank"]
+
+  plan, f1b = acts("1f1b")                   # rank s holds PP - s micro-batches
+  assert f1b == [(pp - s) * chunk + x + (logits if s == pp - 1 else 0) for s in range(pp)]
+  assert plan["peak_activations"] == pp
+  plan, gpipe = acts("gpipe")                # every rank holds all M
+  assert gpipe == [m * chunk + x + (logits if s == pp - 1 else 0) for s in range(pp)]
+  assert plan["peak_activations"] == m
+  plan, dual = acts("dualpipe")              # PP + 1 at the peak; F&B: two working sets
+  assert plan["peak_activations"] == pp + 1
+  held = [(a - 2 * x - (logits if r in (0, pp - 1) else 0)) / chunk for r, a in enumerate(dual)]
+  assert all(h == int(h) and 1 <= h <= pp + 1 for h in held) and max(held) == pp + 1
+  assert plan["activation_bytes_per_device"] == max(dual)
+
+
+@pytest.mark.parametrize("sizes,kwargs,match", [
+    (_sizes(2), {}, r"pipe=2 needs a pipe_schedule"),
+    (_sizes(), dict(pipe_schedule="1f1b"), r"pipe_schedule='1f1b' needs a pipeline"),
+    (_sizes(), dict(num_microbatches=4), r"num_microbatches=4 applies only to a pipeline"),
+    (_sizes(2), dict(pipe_schedule="1f1b"), r"needs num_microbatches"),
+    (_sizes(4), dict(pipe_schedule="1f1b", num_microbatches=4), r"n_layers=3 cannot fill pipe=4"),
+    (_sizes(2), dict(pipe_schedule="interleaved", num_microbatches=4),
+     r"'interleaved' is not a known pipeline schedule"),
+    (_sizes(2), dict(pipe_schedule="dualpipe", num_microbatches=2), r"n_microbatches >= 2"),
+    (_sizes(3), dict(pipe_schedule="dualpipe", num_microbatches=6), r"even number of stages"),
+    (_sizes(2), dict(pipe_schedule="1f1b", num_microbatches=3),
+     r"batch_size=4 does not split into num_microbatches=3 .* multiple of 3 \* 2 = 6"),
+])
+def test_pipeline_misconfigurations_name_the_field_and_the_fix(sizes, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    memory_plan(CFG, sizes, "dp", batch_size=4, seq_len=SEQ, **kwargs)
+
+
+def test_plan_cli_plans_deepseek_v3s_own_layout():
+  # V3 (report sec. 3.2): 16-way pipeline with DualPipe, 64-way EP over 8
+  # nodes, data parallel over the rest of 2048 GPUs; AdamW moments in BF16.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "launch.plan", "--preset=v3_671b",
+         "--mesh=pipe=16,expert=64,data=2", "--schedule=dualpipe",
+         "--num_microbatches=32", "--moments_dtype=bfloat16"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="error::DeprecationWarning")
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "dualpipe, 16 stages, 32 micro-batches of 128 sequences" in out.stdout
+  plan = json.loads(out.stdout.strip().splitlines()[-1])
+  assert plan["devices"] == 2048 and plan["batch_size"] == 32 * 128
+  assert (plan["pipe"], plan["schedule"], plan["num_microbatches"]) == (16, "dualpipe", 32)
+  assert plan["layers_per_stage"] == [4] * 13 + [3] * 3          # 61 layers
+  assert plan["layers_per_rank"] == [7] * 3 + [8] * 10 + [7] * 3
+  assert plan["peak_activations"] == 17 and plan["param_copies"] == 2
+  # The largest rank: 8 MoE layers, their routed experts split over 64 devices
+  # (256 x 3 x 7168 x 2048 float32 each), the rest of a layer ~2% of that.
+  routed = 8 * 256 * 3 * 7168 * 2048 * 4 // 64
+  assert routed < plan["params_bytes_per_device"] < 1.05 * routed
+  assert plan["opt_state_bytes_per_device"] == pytest.approx(
+      plan["params_bytes_per_device"], rel=1e-6)                   # two bf16 moments
+  bad = subprocess.run(cmd[:5], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode != 0 and "pipe=16 needs a pipe_schedule" in bad.stderr
