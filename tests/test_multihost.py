@@ -118,6 +118,7 @@ def test_bad_multiprocess_arguments_are_refused_before_joining(args, match):
   assert distributed.check_args(None, None, None, True) is True
 
 
+@pytest.mark.slow   # ~100 s: two processes + the oracle run; CI's slow step
 def test_two_processes_train_like_one_process_on_eight_devices(tmp_path):
   # Three steps with a checkpoint every step, then the greedy-decode eval.
   flags = ("--config.steps=3", "--config.ckpt_every=1", "--config.n_eval_problems=4",

@@ -71,6 +71,7 @@ def test_select_keeps_exactly_the_samples_that_pass_grpos_checks():
     rejection.select([p, q], samples[:7], k=4)
 
 
+@pytest.mark.slow   # trains a tiny run (~40 s cold): CI's slow step
 def test_rejection_sample_is_the_sampler_filtered_by_the_task_checks(tiny_run):
   cfg, train_cfg, variables, _ = export.load_trained_run(tiny_run)
   tok = default_tokenizer()
@@ -128,6 +129,7 @@ def test_written_records_are_sft_documents_like_the_tasks_own(tmp_path, template
     assert doc.completion_mask.tolist() == want.completion_mask.tolist()
 
 
+@pytest.mark.slow   # trains a tiny run (~40 s cold): CI's slow step
 def test_sample_then_sft_from_the_run_with_held_out_eval(tiny_run, tmp_path):
   out = str(tmp_path / "samples.jsonl")
   stats = cli.sample(tiny_run, out, n_prompts=8, k=2, max_new_tokens=40, batch_size=8,
