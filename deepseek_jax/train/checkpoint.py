@@ -111,9 +111,19 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def saved_meta(self, step: int | None = None) -> dict[str, Any] | None:
+  def _resolve(self, step: int | None) -> int | None:
+    """`step`, or the latest when None (None if there is none), after the
+    write in flight is committed; ValueError if that step is not saved."""
     self.wait()
-    step = self.latest_step() if step is None else step
+    if step is None:
+      return self.latest_step()
+    if step not in self.manager.all_steps():
+      raise ValueError(f"step {step} is not saved in {self.directory}; saved steps: "
+                       f"{self.all_steps()}.")
+    return step
+
+  def saved_meta(self, step: int | None = None) -> dict[str, Any] | None:
+    step = self._resolve(step)
     if step is None:
       return None
     try:
@@ -158,14 +168,9 @@ class Checkpoints:
     abstract_state: a pytree of jax.ShapeDtypeStruct like the state to load
     (e.g. `step.abstract_train_state(...)`), shardings included for a mesh.
     """
-    self.wait()
+    step = self._resolve(step)
     if step is None:
-      step = self.latest_step()
-      if step is None:
-        return None
-    elif step not in self.manager.all_steps():
-      raise ValueError(f"step {step} is not saved in {self.directory}; saved steps: "
-                       f"{self.all_steps()}.")
+      return None
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),

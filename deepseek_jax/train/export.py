@@ -41,10 +41,7 @@ def load_trained_run(workdir: str, step: int | None = None
   ckpts = Checkpoints.existing(workdir)
   try:
     step = ckpts.latest_step() if step is None else step
-    if step not in ckpts.all_steps():
-      raise ValueError(f"step {step} is not saved in {ckpts.directory}; saved steps: "
-                       f"{ckpts.all_steps()}.")
-    meta = ckpts.saved_meta(step)
+    meta = ckpts.saved_meta(step)        # ValueError naming the saved steps
     model_cfg = ModelConfig.from_dict(meta["model_config"])
     # A GRPO run keeps its own config beside the TrainConfig (rl/trainer.py).
     train_cfg = TrainConfig.from_saved(meta["train_config"])
