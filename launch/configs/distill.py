@@ -20,29 +20,14 @@ init_from and any model fields that fit the rows: --preset=NAME or
 The figures of this recipe have not been measured yet.
 """
 
-from launch.configs import base_config
+from launch.configs import default
 
 
 def get_config():
   """python -m launch.train --config=launch/configs/distill.py --workdir=W"""
-  config = base_config("tiny")              # the student: smaller than the teacher
+  config = default.get_config()             # the teacher's data shape and from-scratch
+  config.preset = "tiny"                    # schedule; the student: smaller than it
   config.data_files = ("/tmp/demo_distill.jsonl",)
-  config.eval_task = True                   # held-out exact match (test split)
-  config.max_digits = 2                     # of the eval problems: the teacher's
-  config.n_eval_problems = 100
-  config.template = "short"                 # the teacher's, as in the records' prompts
-  config.steps = 560
-  config.batch_size = 8
-  config.seq_len = 128
-  config.completion_only = True
-  config.lr = 3e-3                          # the demo's from-scratch schedule
-  config.warmup_steps = 40
-  config.end_lr = 3e-4
-  config.weight_decay = 0.1
-  config.log_every = 40
-  config.eval_every = 0
-  config.eval_batch_size = 50
-  config.max_new_tokens = 64
-  config.ckpt_every = 100
-  config.keep_ckpts = 2
+  config.eval_task = True                   # held-out exact match on the teacher's task
+  config.template = "short"                 # (max_digits 2), prompts as in the records
   return config
