@@ -15,8 +15,8 @@ params_bytes_per_device, grads_bytes_per_device, opt_state_bytes_per_device,
 activation_bytes_per_device, total_bytes_per_device, pipe, schedule,
 num_microbatches, layers_per_stage, layers_per_rank, peak_activations,
 param_copies and the per-rank lists. Allocates nothing: a 671B model plans in
-seconds on a laptop. The planner takes a `pipe` axis before the trainer runs
-one (MeshConfig still refuses pipe > 1): it plans the layout, nothing more.
+seconds on a laptop. It plans the layout, nothing more (the pipeline executor
+is parallel/pipeline.py; the train step does not run it yet).
 """
 
 from __future__ import annotations

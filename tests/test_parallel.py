@@ -72,9 +72,10 @@ def test_bad_mesh_configs_name_the_axes(kwargs, n, match):
     MeshConfig(**kwargs).shape(n)
 
 
-def test_pipeline_axis_is_refused_until_built():
-  with pytest.raises(NotImplementedError, match="pipe=2"):
-    MeshConfig(pipe=2)
+def test_the_train_step_refuses_a_pipe_axis_until_the_trainer_runs_the_pipeline():
+  mesh, rules = setup(MeshConfig(pipe=2, data=4))
+  with pytest.raises(NotImplementedError, match="mesh.pipe=2"):
+    make_train_step(CFG, TrainConfig(), mesh, rules)
 
 
 def test_a_dimension_the_mesh_does_not_divide_names_parameter_dimension_and_axis():

@@ -159,8 +159,11 @@ def routed_experts(x, valid, gate, bias, w1, w3, w2, *, cfg: ModelConfig, rules:
 
   rows = _spec_entry(batch)
   e, f = _spec_entry(exp_axes), _spec_entry(mlp_axes)
+  # Inside a pipeline stage (parallel/pipeline.py) `pipe` is already manual:
+  # this map takes the remaining axes.
+  free = frozenset(mesh.axis_names) - frozenset(mesh.manual_axes)
   fn = jax.shard_map(
-      local, mesh=mesh,
+      local, mesh=mesh, axis_names=free,
       in_specs=(P(rows), P(rows), P(), P(), P(e, None, f), P(e, None, f), P(e, f, None)),
       out_specs=(P(rows), P(), P()))
   return fn(x, valid, gate, bias, w1, w3, w2)

@@ -4,7 +4,7 @@
   fsdp    batch split AND parameters/optimizer state sharded (ZeRO-3 style)
   tensor  attention heads and MLP hidden units split (Megatron style)
   expert  routed experts split (DeepSeek-V3's EP); elsewhere a batch axis
-  pipe    pipeline stages (the pipeline issue; size 1 until then)
+  pipe    pipeline stages (parallel/pipeline.py)
 
 `MeshConfig(expert=4, fsdp=2)` on 8 devices gives a 1 x 2 x 1 x 4 x 1 mesh:
 `data = -1` (the default) takes whatever the other axes leave. Which tensor
@@ -49,10 +49,6 @@ class MeshConfig:
     if len(fills) > 1:
       raise ValueError(f"mesh axes {fills} are all -1; at most one axis may fill the "
                        "remaining devices: give the others explicit sizes.")
-    if self.pipe != 1:
-      raise NotImplementedError(
-          f"mesh.pipe={self.pipe}: pipeline parallelism is not built yet (its own issue); "
-          "use pipe=1.")
     if self.rules not in RULE_SETS:
       raise ValueError(f"mesh.rules={self.rules!r} is not a rule set; choose one of "
                        f"{sorted(RULE_SETS)}.")

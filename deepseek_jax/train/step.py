@@ -252,6 +252,11 @@ def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
   by rows, the MoE dispatch runs in shard_map (expert parallel under
   `ep_fsdp`), metrics come back replicated.
   """
+  if mesh is not None and dict(mesh.shape).get("pipe", 1) > 1:
+    raise NotImplementedError(
+        f"mesh.pipe={dict(mesh.shape)['pipe']}: the train step does not run the pipeline "
+        "yet; parallel.pipeline.pipeline_value_and_grad computes a pipelined loss and "
+        "gradients (tests/test_pipeline.py). Use mesh.pipe=1 for training.")
   tx, schedule = make_tx(train_cfg)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

@@ -1,0 +1,238 @@
+"""Pipeline parallelism (deepseek_jax/parallel/pipeline.py) on 8 fake CPU devices.
+
+Oracle for the numbers: `jax.value_and_grad` of the unpipelined pretraining
+loss on one device (train.step.pretraining_loss). A pipelined step must give
+the same loss, metrics, expert loads and gradients within 1e-5 (float32),
+with MTP on and a batch whose rows have different numbers of target tokens
+(so a mean of micro-batch means would differ). Oracle for the tick table: a
+NumPy interpreter written here that passes named messages between ranks and
+checks every op reads the activation / gradient it needs, in the order the
+simulator's timeline lists.
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax import get_preset
+from deepseek_jax.model import init_variables
+from deepseek_jax.parallel import MeshConfig, activate, setup, simulate
+from deepseek_jax.parallel.pipeline import (build_table, from_stages, pipeline_value_and_grad,
+                                            split_layers, to_stages)
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.step import FAST_COMPILE, pretraining_loss
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+from train_throughput import random_batch  # noqa: E402
+
+TOL = 1e-5
+
+
+# --- the tick table against a message-passing interpreter ----------------------
+def _interpret(table, pp, m):
+  """Runs the table with symbolic values: a slot holds ("x", mb, chunk) or
+  ("g", mb, chunk); returns each rank's executed (kind, mb, direction) list."""
+  f = table.fields
+  trash = table.n_slots
+  held = [dict() for _ in range(pp)]            # rank -> (kind, slot) -> value
+  peak = {"a": 0, "g": 0}
+  executed = [[] for _ in range(pp)]
+  done_f, done_i = set(), set()
+  chunk_of = lambda r, d: r if d == 0 else pp - 1 - r          # noqa: E731
+  direction = {}
+  for t in range(table.n_ticks):
+    sends = []
+    for r in range(pp):
+      ops = []
+      if f["f_op"][t, r]:
+        ops.append(("F", int(f["f_op"][t, r]) - 1))
+      if f["b_op"][t, r]:
+        code = int(f["b_op"][t, r])
+        ops.append(("BBIIWW"[code - 1], (code - 1) % 2))
+      name = ops
+      for kind, d in ops:
+        c = chunk_of(r, d)
+        if kind == "F":
+          mb = int(f["f_mb"][t, r])
+          direction[mb] = d
+          if c > 0:
+            assert held[r].get(("a", int(f["f_x"][t, r]))) == ("x", mb, c), (t, r, name)
+          done_f.add((mb, c))
+          if c < pp - 1:
+            sends.append((r + 1 if d == 0 else r - 1, d, "a", ("x", mb, c + 1)))
+        else:
+          mb = int(f["b_mb"][t, r])
+          assert (mb, c) in done_f
+          if c > 0:
+            assert held[r].get(("a", int(f["b_x"][t, r]))) == ("x", mb, c), (t, r, name)
+          if c < pp - 1:
+            assert held[r].get(("g", int(f["b_g"][t, r]))) == ("g", mb, c), (t, r, name)
+          if kind in ("B", "I"):
+            done_i.add((mb, c))
+            if c > 0:
+              sends.append((r - 1 if d == 0 else r + 1, d, "g", ("g", mb, c - 1)))
+          if kind == "W":
+            assert (mb, c) in done_i
+          if kind in ("B", "W"):     # the last read of this stage input and gradient
+            held[r] = {k: v for k, v in held[r].items() if v[1:] != (mb, c)}
+        executed[r].append((kind, mb, d))
+    # Messages land after every rank's op of this tick, in the named slots.
+    for r in range(pp):
+      for d in range(table.directions):
+        for what in ("a", "g"):
+          slot = int(f[f"r{what}{d}"][t, r])
+          got = [v for dst, dd, w, v in sends if dst == r and dd == d and w == what]
+          assert len(got) <= 1
+          if got:
+            assert slot != trash, (t, r, got)
+            assert (what, slot) not in held[r], (t, r, "overwrites a value still needed")
+            held[r][(what, slot)] = got[0]
+          else:
+            assert slot == trash, (t, r, what, d)
+      for what in ("a", "g"):
+        peak[what] = max(peak[what], sum(k[0] == what for k in held[r]))
+  assert len(done_f) == len(done_i) == pp * m
+  assert not any(held), "values left unread"
+  return executed, max(peak.values())
+
+
+@pytest.mark.parametrize("schedule,pp,m", [
+    ("gpipe", 4, 3), ("1f1b", 4, 6), ("1f1b", 3, 2), ("zb1p", 4, 8), ("zb1p", 2, 1),
+    ("dualpipe", 4, 8), ("dualpipe", 2, 6), ("dualpipe", 6, 12)])
+def test_tick_table_runs_the_simulated_order_and_every_op_reads_its_inputs(schedule, pp, m):
+  table = build_table(schedule, pp, m)
+  executed, peak = _interpret(table, pp, m)
+  sim = simulate(schedule, pp, m, F=1.0, B=2.0, W=1.0)
+  for r in range(pp):
+    expected = [(t.kind, t.mb, t.direction) for op in sim["timeline"][r] for t in op.tasks]
+    assert executed[r] == expected, r
+  # Buffers: exactly as many slots as values are ever held at once (from
+  # arrival to the last read) on the busiest rank.
+  assert table.n_slots == max(peak, 1)
+
+
+def test_gpipe_holds_every_micro_batch_and_1f1b_only_pp():
+  assert build_table("gpipe", 4, 12).n_slots >= 11
+  assert build_table("1f1b", 4, 12).n_slots <= 5
+  assert build_table("dualpipe", 4, 12).n_slots <= 6
+
+
+# --- stage layout ---------------------------------------------------------------
+def test_layers_split_evenly_then_earlier_stages_take_the_remainder():
+  cfg = get_preset("tiny").replace(n_layers=7, n_dense_layers=2)
+  layout = split_layers(cfg, 3)
+  assert layout.layers == ((0, 1, 2), (3, 4), (5, 6))
+  assert layout.ids(0, False) == [0, 1] and layout.ids(0, True) == [0]
+  assert layout.ids(2, True) == [3, 4]
+  assert layout.slots(False) == 2 and layout.slots(True) == 2
+  text = layout.describe()
+  assert "stage 0: blocks 0-2 (2 dense, 1 MoE) + embedding" in text
+  assert "stage 2: blocks 5-6 (0 dense, 2 MoE) + norm, head, MTP, loss" in text
+  assert "uneven split" in text
+  assert split_layers(cfg, 3, (1, 3, 3)).layers == ((0,), (1, 2, 3), (4, 5, 6))
+  with pytest.raises(ValueError, match="cannot be split into pipe=8 stages"):
+    split_layers(cfg, 8)
+  with pytest.raises(ValueError, match=r"stage_layers=\[3, 3\] must give each of the pipe=3"):
+    split_layers(cfg, 3, (3, 3))
+
+
+def test_to_stages_and_from_stages_round_trip_the_stacks():
+  cfg = get_preset("tiny").replace(n_layers=6, n_dense_layers=1)
+  layout = split_layers(cfg, 4)                # 2, 2, 1, 1 blocks: padded MoE slots
+  tree = {"dense_layers": {"w": jnp.arange(1.0, 2.0)[:, None] * jnp.ones((1, 3))},
+          "moe_layers": {"w": jnp.arange(1.0, 6.0)[:, None] * jnp.ones((5, 3))}}
+  staged = to_stages(layout, tree)
+  assert staged["moe_layers"]["w"].shape == (4, 2, 3)
+  back = from_stages(layout, staged, tree)     # padded slots dropped: exact inverse
+  np.testing.assert_array_equal(back["moe_layers"]["w"], tree["moe_layers"]["w"])
+  np.testing.assert_array_equal(back["dense_layers"]["w"], tree["dense_layers"]["w"])
+
+
+def test_bad_pipeline_settings_are_refused_before_compiling():
+  cfg = get_preset("tiny")
+  mesh, rules = setup(MeshConfig(pipe=4, data=2))
+  with pytest.raises(ValueError, match="n_microbatches >= 2 \\* n_stages = 8"):
+    pipeline_value_and_grad(cfg, TrainConfig(), mesh, rules, schedule="dualpipe",
+                            n_microbatches=4)
+  with pytest.raises(ValueError, match="not a known pipeline schedule"):
+    pipeline_value_and_grad(cfg, TrainConfig(), mesh, rules, schedule="interleaved",
+                            n_microbatches=4)
+  with pytest.raises(NotImplementedError, match="V2's balance losses"):
+    pipeline_value_and_grad(cfg, TrainConfig(expert_balance_weight=0.01), mesh, rules,
+                            schedule="1f1b", n_microbatches=4)
+  fn = pipeline_value_and_grad(cfg.replace(n_layers=4), TrainConfig(), mesh, rules,
+                               schedule="1f1b", n_microbatches=3)
+  batch = {k: jnp.asarray(v) for k, v in random_batch(cfg.vocab_size, 8, 8, 0).items()}
+  v = jax.eval_shape(lambda: init_variables(cfg.replace(n_layers=4), jax.random.key(0)))
+  with pytest.raises(ValueError, match="8 rows does not split into num_microbatches=3"):
+    fn(v["params"], v["router_bias"], batch)
+
+
+# --- numbers against the unpipelined model ---------------------------------------
+def _batch(cfg, rows, seq=16):
+  batch = {k: jnp.asarray(v) for k, v in random_batch(cfg.vocab_size, rows, seq, 0).items()}
+  # Rows with fewer targets and a padded tail: micro-batches differ in counts.
+  batch["loss_mask"] = batch["loss_mask"].at[0, 3:].set(0.0)
+  batch["segment_ids"] = batch["segment_ids"].at[1, 10:].set(0)
+  batch["loss_mask"] = batch["loss_mask"].at[1, 10:].set(0.0)
+  return batch
+
+
+def _max_diff(a, b):
+  return max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _check_against_one_device(schedule, mesh_cfg, m, n_layers, rows, stage_layers=None):
+  cfg = get_preset("tiny").replace(n_layers=n_layers)
+  train_cfg = TrainConfig()
+  v = init_variables(cfg, jax.random.key(0))
+  # A skewed router bias, so the loads (and the bias update) are not uniform.
+  v["router_bias"] = jax.tree.map(lambda b: b.at[..., 2].add(0.5), v["router_bias"])
+  batch = _batch(cfg, rows)
+  grad_fn = jax.value_and_grad(pretraining_loss(cfg, train_cfg), has_aux=True)
+  (loss, aux), grads = jax.jit(grad_fn, compiler_options=FAST_COMPILE)(
+      v["params"], v["router_bias"], batch)
+  mesh, rules = setup(mesh_cfg)
+  fn = pipeline_value_and_grad(cfg, train_cfg, mesh, rules, schedule=schedule,
+                               n_microbatches=m, stage_layers=stage_layers)
+  with activate(mesh, rules):
+    (p_loss, p_aux), p_grads = jax.jit(fn, compiler_options=FAST_COMPILE)(
+        v["params"], v["router_bias"], batch)
+  assert abs(float(loss) - float(p_loss)) <= TOL
+  for key in ("ce", "mtp", "balance", "target_tokens", "tokens"):
+    assert abs(float(aux["metrics"][key]) - float(p_aux["metrics"][key])) <= TOL, key
+  np.testing.assert_array_equal(aux["expert_load"], p_aux["expert_load"])
+  np.testing.assert_array_equal(aux["mtp_expert_load"], p_aux["mtp_expert_load"])
+  assert jax.tree.structure(grads) == jax.tree.structure(p_grads)
+  assert _max_diff(grads, p_grads) <= TOL
+  return fn
+
+
+def test_1f1b_on_pipe4_data2_equals_the_unpipelined_model():
+  """Uneven by kind: stage 0 holds the dense block, stages 1-3 one MoE block each."""
+  fn = _check_against_one_device("1f1b", MeshConfig(pipe=4, data=2), 4, 4, 8)
+  assert fn.layout.layers == ((0,), (1,), (2,), (3,))
+
+
+def test_zb1p_on_pipe2_expert2_data2_equals_the_unpipelined_model():
+  """Split backward (I then W), experts split over `expert` inside each stage."""
+  _check_against_one_device("zb1p", MeshConfig(pipe=2, expert=2, data=2), 4, 4, 16)
+
+
+@pytest.mark.slow   # 15-40 s each to compile on 2 cores: CI's slow step
+@pytest.mark.parametrize("schedule,mesh,m,n_layers,rows,stage_layers", [
+    ("dualpipe", dict(pipe=2, expert=2, data=2), 4, 4, 16, None),
+    ("dualpipe", dict(pipe=4, data=2), 8, 5, 16, None),          # uneven: 2,1,1,1
+    ("gpipe", dict(pipe=4, data=2), 4, 5, 8, None),
+    ("zb1p", dict(pipe=4, data=2), 6, 4, 12, None),
+    ("gpipe", dict(pipe=2, expert=2, data=2), 2, 4, 8, (1, 3)),   # uneven, given
+    ("1f1b", dict(pipe=2, expert=2, data=2), 4, 3, 16, None),
+])
+def test_every_schedule_on_both_meshes_equals_the_unpipelined_model(
+    schedule, mesh, m, n_layers, rows, stage_layers):
+  _check_against_one_device(schedule, MeshConfig(**mesh), m, n_layers, rows, stage_layers)
