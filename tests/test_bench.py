@@ -84,6 +84,7 @@ def _tiny_param_counts(n_mtp_depth: int) -> tuple[int, int]:
   return total, active
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_jax_train_throughput_prints_one_json_line_with_all_fields(tiny_json):
   res, _ = _run("train_throughput.py", tiny_json, "--fast-compile")
   _check_common(res, "jax")
@@ -104,6 +105,7 @@ def test_hf_train_throughput_prints_one_json_line_with_all_fields(tiny_json):
   assert (res["params"], res["active_params_per_token"]) == _tiny_param_counts(0)
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_compare_jax_lines_interleaves_two_interpreters_and_reports_their_ratio(tiny_json):
   # Both sides on this interpreter: the script's bookkeeping is what is tested.
   cmd = [sys.executable, os.path.join(ROOT, "bench", "compare_jax_lines.py"),
@@ -147,6 +149,7 @@ def _decode(model_json: str, framework: str) -> dict:
   return res
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_decode_throughput_prints_one_json_line(tiny_json):
   res = _decode(tiny_json, "jax")
   # the latent cache: (kv_lora_rank + qk_rope_head_dim) x n_layers x 4 bytes (float32)

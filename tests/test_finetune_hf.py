@@ -83,6 +83,7 @@ def test_tokenizer_defaults_to_the_checkpoints(v3_ckpt, tmp_path):
   assert train_cfg.tokenizer_path == ""                  # none there: the default
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_first_update_at_lr_zero_keeps_the_checkpoint_and_a_rerun_resumes(v3_ckpt, tmp_path):
   """Step 1 of a warmup (lr 0) with no bias update: the run's checkpoint holds
   exactly the published parameters and router biases; the loss is our

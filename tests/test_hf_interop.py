@@ -352,6 +352,7 @@ def test_fp8_checkpoint_loads_as_its_dequantised_weights(tiny_ckpt, tmp_path):
   assert not cfg_ref.fp8
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_keep_fp8_keeps_published_blocks_and_the_model_runs_on_them(tmp_path):
   """dim 256, so weights span several 128-blocks along either axis and a
   scale put the wrong way round would show. Oracles: the dequantised load

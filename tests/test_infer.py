@@ -200,6 +200,7 @@ def trained_mtp():
   return cfg, {"params": state.params, "router_bias": state.router_bias}
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_speculative_greedy_equals_plain_greedy_and_drafts_get_accepted(trained_mtp, tiny):
   cfg, variables = trained_mtp
   prompts = [[3, 5, 7], [10, 11], [0, 3, 6, 9, 12]]
@@ -317,6 +318,7 @@ def test_generate_cli_prints_the_generation_and_refuses_bad_input(tiny, tmp_path
   assert out.returncode != 0 and "prompt 0 has 100 tokens" in out.stderr
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_chunked_token_logprobs_equal_the_full_logits_and_never_build_them(tiny):
   """Against log_softmax of the full [b, s, vocab] logits, values and
   gradients; the traced computation has no [b, s, vocab] array."""

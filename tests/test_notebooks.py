@@ -252,6 +252,7 @@ def test_fp8_notebook_trains_both_runs_and_reports_their_gap(fp8_run):
 INFER_NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "inference.ipynb")
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_inference_notebook_reports_cache_sizes_and_mtp_acceptance(tmp_path):
   """Memory figures against the formula written out here; per temperature:
   greedy speculative tokens equal plain greedy (the saved arrays), counts
@@ -352,6 +353,7 @@ def _v2_records(result):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_v2_notebook_device_maxvio_recomputes_from_saved_expert_loads(v2_balance_run):
   """Device load = the token-expert pairs of a device's E/D contiguous experts;
   MaxVio = max/mean - 1 per layer, then the layer mean, by loops."""
@@ -382,6 +384,7 @@ def test_v2_notebook_device_maxvio_recomputes_from_saved_expert_loads(v2_balance
   assert not np.array_equal(loads["v2_unlimited"][0], loads["v2_losses"][0])
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_v2_notebook_traffic_recomputes_from_metrics_jsonl(v2_balance_run):
   """devices per token = sum_d device_tokens_d / tokens per sequence; the limited
   arm never exceeds M devices per token, the unlimited one does; a device
@@ -416,6 +419,7 @@ def test_v2_notebook_traffic_recomputes_from_metrics_jsonl(v2_balance_run):
   assert first["v2_unlimited"] > V2_M >= first["v2_losses"]
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_v2_notebook_loss_is_ce_plus_each_arms_weighted_balance_losses(v2_balance_run):
   """metrics.jsonl of every step: loss = CE + alpha * V3 seq. loss + alpha1-3 *
   the V2 losses (layer sums of the logged per-layer values), with the weights

@@ -72,10 +72,11 @@ def test_bad_mesh_configs_name_the_axes(kwargs, n, match):
     MeshConfig(**kwargs).shape(n)
 
 
-def test_the_train_step_refuses_a_pipe_axis_until_the_trainer_runs_the_pipeline():
+def test_a_loss_without_a_pipelined_gradient_refuses_a_pipe_axis():
+  from deepseek_jax.train.step import make_update_step
   mesh, rules = setup(MeshConfig(pipe=2, data=4))
-  with pytest.raises(NotImplementedError, match="mesh.pipe=2"):
-    make_train_step(CFG, TrainConfig(), mesh, rules)
+  with pytest.raises(NotImplementedError, match="mesh.pipe=2: this loss has no pipelined"):
+    make_update_step(CFG, TrainConfig(), lambda p, b, batch: (0.0, {}), mesh, rules)
 
 
 def test_a_dimension_the_mesh_does_not_divide_names_parameter_dimension_and_axis():

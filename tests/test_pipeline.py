@@ -236,3 +236,39 @@ def test_zb1p_on_pipe2_expert2_data2_equals_the_unpipelined_model():
 def test_every_schedule_on_both_meshes_equals_the_unpipelined_model(
     schedule, mesh, m, n_layers, rows, stage_layers):
   _check_against_one_device(schedule, MeshConfig(**mesh), m, n_layers, rows, stage_layers)
+
+
+# --- launch.train with a pipe axis -------------------------------------------------
+@pytest.mark.slow   # three training runs (~2.5 min on 2 cores): CI's slow step
+def test_launch_train_with_dualpipe_trains_like_one_device_and_resumes(tmp_path):
+  import json
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
+  common = ["--config=launch/configs/tiny.py", "--config.batch_size=16",
+            "--config.decay_steps=4", "--config.fast_compile=True", "--config.log_every=1"]
+  pipe = ["--config.mesh.pipe=2", "--config.mesh.expert=2", "--config.mesh.data=2",
+          "--config.pipeline_schedule=dualpipe", "--config.num_microbatches=4"]
+
+  def run(workdir, *flags):
+    out = subprocess.run([sys.executable, "-m", "launch.train", f"--workdir={workdir}",
+                          *common, *flags], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+  def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+  pp, ref = str(tmp_path / "pp"), str(tmp_path / "ref")
+  run(pp, *pipe, "--config.steps=3")
+  second = run(pp, *pipe, "--config.steps=5")
+  assert "resuming from" in second and "at step 3" in second
+  assert "step      1/" not in second
+  run(ref, "--config.steps=5")                    # the same run on one data-parallel mesh
+  got, want = losses(pp), losses(ref)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-4), step

@@ -435,6 +435,7 @@ def test_resume_equals_straight_run(configs, tmp_path):
     loop.train(model_cfg.replace(n_layers=4), train_cfg, str(tmp_path / "resumed"), log=quiet)
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_init_from_starts_a_stage_from_another_runs_weights(configs, tmp_path):
   model_cfg, train_cfg = configs
   src = str(tmp_path / "src")
@@ -487,6 +488,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(configs, tmp_path,
   assert max(r["step"] for r in _read(workdir)) == 4
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_bad_steps_are_skipped_then_stop_the_run(configs, tmp_path):
   """NaN batches at steps 2 and 3 (the nan_steps hook): both updates are
   skipped, so the parameters after step 3 are exactly those after step 1 of a
@@ -540,6 +542,7 @@ def test_trains_on_user_jsonl_files_without_exact_match_eval(configs, tmp_path):
   assert any(line.startswith("data: 40 documents") for line in lines), lines
 
 
+@pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_sft_parquet_records_keep_every_and_the_mtp_weight_switch(configs, tmp_path):
   """One run: prompt/completion records from parquet (loss on completions
   only), keep_every retention, V3's MTP weight switch, the bounded summary."""

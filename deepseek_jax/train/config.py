@@ -101,6 +101,10 @@ class TrainConfig:
     first non-finite step.
   nan_steps: test hook: the batches of these steps get a NaN loss mask, so
     their loss and gradients are NaN (exercises the skip above).
+  pipeline_schedule, num_microbatches: with mesh.pipe > 1, the pipeline
+    schedule ("gpipe", "1f1b", "zb1p", "dualpipe"; parallel/pipeline.py) and
+    the micro-batches each step's batch is cut into (0 = 2 x pipe, which
+    every schedule accepts). Unused when mesh.pipe is 1.
   fast_compile: compile the step and the decoder at XLA backend optimisation
     level 0 (on CPU ~2.5x faster compiles, ~1.6x slower steps): for tests and
     short runs.
@@ -163,6 +167,9 @@ class TrainConfig:
   # robustness
   max_bad_steps: int = 10
   nan_steps: tuple[int, ...] = ()
+  # pipeline (mesh.pipe > 1)
+  pipeline_schedule: str = "1f1b"
+  num_microbatches: int = 0
   # compilation
   fast_compile: bool = False
 
@@ -179,7 +186,11 @@ class TrainConfig:
                non_negative=("warmup_steps", "hold_steps", "decay_steps", "end_steps",
                              "eval_every", "n_eval_problems", "passkey_chars",
                              "balance_devices", "max_bad_steps", "keep_every",
-                             "mtp_weight_switch_step"))
+                             "mtp_weight_switch_step", "num_microbatches"))
+    from deepseek_jax.parallel.schedules import SCHEDULES
+    if self.pipeline_schedule not in SCHEDULES:
+      raise ValueError(f"pipeline_schedule={self.pipeline_schedule!r} must be one of "
+                       f"{list(SCHEDULES)}.")
     if self.keep_every % self.ckpt_every:
       raise ValueError(f"keep_every={self.keep_every} must be a multiple of ckpt_every="
                        f"{self.ckpt_every} (only saved steps can be kept), or 0.")

@@ -88,9 +88,11 @@ def with_variables(state, variables: dict):
       router_bias=jax.tree.map(place, variables["router_bias"], state.router_bias))
 
 
-def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig):
+def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig, model_cfg=None):
   """(mesh, rules) for training, or (None, None) for one device; checks that
-  the batch splits over the batch axes before anything compiles."""
+  the batch splits over the batch axes (and, with a pipe axis, that the
+  model, schedule and micro-batches fit the pipeline: pass model_cfg) before
+  anything compiles."""
   if mesh_cfg is None:
     return None, None
   mesh_cfg.shape(len(jax.devices()))          # axis sizes vs devices: ValueError
@@ -101,6 +103,18 @@ def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig):
   if train_cfg.batch_size % rows:
     raise ValueError(f"batch_size={train_cfg.batch_size} must be a multiple of the batch "
                      f"mesh axes data*fsdp*expert={rows} ({describe_mesh(mesh)}).")
+  if mesh_cfg.pipe > 1:
+    from deepseek_jax.parallel.pipeline import check_pipeline, split_layers
+    from deepseek_jax.train.step import num_microbatches
+    m = num_microbatches(train_cfg, mesh_cfg.pipe)
+    check_pipeline(model_cfg, train_cfg, mesh_cfg.pipe, train_cfg.pipeline_schedule, m)
+    if model_cfg is not None:
+      split_layers(model_cfg, mesh_cfg.pipe)
+    if train_cfg.batch_size % (m * rows):
+      raise ValueError(
+          f"batch_size={train_cfg.batch_size} must be a multiple of num_microbatches x the "
+          f"batch mesh axes = {m} x {rows} (each micro-batch splits over data*fsdp*expert); "
+          f"raise batch_size to a multiple of {m * rows} or change num_microbatches.")
   return mesh, rules
 
 
@@ -234,7 +248,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
   data.
   """
   check_compatible(model_cfg, train_cfg)
-  mesh, rules = mesh_for(mesh_cfg, train_cfg)
+  mesh, rules = mesh_for(mesh_cfg, train_cfg, model_cfg)
   end_step = train_cfg.steps if stop_after is None else min(stop_after, train_cfg.steps)
   multiprocess = jax.process_count() > 1
   primary = distributed.is_primary()

@@ -235,7 +235,7 @@ def _all_finite(*trees) -> jax.Array:
 
 def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
                      mesh: Mesh | None = None, rules: Rules | None = None, *,
-                     skip_nonfinite: bool = False
+                     skip_nonfinite: bool = False, grad_fn: Callable | None = None
                      ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """jit(step)(state, batch) -> (new state, metrics) for any loss; `state` is
   donated. The optimizer is train_cfg's (make_tx); the router bias moves by
@@ -247,20 +247,24 @@ def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
   params, optimizer state and router bias as they were (the step counter
   still advances) and reports skipped = 1.
 
+  grad_fn: (params, router_bias, batch) -> ((loss, aux), grads) in place of
+  `jax.value_and_grad(loss_fn, has_aux=True)` (the pipeline's; loss_fn is
+  then unused). A mesh with pipe > 1 needs one.
+
   With `mesh` and `rules` (parallel.setup): the state stays in its
   shardings, every batch array ([rows, seq]) is split over the batch axes
   by rows, the MoE dispatch runs in shard_map (expert parallel under
   `ep_fsdp`), metrics come back replicated.
   """
-  if mesh is not None and dict(mesh.shape).get("pipe", 1) > 1:
+  if mesh is not None and dict(mesh.shape).get("pipe", 1) > 1 and grad_fn is None:
     raise NotImplementedError(
-        f"mesh.pipe={dict(mesh.shape)['pipe']}: the train step does not run the pipeline "
-        "yet; parallel.pipeline.pipeline_value_and_grad computes a pipelined loss and "
-        "gradients (tests/test_pipeline.py). Use mesh.pipe=1 for training.")
+        f"mesh.pipe={dict(mesh.shape)['pipe']}: this loss has no pipelined gradient (the "
+        "pipeline runs the pretraining loss: make_train_step); use mesh.pipe=1.")
   tx, schedule = make_tx(train_cfg)
+  if grad_fn is None:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, aux), grads = grad_fn(state.params, state.router_bias, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -321,6 +325,23 @@ def make_train_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None 
   train_cfg.max_bad_steps > 0 a non-finite update is skipped and reported as
   skipped = 1 (make_update_step's skip_nonfinite).
   Numerically the same on one device and on a mesh (tests/test_parallel.py).
+  A mesh with pipe > 1 runs the step as a pipeline (parallel/pipeline.py;
+  train_cfg.pipeline_schedule, num_microbatches), with the same numbers
+  (tests/test_pipeline.py).
   """
+  grad_fn = None
+  pipe = dict(mesh.shape).get("pipe", 1) if mesh is not None else 1
+  if pipe > 1:
+    from deepseek_jax.parallel.pipeline import pipeline_value_and_grad
+    grad_fn = pipeline_value_and_grad(cfg, train_cfg, mesh, rules,
+                                      schedule=train_cfg.pipeline_schedule,
+                                      n_microbatches=num_microbatches(train_cfg, pipe))
   return make_update_step(cfg, train_cfg, pretraining_loss(cfg, train_cfg, mesh, rules),
-                          mesh, rules, skip_nonfinite=train_cfg.max_bad_steps > 0)
+                          mesh, rules, skip_nonfinite=train_cfg.max_bad_steps > 0,
+                          grad_fn=grad_fn)
+
+
+def num_microbatches(train_cfg: TrainConfig, pipe: int) -> int:
+  """train_cfg.num_microbatches, or 2 x pipe when it is 0 (module doc of
+  TrainConfig)."""
+  return train_cfg.num_microbatches or 2 * pipe
