@@ -256,7 +256,8 @@ TRAIN_CASES = [
      "pipeline_schedule='interleaved' must be one of"),
     ("dualpipe_microbatches", lambda c: T("--config.mesh.pipe=2", "--config.num_microbatches=2",
                                           "--config.pipeline_schedule=dualpipe"),
-     "DualPipe feeds half the micro-batches from each end"),
+     "pipeline_schedule='dualpipe', num_microbatches=2, mesh.pipe=2: n_microbatches=2 with "
+     "n_stages=2: DualPipe feeds half"),
     ("pipeline_batch", lambda c: T("--config.mesh.pipe=2", "--config.num_microbatches=4"),
      "must be a multiple of num_microbatches x the batch mesh axes = 4 x 4"),
     ("pipeline_stages", lambda c: T("--config.mesh.pipe=8", "--config.mesh.data=1",

@@ -76,8 +76,7 @@ schedule gives the unpipelined loss and gradients (tests/test_pipeline.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -351,7 +350,6 @@ def _head_terms(cfg: ModelConfig, shared, shared_bias, h_pre, mb, totals, weight
   """The last stage: final norm, head, MTP; this micro-batch's share of the
   loss terms (sums over its tokens / the whole batch's counts)."""
   from deepseek_jax.train import losses
-  tokens_shape = mb["tokens"].shape
   h = RMSNorm(cfg).apply({"params": shared["norm"]}, h_pre)
   head = Einsum(cfg.replace(dtype="float32"), (cfg.dim, cfg.vocab_size), "bsd,dv->bsv")
   logits = head.apply({"params": shared["head"]}, h)
@@ -380,7 +378,6 @@ def _head_terms(cfg: ModelConfig, shared, shared_bias, h_pre, mb, totals, weight
       loads.append(aux["load"])
     out["mtp"] = out["mtp"] / cfg.n_mtp_depth
     out["mtp_load"] = jnp.stack(loads)
-  del tokens_shape
   return out
 
 
@@ -441,8 +438,12 @@ def _batch_totals(cfg: ModelConfig, batch: dict) -> dict:
 def check_pipeline(cfg: ModelConfig, train_cfg, n_stages: int, schedule: str,
                    n_microbatches: int, batch_rows: int | None = None) -> None:
   """Clear errors, before anything compiles, for what the pipeline cannot run."""
-  sched._check_args(schedule, n_stages, n_microbatches,
-                    {"F": 1.0, "B": 2.0, "W": 1.0, "FB": 1.0})
+  try:
+    sched._check_args(schedule, n_stages, n_microbatches,
+                      {"F": 1.0, "B": 2.0, "W": 1.0, "FB": 1.0})
+  except ValueError as e:     # the simulator's names -> the config fields
+    raise ValueError(f"pipeline_schedule={schedule!r}, num_microbatches={n_microbatches}, "
+                     f"mesh.pipe={n_stages}: {e}") from None
   if batch_rows is not None and batch_rows % n_microbatches:
     raise ValueError(
         f"batch of {batch_rows} rows does not split into num_microbatches={n_microbatches} "
@@ -471,9 +472,8 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
   present = {k: np.unique(table.fields[k]) for k in ("f_op", "b_op")}
   compact = {k: np.searchsorted(v, table.fields[k]).astype(np.int32)
              for k, v in present.items()}
-  dense_idx, dense_on = layout.index(False)
-  moe_idx, moe_on = layout.index(True)
-  del dense_idx, moe_idx
+  _, dense_on = layout.index(False)
+  _, moe_on = layout.index(True)
 
   def run(params, router_bias, batch):
     rows = batch["tokens"].shape[0]
@@ -670,4 +670,3 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
 
 __all__ = ["StageLayout", "Table", "split_layers", "to_stages", "from_stages", "build_table",
            "check_pipeline", "pipeline_value_and_grad"]
-del functools, Any
