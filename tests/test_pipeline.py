@@ -187,8 +187,9 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _check_against_one_device(schedule, mesh_cfg, m, n_layers, rows, stage_layers=None):
-  cfg = get_preset("tiny").replace(n_layers=n_layers)
+def _check_against_one_device(schedule, mesh_cfg, m, n_layers, rows, stage_layers=None,
+                              remat="none"):
+  cfg = get_preset("tiny").replace(n_layers=n_layers, remat_policy=remat)
   train_cfg = TrainConfig()
   v = init_variables(cfg, jax.random.key(0))
   # A skewed router bias, so the loads (and the bias update) are not uniform.
@@ -225,17 +226,20 @@ def test_zb1p_on_pipe2_expert2_data2_equals_the_unpipelined_model():
 
 
 @pytest.mark.slow   # 15-40 s each to compile on 2 cores: CI's slow step
-@pytest.mark.parametrize("schedule,mesh,m,n_layers,rows,stage_layers", [
-    ("dualpipe", dict(pipe=2, expert=2, data=2), 4, 4, 16, None),
-    ("dualpipe", dict(pipe=4, data=2), 8, 5, 16, None),          # uneven: 2,1,1,1
-    ("gpipe", dict(pipe=4, data=2), 4, 5, 8, None),
-    ("zb1p", dict(pipe=4, data=2), 6, 4, 12, None),
-    ("gpipe", dict(pipe=2, expert=2, data=2), 2, 4, 8, (1, 3)),   # uneven, given
-    ("1f1b", dict(pipe=2, expert=2, data=2), 4, 3, 16, None),
+@pytest.mark.parametrize("schedule,mesh,m,n_layers,rows,stage_layers,remat", [
+    ("dualpipe", dict(pipe=2, expert=2, data=2), 4, 4, 16, None, "none"),
+    ("dualpipe", dict(pipe=4, data=2), 8, 5, 16, None, "none"),     # uneven: 2,1,1,1
+    ("gpipe", dict(pipe=4, data=2), 4, 5, 8, None, "none"),
+    ("zb1p", dict(pipe=4, data=2), 6, 4, 12, None, "full"),         # remat inside stages
+    ("gpipe", dict(pipe=2, expert=2, data=2), 2, 4, 8, (1, 3), "none"),   # uneven, given
+    ("1f1b", dict(pipe=2, expert=2, data=2), 4, 3, 16, None, "none"),
+    # FSDP and tensor parallelism inside the stages
+    ("1f1b", dict(pipe=2, fsdp=2, tensor=2, data=1, rules="fsdp_tp"), 2, 4, 8, None, "none"),
 ])
 def test_every_schedule_on_both_meshes_equals_the_unpipelined_model(
-    schedule, mesh, m, n_layers, rows, stage_layers):
-  _check_against_one_device(schedule, MeshConfig(**mesh), m, n_layers, rows, stage_layers)
+    schedule, mesh, m, n_layers, rows, stage_layers, remat):
+  _check_against_one_device(schedule, MeshConfig(**mesh), m, n_layers, rows, stage_layers,
+                            remat)
 
 
 # --- launch.train with a pipe axis -------------------------------------------------

@@ -44,12 +44,17 @@ from deepseek_jax.model.mtp import MTPModule, shift_left
 from deepseek_jax.parallel.rules import constrain
 
 
+def checkpoint_policy(cfg: ModelConfig):
+  """The jax.checkpoint policy of cfg.remat_policy ("full": None, save nothing;
+  "dots_saveable": keep the matmul outputs); not for "none" (no remat)."""
+  return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+          if cfg.remat_policy == "dots_saveable" else None)
+
+
 def _remat(block_cls, cfg: ModelConfig):
   if cfg.remat_policy == "none":
     return block_cls
-  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            if cfg.remat_policy == "dots_saveable" else None)
-  return nn.remat(block_cls, policy=policy, prevent_cse=False)
+  return nn.remat(block_cls, policy=checkpoint_policy(cfg), prevent_cse=False)
 
 
 def _stack(cfg: ModelConfig, moe: bool, length: int, name: str, mode: str = "train",

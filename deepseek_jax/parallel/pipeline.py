@@ -88,6 +88,7 @@ from deepseek_jax.model.block import Block
 from deepseek_jax.model.layers import Einsum, Embed, RMSNorm
 from deepseek_jax.model.mla import attention_bias
 from deepseek_jax.model.mtp import MTPModule, shift_left
+from deepseek_jax.model.transformer import checkpoint_policy
 from deepseek_jax.parallel import schedules as sched
 
 PIPE = "pipe"
@@ -325,9 +326,7 @@ def build_table(schedule: str, n_stages: int, n_microbatches: int) -> Table:
 def _remat(fn, cfg: ModelConfig):
   if cfg.remat_policy == "none":
     return fn
-  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            if cfg.remat_policy == "dots_saveable" else None)
-  return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+  return jax.checkpoint(fn, policy=checkpoint_policy(cfg), prevent_cse=False)
 
 
 def _run_slots(cfg: ModelConfig, moe: bool, params, bias, active, x, positions, mask, valid):

@@ -74,9 +74,17 @@ class MetricsWriter:
         f.write(json.dumps(r) + "\n")
     os.replace(tmp, self.path)
     self.tb = None
+    self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
+    self._tb_files = 0
     if tensorboard:
-      self.tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                              purge_step=start_step + 1, flush_secs=30)
+      self.tb = self._open_tb(purge_step=start_step + 1)
+
+  def _open_tb(self, **kwargs):
+    # A numbered suffix: files opened within one second must not share a name
+    # (tensorboardX names them by the second), and must sort in order.
+    self._tb_files += 1
+    return SummaryWriter(self._tb_dir, flush_secs=30,
+                         filename_suffix=f".{os.getpid()}.{self._tb_files:06d}", **kwargs)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     record = {"step": int(step), **{k: _scalar(v) for k, v in values.items()}}
@@ -88,10 +96,14 @@ class MetricsWriter:
           self.tb.add_scalar(k, v, int(step))
 
   def flush(self) -> None:
-    """Puts buffered TensorBoard events on disk (before a checkpoint: a run
-    killed later resumes from it and must not miss the steps up to it)."""
+    """Puts every TensorBoard event written so far on disk (before a
+    checkpoint: a run killed later resumes from it and must not miss the
+    steps up to it). tensorboardX's own flush() leaves the events still
+    queued for its writer thread behind; close() drains the queue, so the
+    file is closed and the next events go to a new one."""
     if self.tb is not None:
-      self.tb.flush()
+      self.tb.close()
+      self.tb = self._open_tb()
 
   def close(self) -> None:
     if self.tb is not None:
