@@ -345,6 +345,14 @@ def _run_slots(cfg: ModelConfig, moe: bool, params, bias, active, x, positions, 
   return x, balance, load
 
 
+def _zero_terms(cfg: ModelConfig) -> dict:
+  """The last stage's loss terms and MTP loads, all zero (other stages' value)."""
+  zero = jnp.zeros((), jnp.float32)
+  return {"ce": zero, "mtp": zero, "balance": zero,
+          "mtp_load": jnp.zeros((max(cfg.n_mtp_depth, 1), max(cfg.n_routed_experts, 1)),
+                                jnp.float32)}
+
+
 def _head_terms(cfg: ModelConfig, shared, shared_bias, h_pre, mb, totals, weights):
   """The last stage: final norm, head, MTP; this micro-batch's share of the
   loss terms (sums over its tokens / the whole batch's counts)."""
@@ -353,10 +361,7 @@ def _head_terms(cfg: ModelConfig, shared, shared_bias, h_pre, mb, totals, weight
   head = Einsum(cfg.replace(dtype="float32"), (cfg.dim, cfg.vocab_size), "bsd,dv->bsv")
   logits = head.apply({"params": shared["head"]}, h)
   ce, n = losses.cross_entropy(logits, mb["targets"], mb["loss_mask"])
-  out = {"ce": ce * n / jnp.maximum(totals["target_tokens"], 1e-9),
-         "mtp": jnp.zeros((), jnp.float32), "balance": jnp.zeros((), jnp.float32),
-         "mtp_load": jnp.zeros((max(cfg.n_mtp_depth, 1), max(cfg.n_routed_experts, 1)),
-                               jnp.float32)}
+  out = dict(_zero_terms(cfg), ce=ce * n / jnp.maximum(totals["target_tokens"], 1e-9))
   if cfg.n_mtp_depth:
     valid = mb["segment_ids"] != 0
     mask = attention_bias(mb["segment_ids"])
@@ -404,14 +409,10 @@ def _stage_fn(cfg: ModelConfig, train_cfg, dense_active, moe_active):
       x, bal, load = _run_slots(cfg, True, stage_p["moe_layers"], stage_b["moe_layers"],
                                 moe_active, x, mb["positions"], mask, valid)
       balance = bal.sum() * seq_share
-    zeros = {"ce": jnp.zeros((), jnp.float32), "mtp": jnp.zeros((), jnp.float32),
-             "balance": jnp.zeros((), jnp.float32),
-             "mtp_load": jnp.zeros((max(cfg.n_mtp_depth, 1), max(cfg.n_routed_experts, 1)),
-                                   jnp.float32)}
     head = jax.lax.cond(
         is_last,
         lambda x: _head_terms(cfg, shared, shared_b, x, mb, totals, {"seq_share": seq_share}),
-        lambda x: zeros, x)
+        lambda x: _zero_terms(cfg), x)
     balance = balance + head["balance"]
     local = (head["ce"] + train_cfg.mtp_weight * head["mtp"]
              + train_cfg.balance_weight * balance)
@@ -480,8 +481,9 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
     totals = _batch_totals(cfg, batch)
     stage_p = to_stages(layout, params)
     stage_b = to_stages(layout, router_bias)
-    shared = {k: v for k, v in params.items() if k not in ("dense_layers", "moe_layers")}
-    shared_b = {k: v for k, v in router_bias.items() if k != "moe_layers"}
+    stacks = [name for name, _ in _STACKS]
+    shared = {k: v for k, v in params.items() if k not in stacks}
+    shared_b = {k: v for k, v in router_bias.items() if k not in stacks}
     # Micro-batch j takes rows j, j + M, j + 2M, ...: the split keeps each
     # data shard's rows on its devices.
     mbs = {k: v.reshape((rows // n_microbatches, n_microbatches) + v.shape[1:])
@@ -592,12 +594,8 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
           "g": jnp.zeros((n_buf, mb_rows, seq, dim), x_dtype),
           "grads": tuple(jax.tree.map(jnp.zeros_like, staged[d]) for d in range(dirs)),
           "shared_grads": jax.tree.map(jnp.zeros_like, shared),
-          "acc": {"ce": jnp.zeros((), jnp.float32), "mtp": jnp.zeros((), jnp.float32),
-                  "balance": jnp.zeros((), jnp.float32),
-                  "load": jnp.zeros((dirs, max(moe_on.shape[-1], 1),
-                                     max(cfg.n_routed_experts, 1)), jnp.float32),
-                  "mtp_load": jnp.zeros((max(cfg.n_mtp_depth, 1),
-                                         max(cfg.n_routed_experts, 1)), jnp.float32)},
+          "acc": dict(_zero_terms(cfg), load=jnp.zeros(
+              (dirs, max(moe_on.shape[-1], 1), max(cfg.n_routed_experts, 1)), jnp.float32)),
       }
       # Direction 0 moves activations up the ranks and gradients down;
       # direction 1 the other way round.
