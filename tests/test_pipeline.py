@@ -21,8 +21,9 @@ import pytest
 from deepseek_jax import get_preset
 from deepseek_jax.model import init_variables
 from deepseek_jax.parallel import MeshConfig, activate, setup, simulate
-from deepseek_jax.parallel.pipeline import (build_table, from_stages, pipeline_value_and_grad,
-                                            split_layers, to_stages)
+from deepseek_jax.parallel.pipeline import (build_table, from_stages, layout_from_sizes,
+                                            layout_sizes, pipeline_value_and_grad, split_layers,
+                                            stage_tree, state_layout, to_stages, unstage_tree)
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import FAST_COMPILE, pretraining_loss
 
@@ -152,6 +153,69 @@ def test_to_stages_and_from_stages_round_trip_the_stacks():
   np.testing.assert_array_equal(back["dense_layers"]["w"], tree["dense_layers"]["w"])
 
 
+def test_stage_tree_and_unstage_tree_round_trip_any_state_pytree():
+  """Params, router biases and optimizer moments alike (by their paths)."""
+  cfg = get_preset("tiny").replace(n_layers=6, n_dense_layers=1)
+  layout = split_layers(cfg, 4)                # 2, 2, 1, 1 blocks: padded MoE slots
+  tree = {"step": jnp.zeros((), jnp.int32),
+          "mu": ({"moe_layers": {"w": jnp.arange(1.0, 6.0)[:, None] * jnp.ones((5, 3))},
+                  "dense_layers": {"w": jnp.ones((1, 2))}, "head": {"w": jnp.ones((2, 3))}},)}
+  staged = stage_tree(layout, tree)
+  assert staged["mu"][0]["moe_layers"]["w"].shape == (4, 2, 3)
+  assert staged["mu"][0]["dense_layers"]["w"].shape == (4, 1, 2)
+  assert staged["mu"][0]["head"]["w"].shape == (2, 3)
+  # Stage s's active slots hold its blocks in order: 1, 2-3, 4, 5 (MoE ids 0-4).
+  np.testing.assert_array_equal(staged["mu"][0]["moe_layers"]["w"][:, :, 0],
+                                [[1, 1], [2, 3], [4, 1], [5, 1]])
+  back = unstage_tree(layout, staged)
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_state_on_a_pipe_mesh_is_split_by_stage_and_steps_like_one_device(tmp_path):
+  """init_train_state on pipe4 x data2 stores the layer stacks (and their Adam
+  moments) as [stage, slot, ...] split over `pipe`: each rank holds its own
+  stage's blocks. One 1F1B train step equals the one-device step (moments
+  hold the gradients: Adam's first update alone is ~sign(g)), and a
+  checkpoint of the staged state restores on one device, converted."""
+  from deepseek_jax.train import checkpoint
+  from deepseek_jax.train.loop import restore_relayout
+  from deepseek_jax.train.step import init_train_state, make_train_step, model_variables
+  cfg = get_preset("tiny").replace(n_layers=5)     # 1 dense + 4 MoE: stages 2, 1, 1, 1
+  train_cfg = TrainConfig(pipeline_schedule="1f1b", num_microbatches=4, fast_compile=True)
+  mesh, rules = setup(MeshConfig(pipe=4, data=2))
+  state = init_train_state(cfg, train_cfg, jax.random.key(0), mesh, rules)
+  ref = init_train_state(cfg, train_cfg, jax.random.key(0))
+  w = state.params["moe_layers"]["ffn"]["w1"]
+  assert w.shape[:2] == (4, 1) and w.sharding.spec[0] == "pipe"
+  assert {s.data.shape[0] for s in w.addressable_shards} == {1}
+  mu = state.opt_state[1][0].mu["moe_layers"]["ffn"]["w1"]
+  assert mu.shape == w.shape and mu.sharding.spec[0] == "pipe"
+  np.testing.assert_array_equal(model_variables(cfg, state, mesh)["params"]["moe_layers"]
+                                ["ffn"]["w1"], ref.params["moe_layers"]["ffn"]["w1"])
+  batch = _batch(cfg, 8)
+  state, m = make_train_step(cfg, train_cfg, mesh, rules)(state, batch)
+  ref, m_ref = make_train_step(cfg, train_cfg)(ref, batch)
+  for key in ("loss", "ce", "mtp", "grad_norm"):
+    assert abs(float(m[key]) - float(m_ref[key])) <= TOL, key
+  np.testing.assert_array_equal(m["expert_load"], m_ref["expert_load"])
+  got = unstage_tree(state_layout(cfg, mesh), jax.device_get(
+      {"mu": state.opt_state[1][0].mu, "bias": state.router_bias}))
+  assert _max_diff(got["mu"], ref.opt_state[1][0].mu) <= TOL
+  assert _max_diff(got["bias"], ref.router_bias) == 0.0
+  # Checkpointed in the stage layout; resumed on one device in the model's.
+  ckpts = checkpoint.Checkpoints(str(tmp_path), cfg, train_cfg.to_dict(), async_save=False)
+  ckpts.pipeline_stages = layout_sizes(state_layout(cfg, mesh))
+  ckpts.save(1, state, {"step": 1}, force=True)
+  assert ckpts.saved_meta()["pipeline_stages"] == [2, 1, 1, 1]
+  back, _ = restore_relayout(ckpts, cfg, train_cfg, None, None,
+                             layout_from_sizes(cfg, [2, 1, 1, 1]), None)
+  ckpts.close()
+  assert jax.tree.structure(back) == jax.tree.structure(ref)
+  assert _max_diff(back.params, jax.device_get(model_variables(cfg, state, mesh)["params"])) == 0
+
+
 def test_bad_pipeline_settings_are_refused_before_compiling():
   cfg = get_preset("tiny")
   mesh, rules = setup(MeshConfig(pipe=4, data=2))
@@ -271,8 +335,18 @@ def test_launch_train_with_dualpipe_trains_like_one_device_and_resumes(tmp_path)
   second = run(pp, *pipe, "--config.steps=5")
   assert "resuming from" in second and "at step 3" in second
   assert "step      1/" not in second
+  # Its checkpoints are in the stage layout; resumed without a pipe axis they
+  # are converted (and export reads the model's layout).
+  third = run(pp, "--config.steps=6")
+  assert "checkpoint converted from pipeline stages [2, 1] to none" in third
   run(ref, "--config.steps=5")                    # the same run on one data-parallel mesh
+  run(ref, "--config.steps=6")                    # (in two calls: step 5 is kept, as in pp)
   got, want = losses(pp), losses(ref)
-  assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-4), step
+  from deepseek_jax.train.export import load_trained_variables
+  _, v_pp, _ = load_trained_variables(pp, step=5)
+  _, v_ref, _ = load_trained_variables(ref, step=5)
+  assert jax.tree.structure(v_pp) == jax.tree.structure(v_ref)
+  assert _max_diff(v_pp, v_ref) <= 1e-4

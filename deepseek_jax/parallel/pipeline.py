@@ -22,6 +22,14 @@ inactive (they pass activations through; their padded weights get zero
 gradients and are dropped). The embedding, head, final norm and MTP weights
 are replicated over `pipe`; their gradients are summed over it.
 
+Stored by stage. The train state on a pipe mesh keeps the layer stacks in
+this [PP, slots, ...] layout (`stage_tree`; `state_layout` gives it for a
+mesh), the stage axis split over `pipe` (logical axis `stages`), so a rank
+stores only its stage's blocks and their optimizer moments, as V3 does;
+the executor then takes them as they are (`staged=True`). Checkpoints
+record the layout; `unstage_tree` converts back to the model's layout
+(export, evaluation, a resume on another pipe count).
+
 Executor
 --------
 `simulate`'s per-rank operation lists, re-timed with every op lasting one
@@ -207,6 +215,66 @@ def from_stages(layout: StageLayout, staged: dict, like: dict) -> dict:
       return jnp.zeros(ref.shape, g.dtype).at[flat_idx].add(g)
     out[name] = jax.tree.map(back, staged[name], like[name])
   return out
+
+
+def _stack_of(path) -> bool | None:
+  """Whether a pytree leaf at `path` lies in the MoE (True) or dense (False)
+  layer stack, None outside both. Works for params, router biases and the
+  optimizer's moments alike (a moment's path ends with its parameter's)."""
+  names = dict(_STACKS)
+  for entry in path:
+    key = getattr(entry, "key", None)
+    if key in names:
+      return names[key]
+  return None
+
+
+def _inverse_index(layout: StageLayout, moe: bool) -> np.ndarray:
+  """Flat [PP * slots] position of each block of a stack, in stack order."""
+  idx, active = layout.index(moe)
+  flat = np.flatnonzero(active.reshape(-1))
+  return flat[np.argsort(idx.reshape(-1)[flat], kind="stable")].astype(np.int32)
+
+
+def stage_tree(layout: StageLayout, tree):
+  """Any pytree of the model's layout (params, router_bias, optimizer state)
+  -> the stage layout the train state has on a mesh with pipe > 1: every
+  layer-stack leaf [n, ...] becomes [PP, slots, ...] (axis 0 split over
+  `pipe`: each rank stores only its stage's blocks; padded slots hold a copy
+  of block 0 and are never used). Other leaves are unchanged."""
+  def one(path, a):
+    moe = _stack_of(path)
+    if moe is None or not layout.slots(moe) or np.ndim(a) == 0:
+      return a
+    return a[jnp.asarray(layout.index(moe)[0])]
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def unstage_tree(layout: StageLayout, tree):
+  """Inverse of `stage_tree` (exact: a gather of the active slots)."""
+  def one(path, a):
+    moe = _stack_of(path)
+    if moe is None or not layout.slots(moe) or np.ndim(a) == 0:
+      return a
+    return a.reshape((-1,) + a.shape[2:])[jnp.asarray(_inverse_index(layout, moe))]
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def state_layout(cfg: ModelConfig, mesh) -> StageLayout | None:
+  """The stage layout of a train state on `mesh` (None without a pipe axis
+  > 1: the model's own layout)."""
+  pp = dict(mesh.shape).get(PIPE, 1) if mesh is not None else 1
+  return split_layers(cfg, pp) if pp > 1 else None
+
+
+def layout_from_sizes(cfg: ModelConfig, sizes) -> StageLayout | None:
+  """The layout saved in a checkpoint's meta (`pipeline_stages`: blocks per
+  stage, or None for the model's own layout)."""
+  return split_layers(cfg, len(sizes), tuple(sizes)) if sizes else None
+
+
+def layout_sizes(layout: StageLayout | None) -> list[int] | None:
+  return [len(ids) for ids in layout.layers] if layout is not None else None
 
 
 # ---------------------------------------------------------------------------
@@ -457,12 +525,20 @@ def check_pipeline(cfg: ModelConfig, train_cfg, n_stages: int, schedule: str,
 
 def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedule: str,
                             n_microbatches: int,
-                            stage_layers: tuple[int, ...] | None = None) -> Callable:
+                            stage_layers: tuple[int, ...] | None = None,
+                            staged: bool = False) -> Callable:
   """f(params, router_bias, batch) -> ((loss, aux), grads), the contract of
   `jax.value_and_grad(pretraining_loss(cfg, train_cfg), has_aux=True)`
   (aux: {"metrics", "expert_load", "mtp_expert_load"}), run as a pipeline
   over mesh axis `pipe` (module doc). Call it inside `parallel.activate(mesh,
-  rules)` (as the train step does), jitted or not."""
+  rules)` (as the train step does), jitted or not.
+
+  staged: params and router_bias come in the stage layout (`stage_tree`, the
+  train state's on a pipe mesh: each rank stores its own stage's blocks) and
+  the layer-stack gradients go out in it (padded slots' exactly zero); aux
+  then also has "bias_load", the expert loads in the stage layout [PP,
+  slots, E] for the router-bias update. Otherwise both are in the model's
+  layout and the stages are gathered from it every call."""
   pp = dict(mesh.shape)[PIPE]
   check_pipeline(cfg, train_cfg, pp, schedule, n_microbatches)
   layout = split_layers(cfg, pp, stage_layers)
@@ -479,20 +555,24 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
     rows = batch["tokens"].shape[0]
     check_pipeline(cfg, train_cfg, pp, schedule, n_microbatches, rows)
     totals = _batch_totals(cfg, batch)
-    stage_p = to_stages(layout, params)
-    stage_b = to_stages(layout, router_bias)
     stacks = [name for name, _ in _STACKS]
+    if staged:
+      stage_p = {k: v for k, v in params.items() if k in stacks}
+      stage_b = {k: v for k, v in router_bias.items() if k in stacks}
+    else:
+      stage_p = to_stages(layout, params)
+      stage_b = to_stages(layout, router_bias)
     shared = {k: v for k, v in params.items() if k not in stacks}
     shared_b = {k: v for k, v in router_bias.items() if k not in stacks}
     # Micro-batch j takes rows j, j + M, j + 2M, ...: the split keeps each
     # data shard's rows on its devices.
     mbs = {k: v.reshape((rows // n_microbatches, n_microbatches) + v.shape[1:])
            for k, v in batch.items()}
-    staged = [stage_p]
-    staged_b = [stage_b]
+    chunks = [stage_p]
+    chunks_b = [stage_b]
     if dirs == 2:      # DualPipe: rank r also holds stage PP-1-r
-      staged.append(jax.tree.map(lambda a: a[::-1], stage_p))
-      staged_b.append(jax.tree.map(lambda a: a[::-1], stage_b))
+      chunks.append(jax.tree.map(lambda a: a[::-1], stage_p))
+      chunks_b.append(jax.tree.map(lambda a: a[::-1], stage_b))
     fields = {k: jnp.asarray(v) for k, v in table.fields.items()}
     fields.update({k: jnp.asarray(v) for k, v in compact.items()})
     on = {"dense": jnp.asarray(dense_on), "moe": jnp.asarray(moe_on)}
@@ -621,17 +701,17 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
       return (tuple(expand(g) for g in state["grads"]), shared_grads, metrics,
               acc["load"][None])
 
-    staged_spec = [jax.tree.map(lambda _: P(PIPE), t) for t in staged]
-    staged_b_spec = [jax.tree.map(lambda _: P(PIPE), t) for t in staged_b]
+    staged_spec = [jax.tree.map(lambda _: P(PIPE), t) for t in chunks]
+    staged_b_spec = [jax.tree.map(lambda _: P(PIPE), t) for t in chunks_b]
     rep = lambda t: jax.tree.map(lambda _: P(), t)                  # noqa: E731
     fn = jax.shard_map(
         body, mesh=mesh, axis_names={PIPE}, check_vma=False,
         in_specs=(staged_spec, staged_b_spec, rep(shared), rep(shared_b), rep(mbs),
                   rep(totals), jax.tree.map(lambda _: P(None, PIPE), fields),
                   jax.tree.map(lambda _: P(PIPE), on), jax.tree.map(lambda _: P(PIPE), on_rev)),
-        out_specs=(tuple(jax.tree.map(lambda _: P(PIPE), t) for t in staged), rep(shared),
+        out_specs=(tuple(jax.tree.map(lambda _: P(PIPE), t) for t in chunks), rep(shared),
                    {"ce": P(), "mtp": P(), "balance": P(), "mtp_load": P()}, P(PIPE)))
-    stage_grads, shared_grads, metrics, loads = fn(staged, staged_b, shared, shared_b, mbs,
+    stage_grads, shared_grads, metrics, loads = fn(chunks, chunks_b, shared, shared_b, mbs,
                                                    totals, fields, on, on_rev)
     g_stage = stage_grads[0]
     if dirs == 2:
@@ -640,13 +720,21 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
     else:
       loads = loads[:, 0]
     grads = dict(shared_grads)
-    grads.update(from_stages(layout, g_stage, params))
-    # Back into the model's [n_moe_layers, E] expert loads.
+    if staged:
+      for name, moe in _STACKS:
+        if name in g_stage:
+          on_ = jnp.asarray(layout.index(moe)[1])
+          grads[name] = jax.tree.map(
+              lambda g: g * on_.reshape(on_.shape + (1,) * (g.ndim - 2)).astype(g.dtype),
+              g_stage[name])
+    else:
+      grads.update(from_stages(layout, g_stage, params))
     aux = {}
     if cfg.n_moe_layers:
-      expert_load = from_stages(layout, {"moe_layers": loads},
-                                {"moe_layers": jnp.zeros((cfg.n_moe_layers,) + loads.shape[2:])}
-                                )["moe_layers"]
+      # Back into the model's [n_moe_layers, E] expert loads.
+      expert_load = unstage_tree(layout, {"moe_layers": loads})["moe_layers"]
+      if staged:
+        aux["bias_load"] = loads
     else:
       expert_load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
     aux["expert_load"] = expert_load
@@ -665,5 +753,6 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
   return run
 
 
-__all__ = ["StageLayout", "Table", "split_layers", "to_stages", "from_stages", "build_table",
+__all__ = ["StageLayout", "Table", "split_layers", "to_stages", "from_stages", "stage_tree",
+           "unstage_tree", "state_layout", "layout_from_sizes", "layout_sizes", "build_table",
            "check_pipeline", "pipeline_value_and_grad"]

@@ -25,7 +25,11 @@ takes nbytes / (product of the mesh axes its spec uses) on every device.
 Pipeline parallelism (sizes["pipe"] = PP > 1, with a schedule and M
 micro-batches; DESIGN.md §4, schedules in parallel/schedules.py)
 -------------------------------------------------------------------------
-No rule maps a weight to `pipe`: the layer stack is split by layer instead.
+The layer stack is split by layer (the train state's stage layout, logical
+axis `stages` -> `pipe`: parallel/pipeline.py stage_tree). Where V3 keeps
+the embedding and head (the end ranks) is what is counted here; our executor
+keeps those shared weights on every pipe rank (split over the other axes
+like any weight), so its non-end ranks hold P_embed + P_last more than this.
 The L = n_layers blocks (dense first, then MoE, as the model stacks them) are
 cut into PP contiguous chunks; chunk c has L // PP layers, one more for the
 first L % PP chunks (`stage_layers`; V3: 61 = 13 x 4 + 3 x 3). Chunk 0 also

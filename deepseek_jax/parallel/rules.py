@@ -10,7 +10,10 @@ Each weight dimension has a logical name (MaxText's vocabulary):
                   c_kv and the shared rope key, never split)
   mlp             hidden units of dense MLPs and shared experts
   exp, mlp_moe    routed experts and their hidden units
-  layers          the stacked-layer axis of `nn.scan` (pipeline stages later)
+  layers          the stacked-layer axis of `nn.scan`
+  stages          on a mesh with pipe > 1 the train state stores each layer
+                  stack as [stages, layers, ...] (parallel/pipeline.py
+                  `stage_tree`): `stages` goes to `pipe` in every rule set
   norm, router, exp_bias, mtp_concat   small or unsplittable: replicated
 
 A rule set is an ordered list of (logical name, mesh axes). A dimension takes
@@ -48,11 +51,12 @@ from deepseek_jax.parallel.mesh import MeshConfig, make_mesh
 
 Rules = tuple[tuple[str, Any], ...]
 BATCH_AXES = ("data", "fsdp", "expert")
-_BATCH = (("batch", BATCH_AXES),)
+# A pipeline's train state: each rank stores its own stage's layer stacks.
+_BATCH = (("batch", BATCH_AXES), ("stages", "pipe"))
 _FSDP = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"))
 LEFTOVER = "*"
 # Names a leftover axis never joins: the scan axis, activations, small vectors.
-_NO_LEFTOVER = {None, "layers", "batch", "seq", "norm", "router", "exp_bias"}
+_NO_LEFTOVER = {None, "stages", "layers", "batch", "seq", "norm", "router", "exp_bias"}
 _TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("mlp_moe", "tensor"),
            ("vocab", "tensor"))
 
@@ -101,7 +105,9 @@ def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
 
   Works for parameters, router biases and optimizer moments alike (an optax
   moment's path ends with its parameter's path). A stacked (scanned) weight
-  has one more leading dim: `layers`. Scalars (step counters) have none.
+  has one more leading dim: `layers`, and two in the stage layout of a
+  pipeline's train state: `stages`, `layers`. Scalars (step counters) have
+  none.
   """
   if ndim == 0:
     return ()
@@ -116,9 +122,12 @@ def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
                      "(module, parameter) entry to deepseek_jax/parallel/rules.py.")
   if ndim == len(base) + 1:
     return ("layers",) + base
+  if ndim == len(base) + 2 and any(k in ("dense_layers", "moe_layers") for k in keys):
+    return ("stages", "layers") + base
   if ndim != len(base):
     raise ValueError(f"{name} has rank {ndim}; its logical names {base} expect "
-                     f"{len(base)} (or {len(base) + 1} when stacked).")
+                     f"{len(base)} (or {len(base) + 1} when stacked, {len(base) + 2} "
+                     "in a pipeline's stage layout).")
   return base
 
 

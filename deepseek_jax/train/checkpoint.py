@@ -3,7 +3,9 @@
 Each checkpoint step directory holds two items (orbax `CheckpointManager`):
   state   the TrainState pytree (step, params, opt_state, router_bias)
   meta    JSON: the data iterator's state, the model config and the train
-          config the run was started with.
+          config the run was started with; for a pipeline's train state
+          also `pipeline_stages`, the blocks per stage of its stage layout
+          (resuming on another pipe count converts it: train/loop.py).
 Starting a run in a workdir that already holds checkpoints resumes from the
 latest one, but only if the saved model config equals the requested one: a
 different model cannot load those arrays, so `open_checkpoints` refuses
@@ -89,6 +91,10 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
     self._last_saved: int | None = None
+    # Blocks per pipeline stage when the saved state is in a pipeline's stage
+    # layout (parallel/pipeline.py stage_tree), written to meta as
+    # "pipeline_stages"; None: the model's own layout.
+    self.pipeline_stages: list[int] | None = None
 
   @classmethod
   def existing(cls, workdir: str) -> "Checkpoints":
@@ -208,6 +214,8 @@ class Checkpoints:
       return False
     meta = {"data": data_state, "model_config": self.model_cfg.to_dict(),
             "train_config": self.train_cfg_dict}
+    if self.pipeline_stages:
+      meta["pipeline_stages"] = list(self.pipeline_stages)
     saved = bool(self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force))
     if saved:

@@ -11,9 +11,13 @@ returns `{"params", "router_bias"}` as `Transformer.apply` expects them.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
+import jax
+
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.parallel.pipeline import layout_from_sizes, unstage_tree
 from deepseek_jax.train.checkpoint import CHECKPOINT_DIR, Checkpoints
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import abstract_train_state
@@ -45,8 +49,12 @@ def load_trained_run(workdir: str, step: int | None = None
     model_cfg = ModelConfig.from_dict(meta["model_config"])
     # A GRPO run keeps its own config beside the TrainConfig (rl/trainer.py).
     train_cfg = TrainConfig.from_saved(meta["train_config"])
-    state, _ = ckpts.restore(abstract_train_state(model_cfg, train_cfg), step)
+    # A pipeline run's state is in its stage layout: back to the model's.
+    layout = layout_from_sizes(model_cfg, meta.get("pipeline_stages"))
+    state, _ = ckpts.restore(abstract_train_state(model_cfg, train_cfg, layout=layout), step)
   finally:
     ckpts.close()
-  return (model_cfg, train_cfg, {"params": state.params, "router_bias": state.router_bias},
-          int(step))
+  variables = {"params": state.params, "router_bias": state.router_bias}
+  if layout is not None:
+    variables = jax.jit(partial(unstage_tree, layout))(variables)
+  return model_cfg, train_cfg, variables, int(step)

@@ -99,12 +99,18 @@ def init_state_from_hf(cfg: ModelConfig, train_cfg, path: str, mesh=None,
   del flat, loaded
   tx, _ = step_lib.make_tx(train_cfg)
 
-  def fresh(params):
-    return jnp.zeros((), jnp.int32), tx.init(params)
+  kept.setdefault("router_bias", {})
+  layout = step_lib.state_layout(cfg, mesh)
+
+  def fresh(variables):
+    if layout is not None:     # a pipe mesh: each stage's blocks on its ranks
+      variables = step_lib.stage_tree(layout, variables)
+    return (jnp.zeros((), jnp.int32), variables["params"], variables["router_bias"],
+            tx.init(variables["params"]))
   if mesh is None:
-    step, opt_state = jax.jit(fresh)(kept["params"])
+    step, params, bias, opt_state = jax.jit(fresh)(kept)
   else:
     sh = step_lib.state_shardings(cfg, train_cfg, mesh, rules)
-    step, opt_state = jax.jit(fresh, out_shardings=(sh.step, sh.opt_state))(kept["params"])
-  return step_lib.TrainState(step=step, params=kept["params"], opt_state=opt_state,
-                             router_bias=kept.get("router_bias", {}))
+    step, params, bias, opt_state = jax.jit(
+        fresh, out_shardings=(sh.step, sh.params, sh.router_bias, sh.opt_state))(kept)
+  return step_lib.TrainState(step=step, params=params, opt_state=opt_state, router_bias=bias)

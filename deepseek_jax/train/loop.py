@@ -28,17 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
-from deepseek_jax.model import count_params
+from deepseek_jax.model import abstract_variables, count_params
 from deepseek_jax.parallel import MeshConfig, distributed
+from deepseek_jax.parallel.pipeline import (layout_from_sizes, layout_sizes, stage_tree,
+                                            state_layout, unstage_tree)
 from deepseek_jax.train import checkpoint, evaluate, flops, hf_init, metrics
 from deepseek_jax.train.config import TrainConfig, schedule_changes  # noqa: F401 (re-exported)
 from deepseek_jax.train.step import (abstract_train_state, init_train_state,
-                                     make_train_step, v2_balance_devices)
+                                     make_train_step, model_variables, state_shardings,
+                                     v2_balance_devices)
 
 
 def check_compatible(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
@@ -75,9 +80,13 @@ def load_init_from(model_cfg: ModelConfig, workdir: str) -> tuple[dict, int]:
   return variables, src_step
 
 
-def with_variables(state, variables: dict):
-  """state with `variables`' params and router biases, cast to and placed
-  like state's (any mesh, any process count)."""
+def with_variables(state, variables: dict, layout=None):
+  """state with `variables`' params and router biases (the model's layout),
+  cast to and placed like state's (any mesh, any process count); `layout`:
+  the state's stage layout on a pipe mesh (`state_layout`), None otherwise."""
+  if layout is not None:
+    variables = stage_tree(layout, jax.tree.map(np.asarray, jax.device_get(variables)))
+
   def place(new, old):
     host = np.asarray(jax.device_get(new)).astype(old.dtype)
     if not old.committed:   # one device: stay uncommitted like the rest of the
@@ -86,6 +95,27 @@ def with_variables(state, variables: dict):
   return state.replace(
       params=jax.tree.map(place, variables["params"], state.params),
       router_bias=jax.tree.map(place, variables["router_bias"], state.router_bias))
+
+
+def restore_relayout(ckpts, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, rules,
+                     saved_layout, layout):
+  """(state, data state) of the latest checkpoint, saved in stage layout
+  `saved_layout` (None: the model's own), converted to `layout` (a resume on
+  another pipe count, or without one): read whole on every device, then
+  re-split and placed in the state's shardings."""
+  target = abstract_train_state(model_cfg, train_cfg, layout=saved_layout)
+  if mesh is not None:
+    whole = NamedSharding(mesh, P())
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole),
+                          target)
+  state, saved = ckpts.restore(target)
+
+  def convert(st):
+    st = unstage_tree(saved_layout, st) if saved_layout is not None else st
+    return stage_tree(layout, st) if layout is not None else st
+  out = (None if mesh is None
+         else state_shardings(model_cfg, train_cfg, mesh, rules))
+  return jax.jit(convert, out_shardings=out)(state), saved
 
 
 def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig, model_cfg=None):
@@ -264,6 +294,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       workdir, model_cfg, train_cfg.to_dict(), every=train_cfg.ckpt_every,
       keep=train_cfg.keep_ckpts, keep_every=train_cfg.keep_every,
       async_save=train_cfg.async_checkpoints)
+  # On a pipe mesh the state stores each stage's blocks on its own ranks.
+  layout = state_layout(model_cfg, mesh)
+  ckpts.pipeline_stages = layout_sizes(layout)
   peer_lost = False
   stop = StopSignals(install=not multiprocess)
   writer = None
@@ -305,7 +338,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       init = load_init_from(model_cfg, train_cfg.init_from) if train_cfg.init_from else None
       state = init_train_state(model_cfg, train_cfg, rng, mesh, rules)
       if init is not None:
-        state = with_variables(state, init[0])
+        state = with_variables(state, init[0], layout)
         log(f"initialised from {train_cfg.init_from} (step {init[1]}): parameters and "
             "router biases; optimizer and data start fresh")
         del init
@@ -317,8 +350,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
             f"({'; '.join(changed)}): resuming would bend it mid-run. Keep the saved values "
             "(with decay_steps=0 the cosine runs to `steps`: to extend a run, set decay_steps "
             "to the saved resolved value), or start a new workdir with init_from.")
-      state, saved = ckpts.restore(
-          abstract_train_state(model_cfg, train_cfg, mesh, rules))
+      saved_stages = ckpts.saved_meta().get("pipeline_stages")
+      if saved_stages == layout_sizes(layout):
+        state, saved = ckpts.restore(abstract_train_state(model_cfg, train_cfg, mesh, rules))
+      else:
+        state, saved = restore_relayout(ckpts, model_cfg, train_cfg, mesh, rules,
+                                        layout_from_sizes(model_cfg, saved_stages), layout)
+        log(f"checkpoint converted from pipeline stages {saved_stages or 'none'} to "
+            f"{layout_sizes(layout) or 'none (mesh.pipe=1)'}")
       data.iterator.restore(saved)
       log(f"resuming from {ckpts.directory} at step {resumed_from}"
           + (f" (ignoring init_from_hf={train_cfg.init_from_hf}: the run's own checkpoint "
@@ -329,7 +368,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
                        f"{data.iterator.step} disagree; the checkpoint is corrupt.")
     # Built after the resume: a bad checkpoint or init_from fails before it.
     train_step = make_train_step(model_cfg, train_cfg, mesh, rules)
-    n_params = count_params(state.params)
+    n_params = count_params(abstract_variables(model_cfg)["params"])   # without stage padding
     log(f"model: {n_params:,} parameters; training steps {start} -> {end_step} "
         f"of {train_cfg.steps}")
     step_flops = flops.train_flops_per_token(model_cfg, train_cfg.seq_len)
@@ -354,7 +393,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
       eval_batch = min(train_cfg.eval_batch_size, len(data.eval_problems))
 
       def run_eval(state):
-        variables = {"params": state.params, "router_bias": state.router_bias}
+        variables = model_variables(model_cfg, state, mesh)
         return evaluate.exact_match(variables, data.tokenizer, data.eval_problems, model_cfg,
                                     max_new_tokens=train_cfg.max_new_tokens,
                                     batch_size=eval_batch, template=train_cfg.template,

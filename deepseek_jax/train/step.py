@@ -27,6 +27,7 @@ loss above.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import flax
@@ -39,6 +40,8 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer, init_variables
+from deepseek_jax.parallel.pipeline import (pipeline_value_and_grad, stage_tree,
+                                            state_layout, unstage_tree)
 from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 from deepseek_jax.train import losses
 from deepseek_jax.train.config import TrainConfig
@@ -74,12 +77,14 @@ def compiler_options(train_cfg: TrainConfig) -> dict[str, Any] | None:
   return dict(FAST_COMPILE) if train_cfg.fast_compile else None
 
 
-def _init_state_fn(cfg: ModelConfig, train_cfg: TrainConfig
+def _init_state_fn(cfg: ModelConfig, train_cfg: TrainConfig, layout=None
                    ) -> Callable[[jax.Array], TrainState]:
   tx, _ = make_tx(train_cfg)
 
   def init(rng):
     variables = init_variables(cfg, rng)
+    if layout is not None:
+      variables = stage_tree(layout, variables)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params),
@@ -87,14 +92,20 @@ def _init_state_fn(cfg: ModelConfig, train_cfg: TrainConfig
   return init
 
 
+_FROM_MESH = "from_mesh"
+
+
 def init_train_state(cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array,
                      mesh: Mesh | None = None, rules: Rules | None = None) -> TrainState:
   """Fresh parameters, optimizer state, zero router bias; step 0.
 
   With a mesh, every leaf is created directly in its sharding (the jitted
-  init's out_shardings): nothing is materialised whole on one device.
+  init's out_shardings): nothing is materialised whole on one device. On a
+  mesh with pipe > 1 the layer stacks are stored in the stage layout
+  (`state_layout`): each pipeline rank holds only its stage's blocks and
+  their optimizer moments.
   """
-  init = _init_state_fn(cfg, train_cfg)
+  init = _init_state_fn(cfg, train_cfg, state_layout(cfg, mesh))
   if mesh is None:
     return jax.jit(init, compiler_options=FAST_COMPILE)(rng)
   # The init traces the model on a dummy batch of one row: it runs outside
@@ -104,10 +115,15 @@ def init_train_state(cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array,
 
 
 def abstract_train_state(cfg: ModelConfig, train_cfg: TrainConfig,
-                         mesh: Mesh | None = None, rules: Rules | None = None) -> TrainState:
+                         mesh: Mesh | None = None, rules: Rules | None = None,
+                         layout=_FROM_MESH) -> TrainState:
   """Shapes and dtypes of `init_train_state` (jax.ShapeDtypeStruct leaves),
-  carrying their shardings when a mesh is given (restore targets)."""
-  abstract = jax.eval_shape(_init_state_fn(cfg, train_cfg), jax.random.key(0))
+  carrying their shardings when a mesh is given (restore targets).
+  layout: the stage layout (parallel.pipeline.StageLayout, or None for the
+  model's own); by default the one `init_train_state` uses on `mesh`."""
+  if layout == _FROM_MESH:
+    layout = state_layout(cfg, mesh)
+  abstract = jax.eval_shape(_init_state_fn(cfg, train_cfg, layout), jax.random.key(0))
   if mesh is None:
     return abstract
   return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -120,6 +136,14 @@ def state_shardings(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
   follow their parameters; counters are replicated)."""
   return jax.tree.map(lambda a: a.sharding,
                       abstract_train_state(cfg, train_cfg, mesh, rules))
+
+
+def model_variables(cfg: ModelConfig, state: TrainState, mesh: Mesh | None = None) -> dict:
+  """{"params", "router_bias"} of `state` in the model's layout (what
+  `Transformer.apply` takes), whatever the state's layout on `mesh`."""
+  variables = {"params": state.params, "router_bias": state.router_bias}
+  layout = state_layout(cfg, mesh)
+  return variables if layout is None else jax.jit(partial(unstage_tree, layout))(variables)
 
 
 def _bias_step(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
@@ -274,8 +298,9 @@ def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
     load = aux.get("expert_load")
     if load is not None:
       mtp_load = aux.get("mtp_expert_load")
-      router_bias = update_router_bias(
-          state.router_bias, jax.lax.stop_gradient(load), train_cfg.bias_update_speed,
+      router_bias = update_router_bias(   # the pipeline's loads in the state's layout
+          state.router_bias, jax.lax.stop_gradient(aux.get("bias_load", load)),
+          train_cfg.bias_update_speed,
           None if mtp_load is None else jax.lax.stop_gradient(mtp_load))
       metrics.update(load_imbalance=load_imbalance(load), expert_load=load)
       if mtp_load is not None:
@@ -332,10 +357,10 @@ def make_train_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None 
   grad_fn = None
   pipe = dict(mesh.shape).get("pipe", 1) if mesh is not None else 1
   if pipe > 1:
-    from deepseek_jax.parallel.pipeline import pipeline_value_and_grad
     grad_fn = pipeline_value_and_grad(cfg, train_cfg, mesh, rules,
                                       schedule=train_cfg.pipeline_schedule,
-                                      n_microbatches=num_microbatches(train_cfg, pipe))
+                                      n_microbatches=num_microbatches(train_cfg, pipe),
+                                      staged=True)
   return make_update_step(cfg, train_cfg, pretraining_loss(cfg, train_cfg, mesh, rules),
                           mesh, rules, skip_nonfinite=train_cfg.max_bad_steps > 0,
                           grad_fn=grad_fn)
