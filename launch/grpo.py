@@ -13,7 +13,9 @@ WORKDIR. Outputs: WORKDIR/summary.json (held-out greedy and
 sampled accuracy before and after, format rate, wall_s), metrics.jsonl,
 samples.jsonl, grpo.png, checkpoints/ (readable by launch.generate).
 Rerunning with the same --workdir resumes. Config errors exit non-zero
-before compiling.
+before compiling. `--config.mesh.<axis>=N` (data/fsdp/tensor/expert; the
+default fills `data` with every device) runs the GRPO stage on a device
+mesh; the SFT stage takes its own config's mesh.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  from deepseek_jax.parallel import MeshConfig
   from deepseek_jax.rl.trainer import GRPOConfig, train_grpo
   from deepseek_jax.train.loop import train
   from launch.configs import build_configs
@@ -46,10 +49,12 @@ def main(argv):
   values = dict(_CONFIG.value)
   sft_config = values.pop("sft_config", "")
   init_from_hf = values.pop("init_from_hf", "")
+  mesh = values.pop("mesh", None)
   workdir = _WORKDIR.value
   log = lambda s: print(s, flush=True)  # noqa: E731
   try:
     gcfg = GRPOConfig.from_dict(values)
+    mesh_cfg = MeshConfig.from_dict(dict(mesh)) if mesh is not None else None
     if gcfg.init_from and init_from_hf:
       raise ValueError(f"init_from={gcfg.init_from!r} and init_from_hf={init_from_hf!r}: "
                        "GRPO starts from a trained run, or the SFT stage from an HF "
@@ -72,8 +77,8 @@ def main(argv):
       train(model_cfg, train_cfg, sft_dir, log=log)
       gcfg = GRPOConfig.from_dict({**gcfg.to_dict(), "init_from": sft_dir})
       log("== stage 2: GRPO")
-    summary = train_grpo(gcfg, workdir, log=log)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    summary = train_grpo(gcfg, workdir, mesh_cfg=mesh_cfg, log=log)
+  except (ValueError, NotImplementedError, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f"launch.grpo: error: {e}")
   path = os.path.join(workdir, "summary.json")
   if os.path.exists(path):      # the whole pipeline's wall time (SFT included)

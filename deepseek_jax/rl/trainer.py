@@ -45,15 +45,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig, check_field_names, check_ints, split_names
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.infer import generate, token_logprobs
+from deepseek_jax.parallel import MeshConfig
+from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
 from deepseek_jax.rl import grpo, rewards
 from deepseek_jax.train import checkpoint, evaluate, metrics
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.loop import with_variables
-from deepseek_jax.train.step import init_train_state, make_update_step
+from deepseek_jax.train.loop import describe_mesh, mesh_for, with_variables
+from deepseek_jax.train.step import abstract_train_state, init_train_state, make_update_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,8 +282,34 @@ def _atomic_json(path: str, value: Any) -> None:
   os.replace(path + ".tmp", path)
 
 
+def grpo_mesh(gcfg: GRPOConfig, mesh_cfg: MeshConfig | None, model_cfg: ModelConfig,
+              opt_cfg: TrainConfig):
+  """(mesh, rules) of a GRPO run ((None, None) on one device); errors
+  naming the field before anything compiles."""
+  if mesh_cfg is None:
+    return None, None
+  if mesh_cfg.pipe > 1:
+    raise NotImplementedError(
+        f"mesh.pipe={mesh_cfg.pipe}: the pipeline runs the pretraining loss only; GRPO's "
+        "loss has no pipelined gradient. Use mesh.pipe=1 (data/fsdp/tensor/expert axes).")
+  if jax.process_count() > 1:
+    raise NotImplementedError(
+        f"GRPO runs in one process (this is process {jax.process_index()} of "
+        f"{jax.process_count()}): use one host's devices with a mesh.")
+  rows = gcfg.prompts_per_step * gcfg.group_size
+  sizes = mesh_cfg.shape(len(jax.devices()))
+  split = axes_size(sizes, BATCH_AXES)
+  if rows % split:
+    raise ValueError(
+        f"prompts_per_step x group_size = {gcfg.prompts_per_step} x {gcfg.group_size} = "
+        f"{rows} rollouts per step must be a multiple of the mesh's batch axes "
+        f"data*fsdp*expert={split}; change prompts_per_step or the mesh.")
+  return mesh_for(mesh_cfg, dataclasses.replace(opt_cfg, batch_size=rows), model_cfg)
+
+
 def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
                extra_rewards: dict[str, tuple[rewards.RewardFn, float]] | None = None,
+               mesh_cfg: MeshConfig | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
   """GRPO from the run in gcfg.init_from, resuming from `workdir` if it
   holds checkpoints. Returns the summary (also written to summary.json):
@@ -288,6 +317,10 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
   wall_s, final_step, skipped_steps, history (per-step scalars of this call).
   extra_rewards: {name: (fn(completion, example) -> float | None, weight)}
   added to the built-in ones (example: {"answer", "prompt"}).
+  mesh_cfg: run on a device mesh (data/fsdp/tensor/expert axes, one
+  process): the policy, its optimizer state and the reference are sharded
+  by the mesh's rule set, rollouts and updates run on all devices, and the
+  numbers are the one-device run's up to float summation order.
   stop_after: end this call after that step, with a checkpoint (tests)."""
   t_start = time.time()
   if not gcfg.init_from:
@@ -315,6 +348,7 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
                      f"tokens > the model's max_seq_len={model_cfg.max_seq_len}; lower "
                      "max_new_tokens.")
   opt_cfg = gcfg.optimizer_config(src_train)
+  mesh, rules = grpo_mesh(gcfg, mesh_cfg, model_cfg, opt_cfg)
   os.makedirs(workdir, exist_ok=True)
   _atomic_json(os.path.join(workdir, "grpo_config.json"), gcfg.to_dict())
   # The checkpoint's train config is a plain TrainConfig (so export,
@@ -327,8 +361,8 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
   try:
     if diff:
       log("note: the config differs from the checkpointed run: " + "; ".join(diff))
-    state = with_variables(init_train_state(model_cfg, opt_cfg, jax.random.key(gcfg.seed)),
-                           init_vars)
+    state = with_variables(init_train_state(model_cfg, opt_cfg, jax.random.key(gcfg.seed),
+                                            mesh, rules), init_vars)
     # The reference: the starting policy (refreshed every ref_refresh_every
     # steps; a resumed run with refreshes restarts it from the resumed policy).
     # (copies: the update step donates the policy's buffers)
@@ -340,16 +374,24 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
       log(f"GRPO from {gcfg.init_from} (step {src_step}); {model_cfg.n_layers} layers, "
           f"{gcfg.prompts_per_step} prompts x {gcfg.group_size} completions per step")
     else:
-      state, _ = ckpts.restore(checkpoint.abstract_like(state))
+      state, _ = ckpts.restore(abstract_train_state(model_cfg, opt_cfg, mesh, rules))
       if gcfg.ref_refresh_every and gcfg.beta > 0:
         ref = snapshot()
       log(f"resuming from {ckpts.directory} at step {resumed}")
     del init_vars
     start = resumed or 0
     end = gcfg.steps if stop_after is None else min(stop_after, gcfg.steps)
-    update = make_update_step(model_cfg, opt_cfg, grpo_loss_fn(model_cfg, gcfg),
+    if mesh is not None:
+      log(f"mesh: {describe_mesh(mesh)}, rules {mesh_cfg.rules}")
+    update = make_update_step(model_cfg, opt_cfg, grpo_loss_fn(model_cfg, gcfg), mesh, rules,
                               skip_nonfinite=True)
-    score = jax.jit(lambda v, b: completion_logprobs(model_cfg, v, b))
+    score_fn = jax.jit(lambda v, b: completion_logprobs(model_cfg, v, b))
+
+    def score(variables, batch):   # the reference's log-probs, on the policy's mesh
+      if mesh is None:
+        return score_fn(variables, batch)
+      with parallel.activate(mesh, rules):
+        return score_fn(variables, jax.device_put(batch, parallel.batch_sharding(mesh, rules)))
     writer = metrics.MetricsWriter(workdir, start)
     samples_path = os.path.join(workdir, "samples.jsonl")
     n_eval_batch = min(gcfg.eval_batch_size, max(len(eval_problems), 1))
@@ -360,7 +402,8 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
     def run_eval(step: int) -> dict[str, float]:
       if not eval_problems:
         return {}
-      kw = dict(max_new_tokens=gcfg.max_new_tokens, batch_size=n_eval_batch, template=template)
+      kw = dict(max_new_tokens=gcfg.max_new_tokens, batch_size=n_eval_batch, template=template,
+                mesh=mesh)
       greedy = evaluate.exact_match(policy(), tok, eval_problems, model_cfg, **kw)
       sampled = evaluate.exact_match(policy(), tok, eval_problems, model_cfg, **kw,
                                      temperature=gcfg.temperature,
@@ -386,7 +429,7 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
       prompts = [prompt_ids[i] for i in chosen for _ in range(G)]
       gen = generate(model_cfg, policy(), prompts, max_new_tokens=gcfg.max_new_tokens,
                      temperature=gcfg.temperature, top_p=gcfg.top_p, stop_ids=(tok.eos_id,),
-                     rng=jax.random.key(gcfg.seed * 1_000_003 + step))
+                     rng=jax.random.key(gcfg.seed * 1_000_003 + step), mesh=mesh)
       seqs = gen.sequences()
       texts = [tok.decode(s[:-1] if s and s[-1] == tok.eos_id else s) for s in seqs]
       examples = [{"answer": p.answer, "prompt": p.prompt} for p in problems]

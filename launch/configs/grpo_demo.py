@@ -18,6 +18,7 @@ Measured figures: bench/RESULTS.md (GRPO).
 
 from ml_collections import ConfigDict, config_dict
 
+from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.rl.trainer import GRPOConfig
 
 
@@ -43,4 +44,6 @@ def get_config():
   config.eval_every = 50
   config.eval_batch_size = 50
   config.ckpt_every = 50
+  # The GRPO stage's device mesh (one device: none). --config.mesh.expert=4 ...
+  config.mesh = ConfigDict(MeshConfig().to_dict())
   return config
