@@ -4,7 +4,8 @@
 
 For each schedule (gpipe, 1f1b, zb1p, dualpipe) builds
 `parallel.pipeline.pipeline_value_and_grad` for a small model on
-pipe x data fake CPU devices, compiles it, times `--repeats` calls
+pipe x data fake CPU devices (parameters stored by stage, as the train
+state holds them on a pipe mesh), compiles it, times `--repeats` calls
 (median) and prints one JSON line:
 
   schedule, pipe, data, microbatches, ticks (executor ticks of the table),
@@ -48,7 +49,9 @@ def main(argv=None) -> None:
   from deepseek_jax import get_preset
   from deepseek_jax.model import init_variables
   from deepseek_jax.parallel import MeshConfig, activate, setup, simulate
-  from deepseek_jax.parallel.pipeline import pipeline_value_and_grad
+  from deepseek_jax.parallel.pipeline import (pipeline_value_and_grad, split_layers,
+                                              stage_tree, unstage_tree)
+  from deepseek_jax.parallel.rules import tree_shardings
   from deepseek_jax.train.config import TrainConfig
   from deepseek_jax.train.step import pretraining_loss
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -62,19 +65,25 @@ def main(argv=None) -> None:
   oracle = jax.jit(jax.value_and_grad(pretraining_loss(cfg, train_cfg), has_aux=True))
   (_, _), want = oracle(v["params"], v["router_bias"], batch)
   mesh, rules = setup(MeshConfig(pipe=args.pipe, data=args.data))
+  # As the train step has them: the layer stacks stored by stage, split over pipe.
+  layout = split_layers(cfg, args.pipe)
+  staged = stage_tree(layout, v)
+  staged = jax.device_put(staged, tree_shardings(staged, mesh, rules))
   for schedule in args.schedules.split(","):
     fn = pipeline_value_and_grad(cfg, train_cfg, mesh, rules, schedule=schedule,
-                                 n_microbatches=args.microbatches)
+                                 n_microbatches=args.microbatches, staged=True)
     sim = simulate(schedule, args.pipe, args.microbatches, F=1.0, B=2.0, W=1.0, FB=2.5)
     with activate(mesh, rules):
       t0 = time.perf_counter()
-      step = jax.jit(fn).lower(v["params"], v["router_bias"], batch).compile()
+      step = jax.jit(fn).lower(staged["params"], staged["router_bias"], batch).compile()
       compile_s = time.perf_counter() - t0
       times = []
       for _ in range(args.repeats + 1):
         t0 = time.perf_counter()
-        (loss, _), grads = jax.block_until_ready(step(v["params"], v["router_bias"], batch))
+        (loss, _), grads = jax.block_until_ready(step(staged["params"], staged["router_bias"],
+                                                      batch))
         times.append(time.perf_counter() - t0)
+    grads = unstage_tree(layout, grads)
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(grads)))
     print(json.dumps({
