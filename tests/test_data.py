@@ -482,6 +482,58 @@ def test_kind_of_recovers_the_kind_each_problem_was_drawn_as():
         assert {kind_of(p) for p in problems} == {kind}
 
 
+def test_countdown_answers_use_each_number_once_and_reach_the_target():
+    """Oracle: Python's eval of the stored answer and of every worked step."""
+    from deepseek_jax.data import countdown_correct
+    for max_digits in (1, 2):
+        for p in generate_problems(200, seed=4, kinds=("countdown",), max_digits=max_digits):
+            target, numbers = re.fullmatch(r"make (\d+) with (.+)", p.prompt).groups()
+            nums = [int(n) for n in numbers.split()]
+            assert nums == sorted(nums) and len(nums) == 3
+            assert all(1 <= n < 10 ** max_digits for n in nums)
+            assert eval(p.answer) == int(target) < 10 ** (max_digits + 1)
+            assert sorted(int(n) for n in re.findall(r"\d+", p.answer)) == nums
+            value = None
+            for line in p.reasoning.split("\n"):
+                left, right = line.split("=")
+                assert eval(left) == int(right) >= 0
+                assert value is None or left.startswith(str(value))
+                value = int(right)
+            assert value == int(target)
+            assert countdown_correct(p.prompt, p.answer)
+
+
+@pytest.mark.parametrize("answer,ok", [
+    ("8*13+75", True), ("75+13*8", True), ("(8*13)+75", True), (" 75 + 8*13 ", True),
+    ("13*8+75", True),
+    ("8*13+74", False),                  # wrong value
+    ("8*13+75+0", False),                # a number that was not given
+    ("8*13", False),                     # 75 unused
+    ("8*8+115", False),                  # 8 twice
+    ("-8*13+283", False),                # unary minus: not allowed
+    ("104+75", False),                   # an intermediate is not a given number
+    ("(75+13)/8*...", False), ("8**2", False), ("__import__('os')", False),
+    ("8.0*13+75", False), ("", False), (None, False), ("(" * 40 + "8" + ")" * 40, False),
+])
+def test_countdown_verifier_on_a_table(answer, ok):
+    from deepseek_jax.data import countdown_correct
+    assert countdown_correct("make 179 with 8 13 75", answer) is ok
+
+
+def test_countdown_reward_and_exact_match_accept_any_right_expression():
+    from deepseek_jax.data import Problem, is_correct
+    from deepseek_jax.rl import rewards
+    p = Problem(prompt="make 179 with 8 13 75", reasoning="", answer="8*13+75")
+    other = " <think>13*8=104</think> <answer>75+13*8</answer>"
+    assert is_correct(other, p)
+    assert rewards.accuracy(other, {"answer": p.answer, "prompt": p.prompt}) == 1.0
+    assert rewards.accuracy(other.replace("75+", "74+"),
+                            {"answer": p.answer, "prompt": p.prompt}) == 0.0
+    with pytest.raises(ValueError, match="not a countdown prompt"):
+        from deepseek_jax.data import countdown_correct
+        countdown_correct("179", "1")
+
+
 # ----------------------------------------------------------------------------
 # pipeline.py: parquet, SFT records and load_documents
 

@@ -27,6 +27,18 @@ one digit 1-9), "chain" ("a+b-c", two steps left to right, each step worked as
 above under a header "a+b:"; intermediates never go negative). Prompts are valid
 Python expressions, so `eval(prompt)` is an independent oracle for the answer.
 
+"countdown" is the harder search task (Countdown, as in TinyZero's R1-Zero
+replication): "make 46 with 3 7 25" asks for an expression that uses each
+given number exactly once, with + - * and parentheses, and equals the target.
+Many answers are right, so it is checked by `countdown_correct` (the
+expression is parsed, never eval'ed: numbers, + - * and parentheses only),
+not by string equality; the stored answer is one of them (the one the
+numbers were drawn with; the prompt lists the numbers sorted, so their order
+does not give it away) and the worked solution its steps, one per line
+("3+7=10", "10*25=250"... no column arithmetic: the point is the search).
+Numbers have 1..max_digits digits; every intermediate is >= 0 and the target
+< 10**(max_digits + 1).
+
 "passkey" is the long-context kind (the retrieval test used to check context
 extension, e.g. after YaRN): a haystack of repeated filler sentences with one
 "The pass key is 48213. Remember it. 48213 is the pass key." at a random
@@ -44,6 +56,7 @@ the prompt (`split_of`), so no seed or size can make them share a prompt.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import re
@@ -64,7 +77,9 @@ SHORT_TEMPLATE = "User: {prompt}\nAssistant:"
 TEMPLATES = {"short": SHORT_TEMPLATE, "r1": R1_TEMPLATE}
 
 ARITHMETIC_KINDS = ("add", "sub", "mul", "chain")
-KINDS = ARITHMETIC_KINDS + ("passkey",)
+# Kinds with a verifiable answer and a worked solution (SFT, GRPO, rejection sampling).
+VERIFIABLE_KINDS = ARITHMETIC_KINDS + ("countdown",)
+KINDS = VERIFIABLE_KINDS + ("passkey",)
 DEFAULT_KINDS = ("add", "sub", "mul")
 SPLITS = ("train", "test")
 TEST_PERCENT = 10  # share of the prompt space held out for evaluation
@@ -167,6 +182,8 @@ def kind_of(problem: Problem) -> str:
     """The kind (KINDS) a generated problem was drawn as, read off its prompt."""
     if problem.prompt.endswith(_QUESTION):
         return "passkey"
+    if is_countdown(problem.prompt):
+        return "countdown"
     ops = re.findall(r"[+\-*]", problem.prompt)
     if len(ops) == 2:
         return "chain"
@@ -200,6 +217,73 @@ def _expression(rng: np.random.Generator, kind: str, max_digits: int) -> str:
         first = a + b if op1 == "+" else a - b
         if first >= 0 and (first + c if op2 == "+" else first - c) >= 0:
             return f"{a}{op1}{b}{op2}{c}"
+
+
+# ----------------------------------------------------------------------------
+# Countdown
+
+_COUNTDOWN = re.compile(r"make (\d+) with (\d+(?: \d+)+)")
+_COUNTDOWN_CHARS = re.compile(r"[0-9+\-*() ]+")
+COUNTDOWN_NUMBERS = 3
+MAX_EXPRESSION_CHARS = 64
+
+
+def countdown_problem(rng: np.random.Generator, max_digits: int) -> Problem:
+    """One Countdown problem (module doc): COUNTDOWN_NUMBERS numbers combined
+    left to right by random operators, redrawn until every step is >= 0 and
+    the target < 10**(max_digits + 1)."""
+    while True:
+        nums = [max(_number(rng, max_digits), 1) for _ in range(COUNTDOWN_NUMBERS)]
+        ops = [("+", "-", "*")[int(rng.integers(3))] for _ in range(COUNTDOWN_NUMBERS - 1)]
+        value, expr, lines, ok = nums[0], str(nums[0]), [], True
+        for op, y in zip(ops, nums[1:]):
+            new = _APPLY[op](value, y)
+            if new < 0 or new >= 10 ** (max_digits + 1):
+                ok = False
+                break
+            lines.append(f"{value}{op}{y}={new}")
+            # Left to right: a product after a sum or difference needs parentheses.
+            expr = f"({expr}){op}{y}" if op == "*" and any(c in expr for c in "+-") else (
+                f"{expr}{op}{y}")
+            value = new
+        if ok:
+            prompt = f"make {value} with {' '.join(str(n) for n in sorted(nums))}"
+            return Problem(prompt=prompt, reasoning="\n".join(lines), answer=expr)
+
+
+def _value(node, used: list[int]) -> int:
+    """The integer value of a parsed + - * expression; collects its numbers."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        used.append(node.value)
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult):
+        a, b = _value(node.left, used), _value(node.right, used)
+        return a + b if isinstance(node.op, ast.Add) else (
+            a - b if isinstance(node.op, ast.Sub) else a * b)
+    raise ValueError("not a + - * expression of integers")
+
+
+def is_countdown(prompt: str) -> bool:
+    return _COUNTDOWN.fullmatch(prompt) is not None
+
+
+def countdown_correct(prompt: str, expression: str | None) -> bool:
+    """Whether `expression` uses each number of the Countdown `prompt` exactly
+    once (+ - * and parentheses only) and equals its target."""
+    match = _COUNTDOWN.fullmatch(prompt)
+    if match is None:
+        raise ValueError(f"prompt={prompt!r} is not a countdown prompt ('make T with a b c')")
+    if (expression is None or len(expression) > MAX_EXPRESSION_CHARS
+            or not _COUNTDOWN_CHARS.fullmatch(expression)):
+        return False
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+        used: list[int] = []
+        value = _value(tree.body, used)
+    except (SyntaxError, ValueError, RecursionError):
+        return False
+    want = sorted(int(n) for n in match.group(2).split())
+    return sorted(used) == want and value == int(match.group(1))
 
 
 _FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.",
@@ -257,6 +341,9 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
                 rng.integers(max(PASSKEY_MIN_CHARS, context_chars // 4), context_chars + 1))
             problem = passkey_problem(rng, chars)
             expr = problem.prompt
+        elif kind == "countdown":
+            problem = countdown_problem(rng, max_digits)
+            expr = problem.prompt
         else:
             expr = _expression(rng, kind, max_digits)
         if expr in seen or split_of(expr) != split:
@@ -268,7 +355,7 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
                     "add kinds or lower n")
             continue
         seen.add(expr)
-        problems.append(problem if kind == "passkey" else solve(expr))
+        problems.append(problem if kind in ("passkey", "countdown") else solve(expr))
     return problems
 
 
@@ -300,7 +387,10 @@ def extract_answer(completion: str) -> str | None:
 
 
 def is_correct(completion: str, problem: Problem) -> bool:
-    """Accuracy reward: the extracted answer equals problem.answer exactly."""
+    """Accuracy reward: the extracted answer equals problem.answer exactly
+    (Countdown: any expression `countdown_correct` accepts)."""
+    if kind_of(problem) == "countdown":
+        return countdown_correct(problem.prompt, extract_answer(completion))
     return extract_answer(completion) == problem.answer
 
 

@@ -6,7 +6,10 @@ None when it cannot judge; `example` is a dict holding at least "answer"
 
   accuracy        1 when the <answer> block holds the same number as the
                   example's answer (number equivalence: "0405", "405.0",
-                  "+405", "4.05e2" all equal 405), else 0
+                  "+405", "4.05e2" all equal 405), else 0; for a Countdown
+                  example (its "prompt" "make T with a b c") 1 when the block
+                  holds any expression of those numbers that equals T
+                  (tasks.countdown_correct)
   format          1 for exactly one <think>...</think> followed by exactly one
                   <answer>...</answer> (non-empty), nothing else around them
   language        R1's language-consistency reward: the share of letters in
@@ -57,6 +60,9 @@ def parse_number(text: str | None) -> Fraction | None:
 
 
 def accuracy(completion: str, example: Mapping[str, Any]) -> float:
+  prompt = example.get("prompt")
+  if prompt is not None and tasks.is_countdown(prompt):    # many right answers: verified
+    return float(tasks.countdown_correct(prompt, tasks.extract_answer(completion)))
   want = parse_number(str(example["answer"]))
   if want is None:
     raise ValueError(f"example answer {example['answer']!r} is not a number")

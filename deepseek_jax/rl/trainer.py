@@ -162,10 +162,10 @@ class GRPOConfig:
     if self.overlong_buffer > self.max_new_tokens:
       raise ValueError(f"overlong_buffer={self.overlong_buffer} must be <= max_new_tokens="
                        f"{self.max_new_tokens}.")
-    bad = [k for k in self.task_kinds if k not in tasks.ARITHMETIC_KINDS]
+    bad = [k for k in self.task_kinds if k not in tasks.VERIFIABLE_KINDS]
     if bad or not self.task_kinds:
       raise ValueError(f"task_kinds={self.task_kinds} must be a non-empty subset of "
-                       f"{tasks.ARITHMETIC_KINDS}.")
+                       f"{tasks.VERIFIABLE_KINDS}.")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
