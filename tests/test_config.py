@@ -68,3 +68,40 @@ def test_from_json_with_preset_and_overrides(tmp_path):
   path.write_text("{not json")
   with pytest.raises(ValueError, match="not valid JSON"):
     ModelConfig.from_json(str(path))
+
+
+def test_every_shipped_launch_config_builds_its_configs():
+  """Each launch/configs/*.py (and :arg stage) gives valid configs: a training
+  config its ModelConfig / TrainConfig / MeshConfig, a GRPO config its
+  GRPOConfig and MeshConfig, and its SFT stage's config file the same."""
+  import glob
+  import os
+  from launch.config_flag import load_config
+  from launch.configs import build_configs, build_mesh_config
+  from deepseek_jax.parallel import MeshConfig
+  from deepseek_jax.rl.trainer import GRPOConfig
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  paths = sorted(glob.glob(os.path.join(repo, "launch", "configs", "*.py")))
+  paths = [p for p in paths if not p.endswith("__init__.py")]
+  assert len(paths) >= 9
+  grpo = 0
+  for path in paths + [os.path.join(repo, "launch/configs/long_context.py") + ":2"]:
+    config = load_config(path)
+    if "group_size" in config:             # a launch.grpo config
+      grpo += 1
+      values = dict(config)
+      sft, mesh = values.pop("sft_config"), values.pop("mesh")
+      values.pop("init_from_hf")
+      gcfg = GRPOConfig.from_dict(values)
+      MeshConfig.from_dict(dict(mesh))
+      model_cfg, train_cfg = build_configs(load_config(os.path.join(repo, sft)))
+      assert set(gcfg.task_kinds) <= set(train_cfg.task_kinds), path
+    elif path.endswith("finetune.py"):     # the model is the HF checkpoint's
+      with pytest.raises(ValueError, match="init_from_hf=DIR"):
+        build_configs(config)
+      continue
+    else:
+      model_cfg, train_cfg = build_configs(config)
+      build_mesh_config(config)
+    assert model_cfg.n_layers >= 1 and train_cfg.steps >= 1
+  assert grpo == 2
