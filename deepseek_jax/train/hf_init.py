@@ -19,6 +19,8 @@ second, random copy of the model.
 
 from __future__ import annotations
 
+from functools import partial
+
 import dataclasses
 import os
 from typing import Any, Mapping
@@ -101,16 +103,16 @@ def init_state_from_hf(cfg: ModelConfig, train_cfg, path: str, mesh=None,
 
   kept.setdefault("router_bias", {})
   layout = step_lib.state_layout(cfg, mesh)
+  sh = step_lib.state_shardings(cfg, train_cfg, mesh, rules) if mesh is not None else None
+  if layout is not None:     # a pipe mesh: each stage's blocks on its ranks (one copy)
+    kept = jax.jit(partial(step_lib.stage_tree, layout),
+                   out_shardings={"params": sh.params, "router_bias": sh.router_bias})(kept)
 
-  def fresh(variables):
-    if layout is not None:     # a pipe mesh: each stage's blocks on its ranks
-      variables = step_lib.stage_tree(layout, variables)
-    return (jnp.zeros((), jnp.int32), variables["params"], variables["router_bias"],
-            tx.init(variables["params"]))
+  def fresh(params):
+    return jnp.zeros((), jnp.int32), tx.init(params)
   if mesh is None:
-    step, params, bias, opt_state = jax.jit(fresh)(kept)
+    step, opt_state = jax.jit(fresh)(kept["params"])
   else:
-    sh = step_lib.state_shardings(cfg, train_cfg, mesh, rules)
-    step, params, bias, opt_state = jax.jit(
-        fresh, out_shardings=(sh.step, sh.params, sh.router_bias, sh.opt_state))(kept)
+    step, opt_state = jax.jit(fresh, out_shardings=(sh.step, sh.opt_state))(kept["params"])
+  params, bias = kept["params"], kept["router_bias"]
   return step_lib.TrainState(step=step, params=params, opt_state=opt_state, router_bias=bias)
