@@ -170,3 +170,24 @@ def test_grpo_on_a_mesh_equals_one_device_and_resumes(tiny_run, tmp_path):
       assert a[key] == b[key], (a["step"], key)
     for key in ("loss", "kl", "grad_norm", "entropy"):
       assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_dynamic_sampling_replaces_groups_of_equal_rewards(tiny_run, tmp_path):
+  """resample_rounds (DAPO): groups whose rewards are all equal carry no
+  gradient; fresh prompts' informative groups replace them, so the trained
+  batch never has more such groups than the first draw, and has fewer."""
+  def even(completion, example):           # ~1/2 per completion: half the pairs are equal
+    return float(len(completion) % 2 == 0)
+
+  gcfg = GRPOConfig(init_from=tiny_run, steps=3, prompts_per_step=4, group_size=2,
+                    max_new_tokens=8, n_train_problems=40, n_eval_problems=0, max_digits=1,
+                    accuracy_weight=0.0, format_weight=0.0, beta=0.0, lr=1e-3,
+                    warmup_steps=0, fast_compile=True, log_every=100, resample_rounds=3)
+  hist = train_grpo(gcfg, str(tmp_path / "g"), extra_rewards={"even": (even, 1.0)},
+                    log=lambda s: None)["history"]
+  drawn = [h["zero_std_groups_drawn"] for h in hist]
+  kept = [h["zero_std_groups"] for h in hist]
+  assert all(k <= d for k, d in zip(kept, drawn)), (kept, drawn)
+  assert sum(kept) < sum(drawn) and sum(drawn) > 0, (kept, drawn)
+  assert max(h["resample_rounds"] for h in hist) >= 1
+  assert all(h["reward_std"] > 0 for h in hist)

@@ -9,7 +9,8 @@ Each step (DeepSeekMath sec. 4.1.2, DeepSeek-R1 sec. 2.2):
      group advantages (grpo.group_advantages); completions a reward
      function could not score are masked out, and optionally truncated
      ones (`mask_truncated`) and groups of equal rewards
-     (`skip_equal_groups`, DAPO's dynamic sampling by filtering);
+     (`skip_equal_groups`, DAPO's dynamic sampling by filtering; or
+     `resample_rounds`: replaced by informative groups of fresh prompts);
   4. `mu` optimisation passes of `make_update_step` over the rollout batch
      with grpo.grpo_loss; the policy's log-probs are recomputed by
      `infer.token_logprobs` (the same module and precision as the rollout,
@@ -26,7 +27,8 @@ the progress line leads with reward and accuracy instead.
 Files in `workdir`: grpo_config.json, checkpoints/ (the policy's TrainState,
 readable by every tool that reads a training run: launch.generate, export,
 init_from; resumable), metrics.jsonl (per step: reward mean/std, reward/<fn>,
-accuracy, format, zero_std_groups, completion length mean/max, truncated,
+accuracy, format, zero_std_groups (of the trained batch; zero_std_groups_drawn
+of the step's first draw, resample_rounds), completion length mean/max, truncated,
 kl, entropy (-mean log p of the sampled tokens), clip_low/high, grad_norm,
 skipped; per eval: eval_greedy_accuracy, eval_sampled_accuracy,
 eval_format_ok), samples.jsonl (some rollouts every `sample_every` steps),
@@ -50,6 +52,7 @@ from deepseek_jax.config import ModelConfig, check_field_names, check_ints, spli
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.infer import generate, token_logprobs
+from deepseek_jax.infer.decode import Generation
 from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
 from deepseek_jax.rl import grpo, rewards
@@ -70,7 +73,10 @@ class GRPOConfig:
   Objective (grpo.py): loss_type, scale, eps_low / eps_high, beta,
     kl_estimator, kl_clamp; mu passes per rollout; ref_refresh_every (0 =
     the reference stays the starting policy); mask_truncated,
-    skip_equal_groups. Rewards: weights of the built-in functions (0 = off);
+    skip_equal_groups; resample_rounds > 0: DAPO's dynamic sampling, up to
+    that many extra rollout rounds of fresh prompts per step whose
+    informative groups (not all rewards equal) replace the equal ones.
+    Rewards: weights of the built-in functions (0 = off);
     overlong_buffer > 0 adds DAPO's overlong shaping over the last that
     many tokens before max_new_tokens.
   Optimizer: AdamW at constant lr after warmup_steps (grad clip clip_norm).
@@ -105,6 +111,7 @@ class GRPOConfig:
   ref_refresh_every: int = 0
   mask_truncated: bool = False
   skip_equal_groups: bool = False
+  resample_rounds: int = 0
   # rewards
   accuracy_weight: float = 1.0
   format_weight: float = 0.5
@@ -135,7 +142,7 @@ class GRPOConfig:
                                "mu", "log_every", "eval_batch_size", "sample_every",
                                "ckpt_every", "keep_ckpts", "n_train_problems"),
                non_negative=("warmup_steps", "eval_every", "ref_refresh_every",
-                             "overlong_buffer", "n_eval_problems"))
+                             "overlong_buffer", "n_eval_problems", "resample_rounds"))
     if self.group_size < 2:
       raise ValueError(f"group_size={self.group_size} must be >= 2: advantages compare "
                        "completions of the same prompt.")
@@ -421,26 +428,76 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
     before = next((r for r in evals if r["step"] == 0), None) or run_eval(0)
     history, skipped = [], 0
     G, P = gcfg.group_size, gcfg.prompts_per_step
-    for step in range(start + 1, end + 1):
-      t0 = time.time()
-      rng = np.random.default_rng([gcfg.seed, step])
-      chosen = rng.choice(len(train_problems), size=P, replace=len(train_problems) < P)
+    def rollout(step: int, round_: int) -> dict[str, Any]:
+      """P prompts x G completions, scored: per-completion fields (lists and
+      arrays of N = P * G rows, group-major). Round 0 is the step's draw;
+      rounds >= 1 are dynamic sampling's fresh prompts."""
+      seed = [gcfg.seed, step] + ([round_] if round_ else [])
+      chosen = np.random.default_rng(seed).choice(len(train_problems), size=P,
+                                                  replace=len(train_problems) < P)
       problems = [train_problems[i] for i in chosen for _ in range(G)]
       prompts = [prompt_ids[i] for i in chosen for _ in range(G)]
+      key = jax.random.key(gcfg.seed * 1_000_003 + step)
       gen = generate(model_cfg, policy(), prompts, max_new_tokens=gcfg.max_new_tokens,
                      temperature=gcfg.temperature, top_p=gcfg.top_p, stop_ids=(tok.eos_id,),
-                     rng=jax.random.key(gcfg.seed * 1_000_003 + step), mesh=mesh)
+                     rng=jax.random.fold_in(key, round_) if round_ else key, mesh=mesh)
       seqs = gen.sequences()
       texts = [tok.decode(s[:-1] if s and s[-1] == tok.eos_id else s) for s in seqs]
       examples = [{"answer": p.answer, "prompt": p.prompt} for p in problems]
       total, per_fn, valid = rewards.combine(texts, examples, reward_fns)
-      truncated = np.array([not (s and s[-1] == tok.eos_id) for s in seqs])
       if gcfg.overlong_buffer:
         total = total + np.array([rewards.overlong(len(s), gcfg.max_new_tokens,
                                                    gcfg.overlong_buffer) for s in seqs])
+      return {"problems": problems, "prompts": prompts, "seqs": seqs, "texts": texts,
+              "examples": examples, "total": total, "valid": valid,
+              "per_fn": per_fn, "tokens": gen.tokens, "lengths": gen.lengths,
+              "logprobs": gen.logprobs}
+
+    def equal_groups(roll) -> np.ndarray:    # [P] bool: all G rewards the same
+      return roll["total"].reshape(P, G).std(axis=1) == 0
+
+    def take_groups(roll, groups) -> dict[str, Any]:
+      rows = [g * G + j for g in groups for j in range(G)]
+      out = {}
+      for k, v in roll.items():
+        if k == "per_fn":
+          out[k] = {f: np.asarray(a)[rows] for f, a in v.items()}
+        elif isinstance(v, list):
+          out[k] = [v[i] for i in rows]
+        else:
+          out[k] = np.asarray(v)[rows]
+      return out
+
+    def concat(a, b) -> dict[str, Any]:
+      return {k: ({f: np.concatenate([a[k][f], b[k][f]]) for f in a[k]} if k == "per_fn"
+                  else a[k] + b[k] if isinstance(a[k], list) else np.concatenate([a[k], b[k]]))
+              for k in a}
+
+    for step in range(start + 1, end + 1):
+      t0 = time.time()
+      roll = rollout(step, 0)
+      drawn_equal = float(equal_groups(roll).mean())
+      rounds = 0
+      # DAPO's dynamic sampling: replace groups of equal rewards (no gradient
+      # signal) by informative groups of fresh prompts, up to resample_rounds.
+      while rounds < gcfg.resample_rounds and equal_groups(roll).any():
+        rounds += 1
+        fresh = rollout(step, rounds)
+        good = np.flatnonzero(~equal_groups(fresh))
+        bad = np.flatnonzero(equal_groups(roll))
+        n = min(len(good), len(bad))
+        if n:
+          keep_groups = [g for g in range(P) if g not in set(bad[:n])]
+          roll = concat(take_groups(roll, keep_groups), take_groups(fresh, good[:n]))
+      problems, prompts, seqs, texts = (roll["problems"], roll["prompts"], roll["seqs"],
+                                        roll["texts"])
+      examples, total, per_fn, valid = (roll["examples"], roll["total"], roll["per_fn"],
+                                        roll["valid"])
+      gen = Generation(tokens=roll["tokens"], lengths=roll["lengths"],
+                       logprobs=roll["logprobs"], steps=0)
+      truncated = np.array([not (s and s[-1] == tok.eos_id) for s in seqs])
       adv = np.asarray(grpo.group_advantages(total, G, gcfg.scale))
-      groups = total.reshape(P, G)
-      equal = np.repeat(groups.std(axis=1) == 0, G)
+      equal = np.repeat(equal_groups(roll), G)
       keep = valid.copy()
       if gcfg.mask_truncated:
         keep &= ~truncated
@@ -469,6 +526,7 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
           float(np.mean([rewards.accuracy(t, e) for t, e in zip(texts, examples)])),
           "format": float(np.mean([tasks.format_ok(t) for t in texts])),
           "zero_std_groups": float(equal.reshape(P, G)[:, 0].mean()),
+          "zero_std_groups_drawn": drawn_equal, "resample_rounds": float(rounds),
           "completion_len": float(lengths.mean()), "completion_len_max": float(lengths.max()),
           "truncated": float(truncated.mean()), "invalid": float((~valid).mean()),
           "entropy": float(-(np.asarray(gen.logprobs) * mask).sum() / n_tok),
