@@ -13,7 +13,15 @@ order and the initial weights; the figure is the relative gap of the mean
 loss over the last `--tail` steps. Prints one JSON line per run, one per
 seed with the gap.
 
+`--controls fp8 rounding` also runs, per seed, a second float32 run that
+computes the same function with another MoE kernel (model.moe_impl="ragged"
+instead of the CPU's "blocked": the same sums in another order, differing
+in the last bits). Its gap is the noise floor of the comparison: how far
+two float32 runs drift apart from rounding alone by the end. An FP8 gap is
+only meaningful outside that floor.
+
   python bench/fp8_loss_gap.py --steps 300 --seeds 0 1
+  python bench/fp8_loss_gap.py --steps 400 --tail 40 --seeds 0 1 --controls fp8 rounding
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ def main(argv=None) -> None:
   p.add_argument("--tail", type=int, default=30, help="steps averaged at the end")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   p.add_argument("--fp8-layers", default="attn,mlp,experts")
+  p.add_argument("--controls", nargs="+", choices=("fp8", "rounding"), default=["fp8"],
+                 help="runs compared with each seed's float32 run: FP8, and/or float32 "
+                      "with another MoE kernel (the rounding noise floor)")
   p.add_argument("--workdir", default="", help="default: a temporary directory")
   args = p.parse_args(argv)
 
@@ -70,7 +81,7 @@ def main(argv=None) -> None:
   n_docs = write_corpus(corpus)
   for seed in args.seeds:
     tails = {}
-    for fp8 in (False, True):
+    for run in ["float32"] + list(args.controls):
       config = demo.get_config()
       config.steps = args.steps
       config.warmup_steps = min(config.warmup_steps, args.steps)
@@ -78,21 +89,26 @@ def main(argv=None) -> None:
       config.data_files = (corpus,)
       config.completion_only = False
       config.ckpt_every = args.steps
-      config.model.fp8 = fp8
+      config.model.fp8 = run == "fp8"
       config.model.fp8_layers = args.fp8_layers
+      if run == "rounding":
+        config.model.moe_impl = "ragged"
       model_cfg, train_cfg = build_configs(config)
       t = time.time()
-      summary = train(model_cfg, train_cfg, os.path.join(root, f"seed{seed}_fp8{int(fp8)}"),
+      summary = train(model_cfg, train_cfg, os.path.join(root, f"seed{seed}_{run}"),
                       log=lambda s: None)
       losses = [h["loss"] for h in summary["history"]]
       ces = [h["ce"] for h in summary["history"]]
-      tails[fp8] = statistics.fmean(losses[-args.tail:])
-      print(json.dumps({"seed": seed, "fp8": fp8, "steps": args.steps, "docs": n_docs,
-                        "tail_loss": tails[fp8], "tail_ce": statistics.fmean(ces[-args.tail:]),
+      tails[run] = statistics.fmean(losses[-args.tail:])
+      print(json.dumps({"seed": seed, "run": run, "moe_impl": model_cfg.moe_impl,
+                        "steps": args.steps, "docs": n_docs, "tail_loss": tails[run],
+                        "tail_ce": statistics.fmean(ces[-args.tail:]),
                         "first_loss": losses[0], "wall_s": round(time.time() - t, 1)}),
             flush=True)
-    print(json.dumps({"seed": seed, "tail": args.tail,
-                      "gap_rel": (tails[True] - tails[False]) / tails[False]}), flush=True)
+    for run in args.controls:
+      print(json.dumps({"seed": seed, "tail": args.tail, "control": run,
+                        "gap_rel": (tails[run] - tails["float32"]) / tails["float32"]}),
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -166,3 +166,29 @@ def test_decode_throughput_prints_one_json_line(tiny_json):
 def test_hf_decode_throughput_prints_one_json_line(tiny_json):
   res = _decode(tiny_json, "torch-hf")
   assert res["threads"] == 2 and "transformers" in res
+
+
+@pytest.mark.slow   # two 3-step training runs (~40 s): CI's slow step
+def test_fp8_loss_gap_rounding_control_computes_the_same_function(tmp_path):
+  """The noise-floor control (another MoE kernel, float32) starts on the
+  float32 run's loss: after 3 steps the two agree to rounding."""
+  proc = _run_script([sys.executable, os.path.join(ROOT, "bench", "fp8_loss_gap.py"),
+                      "--steps", "3", "--tail", "2", "--seeds", "0", "--controls", "rounding",
+                      "--workdir", str(tmp_path)])
+  rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  runs = {r["run"]: r for r in rows if "run" in r}
+  assert runs["float32"]["moe_impl"] != runs["rounding"]["moe_impl"] == "ragged"
+  assert runs["float32"]["first_loss"] == pytest.approx(runs["rounding"]["first_loss"],
+                                                        rel=1e-6)
+  gap = [r for r in rows if r.get("control") == "rounding"][0]["gap_rel"]
+  assert abs(gap) < 1e-4
+
+
+@pytest.mark.slow   # one schedule compiled on 2 fake devices (~20 s): CI's slow step
+def test_pipeline_schedules_bench_reports_a_gradient_equal_to_the_oracle():
+  proc = _run_script([sys.executable, os.path.join(ROOT, "bench", "pipeline_schedules.py"),
+                      "--pipe", "2", "--data", "1", "--microbatches", "2", "--rows", "4",
+                      "--seq", "16", "--layers", "3", "--repeats", "1", "--schedules", "1f1b"])
+  rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert [r["schedule"] for r in rows] == ["1f1b"]
+  assert rows[0]["max_grad_diff"] < 1e-5 and rows[0]["slots"] <= 2 and rows[0]["step_s"] > 0
