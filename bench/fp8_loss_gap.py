@@ -18,7 +18,9 @@ computes the same function with another MoE kernel (model.moe_impl="ragged"
 instead of the CPU's "blocked": the same sums in another order, differing
 in the last bits). Its gap is the noise floor of the comparison: how far
 two float32 runs drift apart from rounding alone by the end. An FP8 gap is
-only meaningful outside that floor.
+only meaningful outside that floor. `bf16` adds a run with bfloat16
+activations and matmuls (float32 master weights): the baseline the V3
+report's 0.25% is measured against (FP8 vs BF16, not vs float32).
 
   python bench/fp8_loss_gap.py --steps 300 --seeds 0 1
   python bench/fp8_loss_gap.py --steps 400 --tail 40 --seeds 0 1 --controls fp8 rounding
@@ -68,9 +70,11 @@ def main(argv=None) -> None:
   p.add_argument("--tail", type=int, default=30, help="steps averaged at the end")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   p.add_argument("--fp8-layers", default="attn,mlp,experts")
-  p.add_argument("--controls", nargs="+", choices=("fp8", "rounding"), default=["fp8"],
-                 help="runs compared with each seed's float32 run: FP8, and/or float32 "
-                      "with another MoE kernel (the rounding noise floor)")
+  p.add_argument("--controls", nargs="+", choices=("fp8", "rounding", "bf16"),
+                 default=["fp8"],
+                 help="runs compared with each seed's float32 run: FP8, float32 with "
+                      "another MoE kernel (the rounding noise floor), bfloat16 compute "
+                      "(the V3 report's baseline)")
   p.add_argument("--workdir", default="", help="default: a temporary directory")
   args = p.parse_args(argv)
 
@@ -93,6 +97,8 @@ def main(argv=None) -> None:
       config.model.fp8_layers = args.fp8_layers
       if run == "rounding":
         config.model.moe_impl = "ragged"
+      if run == "bf16":             # activations / matmuls in bfloat16, float32 master weights
+        config.model.dtype = "bfloat16"
       model_cfg, train_cfg = build_configs(config)
       t = time.time()
       summary = train(model_cfg, train_cfg, os.path.join(root, f"seed{seed}_{run}"),
