@@ -278,6 +278,7 @@ def _check_against_one_device(schedule, mesh_cfg, m, n_layers, rows, stage_layer
   return fn
 
 
+@pytest.mark.slow   # ~25 s; the default suite's 1F1B pipe4 x data2 check is the train-state test
 def test_1f1b_on_pipe4_data2_equals_the_unpipelined_model():
   """Uneven by kind: stage 0 holds the dense block, stages 1-3 one MoE block each."""
   fn = _check_against_one_device("1f1b", MeshConfig(pipe=4, data=2), 4, 4, 8)
