@@ -21,9 +21,9 @@ import pytest
 from deepseek_jax import get_preset
 from deepseek_jax.model import init_variables
 from deepseek_jax.parallel import MeshConfig, activate, setup, simulate
-from deepseek_jax.parallel.pipeline import (build_table, from_stages, layout_from_sizes,
-                                            layout_sizes, pipeline_value_and_grad, split_layers,
-                                            stage_tree, state_layout, to_stages, unstage_tree)
+from deepseek_jax.parallel.pipeline import (build_table, layout_from_sizes, layout_sizes,
+                                            pipeline_value_and_grad, split_layers, stage_tree,
+                                            state_layout, unstage_tree)
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import FAST_COMPILE, pretraining_loss
 
@@ -141,20 +141,9 @@ def test_layers_split_evenly_then_earlier_stages_take_the_remainder():
     split_layers(cfg, 3, (3, 3))
 
 
-def test_to_stages_and_from_stages_round_trip_the_stacks():
-  cfg = get_preset("tiny").replace(n_layers=6, n_dense_layers=1)
-  layout = split_layers(cfg, 4)                # 2, 2, 1, 1 blocks: padded MoE slots
-  tree = {"dense_layers": {"w": jnp.arange(1.0, 2.0)[:, None] * jnp.ones((1, 3))},
-          "moe_layers": {"w": jnp.arange(1.0, 6.0)[:, None] * jnp.ones((5, 3))}}
-  staged = to_stages(layout, tree)
-  assert staged["moe_layers"]["w"].shape == (4, 2, 3)
-  back = from_stages(layout, staged, tree)     # padded slots dropped: exact inverse
-  np.testing.assert_array_equal(back["moe_layers"]["w"], tree["moe_layers"]["w"])
-  np.testing.assert_array_equal(back["dense_layers"]["w"], tree["dense_layers"]["w"])
-
-
 def test_stage_tree_and_unstage_tree_round_trip_any_state_pytree():
-  """Params, router biases and optimizer moments alike (by their paths)."""
+  """Params, router biases and optimizer moments alike (by their paths);
+  padded slots are dropped on the way back: an exact inverse."""
   cfg = get_preset("tiny").replace(n_layers=6, n_dense_layers=1)
   layout = split_layers(cfg, 4)                # 2, 2, 1, 1 blocks: padded MoE slots
   tree = {"step": jnp.zeros((), jnp.int32),
@@ -214,6 +203,13 @@ def test_train_state_on_a_pipe_mesh_is_split_by_stage_and_steps_like_one_device(
   ckpts.close()
   assert jax.tree.structure(back) == jax.tree.structure(ref)
   assert _max_diff(back.params, jax.device_get(model_variables(cfg, state, mesh)["params"])) == 0
+  # init_from onto the pipe mesh: the model's layout is re-split by stage.
+  from deepseek_jax.train.loop import with_variables
+  moved = with_variables(state, {"params": back.params, "router_bias": back.router_bias},
+                         state_layout(cfg, mesh))
+  assert moved.params["moe_layers"]["ffn"]["w1"].sharding == w.sharding
+  assert _max_diff(model_variables(cfg, moved, mesh), {"params": back.params,
+                                                       "router_bias": back.router_bias}) == 0
 
 
 def test_bad_pipeline_settings_are_refused_before_compiling():

@@ -186,37 +186,6 @@ def split_layers(cfg: ModelConfig, n_stages: int,
 _STACKS = (("dense_layers", False), ("moe_layers", True))
 
 
-def to_stages(layout: StageLayout, tree: dict) -> dict:
-  """{dense_layers: [n_dense, ...], moe_layers: [n_moe, ...], ...} (params or
-  router_bias) -> the stage part {stack: [PP, slots, ...]} (stacks a tree
-  lacks are left out)."""
-  out = {}
-  for name, moe in _STACKS:
-    if name in tree and layout.slots(moe):
-      idx = jnp.asarray(layout.index(moe)[0])
-      out[name] = jax.tree.map(lambda a: a[idx], tree[name])
-  return out
-
-
-def from_stages(layout: StageLayout, staged: dict, like: dict) -> dict:
-  """Inverse of `to_stages` for gradients: every active slot's [PP, slots, ...]
-  entry added onto its block in `like`'s stacks (zeros elsewhere)."""
-  out = {}
-  for name, moe in _STACKS:
-    if name not in staged:
-      continue
-    idx, active = layout.index(moe)
-    flat_idx = jnp.asarray(idx.reshape(-1))
-    keep = jnp.asarray(active.reshape(-1))
-
-    def back(g, ref):
-      g = g.reshape((-1,) + g.shape[2:])
-      g = g * keep.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-      return jnp.zeros(ref.shape, g.dtype).at[flat_idx].add(g)
-    out[name] = jax.tree.map(back, staged[name], like[name])
-  return out
-
-
 def _stack_of(path) -> bool | None:
   """Whether a pytree leaf at `path` lies in the MoE (True) or dense (False)
   layer stack, None outside both. Works for params, router biases and the
@@ -257,6 +226,17 @@ def unstage_tree(layout: StageLayout, tree):
     if moe is None or not layout.slots(moe) or np.ndim(a) == 0:
       return a
     return a.reshape((-1,) + a.shape[2:])[jnp.asarray(_inverse_index(layout, moe))]
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _zero_padded_slots(layout: StageLayout, tree):
+  """Stage-layout stack leaves with their padded (inactive) slots zeroed."""
+  def one(path, a):
+    moe = _stack_of(path)
+    if moe is None or not layout.slots(moe) or np.ndim(a) == 0:
+      return a
+    on = jnp.asarray(layout.index(moe)[1])
+    return a * on.reshape(on.shape + (1,) * (a.ndim - 2)).astype(a.dtype)
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -556,12 +536,10 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
     check_pipeline(cfg, train_cfg, pp, schedule, n_microbatches, rows)
     totals = _batch_totals(cfg, batch)
     stacks = [name for name, _ in _STACKS]
-    if staged:
-      stage_p = {k: v for k, v in params.items() if k in stacks}
-      stage_b = {k: v for k, v in router_bias.items() if k in stacks}
-    else:
-      stage_p = to_stages(layout, params)
-      stage_b = to_stages(layout, router_bias)
+    if not staged:     # gathered from the model's layout every call
+      params, router_bias = stage_tree(layout, params), stage_tree(layout, router_bias)
+    stage_p = {k: v for k, v in params.items() if k in stacks}
+    stage_b = {k: v for k, v in router_bias.items() if k in stacks}
     shared = {k: v for k, v in params.items() if k not in stacks}
     shared_b = {k: v for k, v in router_bias.items() if k not in stacks}
     # Micro-batch j takes rows j, j + M, j + 2M, ...: the split keeps each
@@ -719,16 +697,8 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
       loads = loads[:, 0] + loads[::-1, 1]
     else:
       loads = loads[:, 0]
-    grads = dict(shared_grads)
-    if staged:
-      for name, moe in _STACKS:
-        if name in g_stage:
-          on_ = jnp.asarray(layout.index(moe)[1])
-          grads[name] = jax.tree.map(
-              lambda g: g * on_.reshape(on_.shape + (1,) * (g.ndim - 2)).astype(g.dtype),
-              g_stage[name])
-    else:
-      grads.update(from_stages(layout, g_stage, params))
+    g_stage = _zero_padded_slots(layout, g_stage)
+    grads = dict(shared_grads, **(g_stage if staged else unstage_tree(layout, g_stage)))
     aux = {}
     if cfg.n_moe_layers:
       # Back into the model's [n_moe_layers, E] expert loads.
@@ -753,6 +723,5 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
   return run
 
 
-__all__ = ["StageLayout", "Table", "split_layers", "to_stages", "from_stages", "stage_tree",
-           "unstage_tree", "state_layout", "layout_from_sizes", "layout_sizes", "build_table",
+__all__ = ["StageLayout", "Table", "split_layers", "stage_tree", "unstage_tree", "state_layout", "layout_from_sizes", "layout_sizes", "build_table",
            "check_pipeline", "pipeline_value_and_grad"]

@@ -51,8 +51,9 @@ from deepseek_jax.parallel.mesh import MeshConfig, make_mesh
 
 Rules = tuple[tuple[str, Any], ...]
 BATCH_AXES = ("data", "fsdp", "expert")
-# A pipeline's train state: each rank stores its own stage's layer stacks.
-_BATCH = (("batch", BATCH_AXES), ("stages", "pipe"))
+# Every rule set: the batch over the batch axes, and a pipeline's train state
+# split by stage over `pipe` (each rank stores its own stage's layer stacks).
+_BATCH_STAGES = (("batch", BATCH_AXES), ("stages", "pipe"))
 _FSDP = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"))
 LEFTOVER = "*"
 # Names a leftover axis never joins: the scan axis, activations, small vectors.
@@ -62,13 +63,13 @@ _TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("mlp_moe", "tensor"),
 
 RULE_SETS: dict[str, Rules] = {
     # Every device holds every weight; only the batch is split.
-    "dp": _BATCH,
+    "dp": _BATCH_STAGES,
     # ZeRO-3: weights and optimizer state split over `fsdp` along the width.
-    "fsdp": _BATCH + _FSDP,
+    "fsdp": _BATCH_STAGES + _FSDP,
     # FSDP + Megatron tensor parallelism over heads / hidden units / vocab.
-    "fsdp_tp": _BATCH + _FSDP + _TENSOR,
+    "fsdp_tp": _BATCH_STAGES + _FSDP + _TENSOR,
     # DeepSeek-V3: experts over `expert`; elsewhere `expert` is one more FSDP axis.
-    "ep_fsdp": (_BATCH + (("exp", "expert"),)
+    "ep_fsdp": (_BATCH_STAGES + (("exp", "expert"),)
                 + (("embed", ("fsdp", "expert")), ("q_lora", ("fsdp", "expert")),
                    ("kv_lora", ("fsdp", "expert")))
                 + _FSDP + _TENSOR + (("*", "expert"),)),

@@ -27,8 +27,9 @@ the progress line leads with reward and accuracy instead.
 Files in `workdir`: grpo_config.json, checkpoints/ (the policy's TrainState,
 readable by every tool that reads a training run: launch.generate, export,
 init_from; resumable), metrics.jsonl (per step: reward mean/std, reward/<fn>,
-accuracy, format, zero_std_groups (of the trained batch; zero_std_groups_drawn
-of the step's first draw, resample_rounds), completion length mean/max, truncated,
+accuracy, format, zero_std_groups (all of the trained batch: with resample_rounds
+its groups are selected; zero_std_groups_drawn is the step's first draw's),
+resample_rounds, completion length mean/max, truncated,
 kl, entropy (-mean log p of the sampled tokens), clip_low/high, grad_norm,
 skipped; per eval: eval_greedy_accuracy, eval_sampled_accuracy,
 eval_format_ok), samples.jsonl (some rollouts every `sample_every` steps),
@@ -487,8 +488,9 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
         bad = np.flatnonzero(equal_groups(roll))
         n = min(len(good), len(bad))
         if n:
-          keep_groups = [g for g in range(P) if g not in set(bad[:n])]
-          roll = concat(take_groups(roll, keep_groups), take_groups(fresh, good[:n]))
+          drop = set(bad[:n].tolist())
+          roll = concat(take_groups(roll, [g for g in range(P) if g not in drop]),
+                        take_groups(fresh, good[:n]))
       problems, prompts, seqs, texts = (roll["problems"], roll["prompts"], roll["seqs"],
                                         roll["texts"])
       examples, total, per_fn, valid = (roll["examples"], roll["total"], roll["per_fn"],

@@ -19,10 +19,9 @@ second, random copy of the model.
 
 from __future__ import annotations
 
-from functools import partial
-
 import dataclasses
 import os
+from functools import partial
 from typing import Any, Mapping
 
 import jax

@@ -343,14 +343,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
             "router biases; optimizer and data start fresh")
         del init
     else:
-      changed = schedule_changes(ckpts.saved_meta()["train_config"], train_cfg)
+      saved_meta = ckpts.saved_meta()
+      changed = schedule_changes(saved_meta["train_config"], train_cfg)
       if changed:
         raise ValueError(
             f"the learning-rate schedule differs from the checkpointed run's in {ckpts.directory} "
             f"({'; '.join(changed)}): resuming would bend it mid-run. Keep the saved values "
             "(with decay_steps=0 the cosine runs to `steps`: to extend a run, set decay_steps "
             "to the saved resolved value), or start a new workdir with init_from.")
-      saved_stages = ckpts.saved_meta().get("pipeline_stages")
+      saved_stages = saved_meta.get("pipeline_stages")
       if saved_stages == layout_sizes(layout):
         state, saved = ckpts.restore(abstract_train_state(model_cfg, train_cfg, mesh, rules))
       else:
