@@ -205,39 +205,38 @@ def _inverse_index(layout: StageLayout, moe: bool) -> np.ndarray:
   return flat[np.argsort(idx.reshape(-1)[flat], kind="stable")].astype(np.int32)
 
 
+def _map_stacks(layout: StageLayout, tree, fn):
+  """fn(leaf, moe) on every layer-stack leaf of `tree` (found by path), the
+  other leaves unchanged."""
+  def one(path, a):
+    moe = _stack_of(path)
+    if moe is None or not layout.slots(moe) or np.ndim(a) == 0:
+      return a
+    return fn(a, moe)
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def stage_tree(layout: StageLayout, tree):
   """Any pytree of the model's layout (params, router_bias, optimizer state)
   -> the stage layout the train state has on a mesh with pipe > 1: every
   layer-stack leaf [n, ...] becomes [PP, slots, ...] (axis 0 split over
   `pipe`: each rank stores only its stage's blocks; padded slots hold a copy
   of block 0 and are never used). Other leaves are unchanged."""
-  def one(path, a):
-    moe = _stack_of(path)
-    if moe is None or not layout.slots(moe) or np.ndim(a) == 0:
-      return a
-    return a[jnp.asarray(layout.index(moe)[0])]
-  return jax.tree_util.tree_map_with_path(one, tree)
+  return _map_stacks(layout, tree, lambda a, moe: a[jnp.asarray(layout.index(moe)[0])])
 
 
 def unstage_tree(layout: StageLayout, tree):
   """Inverse of `stage_tree` (exact: a gather of the active slots)."""
-  def one(path, a):
-    moe = _stack_of(path)
-    if moe is None or not layout.slots(moe) or np.ndim(a) == 0:
-      return a
-    return a.reshape((-1,) + a.shape[2:])[jnp.asarray(_inverse_index(layout, moe))]
-  return jax.tree_util.tree_map_with_path(one, tree)
+  return _map_stacks(layout, tree, lambda a, moe: a.reshape((-1,) + a.shape[2:])[
+      jnp.asarray(_inverse_index(layout, moe))])
 
 
 def _zero_padded_slots(layout: StageLayout, tree):
   """Stage-layout stack leaves with their padded (inactive) slots zeroed."""
-  def one(path, a):
-    moe = _stack_of(path)
-    if moe is None or not layout.slots(moe) or np.ndim(a) == 0:
-      return a
+  def zero(a, moe):
     on = jnp.asarray(layout.index(moe)[1])
     return a * on.reshape(on.shape + (1,) * (a.ndim - 2)).astype(a.dtype)
-  return jax.tree_util.tree_map_with_path(one, tree)
+  return _map_stacks(layout, tree, zero)
 
 
 def state_layout(cfg: ModelConfig, mesh) -> StageLayout | None:
