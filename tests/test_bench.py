@@ -174,10 +174,11 @@ def test_fp8_loss_gap_rounding_control_computes_the_same_function(tmp_path):
   float32 run's loss: after 3 steps the two agree to rounding."""
   proc = _run_script([sys.executable, os.path.join(ROOT, "bench", "fp8_loss_gap.py"),
                       "--steps", "3", "--tail", "2", "--seeds", "0", "--controls", "rounding",
-                      "--workdir", str(tmp_path)])
+                      "--lr", "1e-3", "--workdir", str(tmp_path)])
   rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
   runs = {r["run"]: r for r in rows if "run" in r}
   assert runs["float32"]["moe_impl"] != runs["rounding"]["moe_impl"] == "ragged"
+  assert runs["float32"]["lr"] == runs["rounding"]["lr"] == 1e-3
   assert runs["float32"]["first_loss"] == pytest.approx(runs["rounding"]["first_loss"],
                                                         rel=1e-6)
   gap = [r for r in rows if r.get("control") == "rounding"][0]["gap_rel"]

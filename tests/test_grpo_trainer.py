@@ -112,7 +112,8 @@ def test_grpo_cli_runs_sft_then_grpo_and_writes_the_summary(tmp_path):
                   "--config.prompts_per_step=2", "--config.group_size=2",
                   "--config.max_new_tokens=8", "--config.n_eval_problems=4",
                   "--config.max_digits=1", "--config.eval_batch_size=4",
-                  "--config.fast_compile=True", "--config.n_train_problems=20")
+                  "--config.fast_compile=True", "--config.n_train_problems=20",
+                  "--config.eval_samples=3")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "== stage 1: cold-start SFT" in res.stdout and "== stage 2: GRPO" in res.stdout
   summary = json.load(open(work / "summary.json"))
@@ -120,6 +121,14 @@ def test_grpo_cli_runs_sft_then_grpo_and_writes_the_summary(tmp_path):
               "greedy_accuracy_after", "format_rate_after", "wall_s"):
     assert summary[key] is not None, key
   assert summary["wall_s"] >= summary["grpo_wall_s"] > 0
+  # sampled accuracy: the mean over 3 draws of each of the 4 problems
+  evals = [json.loads(l) for l in open(work / "metrics.jsonl") if "eval_" in l]
+  assert [r["step"] for r in evals] == [0, 2]
+  for r in evals:
+    assert round(r["eval_sampled_accuracy"] * 12, 6) % 1 == 0, r
+    kinds = [k.split("/")[1] for k in r if k.startswith("eval_sampled_accuracy/")]
+    assert kinds and all(f"eval_greedy_accuracy/{k}" in r for k in kinds), r
+  assert "x 3 draws" in res.stdout
   assert (work / "sft" / "checkpoints").is_dir() and (work / "grpo.png").exists()
 
 

@@ -31,8 +31,9 @@ accuracy, format, zero_std_groups (all of the trained batch: with resample_round
 its groups are selected; zero_std_groups_drawn is the step's first draw's),
 resample_rounds, completion length mean/max, truncated,
 kl, entropy (-mean log p of the sampled tokens), clip_low/high, grad_norm,
-skipped; per eval: eval_greedy_accuracy, eval_sampled_accuracy,
-eval_format_ok), samples.jsonl (some rollouts every `sample_every` steps),
+skipped; per eval: eval_greedy_accuracy, eval_sampled_accuracy (the mean
+of eval_samples draws per problem), eval_format_ok, and per problem kind
+eval_greedy_accuracy/<kind>, eval_sampled_accuracy/<kind>), samples.jsonl (some rollouts every `sample_every` steps),
 grpo.png (reward and accuracy over steps).
 """
 
@@ -82,7 +83,9 @@ class GRPOConfig:
     many tokens before max_new_tokens.
   Optimizer: AdamW at constant lr after warmup_steps (grad clip clip_norm).
   Logging: log_every; eval_every (0 = before and after only) on the held-out
-    problems, greedy and sampled; sample_every steps some rollouts go to
+    problems, greedy and sampled (eval_samples completions per problem: the
+    sampled accuracy is their mean, a lower-variance estimate of the
+    expected accuracy at `temperature` than one draw); sample_every steps some rollouts go to
     samples.jsonl; checkpoints every ckpt_every steps, keep_ckpts kept.
   """
 
@@ -129,6 +132,7 @@ class GRPOConfig:
   log_every: int = 1
   eval_every: int = 0
   eval_batch_size: int = 50
+  eval_samples: int = 1
   sample_every: int = 10
   ckpt_every: int = 20
   keep_ckpts: int = 2
@@ -140,7 +144,8 @@ class GRPOConfig:
 
   def validate(self) -> None:
     check_ints(self, positive=("steps", "prompts_per_step", "group_size", "max_new_tokens",
-                               "mu", "log_every", "eval_batch_size", "sample_every",
+                               "mu", "log_every", "eval_batch_size", "eval_samples",
+                               "sample_every",
                                "ckpt_every", "keep_ckpts", "n_train_problems"),
                non_negative=("warmup_steps", "eval_every", "ref_refresh_every",
                              "overlong_buffer", "n_eval_problems", "resample_rounds"))
@@ -413,16 +418,19 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
       kw = dict(max_new_tokens=gcfg.max_new_tokens, batch_size=n_eval_batch, template=template,
                 mesh=mesh)
       greedy = evaluate.exact_match(policy(), tok, eval_problems, model_cfg, **kw)
-      sampled = evaluate.exact_match(policy(), tok, eval_problems, model_cfg, **kw,
-                                     temperature=gcfg.temperature,
+      sampled = evaluate.exact_match(policy(), tok, list(eval_problems) * gcfg.eval_samples,
+                                     model_cfg, **kw, temperature=gcfg.temperature,
                                      rng=jax.random.key(gcfg.seed + 7919))
       out = {"eval_greedy_accuracy": greedy["accuracy"],
              "eval_sampled_accuracy": sampled["accuracy"],
-             "eval_format_ok": sampled["format_ok"]}
+             "eval_format_ok": sampled["format_ok"],
+             **{f"eval_greedy_accuracy/{k}": v for k, v in greedy["by_kind"].items()},
+             **{f"eval_sampled_accuracy/{k}": v for k, v in sampled["by_kind"].items()}}
       writer.write(step, out)
+      draws = f" x {gcfg.eval_samples} draws" if gcfg.eval_samples > 1 else ""
       log(f"eval step {step}: held-out accuracy greedy {out['eval_greedy_accuracy']:.3f}, "
           f"sampled (T={gcfg.temperature}) {out['eval_sampled_accuracy']:.3f}, format "
-          f"{out['eval_format_ok']:.3f} (n={len(eval_problems)})")
+          f"{out['eval_format_ok']:.3f} (n={len(eval_problems)}{draws})")
       return out
 
     evals = [r for r in metrics.read_metrics(writer.path) if "eval_sampled_accuracy" in r]
