@@ -128,6 +128,27 @@ def test_exhausted_split_raises_with_the_fix():
         generate_problems(5, seed=0, kinds=("div",))
 
 
+def test_uniform_kind_mix_gives_each_kind_its_share_and_exhausts_small_spaces():
+    """kind_mix="uniform": a third of the problems per kind; "mul" at
+    max_digits=2 (the train split of the 900 prompts a*d, a < 100, d 1-9,
+    enumerated here) is used up, then repeated; "distinct" is generate_problems."""
+    from deepseek_jax.data.tasks import kind_of, mixed_problems
+    mul_space = {f"{a}*{d}" for a in range(100) for d in range(1, 10)
+                 if split_of(f"{a}*{d}") == "train"}
+    got = mixed_problems(3001, seed=0, max_digits=2, kind_mix="uniform")
+    assert got == mixed_problems(3001, seed=0, max_digits=2, kind_mix="uniform")
+    by_kind = {k: [p for p in got if kind_of(p) == k] for k in ("add", "sub", "mul")}
+    assert [len(v) for v in by_kind.values()] == [1001, 1000, 1000]
+    assert {p.prompt for p in by_kind["mul"]} == mul_space        # every one, then repeats
+    assert len({p.prompt for p in by_kind["add"]}) == 1001        # room to stay distinct
+    assert all(split_of(p.prompt) == "train" and p == solve(p.prompt) for p in got)
+    assert len({kind_of(p) for p in got[:30]}) == 3               # shuffled, not in blocks
+    assert mixed_problems(300, seed=4, max_digits=2) == generate_problems(300, seed=4,
+                                                                           max_digits=2)
+    with pytest.raises(ValueError, match="kind_mix='even' must be one of"):
+        mixed_problems(10, seed=0, kind_mix="even")
+
+
 def test_prompt_templates_are_exact():
     p = solve("3+4")
     assert format_prompt(p) == "User: 3+4\nAssistant:"

@@ -243,6 +243,8 @@ TRAIN_CASES = [
      "config error: keep_every=4 must be a multiple of ckpt_every=3"),
     ("unknown_task_kind", lambda c: T("--config.task_kinds=('div',)"),
      "config error: task_kinds=('div',)"),
+    ("unknown_kind_mix", lambda c: T("--config.kind_mix=even"),
+     "config error: kind_mix='even' must be one of ('distinct', 'uniform')"),
     ("fim_without_data", lambda c: T("--config.fim_rate=0.5"),
      "config error: fim_rate=0.5 applies to plain-text data_files"),
     ("unknown_rule_set", lambda c: T("--config.mesh.rules=nope"),

@@ -566,11 +566,12 @@ def make_task_dataset(tok: Tokenizer, *, n_train: int, n_test: int, seq_len: int
                       seed: int, max_digits: int = 3, template: str = "short",
                       completion_only: bool = False,
                       kinds: Sequence[str] = tasks.DEFAULT_KINDS,
-                      context_chars: int = 0) -> TaskDataset:
+                      context_chars: int = 0, kind_mix: str = "distinct") -> TaskDataset:
     """Generates, encodes and packs the task corpus; keeps the test split unpacked.
 
     context_chars: passkey prompt length (kinds with "passkey"); 0 = the
-    longest that fits a row (`passkey_room`)."""
+    longest that fits a row (`passkey_room`). kind_mix: the training
+    problems' mix of kinds (`tasks.mixed_problems`)."""
     if "passkey" in kinds:
         room = passkey_room(tok, seq_len, template)
         if context_chars > room:
@@ -578,8 +579,8 @@ def make_task_dataset(tok: Tokenizer, *, n_train: int, n_test: int, seq_len: int
                              f"{seq_len} with the {template!r} template (at most {room}); "
                              "lower passkey_chars or raise seq_len.")
         context_chars = context_chars or room
-    train = tasks.generate_problems(n_train, seed=seed, split="train", max_digits=max_digits,
-                                    kinds=kinds, context_chars=context_chars)
+    train = tasks.mixed_problems(n_train, seed=seed, split="train", max_digits=max_digits,
+                                 kinds=kinds, context_chars=context_chars, kind_mix=kind_mix)
     test = tasks.generate_problems(n_test, seed=seed, split="test", max_digits=max_digits,
                                    kinds=kinds, context_chars=context_chars)
     docs = [encode_problem(tok, p, template) for p in train]

@@ -336,17 +336,8 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
     misses, max_misses = 0, 1000 + 100 * n
     while len(problems) < n:
         kind = kinds[int(rng.integers(len(kinds)))]
-        if kind == "passkey":
-            chars = context_chars if split == "test" else int(
-                rng.integers(max(PASSKEY_MIN_CHARS, context_chars // 4), context_chars + 1))
-            problem = passkey_problem(rng, chars)
-            expr = problem.prompt
-        elif kind == "countdown":
-            problem = countdown_problem(rng, max_digits)
-            expr = problem.prompt
-        else:
-            expr = _expression(rng, kind, max_digits)
-        if expr in seen or split_of(expr) != split:
+        problem = _draw(rng, kind, split, max_digits, context_chars)
+        if problem is None or problem.prompt in seen:
             misses += 1
             if misses > max_misses:
                 raise ValueError(
@@ -354,9 +345,73 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
                     f"max_digits={max_digits}, kinds={tuple(kinds)}; raise max_digits, "
                     "add kinds or lower n")
             continue
-        seen.add(expr)
-        problems.append(problem if kind in ("passkey", "countdown") else solve(expr))
+        seen.add(problem.prompt)
+        problems.append(problem)
     return problems
+
+
+def _draw(rng: np.random.Generator, kind: str, split: str, max_digits: int,
+          context_chars: int) -> Problem | None:
+    """One random problem of `kind`, or None when it falls in the other split."""
+    if kind == "passkey":
+        chars = context_chars if split == "test" else int(
+            rng.integers(max(PASSKEY_MIN_CHARS, context_chars // 4), context_chars + 1))
+        problem = passkey_problem(rng, chars)
+        return problem if split_of(problem.prompt) == split else None
+    if kind == "countdown":
+        problem = countdown_problem(rng, max_digits)
+        return problem if split_of(problem.prompt) == split else None
+    expr = _expression(rng, kind, max_digits)
+    return solve(expr) if split_of(expr) == split else None
+
+
+KIND_MIXES = ("distinct", "uniform")
+
+
+def mixed_problems(n: int, *, seed: int, split: str = "train", max_digits: int = 3,
+                   kinds: Sequence[str] = DEFAULT_KINDS, context_chars: int = 256,
+                   kind_mix: str = "distinct") -> list[Problem]:
+    """n training problems with the given mix of kinds.
+
+    "distinct": `generate_problems` (n distinct problems, each drawn as a
+    uniform kind; a kind whose prompt space is small, like "mul" at
+    max_digits=2 with ~900 prompts, ends up under-represented once its
+    space runs out). "uniform": every kind gets the same share (n //
+    len(kinds), the first n % len(kinds) kinds one more), as the held-out
+    problems have: distinct problems of that kind while its split of the
+    prompt space has new ones, then those problems again in a shuffled
+    order. Deterministic in all arguments; the result is shuffled.
+    """
+    if kind_mix not in KIND_MIXES:
+        raise ValueError(f"kind_mix={kind_mix!r} must be one of {KIND_MIXES}")
+    if kind_mix == "distinct":
+        return generate_problems(n, seed=seed, split=split, max_digits=max_digits, kinds=kinds,
+                                 context_chars=context_chars)
+    generate_problems(0, seed=seed, split=split, max_digits=max_digits, kinds=kinds,
+                      context_chars=context_chars)       # argument checks
+    rng = np.random.default_rng([seed, SPLITS.index(split), len(kinds)])
+    out: list[Problem] = []
+    for i, kind in enumerate(kinds):
+        want = n // len(kinds) + (i < n % len(kinds))
+        kind_rng = np.random.default_rng([seed, SPLITS.index(split), KINDS.index(kind) + 1])
+        got: list[Problem] = []
+        seen: set[str] = set()
+        misses = 0      # the space counts as exhausted after 2000 draws in a row without a new one
+        while len(got) < want and misses < 2000:
+            one = _draw(kind_rng, kind, split, max_digits, context_chars)
+            if one is None or one.prompt in seen:
+                misses += 1
+                continue
+            misses = 0
+            seen.add(one.prompt)
+            got.append(one)
+        if want and not got:
+            raise ValueError(f"kind {kind!r} has no {split!r} problems with "
+                             f"max_digits={max_digits}")
+        while len(got) < want:       # the kind's problems again, each round in a new order
+            got += [got[j] for j in rng.permutation(len(seen))][:want - len(got)]
+        out += got
+    return [out[j] for j in rng.permutation(len(out))]
 
 
 # ----------------------------------------------------------------------------

@@ -69,8 +69,8 @@ class GRPOConfig:
   """GRPO hyperparameters. The model is the `init_from` run's.
 
   Problems: the embedded arithmetic task (data/tasks.py) of that run's
-    tokenizer and template; n_train_problems to draw prompts from,
-    n_eval_problems held out. Rollout: prompts_per_step x group_size
+    tokenizer and template; n_train_problems to draw prompts from (mixed
+    by kind_mix, tasks.mixed_problems), n_eval_problems held out. Rollout: prompts_per_step x group_size
     completions of at most max_new_tokens at temperature / top_p.
   Objective (grpo.py): loss_type, scale, eps_low / eps_high, beta,
     kl_estimator, kl_clamp; mu passes per rollout; ref_refresh_every (0 =
@@ -97,6 +97,7 @@ class GRPOConfig:
   n_eval_problems: int = 100
   max_digits: int = 2
   task_kinds: tuple[str, ...] = tasks.DEFAULT_KINDS
+  kind_mix: str = "distinct"
   # rollout
   prompts_per_step: int = 16
   group_size: int = 8
@@ -175,6 +176,8 @@ class GRPOConfig:
     if self.overlong_buffer > self.max_new_tokens:
       raise ValueError(f"overlong_buffer={self.overlong_buffer} must be <= max_new_tokens="
                        f"{self.max_new_tokens}.")
+    if self.kind_mix not in tasks.KIND_MIXES:
+      raise ValueError(f"kind_mix={self.kind_mix!r} must be one of {tasks.KIND_MIXES}.")
     bad = [k for k in self.task_kinds if k not in tasks.VERIFIABLE_KINDS]
     if bad or not self.task_kinds:
       raise ValueError(f"task_kinds={self.task_kinds} must be a non-empty subset of "
@@ -199,7 +202,7 @@ class GRPOConfig:
                        clip_norm=self.clip_norm, bias_update_speed=0.0,
                        tokenizer_path=source.tokenizer_path, template=source.template,
                        max_digits=self.max_digits, task_kinds=self.task_kinds,
-                       fast_compile=self.fast_compile)
+                       kind_mix=self.kind_mix, fast_compile=self.fast_compile)
 
 
 # ---------------------------------------------------------------------------
@@ -346,9 +349,9 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
   tok = (load_tokenizer(src_train.tokenizer_path) if src_train.tokenizer_path
          else default_tokenizer())
   template = src_train.template
-  train_problems = tasks.generate_problems(gcfg.n_train_problems, seed=gcfg.seed,
-                                           split="train", max_digits=gcfg.max_digits,
-                                           kinds=gcfg.task_kinds)
+  train_problems = tasks.mixed_problems(gcfg.n_train_problems, seed=gcfg.seed, split="train",
+                                        max_digits=gcfg.max_digits, kinds=gcfg.task_kinds,
+                                        kind_mix=gcfg.kind_mix)
   eval_problems = tasks.generate_problems(gcfg.n_eval_problems, seed=gcfg.seed, split="test",
                                           max_digits=gcfg.max_digits, kinds=gcfg.task_kinds)
   reward_fns = {**(reward_functions(gcfg) if gcfg.accuracy_weight or gcfg.format_weight

@@ -36,7 +36,11 @@ class TrainConfig:
     output, distillation), whose prompts come from the train split.
     task_kinds: the problem kinds (data/tasks.py KINDS); "passkey" is the
     long-context retrieval kind, its prompts passkey_chars long (0 = as long
-    as a row of seq_len holds).
+    as a row of seq_len holds). kind_mix: "distinct" (n_train_problems
+    distinct problems; a kind with a small prompt space, e.g. "mul" at
+    max_digits=2, gets less than its share) or "uniform" (each kind an equal
+    share, as in the held-out problems; small kinds' problems repeat):
+    tasks.mixed_problems.
     tokenizer_path "" = the shipped character tokenizer. completion_only: loss
     only on completion tokens.
   Optimizer (optimizer.py): peak lr, warmup_steps (<= steps; V3 used 2000
@@ -122,6 +126,7 @@ class TrainConfig:
   n_eval_problems: int = 100
   max_digits: int = 3
   task_kinds: tuple[str, ...] = tasks.DEFAULT_KINDS
+  kind_mix: str = "distinct"
   passkey_chars: int = 0
   init_from: str = ""
   init_from_hf: str = ""
@@ -231,6 +236,8 @@ class TrainConfig:
     if self.moments_dtype not in MOMENT_DTYPES:
       raise ValueError(f"moments_dtype={self.moments_dtype!r} must be one of "
                        f"{MOMENT_DTYPES}.")
+    if self.kind_mix not in tasks.KIND_MIXES:
+      raise ValueError(f"kind_mix={self.kind_mix!r} must be one of {tasks.KIND_MIXES}.")
     if self.template not in tasks.TEMPLATES:
       raise ValueError(f"template={self.template!r} must be one of {tuple(tasks.TEMPLATES)}.")
     bad = [k for k in self.task_kinds if k not in tasks.KINDS]

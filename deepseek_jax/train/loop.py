@@ -234,7 +234,8 @@ def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
         tok, n_train=train_cfg.n_train_problems, n_test=train_cfg.n_eval_problems,
         seq_len=train_cfg.seq_len, seed=train_cfg.seed, max_digits=train_cfg.max_digits,
         template=train_cfg.template, completion_only=train_cfg.completion_only,
-        kinds=train_cfg.task_kinds, context_chars=train_cfg.passkey_chars)
+        kinds=train_cfg.task_kinds, context_chars=train_cfg.passkey_chars,
+        kind_mix=train_cfg.kind_mix)
     rows, eval_problems, n_docs = ds.train_rows, ds.test_problems, ds.n_train_documents
   it = pipeline.BatchIterator(rows, train_cfg.batch_size, seed=train_cfg.seed)
   return Data(iterator=it, tokenizer=tok, eval_problems=eval_problems, n_documents=n_docs,
