@@ -33,8 +33,9 @@ resample_rounds, completion length mean/max, truncated,
 kl, entropy (-mean log p of the sampled tokens), clip_low/high, grad_norm,
 skipped; per eval: eval_greedy_accuracy, eval_sampled_accuracy (the mean
 of eval_samples draws per problem), eval_format_ok, and per problem kind
-eval_greedy_accuracy/<kind>, eval_sampled_accuracy/<kind>), samples.jsonl (some rollouts every `sample_every` steps),
-grpo.png (reward and accuracy over steps).
+eval_greedy_accuracy/<kind>, eval_sampled_accuracy/<kind>), samples.jsonl
+(some rollouts every `sample_every` steps), grpo.png (reward and accuracy
+over steps).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class GRPOConfig:
 
   Problems: the embedded arithmetic task (data/tasks.py) of that run's
     tokenizer and template; n_train_problems to draw prompts from (mixed
-    by kind_mix, tasks.mixed_problems), n_eval_problems held out. Rollout: prompts_per_step x group_size
-    completions of at most max_new_tokens at temperature / top_p.
+    by kind_mix, tasks.mixed_problems), n_eval_problems held out.
+    Rollout: prompts_per_step x group_size completions of at most
+    max_new_tokens at temperature / top_p.
   Objective (grpo.py): loss_type, scale, eps_low / eps_high, beta,
     kl_estimator, kl_clamp; mu passes per rollout; ref_refresh_every (0 =
     the reference stays the starting policy); mask_truncated,
@@ -85,8 +87,9 @@ class GRPOConfig:
   Logging: log_every; eval_every (0 = before and after only) on the held-out
     problems, greedy and sampled (eval_samples completions per problem: the
     sampled accuracy is their mean, a lower-variance estimate of the
-    expected accuracy at `temperature` than one draw); sample_every steps some rollouts go to
-    samples.jsonl; checkpoints every ckpt_every steps, keep_ckpts kept.
+    expected accuracy at `temperature` than one draw); sample_every steps
+    some rollouts go to samples.jsonl; checkpoints every ckpt_every steps,
+    keep_ckpts kept.
   """
 
   init_from: str = ""
@@ -146,8 +149,8 @@ class GRPOConfig:
   def validate(self) -> None:
     check_ints(self, positive=("steps", "prompts_per_step", "group_size", "max_new_tokens",
                                "mu", "log_every", "eval_batch_size", "eval_samples",
-                               "sample_every",
-                               "ckpt_every", "keep_ckpts", "n_train_problems"),
+                               "sample_every", "ckpt_every", "keep_ckpts",
+                               "n_train_problems"),
                non_negative=("warmup_steps", "eval_every", "ref_refresh_every",
                              "overlong_buffer", "n_eval_problems", "resample_rounds"))
     if self.group_size < 2:
