@@ -320,16 +320,7 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
     [context_chars // 4, context_chars]). Raises ValueError when the split of
     the prompt space holds fewer than n distinct problems.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} must be one of {SPLITS}")
-    if max_digits < 1:
-        raise ValueError(f"max_digits={max_digits} must be >= 1")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"kinds={tuple(kinds)} must be a non-empty subset of {KINDS}")
-    if "passkey" in kinds and context_chars < PASSKEY_MIN_CHARS:
-        raise ValueError(f"context_chars={context_chars} must be >= {PASSKEY_MIN_CHARS} "
-                         "for the passkey kind")
+    _check_problem_args(split, max_digits, kinds, context_chars)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     seen: set[str] = set()
     problems: list[Problem] = []
@@ -348,6 +339,20 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
         seen.add(problem.prompt)
         problems.append(problem)
     return problems
+
+
+def _check_problem_args(split: str, max_digits: int, kinds: Sequence[str],
+                        context_chars: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} must be one of {SPLITS}")
+    if max_digits < 1:
+        raise ValueError(f"max_digits={max_digits} must be >= 1")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds={tuple(kinds)} must be a non-empty subset of {KINDS}")
+    if "passkey" in kinds and context_chars < PASSKEY_MIN_CHARS:
+        raise ValueError(f"context_chars={context_chars} must be >= {PASSKEY_MIN_CHARS} "
+                         "for the passkey kind")
 
 
 def _draw(rng: np.random.Generator, kind: str, split: str, max_digits: int,
@@ -387,8 +392,7 @@ def mixed_problems(n: int, *, seed: int, split: str = "train", max_digits: int =
     if kind_mix == "distinct":
         return generate_problems(n, seed=seed, split=split, max_digits=max_digits, kinds=kinds,
                                  context_chars=context_chars)
-    generate_problems(0, seed=seed, split=split, max_digits=max_digits, kinds=kinds,
-                      context_chars=context_chars)       # argument checks
+    _check_problem_args(split, max_digits, kinds, context_chars)
     rng = np.random.default_rng([seed, SPLITS.index(split), len(kinds)])
     out: list[Problem] = []
     for i, kind in enumerate(kinds):
