@@ -722,5 +722,6 @@ def pipeline_value_and_grad(cfg: ModelConfig, train_cfg, mesh, rules, *, schedul
   return run
 
 
-__all__ = ["StageLayout", "Table", "split_layers", "stage_tree", "unstage_tree", "state_layout", "layout_from_sizes", "layout_sizes", "build_table",
-           "check_pipeline", "pipeline_value_and_grad"]
+__all__ = ["StageLayout", "Table", "split_layers", "stage_tree", "unstage_tree", "state_layout",
+           "layout_from_sizes", "layout_sizes", "build_table", "check_pipeline",
+           "pipeline_value_and_grad"]
