@@ -34,6 +34,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from deepseek_jax.config import ModelConfig
@@ -58,6 +59,21 @@ def config_diff(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
 def _normalise(v):
   # JSON turns tuples into lists; compare the JSON form.
   return json.loads(json.dumps(v))
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """The train state's handler: orbax's pytree handler (the format its
+  StandardCheckpointHandler writes) without replica-parallel saving. On CPU
+  orbax splits every replicated array into one slice per replica, each a
+  separately compiled and dispatched slice op: ~300 tiny compilations and
+  seconds per save for nothing, since one process holds all the replicas
+  (orbax already turns it off on GPU)."""
+  handlers = ocp.type_handlers
+  registry = handlers.create_type_handler_registry(
+      (int, handlers.ScalarHandler()), (float, handlers.ScalarHandler()),
+      (np.number, handlers.ScalarHandler()), (np.ndarray, handlers.NumpyHandler()),
+      (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 class Checkpoints:
@@ -88,8 +104,9 @@ class Checkpoints:
         # A reader leaves the directory alone (a writer may be running).
         cleanup_tmp_directories=not read_only,
         create=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()})
     self._last_saved: int | None = None
     # Blocks per pipeline stage when the saved state is in a pipeline's stage
     # layout (parallel/pipeline.py stage_tree), written to meta as
@@ -179,7 +196,9 @@ class Checkpoints:
       return None
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
+          state=ocp.args.PyTreeRestore(
+              abstract_state,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
           meta=ocp.args.JsonRestore()))
       return restored["state"], dict(self._checked_meta(restored["meta"])["data"])
     except Exception as e:   # orbax / tensorstore raise many types, bare Exception too
@@ -217,7 +236,7 @@ class Checkpoints:
     if self.pipeline_stages:
       meta["pipeline_stages"] = list(self.pipeline_stages)
     saved = bool(self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force))
+        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force))
     if saved:
       self._last_saved = step
     return saved
