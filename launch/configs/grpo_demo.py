@@ -12,8 +12,8 @@ group-normalised advantages, the DeepSeekMath loss with k3 KL (beta 0.04)
 against the SFT model, one pass per rollout, AdamW at constant 1e-4
 (3e-4 collapsed the sampled distribution onto worse answers: greedy 0.47
 -> 0.37 by step 50).
-Held-out accuracy (greedy and sampled) before and after: summary.json
-(--config.eval_samples=4 for a steadier sampled figure; per-kind figures in
+Held-out accuracy (greedy, and sampled as the mean of 4 draws per
+problem) before and after: summary.json (per-kind figures in
 metrics.jsonl). Measured figures: bench/RESULTS.md (GRPO): sampled +17 to
 +19 points; what caps it is mul (31% of the held-out problems, 10% of the
 distinct training problems, never learned by the SFT stage, so never
@@ -49,6 +49,7 @@ def get_config():
   config.log_every = 10
   config.eval_every = 50
   config.eval_batch_size = 50
+  config.eval_samples = 4      # sampled accuracy over 4 draws per problem (1 draw: +-0.05)
   config.ckpt_every = 50
   # The GRPO stage's device mesh (one device: none). --config.mesh.expert=4 ...
   config.mesh = ConfigDict(MeshConfig().to_dict())
