@@ -158,6 +158,7 @@ def expert_parallel_run(tmp_path_factory):
           {r["expert"]: r for r in results if r["part"] == "train"})
 
 
+@pytest.mark.slow   # ~35 s cold: CI's slow step (test_parallel covers EP by default)
 def test_expert_parallel_plan_accounts_for_every_v3_parameter_byte(expert_parallel_run):
   from deepseek_jax.config import get_preset
   from deepseek_jax.model import abstract_variables, count_params
@@ -175,6 +176,7 @@ def test_expert_parallel_plan_accounts_for_every_v3_parameter_byte(expert_parall
     assert 2 * p["params_bytes_per_device"] <= p["opt_state_bytes_per_device"]
 
 
+@pytest.mark.slow   # ~35 s cold: CI's slow step (test_parallel covers EP by default)
 def test_expert_parallel_runs_train_identically_and_report_true_loads(expert_parallel_run):
   _, runs = expert_parallel_run
   assert sorted(runs) == EP_DEGREES
@@ -218,6 +220,7 @@ def fp8_run(tmp_path_factory):
       r for r in results if r["part"] == "train"][0]
 
 
+@pytest.mark.slow   # ~35 s cold: CI's slow step (test_fp8 covers the recipe by default)
 def test_fp8_notebook_per_tensor_error_recomputes_with_ml_dtypes(fp8_run):
   import ml_dtypes
   workdir, gemm, _ = fp8_run
@@ -238,6 +241,7 @@ def test_fp8_notebook_per_tensor_error_recomputes_with_ml_dtypes(fp8_run):
   assert big["per tensor"] > 10 * big["1x128 tiles"] and big["per tensor zeros"] > 0.3
 
 
+@pytest.mark.slow   # ~35 s cold: CI's slow step (test_fp8 covers the recipe by default)
 def test_fp8_notebook_trains_both_runs_and_reports_their_gap(fp8_run):
   _, _, train = fp8_run
   ref, low = (np.load(train["loss_paths"][k]) for k in ("float32", "fp8"))
