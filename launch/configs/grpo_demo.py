@@ -14,7 +14,7 @@ against the SFT model, one pass per rollout, AdamW at constant 1e-4
 -> 0.37 by step 50).
 Held-out accuracy (greedy, and sampled as the mean of 4 draws per
 problem) before and after: summary.json (per-kind figures in
-metrics.jsonl). Measured figures: bench/RESULTS.md (GRPO): sampled +17 to
+metrics.jsonl). Measured figures: bench/RESULTS.md (GRPO): sampled +16 to
 +19 points; what caps it is mul (31% of the held-out problems, 10% of the
 distinct training problems, never learned by the SFT stage, so never
 rewarded), and lr above 1e-4 hurts. A longer SFT stage is the cheaper way to
