@@ -28,6 +28,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from deepseek_jax.files import atomic_json, atomic_write  # noqa: F401 (re-exported)
+
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -115,32 +117,6 @@ def checkpoint_files(path: str) -> list[str]:
 def write_safetensors(tensors: dict[str, np.ndarray], path: str, metadata=None) -> None:
   """Writes `tensors` to the safetensors file `path` (not atomic: see atomic_write)."""
   safetensors.numpy.save_file(tensors, path, metadata=metadata)
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Calls write(tmp) on a temp file next to `path`, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def atomic_json(obj: Any, path: str) -> None:
-  """Writes `obj` as indented JSON to `path` atomically (atomic_write)."""
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=False)
-      f.write("\n")
-  atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------
