@@ -2,8 +2,9 @@
 
     python bench/pipeline_schedules.py --pipe 4 --data 2 --microbatches 8
 
-For each schedule (gpipe, 1f1b, zb1p, dualpipe) builds
-`parallel.pipeline.pipeline_value_and_grad` for a small model on
+For each schedule (gpipe, 1f1b, zb1p, dualpipe) builds the pipelined
+pretraining gradient (`train.step.pipelined_pretraining_grad`, the executor
+of parallel/pipeline.py on the model's stages) for a small model on
 pipe x data fake CPU devices (parameters stored by stage, as the train
 state holds them on a pipe mesh), compiles it, times `--repeats` calls
 (median) and prints one JSON line:
@@ -49,11 +50,10 @@ def main(argv=None) -> None:
   from deepseek_jax import get_preset
   from deepseek_jax.model import init_variables
   from deepseek_jax.parallel import MeshConfig, activate, setup, simulate
-  from deepseek_jax.parallel.pipeline import (pipeline_value_and_grad, split_layers,
-                                              stage_tree, unstage_tree)
+  from deepseek_jax.parallel.pipeline_layout import split_layers, stage_tree, unstage_tree
   from deepseek_jax.parallel.rules import tree_shardings
   from deepseek_jax.train.config import TrainConfig
-  from deepseek_jax.train.step import pretraining_loss
+  from deepseek_jax.train.step import pipelined_pretraining_grad, pretraining_loss
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from train_throughput import random_batch
 
@@ -70,8 +70,8 @@ def main(argv=None) -> None:
   staged = stage_tree(layout, v)
   staged = jax.device_put(staged, tree_shardings(staged, mesh, rules))
   for schedule in args.schedules.split(","):
-    fn = pipeline_value_and_grad(cfg, train_cfg, mesh, rules, schedule=schedule,
-                                 n_microbatches=args.microbatches, staged=True)
+    fn = pipelined_pretraining_grad(cfg, train_cfg, mesh, rules, schedule=schedule,
+                                    n_microbatches=args.microbatches, staged=True)
     sim = simulate(schedule, args.pipe, args.microbatches, F=1.0, B=2.0, W=1.0, FB=2.5)
     with activate(mesh, rules):
       t0 = time.perf_counter()

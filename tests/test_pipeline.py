@@ -1,4 +1,5 @@
-"""Pipeline parallelism (deepseek_jax/parallel/pipeline.py) on 8 fake CPU devices.
+"""Pipeline parallelism (deepseek_jax/parallel/pipeline*.py, wired to the model
+and the pretraining loss by train/step.py) on 8 fake CPU devices.
 
 Oracle for the numbers: `jax.value_and_grad` of the unpipelined pretraining
 loss on one device (train.step.pretraining_loss). A pipelined step must give
@@ -21,11 +22,12 @@ import pytest
 from deepseek_jax import get_preset
 from deepseek_jax.model import init_variables
 from deepseek_jax.parallel import MeshConfig, activate, setup, simulate
-from deepseek_jax.parallel.pipeline import (build_table, layout_from_sizes, layout_sizes,
-                                            pipeline_value_and_grad, split_layers, stage_tree,
-                                            state_layout, unstage_tree)
+from deepseek_jax.parallel.pipeline_layout import (layout_from_sizes, layout_sizes,
+                                                   split_layers, stage_tree, state_layout,
+                                                   unstage_tree)
+from deepseek_jax.parallel.pipeline_table import build_table
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.step import FAST_COMPILE, pretraining_loss
+from deepseek_jax.train.step import FAST_COMPILE, pipelined_pretraining_grad, pretraining_loss
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 from train_throughput import random_batch  # noqa: E402
@@ -167,12 +169,15 @@ def test_train_state_on_a_pipe_mesh_is_split_by_stage_and_steps_like_one_device(
   moments) as [stage, slot, ...] split over `pipe`: each rank holds its own
   stage's blocks. One 1F1B train step equals the one-device step (moments
   hold the gradients: Adam's first update alone is ~sign(g)), and a
-  checkpoint of the staged state restores on one device, converted."""
+  checkpoint of the staged state restores on one device, converted. A
+  second step takes V3's second MTP weight (mtp_weight_switch_step=1) in
+  the same compiled step, pipelined or not."""
   from deepseek_jax.train import checkpoint
-  from deepseek_jax.train.loop import restore_relayout
+  from deepseek_jax.train.start import restore_relayout, with_variables
   from deepseek_jax.train.step import init_train_state, make_train_step, model_variables
   cfg = get_preset("tiny").replace(n_layers=5)     # 1 dense + 4 MoE: stages 2, 1, 1, 1
-  train_cfg = TrainConfig(pipeline_schedule="1f1b", num_microbatches=4, fast_compile=True)
+  train_cfg = TrainConfig(pipeline_schedule="1f1b", num_microbatches=4, fast_compile=True,
+                          mtp_weight_switch_step=1)
   mesh, rules = setup(MeshConfig(pipe=4, data=2))
   state = init_train_state(cfg, train_cfg, jax.random.key(0), mesh, rules)
   ref = init_train_state(cfg, train_cfg, jax.random.key(0))
@@ -184,8 +189,9 @@ def test_train_state_on_a_pipe_mesh_is_split_by_stage_and_steps_like_one_device(
   np.testing.assert_array_equal(model_variables(cfg, state, mesh)["params"]["moe_layers"]
                                 ["ffn"]["w1"], ref.params["moe_layers"]["ffn"]["w1"])
   batch = _batch(cfg, 8)
-  state, m = make_train_step(cfg, train_cfg, mesh, rules)(state, batch)
-  ref, m_ref = make_train_step(cfg, train_cfg)(ref, batch)
+  steps = make_train_step(cfg, train_cfg, mesh, rules), make_train_step(cfg, train_cfg)
+  state, m = steps[0](state, batch)
+  ref, m_ref = steps[1](ref, batch)
   for key in ("loss", "ce", "mtp", "grad_norm"):
     assert abs(float(m[key]) - float(m_ref[key])) <= TOL, key
   np.testing.assert_array_equal(m["expert_load"], m_ref["expert_load"])
@@ -204,28 +210,32 @@ def test_train_state_on_a_pipe_mesh_is_split_by_stage_and_steps_like_one_device(
   assert jax.tree.structure(back) == jax.tree.structure(ref)
   assert _max_diff(back.params, jax.device_get(model_variables(cfg, state, mesh)["params"])) == 0
   # init_from onto the pipe mesh: the model's layout is re-split by stage.
-  from deepseek_jax.train.loop import with_variables
   moved = with_variables(state, {"params": back.params, "router_bias": back.router_bias},
                          state_layout(cfg, mesh))
   assert moved.params["moe_layers"]["ffn"]["w1"].sharding == w.sharding
   assert _max_diff(model_variables(cfg, moved, mesh), {"params": back.params,
                                                        "router_bias": back.router_bias}) == 0
+  # Step number 2 > mtp_weight_switch_step: lambda = mtp_weight_final.
+  (_, m2), (_, m2_ref) = steps[0](state, batch), steps[1](ref, batch)
+  assert abs(float(m2["loss"]) - float(m2_ref["loss"])) <= TOL
+  for got, weight in ((m, 0.3), (m_ref, 0.3), (m2, 0.1), (m2_ref, 0.1)):
+    assert float(got["mtp_weight"]) == pytest.approx(weight)
+    assert float(got["loss"]) == pytest.approx(
+        float(got["ce"]) + weight * float(got["mtp"])
+        + train_cfg.balance_weight * float(got["balance"]), rel=1e-6)
 
 
 def test_bad_pipeline_settings_are_refused_before_compiling():
   cfg = get_preset("tiny")
   mesh, rules = setup(MeshConfig(pipe=4, data=2))
   with pytest.raises(ValueError, match="n_microbatches >= 2 \\* n_stages = 8"):
-    pipeline_value_and_grad(cfg, TrainConfig(), mesh, rules, schedule="dualpipe",
-                            n_microbatches=4)
+    pipelined_pretraining_grad(cfg, TrainConfig(), mesh, rules, schedule="dualpipe",
+                               n_microbatches=4)
   with pytest.raises(ValueError, match="not a known pipeline schedule"):
-    pipeline_value_and_grad(cfg, TrainConfig(), mesh, rules, schedule="interleaved",
-                            n_microbatches=4)
-  with pytest.raises(NotImplementedError, match="V2's balance losses"):
-    pipeline_value_and_grad(cfg, TrainConfig(expert_balance_weight=0.01), mesh, rules,
-                            schedule="1f1b", n_microbatches=4)
-  fn = pipeline_value_and_grad(cfg.replace(n_layers=4), TrainConfig(), mesh, rules,
-                               schedule="1f1b", n_microbatches=3)
+    pipelined_pretraining_grad(cfg, TrainConfig(), mesh, rules, schedule="interleaved",
+                               n_microbatches=4)
+  fn = pipelined_pretraining_grad(cfg.replace(n_layers=4), TrainConfig(), mesh, rules,
+                                  schedule="1f1b", n_microbatches=3)
   batch = {k: jnp.asarray(v) for k, v in random_batch(cfg.vocab_size, 8, 8, 0).items()}
   v = jax.eval_shape(lambda: init_variables(cfg.replace(n_layers=4), jax.random.key(0)))
   with pytest.raises(ValueError, match="8 rows does not split into num_microbatches=3"):
@@ -247,10 +257,17 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+# DeepSeek-V2's balance losses on (D = 4 devices as on one device: the mesh's
+# expert degree would be the default); the oracle is the same loss on one device.
+V2 = dict(expert_balance_weight=0.1, device_balance_weight=0.2, comm_balance_weight=0.3,
+          balance_devices=4)
+V2_METRICS = ("balance_expert", "balance_device", "balance_comm", "balance_expert_per_layer",
+              "balance_device_per_layer", "balance_comm_per_layer", "device_tokens_per_layer")
+
+
 def _check_against_one_device(schedule, mesh_cfg, m, n_layers, rows, stage_layers=None,
-                              remat="none"):
+                              remat="none", train_cfg=TrainConfig()):
   cfg = get_preset("tiny").replace(n_layers=n_layers, remat_policy=remat)
-  train_cfg = TrainConfig()
   v = init_variables(cfg, jax.random.key(0))
   # A skewed router bias, so the loads (and the bias update) are not uniform.
   v["router_bias"] = jax.tree.map(lambda b: b.at[..., 2].add(0.5), v["router_bias"])
@@ -259,48 +276,55 @@ def _check_against_one_device(schedule, mesh_cfg, m, n_layers, rows, stage_layer
   (loss, aux), grads = jax.jit(grad_fn, compiler_options=FAST_COMPILE)(
       v["params"], v["router_bias"], batch)
   mesh, rules = setup(mesh_cfg)
-  fn = pipeline_value_and_grad(cfg, train_cfg, mesh, rules, schedule=schedule,
-                               n_microbatches=m, stage_layers=stage_layers)
+  fn = pipelined_pretraining_grad(cfg, train_cfg, mesh, rules, schedule=schedule,
+                                  n_microbatches=m, stage_layers=stage_layers)
   with activate(mesh, rules):
     (p_loss, p_aux), p_grads = jax.jit(fn, compiler_options=FAST_COMPILE)(
         v["params"], v["router_bias"], batch)
   assert abs(float(loss) - float(p_loss)) <= TOL
-  for key in ("ce", "mtp", "balance", "target_tokens", "tokens"):
-    assert abs(float(aux["metrics"][key]) - float(p_aux["metrics"][key])) <= TOL, key
+  assert sorted(aux["metrics"]) == sorted(p_aux["metrics"])
+  for key, want in aux["metrics"].items():
+    np.testing.assert_allclose(p_aux["metrics"][key], want, atol=TOL, rtol=0, err_msg=key)
   np.testing.assert_array_equal(aux["expert_load"], p_aux["expert_load"])
   np.testing.assert_array_equal(aux["mtp_expert_load"], p_aux["mtp_expert_load"])
   assert jax.tree.structure(grads) == jax.tree.structure(p_grads)
   assert _max_diff(grads, p_grads) <= TOL
-  return fn
+  return aux, fn
 
 
 @pytest.mark.slow   # ~25 s; the default suite's 1F1B pipe4 x data2 check is the train-state test
 def test_1f1b_on_pipe4_data2_equals_the_unpipelined_model():
   """Uneven by kind: stage 0 holds the dense block, stages 1-3 one MoE block each."""
-  fn = _check_against_one_device("1f1b", MeshConfig(pipe=4, data=2), 4, 4, 8)
+  _, fn = _check_against_one_device("1f1b", MeshConfig(pipe=4, data=2), 4, 4, 8)
   assert fn.layout.layers == ((0,), (1,), (2,), (3,))
 
 
-def test_zb1p_on_pipe2_expert2_data2_equals_the_unpipelined_model():
-  """Split backward (I then W), experts split over `expert` inside each stage."""
-  _check_against_one_device("zb1p", MeshConfig(pipe=2, expert=2, data=2), 4, 4, 16)
+def test_zb1p_on_pipe2_expert2_data2_with_v2_balance_equals_the_unpipelined_model():
+  """Split backward (I then W), experts split over `expert` inside each
+  stage, DeepSeek-V2's balance losses on: their sums and per-layer values
+  (main MoE layers across stages, then the MTP block) and gradients."""
+  aux, _ = _check_against_one_device("zb1p", MeshConfig(pipe=2, expert=2, data=2), 4, 4, 16,
+                                     train_cfg=TrainConfig(**V2))
+  assert set(V2_METRICS) <= set(aux["metrics"])
+  assert aux["metrics"]["balance_comm_per_layer"].shape == (3 + 1,)
 
 
 @pytest.mark.slow   # 15-40 s each to compile on 2 cores: CI's slow step
-@pytest.mark.parametrize("schedule,mesh,m,n_layers,rows,stage_layers,remat", [
-    ("dualpipe", dict(pipe=2, expert=2, data=2), 4, 4, 16, None, "none"),
-    ("dualpipe", dict(pipe=4, data=2), 8, 5, 16, None, "none"),     # uneven: 2,1,1,1
-    ("gpipe", dict(pipe=4, data=2), 4, 5, 8, None, "none"),
-    ("zb1p", dict(pipe=4, data=2), 6, 4, 12, None, "full"),         # remat inside stages
-    ("gpipe", dict(pipe=2, expert=2, data=2), 2, 4, 8, (1, 3), "none"),   # uneven, given
-    ("1f1b", dict(pipe=2, expert=2, data=2), 4, 3, 16, None, "none"),
+@pytest.mark.parametrize("schedule,mesh,m,n_layers,rows,stage_layers,remat,v2", [
+    ("dualpipe", dict(pipe=2, expert=2, data=2), 4, 4, 16, None, "none", False),
+    ("dualpipe", dict(pipe=4, data=2), 8, 5, 16, None, "none", True),     # uneven: 2,1,1,1
+    ("gpipe", dict(pipe=4, data=2), 4, 5, 8, None, "none", False),
+    ("zb1p", dict(pipe=4, data=2), 6, 4, 12, None, "full", False),        # remat inside stages
+    ("gpipe", dict(pipe=2, expert=2, data=2), 2, 4, 8, (1, 3), "none", False),   # uneven, given
+    ("1f1b", dict(pipe=2, expert=2, data=2), 4, 3, 16, None, "none", True),
     # FSDP and tensor parallelism inside the stages
-    ("1f1b", dict(pipe=2, fsdp=2, tensor=2, data=1, rules="fsdp_tp"), 2, 4, 8, None, "none"),
+    ("1f1b", dict(pipe=2, fsdp=2, tensor=2, data=1, rules="fsdp_tp"), 2, 4, 8, None, "none",
+     False),
 ])
 def test_every_schedule_on_both_meshes_equals_the_unpipelined_model(
-    schedule, mesh, m, n_layers, rows, stage_layers, remat):
+    schedule, mesh, m, n_layers, rows, stage_layers, remat, v2):
   _check_against_one_device(schedule, MeshConfig(**mesh), m, n_layers, rows, stage_layers,
-                            remat)
+                            remat, TrainConfig(**V2) if v2 else TrainConfig())
 
 
 # --- launch.train with a pipe axis -------------------------------------------------

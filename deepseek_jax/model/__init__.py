@@ -1,4 +1,7 @@
-"""DeepSeek-V3 model: `Transformer(cfg).apply(variables, tokens)` -> logits."""
+"""DeepSeek-V3 model: `Transformer(cfg).apply(variables, tokens)` -> logits.
+
+`model.stages` is its training forward in pipeline-stage pieces (embedding,
+a slice of the blocks, head + MTP), the functions a pipeline runs."""
 
 from deepseek_jax.model.transformer import (Transformer, abstract_variables,
                                             check_inputs, count_active_params,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
@@ -21,6 +22,9 @@ class Block(nn.Module):
   new tokens' cache entries, and `cache` (decode) the layer's cache.
   balance_devices, balance_max_devices: the MoE's DeepSeek-V2 balance losses
   (D, M; 0 = off): aux["v2_balance"] when on (MoE blocks only).
+  active (training; a bool scalar, None = on): off, the block passes x
+  through and its aux is zero: a pipeline stage's padded slot
+  (parallel/pipeline_layout.py) still computes, every rank running one program.
   """
   cfg: ModelConfig
   moe: bool
@@ -29,7 +33,7 @@ class Block(nn.Module):
   balance_max_devices: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, mask, valid, cache=None):
+  def __call__(self, x, positions, mask, valid, cache=None, active=None):
     cfg = self.cfg
     attn = MLA(cfg, self.mode, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions,
                                             mask, cache)
@@ -46,4 +50,8 @@ class Block(nn.Module):
              "load": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32)}
     if entries is not None:
       aux = {**aux, "cache": entries}
-    return constrain(h + out, ("batch", "seq", None)), aux
+    out = constrain(h + out, ("batch", "seq", None))
+    if active is not None:
+      out = jnp.where(active, out, x)
+      aux = jax.tree.map(lambda a: jnp.where(active, a, jnp.zeros_like(a)), aux)
+    return out, aux

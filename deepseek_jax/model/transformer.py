@@ -24,7 +24,9 @@ M = devices a token may reach (static; the trainer sets them from
 TrainConfig); the default 0 computes no V2 loss.
 Blocks of each kind are stacked with `nn.scan` (params get a leading layer
 axis: `dense_layers` [n_dense, ...], `moe_layers` [n_moe, ...]) and wrapped
-in `nn.remat` according to `cfg.remat_policy`.
+in `nn.remat` according to `cfg.remat_policy`. The training forward is the
+composition of model/stages.py's pieces (embedding, block stacks, head +
+MTP), the ones a pipeline stage runs on its own parameters.
 """
 
 from __future__ import annotations
@@ -37,40 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.block import Block
-from deepseek_jax.model.layers import Embed, Einsum, RMSNorm
+from deepseek_jax.model.layers import Embed, RMSNorm
 from deepseek_jax.model.mla import attention_bias, decode_bias
-from deepseek_jax.model.mtp import MTPModule, shift_left
-from deepseek_jax.parallel.rules import constrain
-
-
-def checkpoint_policy(cfg: ModelConfig):
-  """The jax.checkpoint policy of cfg.remat_policy ("full": None, save nothing;
-  "dots_saveable": keep the matmul outputs); not for "none" (no remat)."""
-  return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-          if cfg.remat_policy == "dots_saveable" else None)
-
-
-def _remat(block_cls, cfg: ModelConfig):
-  if cfg.remat_policy == "none":
-    return block_cls
-  return nn.remat(block_cls, policy=checkpoint_policy(cfg), prevent_cse=False)
-
-
-def _stack(cfg: ModelConfig, moe: bool, length: int, name: str, mode: str = "train",
-           v2: tuple[int, int] = (0, 0)):
-  """`length` Blocks under nn.scan. Their inputs (positions, mask, valid) are
-  broadcast to every layer; when decoding, each layer also gets its slice of
-  the stacked cache (scanned along axis 0), and every mode but training
-  returns the new tokens' cache entries stacked in aux["cache"]. v2: the
-  blocks' (balance_devices, balance_max_devices)."""
-  scanned = nn.scan(
-      _remat(Block, cfg) if mode == "train" else Block,
-      variable_axes={"params": 0, "router_bias": 0},
-      split_rngs={"params": True},
-      in_axes=(nn.broadcast,) * 3 + ((0,) if mode == "decode" else ()),
-      length=length)
-  return scanned(cfg, moe, mode, *v2, name=name)
+from deepseek_jax.model.mtp import MTPModule
+from deepseek_jax.model.stages import (HeadLayers, block_stack, merge_aux, output_head,
+                                       run_blocks, run_embed, run_head)
 
 
 def check_inputs(cfg: ModelConfig, tokens, segment_ids=None, positions=None) -> None:
@@ -152,59 +125,29 @@ class Transformer(nn.Module):
     valid = segment_ids != 0
 
     embed = Embed(cfg, name="embed")
-    head = Einsum(cfg.replace(dtype="float32"), (cfg.dim, cfg.vocab_size),
-                  "bsd,dv->bsv", name="head")
+    head = output_head(cfg, name="head")
     final_norm = RMSNorm(cfg, name="norm")
     if mode != "train":
       return self._infer(mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
                          logits_index, embed, head, final_norm)
+    # The composition of model/stages.py's pieces, on this module's submodules.
     mask = attention_bias(segment_ids)                   # [b, 1, s, s]
-
-    # Activations keep rows on the batch axes and the width whole (a no-op
-    # without a mesh; parallel/rules.py).
-    x = constrain(embed(tokens), ("batch", "seq", None))  # [b, s, dim]
-    if cfg.n_dense_layers:
-      x, _ = _stack(cfg, False, cfg.n_dense_layers, "dense_layers")(
-          x, positions, mask, valid)
-    balance = jnp.zeros((), jnp.float32)
-    load = jnp.zeros((0, max(cfg.n_routed_experts, 1)), jnp.float32)
     v2 = (self.balance_devices, self.balance_max_devices)
-    v2_layers = []        # per-layer V2 losses: [n_moe_layers] arrays, then MTP scalars
-    if cfg.n_moe_layers:
-      x, moe_aux = _stack(cfg, True, cfg.n_moe_layers, "moe_layers", v2=v2)(
-          x, positions, mask, valid)
-      balance = moe_aux["balance_loss"].sum()
-      load = moe_aux["load"]
-      if "v2_balance" in moe_aux:
-        v2_layers.append(moe_aux["v2_balance"])
-    h = final_norm(x)
-    aux = {"balance_loss": balance, "expert_load": load}
+    stacks = {name: block_stack(cfg, moe, length, name, v2=v2 if moe else (0, 0))
+              for name, moe, length in (("dense_layers", False, cfg.n_dense_layers),
+                                        ("moe_layers", True, cfg.n_moe_layers)) if length}
+    x, blocks_aux = run_blocks(stacks, run_embed(embed, tokens), positions, mask, valid)
     if return_hidden:
-      if v2_layers:
-        aux["v2_balance"] = v2_layers[0]
+      aux = merge_aux(cfg, blocks_aux)
+      h = final_norm(x)
       return (h, aux) if return_aux else h
-    logits = constrain(head(h), ("batch", "seq", "vocab"))
+    mtp = [MTPModule(cfg, cfg.n_moe_layers > 0, "train", *v2, name=f"mtp_{k}")
+           for k in range(cfg.n_mtp_depth)]
+    logits, head_aux = run_head(cfg, HeadLayers(final_norm, head, embed, mtp), x,
+                                targets if return_aux else None, positions, mask, valid)
     if not return_aux:
       return logits
-
-    if targets is not None and cfg.n_mtp_depth:
-      mtp_moe = cfg.n_moe_layers > 0
-      mtp_logits, mtp_loads = [], []
-      for k in range(1, cfg.n_mtp_depth + 1):
-        emb = embed(shift_left(targets, k - 1))           # Emb(t_{i+k})
-        h, mtp_aux = MTPModule(cfg, mtp_moe, "train", *v2, name=f"mtp_{k - 1}")(
-            h, emb, positions, mask, valid)
-        aux["balance_loss"] = aux["balance_loss"] + mtp_aux["balance_loss"]
-        mtp_loads.append(mtp_aux["load"])
-        mtp_logits.append(head(h))
-        if "v2_balance" in mtp_aux:
-          v2_layers.append(jax.tree.map(lambda v: v[None], mtp_aux["v2_balance"]))
-      aux["mtp_logits"] = jnp.stack(mtp_logits)
-      if mtp_moe:
-        aux["mtp_expert_load"] = jnp.stack(mtp_loads)
-    if v2_layers:
-      aux["v2_balance"] = jax.tree.map(lambda *v: jnp.concatenate(v), *v2_layers)
-    return logits, aux
+    return logits, merge_aux(cfg, blocks_aux, head_aux)
 
   def _infer(self, mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
              logits_index, embed, head, final_norm):
@@ -230,7 +173,8 @@ class Transformer(nn.Module):
                                 ("moe_layers", True, cfg.n_moe_layers)):
         if length:
           args = (cache[name],) if decode else ()
-          x, aux = _stack(cfg, moe, length, name, block_mode)(x, positions, mask, valid, *args)
+          x, aux = block_stack(cfg, moe, length, name, block_mode)(x, positions, mask, valid,
+                                                                  *args)
           entries[name] = aux["cache"]
       h = final_norm(x)
     if logits_index is not None:

@@ -22,7 +22,12 @@ bias update and the V3 balance loss: all may be on at once.
 
 `make_update_step(cfg, train_cfg, loss_fn)` is the step for any loss (the
 GRPO trainer's among them); `make_train_step` is it with the pretraining
-loss above.
+loss above, its MTP weight lambda a traced function of the step counter
+(`mtp_weight_schedule`: V3's 0.3 then 0.1 in one compiled step). On a mesh
+with pipe > 1 the pretraining gradient is the pipeline's
+(`pipelined_pretraining_grad`): parallel/pipeline.py's executor running the
+model's stage functions (model/stages.py) and the loss's additive pieces
+(train/losses.py), wired here (`pretraining_stages`).
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import Transformer, init_variables
-from deepseek_jax.parallel.pipeline import (pipeline_value_and_grad, stage_tree,
-                                            state_layout, unstage_tree)
+from deepseek_jax.model import Transformer, init_variables, stages
+from deepseek_jax.parallel.pipeline import StageFns, check_pipeline, pipeline_value_and_grad
+from deepseek_jax.parallel.pipeline_layout import (split_layers, stage_tree, state_layout,
+                                                   unstage_tree)
 from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 from deepseek_jax.train import losses
 from deepseek_jax.train.config import TrainConfig
@@ -223,98 +229,138 @@ def v2_balance_devices(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | No
   return n_dev, max_dev
 
 
+def _v2_weights(train_cfg: TrainConfig, n_dev: int) -> dict[str, float]:
+  if not n_dev:
+    return {}
+  return dict(expert_balance_weight=train_cfg.expert_balance_weight,
+              device_balance_weight=train_cfg.device_balance_weight,
+              comm_balance_weight=train_cfg.comm_balance_weight)
+
+
+def _loss_out(loss, metrics, aux, tokens):
+  """(loss, the LossFn aux) from losses.combine's results and the model's aux."""
+  out = {"metrics": dict(metrics, tokens=tokens), "expert_load": aux["expert_load"]}
+  if "mtp_expert_load" in aux:
+    out["mtp_expert_load"] = aux["mtp_expert_load"]
+  return loss, out
+
+
+def mtp_weight_schedule(train_cfg: TrainConfig) -> Callable[[jax.Array], Any]:
+  """count -> V3's MTP weight lambda for the update a state with `count`
+  steps taken makes (step number count + 1, as the loop numbers steps):
+  mtp_weight, then mtp_weight_final for step numbers > mtp_weight_switch_step
+  (0: no switch, a constant). Traced inside the step, so that one compiled
+  step serves the whole run."""
+  switch = train_cfg.mtp_weight_switch_step
+  if not switch:
+    return lambda count: train_cfg.mtp_weight
+  return lambda count: jnp.where(count + 1 > switch, jnp.float32(train_cfg.mtp_weight_final),
+                                 jnp.float32(train_cfg.mtp_weight))
+
+
 def pretraining_loss(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None,
                      rules: Rules | None = None) -> LossFn:
   """CE + lambda MTP + alpha balance (+ alpha1..3 times V2's balance losses
   when their weights are > 0; losses.total_loss) on the data contract
   (tokens, targets, segment_ids, positions, loss_mask). mesh/rules: only to
-  default V2's D to the expert-parallel degree (`v2_balance_devices`)."""
+  default V2's D to the expert-parallel degree (`v2_balance_devices`).
+  The returned loss_fn(params, router_bias, batch, mtp_weight=None) takes
+  lambda as an optional (traceable) fourth argument; None = train_cfg's."""
   n_dev, max_dev = v2_balance_devices(cfg, train_cfg, mesh, rules)
   model = Transformer(cfg, balance_devices=n_dev, balance_max_devices=max_dev)
-  v2_weights = {}
-  if n_dev:
-    v2_weights = dict(expert_balance_weight=train_cfg.expert_balance_weight,
-                      device_balance_weight=train_cfg.device_balance_weight,
-                      comm_balance_weight=train_cfg.comm_balance_weight)
+  v2_weights = _v2_weights(train_cfg, n_dev)
 
-  def loss_fn(params, router_bias, batch):
+  def loss_fn(params, router_bias, batch, mtp_weight=None):
     logits, aux = model.apply(
         {"params": params, "router_bias": router_bias}, batch["tokens"],
         segment_ids=batch["segment_ids"], positions=batch["positions"],
         targets=batch["targets"], return_aux=True)
     loss, metrics = losses.total_loss(
-        logits, aux, batch, mtp_weight=train_cfg.mtp_weight,
+        logits, aux, batch,
+        mtp_weight=train_cfg.mtp_weight if mtp_weight is None else mtp_weight,
         balance_weight=train_cfg.balance_weight, **v2_weights)
-    metrics = dict(metrics, tokens=(batch["segment_ids"] != 0).sum().astype(jnp.float32))
-    out = {"metrics": metrics, "expert_load": aux["expert_load"]}
-    if "mtp_expert_load" in aux:
-      out["mtp_expert_load"] = aux["mtp_expert_load"]
-    return loss, out
+    return _loss_out(loss, metrics, aux,
+                     (batch["segment_ids"] != 0).sum().astype(jnp.float32))
   return loss_fn
+
+
+def pretraining_stages(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None,
+                       rules: Rules | None = None) -> StageFns:
+  """`pretraining_loss` cut into the pipeline executor's stage functions: the
+  model's (model/stages.py) and the loss's additive pieces (train/losses.py).
+  loss_args: the MTP weight (None = train_cfg.mtp_weight)."""
+  v2 = v2_balance_devices(cfg, train_cfg, mesh, rules)
+  v2_weights = _v2_weights(train_cfg, v2[0])
+
+  def blocks(stacks, stacks_bias, x, mb, totals, active):
+    x, aux = stages.blocks(cfg, stacks, stacks_bias, x, mb["segment_ids"], mb["positions"],
+                           active=active, v2=v2)
+    share = losses.sequence_share(mb, totals)
+    return x, {key: losses.share_aux(a, share) for key, a in aux.items()}
+
+  def head(shared, shared_bias, x, mb, totals):
+    logits, aux = stages.head(cfg, shared, shared_bias, x, mb["targets"], mb["segment_ids"],
+                              mb["positions"], v2=v2)
+    terms = losses.head_terms(logits, aux.get("mtp_logits"), mb, totals)
+    aux = {k: v for k, v in aux.items() if k != "mtp_logits"}
+    return {"terms": terms, "aux": losses.share_aux(aux, losses.sequence_share(mb, totals))}
+
+  def loss(layers, head, totals, mtp_weight):
+    aux = stages.merge_aux(cfg, layers, head["aux"])
+    loss, metrics = losses.combine(
+        head["terms"], aux, mtp_weight=train_cfg.mtp_weight if mtp_weight is None else mtp_weight,
+        balance_weight=train_cfg.balance_weight, **v2_weights)
+    return _loss_out(loss, metrics, aux, totals["tokens"])
+
+  return StageFns(totals=lambda batch: losses.batch_totals(batch, cfg.n_mtp_depth),
+                  embed=lambda shared, mb: stages.embed(cfg, shared, mb["tokens"]),
+                  blocks=blocks, head=head, loss=loss)
+
+
+def pipelined_pretraining_grad(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
+                               rules: Rules | None, *, schedule: str, n_microbatches: int,
+                               stage_layers: tuple[int, ...] | None = None,
+                               staged: bool = False) -> Callable:
+  """f(params, router_bias, batch, mtp_weight=None) -> ((loss, aux), grads):
+  `jax.value_and_grad(pretraining_loss(...), has_aux=True)` run as a
+  pipeline over mesh axis `pipe` (parallel/pipeline.py; stage_layers: blocks
+  per stage, default split_layers' even split; staged: see
+  pipeline_value_and_grad). Same loss, metrics, expert loads and gradients
+  up to float summation order (tests/test_pipeline.py)."""
+  pp = dict(mesh.shape)["pipe"]
+  check_pipeline(pp, schedule, n_microbatches)     # the schedule's errors first
+  layout = split_layers(cfg, pp, stage_layers)
+  return pipeline_value_and_grad(pretraining_stages(cfg, train_cfg, mesh, rules), mesh, layout,
+                                 schedule=schedule, n_microbatches=n_microbatches,
+                                 staged=staged)
 
 
 def _all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(trees)]))
 
 
-def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
-                     mesh: Mesh | None = None, rules: Rules | None = None, *,
-                     skip_nonfinite: bool = False, grad_fn: Callable | None = None
-                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """jit(step)(state, batch) -> (new state, metrics) for any loss; `state` is
-  donated. The optimizer is train_cfg's (make_tx); the router bias moves by
-  train_cfg.bias_update_speed when the loss reports expert loads.
+def _bias_update(train_cfg: TrainConfig, layout, router_bias, aux: dict, metrics: dict):
+  """The router bias after this step's expert loads (if the loss reports
+  any), and the load metrics added to `metrics`. layout: the state's stage
+  layout (the bias stored by stage on a pipe mesh), or None."""
+  load = aux.get("expert_load")
+  if load is None:
+    return router_bias
+  load = jax.lax.stop_gradient(load)
+  mtp_load = aux.get("mtp_expert_load")
+  if mtp_load is not None:
+    mtp_load = jax.lax.stop_gradient(mtp_load)
+    metrics["mtp_expert_load"] = mtp_load
+  metrics.update(load_imbalance=load_imbalance(load), expert_load=load)
+  if layout is not None:   # the loads in the state's layout (a padded slot: block 0's)
+    load = stage_tree(layout, {"moe_layers": load})["moe_layers"]
+  return update_router_bias(router_bias, load, train_cfg.bias_update_speed, mtp_load)
 
-  metrics: the loss's, plus grad_norm (before clipping), lr (used by this
-  step), and with expert loads load_imbalance and expert_load. With
-  skip_nonfinite, a step whose loss or gradients are not finite leaves
-  params, optimizer state and router bias as they were (the step counter
-  still advances) and reports skipped = 1.
 
-  grad_fn: (params, router_bias, batch) -> ((loss, aux), grads) in place of
-  `jax.value_and_grad(loss_fn, has_aux=True)` (the pipeline's; loss_fn is
-  then unused). A mesh with pipe > 1 needs one.
-
-  With `mesh` and `rules` (parallel.setup): the state stays in its
-  shardings, every batch array ([rows, seq]) is split over the batch axes
-  by rows, the MoE dispatch runs in shard_map (expert parallel under
-  `ep_fsdp`), metrics come back replicated.
-  """
-  if mesh is not None and dict(mesh.shape).get("pipe", 1) > 1 and grad_fn is None:
-    raise NotImplementedError(
-        f"mesh.pipe={dict(mesh.shape)['pipe']}: this loss has no pipelined gradient (the "
-        "pipeline runs the pretraining loss: make_train_step); use mesh.pipe=1.")
-  tx, schedule = make_tx(train_cfg)
-  if grad_fn is None:
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    (loss, aux), grads = grad_fn(state.params, state.router_bias, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    router_bias = state.router_bias
-    metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(grads),
-                   lr=jnp.asarray(schedule(state.step), jnp.float32))
-    load = aux.get("expert_load")
-    if load is not None:
-      mtp_load = aux.get("mtp_expert_load")
-      router_bias = update_router_bias(   # the pipeline's loads in the state's layout
-          state.router_bias, jax.lax.stop_gradient(aux.get("bias_load", load)),
-          train_cfg.bias_update_speed,
-          None if mtp_load is None else jax.lax.stop_gradient(mtp_load))
-      metrics.update(load_imbalance=load_imbalance(load), expert_load=load)
-      if mtp_load is not None:
-        metrics["mtp_expert_load"] = mtp_load
-    if skip_nonfinite:
-      ok = _all_finite(loss, grads)
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa
-      params, opt_state, router_bias = keep((params, opt_state, router_bias),
-                                            (state.params, state.opt_state, state.router_bias))
-      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           router_bias=router_bias)
-    return new_state, metrics
-
+def _jit_step(step, cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None,
+              rules: Rules | None):
+  """jit(step) with the state donated; on a mesh in the state's and the
+  batch's shardings, traced and called inside parallel.activate."""
   if mesh is None:
     return jax.jit(step, donate_argnums=0, compiler_options=compiler_options(train_cfg))
   state_sh = state_shardings(cfg, train_cfg, mesh, rules)
@@ -335,6 +381,66 @@ def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
   return sharded_step
 
 
+# grad_fn of make_update_step: (params, router_bias, batch, count) -> ((loss,
+# aux), grads), count = the state's step counter (traced), for what varies by
+# step inside one compiled step (the MTP weight's schedule).
+GradFn = Callable[[Any, Any, dict, jax.Array], tuple[tuple[jax.Array, dict], Any]]
+
+
+def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
+                     mesh: Mesh | None = None, rules: Rules | None = None, *,
+                     skip_nonfinite: bool = False, grad_fn: GradFn | None = None
+                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """jit(step)(state, batch) -> (new state, metrics) for any loss; `state` is
+  donated. The optimizer is train_cfg's (make_tx); the router bias moves by
+  train_cfg.bias_update_speed when the loss reports expert loads.
+
+  metrics: the loss's, plus grad_norm (before clipping), lr (used by this
+  step), and with expert loads load_imbalance and expert_load. With
+  skip_nonfinite, a step whose loss or gradients are not finite leaves
+  params, optimizer state and router bias as they were (the step counter
+  still advances) and reports skipped = 1.
+
+  grad_fn (`GradFn`) in place of `jax.value_and_grad(loss_fn, has_aux=True)`
+  (make_train_step's: the MTP weight schedule, the pipeline; loss_fn is then
+  unused). A mesh with pipe > 1 needs one.
+
+  With `mesh` and `rules` (parallel.setup): the state stays in its
+  shardings, every batch array ([rows, seq]) is split over the batch axes
+  by rows, the MoE dispatch runs in shard_map (expert parallel under
+  `ep_fsdp`), metrics come back replicated.
+  """
+  if mesh is not None and dict(mesh.shape).get("pipe", 1) > 1 and grad_fn is None:
+    raise NotImplementedError(
+        f"mesh.pipe={dict(mesh.shape)['pipe']}: this loss has no pipelined gradient (the "
+        "pipeline runs the pretraining loss: make_train_step); use mesh.pipe=1.")
+  tx, schedule = make_tx(train_cfg)
+  layout = state_layout(cfg, mesh)
+  if grad_fn is None:
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = lambda params, router_bias, batch, count: value_and_grad(  # noqa: E731
+        params, router_bias, batch)
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    (loss, aux), grads = grad_fn(state.params, state.router_bias, batch, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(grads),
+                   lr=jnp.asarray(schedule(state.step), jnp.float32))
+    router_bias = _bias_update(train_cfg, layout, state.router_bias, aux, metrics)
+    if skip_nonfinite:
+      ok = _all_finite(loss, grads)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa
+      params, opt_state, router_bias = keep((params, opt_state, router_bias),
+                                            (state.params, state.opt_state, state.router_bias))
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           router_bias=router_bias)
+    return new_state, metrics
+
+  return _jit_step(step, cfg, train_cfg, mesh, rules)
+
+
 def make_train_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None,
                     rules: Rules | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -348,22 +454,32 @@ def make_train_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None 
   balance_device, balance_comm (sums over MoE layers, before alpha) and
   balance_expert_per_layer etc. [main MoE layers + MTP blocks]. With
   train_cfg.max_bad_steps > 0 a non-finite update is skipped and reported as
-  skipped = 1 (make_update_step's skip_nonfinite).
+  skipped = 1 (make_update_step's skip_nonfinite). With
+  mtp_weight_switch_step > 0 also mtp_weight, the lambda this step used
+  (`mtp_weight_schedule`, traced: one compilation for the whole run).
   Numerically the same on one device and on a mesh (tests/test_parallel.py).
   A mesh with pipe > 1 runs the step as a pipeline (parallel/pipeline.py;
   train_cfg.pipeline_schedule, num_microbatches), with the same numbers
   (tests/test_pipeline.py).
   """
-  grad_fn = None
+  loss_fn = pretraining_loss(cfg, train_cfg, mesh, rules)
   pipe = dict(mesh.shape).get("pipe", 1) if mesh is not None else 1
   if pipe > 1:
-    grad_fn = pipeline_value_and_grad(cfg, train_cfg, mesh, rules,
-                                      schedule=train_cfg.pipeline_schedule,
-                                      n_microbatches=num_microbatches(train_cfg, pipe),
-                                      staged=True)
-  return make_update_step(cfg, train_cfg, pretraining_loss(cfg, train_cfg, mesh, rules),
-                          mesh, rules, skip_nonfinite=train_cfg.max_bad_steps > 0,
-                          grad_fn=grad_fn)
+    value_and_grad = pipelined_pretraining_grad(
+        cfg, train_cfg, mesh, rules, schedule=train_cfg.pipeline_schedule,
+        n_microbatches=num_microbatches(train_cfg, pipe), staged=True)
+  else:
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  mtp_weight = mtp_weight_schedule(train_cfg)
+
+  def grad_fn(params, router_bias, batch, count):
+    weight = mtp_weight(count)
+    (loss, aux), grads = value_and_grad(params, router_bias, batch, weight)
+    if train_cfg.mtp_weight_switch_step:
+      aux = dict(aux, metrics=dict(aux["metrics"], mtp_weight=weight))
+    return (loss, aux), grads
+  return make_update_step(cfg, train_cfg, loss_fn, mesh, rules,
+                          skip_nonfinite=train_cfg.max_bad_steps > 0, grad_fn=grad_fn)
 
 
 def num_microbatches(train_cfg: TrainConfig, pipe: int) -> int:
