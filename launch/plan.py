@@ -6,17 +6,18 @@
   python -m launch.plan --preset=v3_671b --mesh=pipe=16,expert=64,data=2 \\
       --schedule=dualpipe --num_microbatches=32 --moments_dtype=bfloat16
 
-Axes not named in --mesh are 1; `-1` needs --devices (and `pipe` must be
-given explicitly). Prints a table of parameters, gradients, optimizer state
-and an activation estimate per device (formula: deepseek_jax/parallel/plan.py;
-with a pipeline, each row is the largest pipeline rank's, and the total the
-largest rank total), then ONE JSON line with devices,
-params_bytes_per_device, grads_bytes_per_device, opt_state_bytes_per_device,
-activation_bytes_per_device, total_bytes_per_device, pipe, schedule,
-num_microbatches, layers_per_stage, layers_per_rank, peak_activations,
-param_copies and the per-rank lists. Allocates nothing: a 671B model plans in
-seconds on a laptop. It plans the layout, nothing more (the pipeline executor
-is parallel/pipeline.py; the train step does not run it yet).
+Axes not named in --mesh are 1; `-1` needs --devices. Prints a table of
+parameters, gradients, optimizer state and an activation estimate per device
+(formula: deepseek_jax/parallel/plan.py; with a pipeline, each row is the
+largest pipeline rank's, and the total the largest rank total), then ONE JSON
+line with devices, params_bytes_per_device, grads_bytes_per_device,
+opt_state_bytes_per_device, activation_bytes_per_device,
+total_bytes_per_device, pipe, pipeline_schedule, num_microbatches,
+layers_per_stage, layers_per_rank, peak_activations, param_copies and the
+per-rank lists. Allocates nothing: the train state is measured from its
+shapes (`abstract_train_state`), so a 671B model plans in seconds on a
+laptop. The layout planned is the one the trainer runs (`launch.train` with
+`--config.mesh.*`, `--config.pipeline_schedule`, `--config.num_microbatches`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from deepseek_jax.parallel.mesh import parse_axis_sizes
 from deepseek_jax.parallel.plan import memory_plan
 from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
 from deepseek_jax.parallel.schedules import SCHEDULES
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.step import abstract_train_state
 
 _PRESET = flags.DEFINE_string("preset", "v3_671b", "Model preset.")
 _MESH = flags.DEFINE_string("mesh", "", "Axis sizes, e.g. expert=64,fsdp=32 (others 1).")
@@ -54,22 +57,14 @@ def gib(n: int) -> str:
 
 
 def mesh_sizes(given: dict[str, int], rules: str, devices: int | None) -> dict[str, int]:
-  """{axis: size} for --mesh. MeshConfig refuses pipe > 1 (the trainer has no
-  pipeline yet), so the other axes are resolved on devices / pipe and pipe
-  added back."""
-  given = dict(given)
-  pipe = given.pop("pipe", 1)
-  if pipe < 1:
-    raise ValueError(f"--mesh pipe={pipe}: give the pipeline an explicit size >= 1.")
+  """{axis: size} for --mesh: axes not named are 1, a -1 axis takes what
+  --devices leaves."""
   mesh_cfg = MeshConfig(**{"data": 1, **given, "rules": rules})
-  n = devices
-  if n is None:
+  if devices is None:
     if -1 in given.values():
       raise ValueError("an axis is -1: give --devices to resolve it.")
-    n = math.prod(getattr(mesh_cfg, a) for a in AXES) * pipe
-  if n % pipe:
-    raise ValueError(f"--devices={n} is not a multiple of --mesh pipe={pipe}.")
-  return {**mesh_cfg.shape(n // pipe), "pipe": pipe}
+    devices = math.prod(getattr(mesh_cfg, a) for a in AXES)
+  return mesh_cfg.shape(devices)
 
 
 def main(argv):
@@ -80,17 +75,18 @@ def main(argv):
                        _DEVICES.value)
     rows = axes_size(sizes, BATCH_AXES)
     cfg = get_preset(_PRESET.value)
-    plan = memory_plan(cfg, sizes, _RULES.value,
+    state = abstract_train_state(cfg, TrainConfig(moments_dtype=_MOMENTS.value))
+    plan = memory_plan(cfg, sizes, _RULES.value, state=state,
                        batch_size=_BATCH.value or rows * (_MICRO.value or 1),
-                       moments_dtype=_MOMENTS.value, seq_len=_SEQ.value,
-                       pipe_schedule=_SCHEDULE.value, num_microbatches=_MICRO.value)
+                       seq_len=_SEQ.value, pipeline_schedule=_SCHEDULE.value,
+                       num_microbatches=_MICRO.value)
   except (ValueError, NotImplementedError) as e:
     sys.exit(f"launch.plan: error: {e}")
   print(f"{_PRESET.value} on {plan['devices']} devices "
         f"({' '.join(f'{a}={s}' for a, s in sizes.items() if s > 1) or 'one device'}), "
         f"rules {_RULES.value}, batch {plan['batch_size']} x {plan['seq_len']} tokens")
   if plan["pipe"] > 1:
-    print(f"  pipeline: {plan['schedule']}, {plan['pipe']} stages, "
+    print(f"  pipeline: {plan['pipeline_schedule']}, {plan['pipe']} stages, "
           f"{plan['num_microbatches']} micro-batches of {plan['microbatch_size']} sequences")
     print(f"  layers per stage (chunk): {plan['layers_per_stage']}")
     if plan["param_copies"] > 1:

@@ -23,7 +23,7 @@ from deepseek_jax.model import Transformer, abstract_variables, init_variables
 from deepseek_jax.parallel import (MeshConfig, activate, batch_sharding, setup,
                                    tree_shardings)
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.step import init_train_state, make_train_step
+from deepseek_jax.train.step import abstract_train_state, init_train_state, make_train_step
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
 from train_throughput import random_batch  # noqa: E402
@@ -33,6 +33,12 @@ TOL = 1e-5
 MESHES = {   # every used axis > 1
     "data2_expert2_tensor2": MeshConfig(data=2, expert=2, tensor=2),
     "fsdp2_expert4": MeshConfig(data=1, fsdp=2, expert=4),
+}
+# Every rule set runs expert parallelism on a mesh with expert > 1 (their
+# shardings: the golden tests below); a train step under `fsdp`, the set that
+# used to leave every expert on every device.
+RULE_SET_MESHES = {
+    "fsdp2_expert4_fsdp": MeshConfig(data=1, fsdp=2, expert=4, rules="fsdp"),
 }
 
 
@@ -128,14 +134,59 @@ GOLDEN_EP_FSDP = {   # tiny preset, rules ep_fsdp; leading None = the layer axis
 }
 
 
-def test_golden_parameter_shardings_of_ep_fsdp():
-  mesh, rules = setup(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+# The other rule sets on the same mesh (expert = 2): the routed experts on
+# `expert` in every one (DESIGN.md §4), the rest as the set decides.
+GOLDEN_OTHER_SETS = {
+    "dp": {              # only the batch and the routed experts are split
+        "params/embed/embedding": (None, None),
+        "params/head/kernel": (None, None),
+        "params/dense_layers/attn/wq_b/kernel": (None, None, None, None),
+        "params/moe_layers/ffn/gate": (None, None, None),
+        "params/moe_layers/ffn/shared_experts/w1/kernel": (None, None, None),
+        "params/moe_layers/ffn/w1": (None, "expert", None, None),
+        "params/moe_layers/ffn/w2": (None, "expert", None, None),
+        "params/mtp_0/block/ffn/w3": ("expert", None, None),
+        "router_bias/moe_layers/ffn/bias": (None, None),
+    },
+    "fsdp": {            # the width over fsdp; nothing over tensor
+        "params/embed/embedding": (None, "fsdp"),
+        "params/head/kernel": ("fsdp", None),
+        "params/dense_layers/attn/wq_b/kernel": (None, "fsdp", None, None),
+        "params/moe_layers/ffn/gate": (None, "fsdp", None),
+        "params/moe_layers/ffn/shared_experts/w1/kernel": (None, "fsdp", None),
+        "params/moe_layers/ffn/w1": (None, "expert", "fsdp", None),
+        "params/moe_layers/ffn/w2": (None, "expert", None, "fsdp"),
+        "params/mtp_0/block/ffn/w3": ("expert", "fsdp", None),
+        "router_bias/moe_layers/ffn/bias": (None, None),
+    },
+    "fsdp_tp": {         # and heads / hidden units / vocab over tensor
+        "params/embed/embedding": ("tensor", "fsdp"),
+        "params/head/kernel": ("fsdp", "tensor"),
+        "params/dense_layers/attn/wq_b/kernel": (None, "fsdp", "tensor", None),
+        "params/moe_layers/ffn/gate": (None, "fsdp", None),
+        "params/moe_layers/ffn/shared_experts/w1/kernel": (None, "fsdp", "tensor"),
+        "params/moe_layers/ffn/w1": (None, "expert", "fsdp", "tensor"),
+        "params/moe_layers/ffn/w2": (None, "expert", "tensor", "fsdp"),
+        "params/mtp_0/block/ffn/w3": ("expert", "fsdp", "tensor"),
+        "router_bias/moe_layers/ffn/bias": (None, None),
+    },
+}
+
+
+@pytest.mark.parametrize("rule_set", ["ep_fsdp", "dp", "fsdp", "fsdp_tp"])
+def test_golden_shardings_of_every_rule_set_with_an_expert_axis(rule_set):
+  mesh, rules = setup(MeshConfig(data=1, fsdp=2, expert=2, tensor=2, rules=rule_set))
   shardings = tree_shardings(abstract_variables(CFG), mesh, rules)
   got = {"/".join(str(k.key) for k in path): tuple(s.spec)
          for path, s in jax.tree_util.tree_leaves_with_path(
              shardings, is_leaf=lambda x: hasattr(x, "spec"))}
-  for name, spec in GOLDEN_EP_FSDP.items():
+  golden = GOLDEN_EP_FSDP if rule_set == "ep_fsdp" else GOLDEN_OTHER_SETS[rule_set]
+  for name, spec in golden.items():
     assert got[name] == spec, (name, got[name])
+  # The batch rows over (data, fsdp, expert), sequences whole, in every set.
+  assert tuple(batch_sharding(mesh, rules).spec) == (("data", "fsdp", "expert"), None)
+  if rule_set != "ep_fsdp":
+    return
   # No parameter of rank >= 2 is replicated over the expert axis (V3: the expert
   # axis is an FSDP axis outside the experts), router biases excepted (tiny).
   for name, spec in got.items():
@@ -196,10 +247,10 @@ def one_device_step():
   return train_cfg, batch, bias0, jax.device_get(new), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("mesh_name", list(MESHES) + list(RULE_SET_MESHES))
 def test_sharded_train_step_matches_one_device(one_device_step, mesh_name):
   train_cfg, batch, bias0, ref, ref_metrics = one_device_step
-  mesh, rules = setup(MESHES[mesh_name])
+  mesh, rules = setup({**MESHES, **RULE_SET_MESHES}[mesh_name])
   state = init_train_state(CFG, train_cfg, jax.random.key(0), mesh, rules)
   w1 = state.params["moe_layers"]["ffn"]["w1"]
   assert w1.sharding.spec[1] == "expert"                          # created sharded
@@ -326,8 +377,8 @@ def test_planner_bytes_equal_the_shards_a_sharded_state_puts_on_a_device(mesh_na
     return sum(s.data.nbytes for leaf in jax.tree.leaves(tree)
                for s in leaf.addressable_shards if s.device == device)
 
-  plan = memory_plan(CFG, dict(mesh.shape), MESHES[mesh_name].rules, batch_size=8,
-                     seq_len=16)
+  plan = memory_plan(CFG, dict(mesh.shape), MESHES[mesh_name].rules,
+                     state=abstract_train_state(CFG, train_cfg), batch_size=8, seq_len=16)
   assert plan["devices"] == 8
   assert plan["params_bytes_per_device"] == on_device(state.params)
   assert plan["grads_bytes_per_device"] == on_device(state.params)

@@ -20,11 +20,22 @@ import pytest
 
 from deepseek_jax import get_preset
 from deepseek_jax.model import abstract_variables
-from deepseek_jax.parallel.plan import memory_plan
+from deepseek_jax.parallel import plan as plan_lib
+from deepseek_jax.parallel.pipeline_layout import split_layers
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.step import abstract_train_state
 
 CFG = get_preset("tiny")                       # 1 dense + 2 MoE layers, 1 MTP module
 MOE8 = CFG.replace(n_layers=8, n_dense_layers=0)
 SEQ = 16
+_STATES = {}
+
+
+def memory_plan(cfg, sizes, rules, **kwargs):
+  """The planner on the abstract train state of `cfg` (AdamW, float32 moments)."""
+  if cfg not in _STATES:
+    _STATES[cfg] = abstract_train_state(cfg, TrainConfig())
+  return plan_lib.memory_plan(cfg, sizes, rules, state=_STATES[cfg], **kwargs)
 
 
 def _sizes(pipe=1, data=2, fsdp=1, expert=1):
@@ -57,9 +68,9 @@ def _hand_stage_params(cfg, pipe):
 
 @pytest.mark.parametrize("pipe", [2, 3])
 def test_pipeline_stage_params_equal_a_hand_count_of_the_stage_leaves(pipe):
-  # rules "dp": nothing sharded, so a device holds its stage's leaves whole.
+  # rules "dp", expert = 1: nothing sharded, so a device holds its stage's leaves whole.
   plan = memory_plan(CFG, _sizes(pipe), "dp", batch_size=2 * pipe, seq_len=SEQ,
-                     pipe_schedule="1f1b", num_microbatches=pipe)
+                     pipeline_schedule="1f1b", num_microbatches=pipe)
   hand = _hand_stage_params(CFG, pipe)
   assert plan["params_bytes_per_rank"] == hand
   assert plan["params_bytes_per_device"] == plan["grads_bytes_per_device"] == max(hand)
@@ -75,19 +86,19 @@ def test_sharded_stages_add_up_to_the_pipe_free_plan():
   sizes = _sizes(data=1, fsdp=2, expert=2)
   whole = memory_plan(CFG, sizes, "ep_fsdp", batch_size=4, seq_len=SEQ)
   f1b = memory_plan(CFG, {**sizes, "pipe": 3}, "ep_fsdp", batch_size=8, seq_len=SEQ,
-                    pipe_schedule="1f1b", num_microbatches=2)
+                    pipeline_schedule="1f1b", num_microbatches=2)
   assert sum(f1b["params_bytes_per_rank"]) == whole["params_bytes_per_device"]
   # DualPipe on 2 ranks: each holds chunks 0 and 1, i.e. the whole model.
   dual = memory_plan(CFG, {**sizes, "pipe": 2}, "ep_fsdp", batch_size=16, seq_len=SEQ,
-                     pipe_schedule="dualpipe", num_microbatches=4)
+                     pipeline_schedule="dualpipe", num_microbatches=4)
   assert dual["params_bytes_per_rank"] == [whole["params_bytes_per_device"]] * 2
   assert dual["opt_state_bytes_per_rank"] == [whole["opt_state_bytes_per_device"]] * 2
 
 
 def test_dualpipe_doubles_the_layers_and_parameters_of_a_rank():
   kw = dict(batch_size=16, seq_len=SEQ, num_microbatches=8)
-  f1b = memory_plan(MOE8, _sizes(4), "dp", pipe_schedule="1f1b", **kw)
-  dual = memory_plan(MOE8, _sizes(4), "dp", pipe_schedule="dualpipe", **kw)
+  f1b = memory_plan(MOE8, _sizes(4), "dp", pipeline_schedule="1f1b", **kw)
+  dual = memory_plan(MOE8, _sizes(4), "dp", pipeline_schedule="dualpipe", **kw)
   assert f1b["param_copies"] == 1 and dual["param_copies"] == 2
   assert f1b["layers_per_rank"] == [2] * 4 and dual["layers_per_rank"] == [4] * 4
   p, d = f1b["params_bytes_per_rank"], dual["params_bytes_per_rank"]
@@ -110,7 +121,7 @@ def test_activations_are_chunks_in_flight_times_one_microbatch_chunk():
 
   def acts(schedule):
     plan = memory_plan(MOE8, _sizes(pp), "dp", batch_size=rows * m, seq_len=SEQ,
-                       pipe_schedule=schedule, num_microbatches=m)
+                       pipeline_schedule=schedule, num_microbatches=m)
     return plan, plan["activation_bytes_per_rank"]
 
   plan, f1b = acts("1f1b")                   # rank s holds PP - s micro-batches
@@ -127,21 +138,31 @@ def test_activations_are_chunks_in_flight_times_one_microbatch_chunk():
 
 
 @pytest.mark.parametrize("sizes,kwargs,match", [
-    (_sizes(2), {}, r"pipe=2 needs a pipe_schedule"),
-    (_sizes(), dict(pipe_schedule="1f1b"), r"pipe_schedule='1f1b' needs a pipeline"),
+    (_sizes(2), {}, r"pipe=2 needs a pipeline_schedule"),
+    (_sizes(), dict(pipeline_schedule="1f1b"), r"pipeline_schedule='1f1b' needs a pipeline"),
     (_sizes(), dict(num_microbatches=4), r"num_microbatches=4 applies only to a pipeline"),
-    (_sizes(2), dict(pipe_schedule="1f1b"), r"needs num_microbatches"),
-    (_sizes(4), dict(pipe_schedule="1f1b", num_microbatches=4), r"n_layers=3 cannot fill pipe=4"),
-    (_sizes(2), dict(pipe_schedule="interleaved", num_microbatches=4),
+    (_sizes(2), dict(pipeline_schedule="1f1b"), r"needs num_microbatches"),
+    (_sizes(4), dict(pipeline_schedule="1f1b", num_microbatches=4),
+     r"3 blocks .* cannot be split into pipe=4 stages"),
+    (_sizes(2), dict(pipeline_schedule="interleaved", num_microbatches=4),
      r"'interleaved' is not a known pipeline schedule"),
-    (_sizes(2), dict(pipe_schedule="dualpipe", num_microbatches=2), r"n_microbatches >= 2"),
-    (_sizes(3), dict(pipe_schedule="dualpipe", num_microbatches=6), r"even number of stages"),
-    (_sizes(2), dict(pipe_schedule="1f1b", num_microbatches=3),
+    (_sizes(2), dict(pipeline_schedule="dualpipe", num_microbatches=2), r"n_microbatches >= 2"),
+    (_sizes(3), dict(pipeline_schedule="dualpipe", num_microbatches=6), r"even number of stages"),
+    (_sizes(2), dict(pipeline_schedule="1f1b", num_microbatches=3),
      r"batch_size=4 does not split into num_microbatches=3 .* multiple of 3 \* 2 = 6"),
 ])
 def test_pipeline_misconfigurations_name_the_field_and_the_fix(sizes, kwargs, match):
   with pytest.raises(ValueError, match=match):
     memory_plan(CFG, sizes, "dp", batch_size=4, seq_len=SEQ, **kwargs)
+
+
+def test_the_planner_measures_the_models_layout_only():
+  # A train state already in a pipeline's stage layout ([stages, layers, ...])
+  # would be split twice: refused, naming the way to build the right one.
+  staged = abstract_train_state(CFG, TrainConfig(), layout=split_layers(CFG, 2))
+  with pytest.raises(ValueError, match=r"stage layout .*abstract_train_state\(cfg, train_cfg\)"):
+    plan_lib.memory_plan(CFG, _sizes(2), "dp", state=staged, batch_size=4, seq_len=SEQ,
+                         pipeline_schedule="1f1b", num_microbatches=2)
 
 
 def test_plan_cli_plans_deepseek_v3s_own_layout():
@@ -157,7 +178,7 @@ def test_plan_cli_plans_deepseek_v3s_own_layout():
   assert "dualpipe, 16 stages, 32 micro-batches of 128 sequences" in out.stdout
   plan = json.loads(out.stdout.strip().splitlines()[-1])
   assert plan["devices"] == 2048 and plan["batch_size"] == 32 * 128
-  assert (plan["pipe"], plan["schedule"], plan["num_microbatches"]) == (16, "dualpipe", 32)
+  assert (plan["pipe"], plan["pipeline_schedule"], plan["num_microbatches"]) == (16, "dualpipe", 32)
   assert plan["layers_per_stage"] == [4] * 13 + [3] * 3          # 61 layers
   assert plan["layers_per_rank"] == [7] * 3 + [8] * 10 + [7] * 3
   assert plan["peak_activations"] == 17 and plan["param_copies"] == 2
@@ -169,4 +190,4 @@ def test_plan_cli_plans_deepseek_v3s_own_layout():
       plan["params_bytes_per_device"], rel=1e-6)                   # two bf16 moments
   bad = subprocess.run(cmd[:5], cwd=root, env=env, capture_output=True, text=True,
                        timeout=120)
-  assert bad.returncode != 0 and "pipe=16 needs a pipe_schedule" in bad.stderr
+  assert bad.returncode != 0 and "pipe=16 needs a pipeline_schedule" in bad.stderr

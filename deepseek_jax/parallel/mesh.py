@@ -13,7 +13,8 @@ dimension goes on which axis is decided by a named rule set
 
 The mesh is built with Auto axis types (`jax.make_mesh` defaults to Explicit,
 which Linen's logical partitioning and our shard_map specs do not use) and
-made current with `jax.set_mesh` by `parallel.rules.activate`.
+made current with `jax.set_mesh` by `parallel.rules.activate`; `setup` gives
+the (mesh, rules) pair it takes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
+
+from deepseek_jax.parallel.rules import RULE_SETS, Rules
 
 AXES = ("data", "fsdp", "tensor", "expert", "pipe")
 
@@ -40,7 +43,6 @@ class MeshConfig:
   rules: str = "ep_fsdp"
 
   def __post_init__(self):
-    from deepseek_jax.parallel.rules import RULE_SETS   # rules imports this module
     for name in AXES:
       v = getattr(self, name)
       if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not (v == -1 or v >= 1):
@@ -89,6 +91,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   shape = tuple(sizes[a] for a in AXES)
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES),
                        devices=devices)
+
+
+def setup(mesh_cfg: MeshConfig, devices=None) -> tuple[Mesh, Rules]:
+  """(mesh, rules) for a MeshConfig: the pair `parallel.rules.activate` and
+  the trainer take."""
+  return make_mesh(mesh_cfg, devices), RULE_SETS[mesh_cfg.rules]
 
 
 def parse_axis_sizes(text: str, flag: str = "mesh") -> dict[str, int]:

@@ -1,8 +1,10 @@
 """Per-device memory of a training run on a mesh, from abstract shapes only.
 
-Nothing is allocated and no devices are needed: the train state's shapes come
-from `jax.eval_shape`, each leaf's sharding from the rule set, and a leaf
-takes nbytes / (product of the mesh axes its spec uses) on every device.
+Nothing is allocated and no devices are needed: the caller passes the train
+state's shapes (`train.step.abstract_train_state(cfg, train_cfg)`, leaves of
+`jax.ShapeDtypeStruct`; launch/plan.py builds it), each leaf's sharding comes
+from the rule set, and a leaf takes nbytes / (product of the mesh axes its
+spec uses) on every device.
 
   params    every parameter (param_dtype), as sharded by the rules
   grads     the same shapes and shardings as the parameters
@@ -22,17 +24,19 @@ takes nbytes / (product of the mesh axes its spec uses) on every device.
             with b the bytes of `dtype`, k the routed experts per token, ep the
             expert-parallel degree, D the MTP depth.
 
-Pipeline parallelism (sizes["pipe"] = PP > 1, with a schedule and M
-micro-batches; DESIGN.md §4, schedules in parallel/schedules.py)
+Pipeline parallelism (sizes["pipe"] = PP > 1, with a `pipeline_schedule`
+and M micro-batches; DESIGN.md §4, schedules in parallel/schedules.py)
 -------------------------------------------------------------------------
 The layer stack is split by layer (the train state's stage layout, logical
-axis `stages` -> `pipe`: parallel/pipeline.py stage_tree). Where V3 keeps
-the embedding and head (the end ranks) is what is counted here; our executor
-keeps those shared weights on every pipe rank (split over the other axes
-like any weight), so its non-end ranks hold P_embed + P_last more than this.
+axis `stages` -> `pipe`: parallel/pipeline_layout.py stage_tree). Where V3
+keeps the embedding and head (the end ranks) is what is counted here; our
+executor keeps those shared weights on every pipe rank (split over the other
+axes like any weight), so its non-end ranks hold P_embed + P_last more than
+this.
 The L = n_layers blocks (dense first, then MoE, as the model stacks them) are
-cut into PP contiguous chunks; chunk c has L // PP layers, one more for the
-first L % PP chunks (`stage_layers`; V3: 61 = 13 x 4 + 3 x 3). Chunk 0 also
+cut into PP contiguous chunks as the executor cuts them (`split_layers`):
+chunk c has L // PP layers, one more for the first L % PP chunks (V3: 61 =
+13 x 4 + 3 x 3). Chunk 0 also
 holds the embedding, chunk PP-1 the final norm, the output head and the MTP
 modules (V3 report sec. 3.2.3: with DualPipe one rank holds both ends, so MTP
 shares the embedding and head physically; with the other schedules MTP's
@@ -82,6 +86,7 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel.expert import exchange_capacity
+from deepseek_jax.parallel.pipeline_layout import StageLayout, split_layers
 from deepseek_jax.parallel.rules import (BATCH_AXES, axes_size, check_divisible,
                                          logical_axes, mesh_axes_of, resolve, spec_for)
 from deepseek_jax.parallel.schedules import SCHEDULES, simulate
@@ -93,6 +98,11 @@ def _leaf_bytes(tree: Any, sizes: dict[str, int], rules) -> Iterator[tuple[list[
   """(path keys, leaf, bytes of its shard on one device) for every leaf."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     names = logical_axes(path, leaf.ndim)
+    if names[:1] == ("stages",):
+      raise ValueError(
+          f"state leaf {jax.tree_util.keystr(path)} is in a pipeline's stage layout "
+          f"{leaf.shape}; pass the model's layout: train.step.abstract_train_state("
+          "cfg, train_cfg) without a mesh (the planner splits the stacks itself).")
     spec = spec_for(names, rules, leaf.shape, sizes)
     check_divisible(jax.tree_util.keystr(path), leaf.shape, names, spec, sizes)
     split = math.prod(axes_size(sizes, entry) for entry in spec)
@@ -133,106 +143,98 @@ def _stage_bytes(tree: Any, sizes: dict[str, int], rules) -> dict[str, int]:
   return out
 
 
-def stage_layers(n_layers: int, n_stages: int) -> list[int]:
-  """Layers of each of `n_stages` contiguous chunks: n_layers // n_stages, one
-  more for the first n_layers % n_stages."""
-  base, extra = divmod(n_layers, n_stages)
-  return [base + (c < extra) for c in range(n_stages)]
-
-
-def _chunk_bytes(per: dict[str, int], cfg: ModelConfig, layers: list[int]) -> list[int]:
+def _chunk_bytes(per: dict[str, int], layout: StageLayout) -> list[int]:
   """Bytes of each chunk's share of a tree (`per` from `_stage_bytes`)."""
-  out, start = [], 0
-  for c, n in enumerate(layers):
-    dense = max(0, min(start + n, cfg.n_dense_layers) - start)
-    out.append(dense * per["dense_layers"] + (n - dense) * per["moe_layers"]
-               + (per["first"] if c == 0 else 0)
-               + (per["last"] if c == len(layers) - 1 else 0))
-    start += n
-  return out
+  last = layout.n_stages - 1
+  return [len(layout.ids(c, False)) * per["dense_layers"]
+          + len(layout.ids(c, True)) * per["moe_layers"]
+          + (per["first"] if c == 0 else 0) + (per["last"] if c == last else 0)
+          for c in range(layout.n_stages)]
 
 
 def _check_pipeline(cfg: ModelConfig, pp: int, schedule: str | None,
-                    num_microbatches: int | None) -> None:
+                    num_microbatches: int | None) -> StageLayout | None:
+  """The stage split of a pipe mesh (None without one); names the missing field."""
   if pp == 1:
     if schedule is not None:
-      raise ValueError(f"pipe_schedule={schedule!r} needs a pipeline: set the mesh's pipe "
-                       "axis > 1 (e.g. --mesh=pipe=16,...), or drop the schedule.")
+      raise ValueError(f"pipeline_schedule={schedule!r} needs a pipeline: set the mesh's "
+                       "pipe axis > 1 (e.g. --mesh=pipe=16,...), or drop the schedule.")
     if num_microbatches not in (None, 1):
       raise ValueError(f"num_microbatches={num_microbatches!r} applies only to a pipeline "
-                       "(mesh pipe > 1 with a pipe_schedule); drop it or add the pipe axis.")
-    return
+                       "(mesh pipe > 1 with a pipeline_schedule); drop it or add the pipe "
+                       "axis.")
+    return None
   if schedule is None:
-    raise ValueError(f"mesh pipe={pp} needs a pipe_schedule (launch.plan: --schedule), one "
-                     f"of {list(SCHEDULES)} (V3: dualpipe), and num_microbatches.")
+    raise ValueError(f"mesh pipe={pp} needs a pipeline_schedule (launch.plan: --schedule), "
+                     f"one of {list(SCHEDULES)} (V3: dualpipe), and num_microbatches.")
   if num_microbatches is None:
-    raise ValueError(f"mesh pipe={pp} with pipe_schedule={schedule!r} needs num_microbatches "
-                     f"(launch.plan: --num_microbatches), the micro-batches per step "
-                     f"(dualpipe: even and >= 2 * pipe = {2 * pp}).")
-  if cfg.n_layers < pp:
-    raise ValueError(f"n_layers={cfg.n_layers} cannot fill pipe={pp} stages (each chunk needs "
-                     f"a layer); use pipe <= {cfg.n_layers}.")
+    raise ValueError(f"mesh pipe={pp} with pipeline_schedule={schedule!r} needs "
+                     "num_microbatches (launch.plan: --num_microbatches), the micro-batches "
+                     f"per step (dualpipe: even and >= 2 * pipe = {2 * pp}).")
+  return split_layers(cfg, pp)
 
 
-def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_size: int,
-                seq_len: int, moments_dtype: str = "float32",
-                pipe_schedule: str | None = None,
+def _transient_terms(cfg: ModelConfig, sizes: dict[str, int], rules, *, seqs: int,
+                     seq_len: int) -> tuple[int, int, int]:
+  """(one layer's layer-input bytes, the recompute working set X, the logits
+  and their gradient) for `seqs` sequences per device (module doc)."""
+  b = np.dtype(cfg.dtype).itemsize
+  t = seqs * seq_len                                     # tokens per device
+  tensor = axes_size(sizes, mesh_axes_of("heads", rules))
+  vocab_split = axes_size(sizes, mesh_axes_of("vocab", rules))
+  ep = axes_size(sizes, mesh_axes_of("exp", rules))
+  scores = seqs * max(cfg.n_heads // tensor, 1) * seq_len ** 2 * 4
+  routed = t * cfg.n_activated_experts
+  exchange = (2 * ep * exchange_capacity(routed, ep, cfg.moe_ep_capacity) * cfg.dim * b
+              if cfg.n_moe_layers else 0)
+  logits = 2 * t * (cfg.vocab_size // vocab_split) * 4 * (1 + cfg.n_mtp_depth)
+  return t * cfg.dim * b, max(scores, exchange), logits
+
+
+def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, state: Any,
+                batch_size: int, seq_len: int, pipeline_schedule: str | None = None,
                 num_microbatches: int | None = None) -> dict[str, Any]:
   """Bytes per device of params, grads, optimizer state and activations.
 
   sizes: {axis: size} for all five mesh axes (MeshConfig.shape(n)); pipe > 1
-    needs `pipe_schedule` (one of schedules.SCHEDULES) and `num_microbatches`
-    M, with batch_size a multiple of M * data*fsdp*expert (module doc).
+    needs `pipeline_schedule` (one of schedules.SCHEDULES) and
+    `num_microbatches` M, with batch_size a multiple of M * data*fsdp*expert.
+  state: the abstract train state to measure, in the model's layout: any
+    object with `.params` and `.opt_state` pytrees of shaped leaves, e.g.
+    `train.step.abstract_train_state(cfg, train_cfg)` (its moments_dtype and
+    optimizer decide the optimizer state's bytes).
   """
-  from deepseek_jax.train.config import TrainConfig      # train imports parallel
-  from deepseek_jax.train.step import abstract_train_state
   rule_set = resolve(rules)
   pp = sizes.get("pipe", 1)
-  _check_pipeline(cfg, pp, pipe_schedule, num_microbatches)
+  layout = _check_pipeline(cfg, pp, pipeline_schedule, num_microbatches)
   rows = axes_size(sizes, BATCH_AXES)
   if batch_size % rows:
     raise ValueError(f"batch_size={batch_size} must be a multiple of data*fsdp*expert={rows}.")
-  sim = simulate(pipe_schedule, pp, num_microbatches) if pp > 1 else None
+  sim = simulate(pipeline_schedule, pp, num_microbatches) if pp > 1 else None
   m = num_microbatches if pp > 1 else 1
   if batch_size % (m * rows):
     raise ValueError(f"batch_size={batch_size} does not split into num_microbatches={m} "
                      f"micro-batches over data*fsdp*expert={rows} devices: make it a multiple "
                      f"of {m} * {rows} = {m * rows}.")
-  state = abstract_train_state(cfg, TrainConfig(batch_size=batch_size, seq_len=seq_len,
-                                                steps=1, warmup_steps=0,
-                                                moments_dtype=moments_dtype))
-
-  b = np.dtype(cfg.dtype).itemsize
-  t = batch_size * seq_len // (m * rows)                 # tokens per device per micro-batch
-  tensor = axes_size(sizes, mesh_axes_of("heads", rule_set))
-  vocab_split = axes_size(sizes, mesh_axes_of("vocab", rule_set))
-  ep = axes_size(sizes, mesh_axes_of("exp", rule_set))
-  scores = (batch_size // (m * rows)) * max(cfg.n_heads // tensor, 1) * seq_len ** 2 * 4
-  routed = t * cfg.n_activated_experts
-  exchange = (2 * ep * exchange_capacity(routed, ep, cfg.moe_ep_capacity) * cfg.dim * b
-              if cfg.n_moe_layers else 0)
-  logits = 2 * t * (cfg.vocab_size // vocab_split) * 4 * (1 + cfg.n_mtp_depth)
-
-  if pp == 1:
-    layers = [cfg.n_layers]
-    held = [(0,)]
+  layer_in, transient, logits = _transient_terms(cfg, sizes, rule_set,
+                                                 seqs=batch_size // (m * rows), seq_len=seq_len)
+  if layout is None:
+    layers, held = [cfg.n_layers], [(0,)]
     params = [_sharded_bytes(state.params, sizes, rule_set)]
     opt = [_sharded_bytes(state.opt_state, sizes, rule_set)]
-    activations = [cfg.n_layers * t * cfg.dim * b + max(scores, exchange) + logits]
+    activations = [cfg.n_layers * layer_in + transient + logits]
     peak, copies = 1, 1
   else:
-    layers = stage_layers(cfg.n_layers, pp)
-    dual = pipe_schedule == "dualpipe"
+    layers = [len(ids) for ids in layout.layers]
+    dual = pipeline_schedule == "dualpipe"
     held = [(r, pp - 1 - r) if dual else (r,) for r in range(pp)]
     p_per = _stage_bytes(state.params, sizes, rule_set)
     o_per = _stage_bytes(state.opt_state, sizes, rule_set)
-    p_chunk = _chunk_bytes(p_per, cfg, layers)
-    o_chunk = _chunk_bytes(o_per, cfg, layers)
+    p_chunk, o_chunk = _chunk_bytes(p_per, layout), _chunk_bytes(o_per, layout)
     params = [p_per["every"] + sum(p_chunk[c] for c in cs) for cs in held]
     opt = [o_per["every"] + sum(o_chunk[c] for c in cs) for cs in held]
-    transient = max(scores, exchange) * (2 if dual else 1)
-    activations = [sim["activations"][r] * max(layers[c] for c in cs) * t * cfg.dim * b
-                   + transient + (logits if pp - 1 in cs else 0)
+    activations = [sim["activations"][r] * max(layers[c] for c in cs) * layer_in
+                   + transient * (2 if dual else 1) + (logits if pp - 1 in cs else 0)
                    for r, cs in enumerate(held)]
     peak, copies = sim["peak_activations"], sim["param_copies"]
   totals = [2 * p + o + a for p, o, a in zip(params, opt, activations)]
@@ -244,7 +246,7 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, batch_si
       "opt_state_bytes_per_device": max(opt),
       "activation_bytes_per_device": int(max(activations)),
       "total_bytes_per_device": int(max(totals)),
-      "pipe": pp, "schedule": pipe_schedule, "num_microbatches": m,
+      "pipe": pp, "pipeline_schedule": pipeline_schedule, "num_microbatches": m,
       "microbatch_size": batch_size // m,
       "layers_per_stage": layers,
       "layers_per_rank": [sum(layers[c] for c in cs) for cs in held],

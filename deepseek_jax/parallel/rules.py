@@ -9,10 +9,11 @@ Each weight dimension has a logical name (MaxText's vocabulary):
   q_lora, kv_lora the MLA compression ranks (`kv_lora_rope`: W_dkv's output,
                   c_kv and the shared rope key, never split)
   mlp             hidden units of dense MLPs and shared experts
-  exp, mlp_moe    routed experts and their hidden units
+  exp, mlp_moe    routed experts and their hidden units (`exp` goes to
+                  `expert` in every rule set)
   layers          the stacked-layer axis of `nn.scan`
   stages          on a mesh with pipe > 1 the train state stores each layer
-                  stack as [stages, layers, ...] (parallel/pipeline.py
+                  stack as [stages, layers, ...] (parallel/pipeline_layout.py
                   `stage_tree`): `stages` goes to `pipe` in every rule set
   norm, router, exp_bias, mtp_concat   small or unsplittable: replicated
 
@@ -47,13 +48,13 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deepseek_jax.parallel.mesh import MeshConfig, make_mesh
-
 Rules = tuple[tuple[str, Any], ...]
 BATCH_AXES = ("data", "fsdp", "expert")
-# Every rule set: the batch over the batch axes, and a pipeline's train state
-# split by stage over `pipe` (each rank stores its own stage's layer stacks).
-_BATCH_STAGES = (("batch", BATCH_AXES), ("stages", "pipe"))
+# Every rule set: the batch over the batch axes, a pipeline's train state split
+# by stage over `pipe` (each rank stores its own stage's layer stacks), and the
+# routed experts over `expert`, so a mesh with expert > 1 runs expert
+# parallelism (parallel/expert.py) whichever set is chosen.
+_BASE = (("batch", BATCH_AXES), ("stages", "pipe"), ("exp", "expert"))
 _FSDP = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"))
 LEFTOVER = "*"
 # Names a leftover axis never joins: the scan axis, activations, small vectors.
@@ -62,14 +63,16 @@ _TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("mlp_moe", "tensor"),
            ("vocab", "tensor"))
 
 RULE_SETS: dict[str, Rules] = {
-    # Every device holds every weight; only the batch is split.
-    "dp": _BATCH_STAGES,
+    # Data parallelism: the batch split, every weight whole on every device
+    # but the routed experts (split over `expert` when it is > 1).
+    "dp": _BASE,
     # ZeRO-3: weights and optimizer state split over `fsdp` along the width.
-    "fsdp": _BATCH_STAGES + _FSDP,
+    "fsdp": _BASE + _FSDP,
     # FSDP + Megatron tensor parallelism over heads / hidden units / vocab.
-    "fsdp_tp": _BATCH_STAGES + _FSDP + _TENSOR,
-    # DeepSeek-V3: experts over `expert`; elsewhere `expert` is one more FSDP axis.
-    "ep_fsdp": (_BATCH_STAGES + (("exp", "expert"),)
+    "fsdp_tp": _BASE + _FSDP + _TENSOR,
+    # DeepSeek-V3: as fsdp_tp, and outside the routed experts `expert` is one
+    # more FSDP axis, so no weight is replicated over it.
+    "ep_fsdp": (_BASE
                 + (("embed", ("fsdp", "expert")), ("q_lora", ("fsdp", "expert")),
                    ("kv_lora", ("fsdp", "expert")))
                 + _FSDP + _TENSOR + (("*", "expert"),)),
@@ -254,8 +257,3 @@ def resolve(rules: Rules | str) -> Rules:
       raise ValueError(f"rules={rules!r} is not a rule set; choose one of {sorted(RULE_SETS)}.")
     return RULE_SETS[rules]
   return tuple(rules)
-
-
-def setup(mesh_cfg: MeshConfig, devices=None) -> tuple[Mesh, Rules]:
-  """(mesh, rules) for a MeshConfig: the pair `activate` and the trainer take."""
-  return make_mesh(mesh_cfg, devices), RULE_SETS[mesh_cfg.rules]
