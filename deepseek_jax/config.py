@@ -2,7 +2,7 @@
 
 Field names follow `ModelArgs` in DeepSeek-V3's `inference/model.py`, so a config
 reads the same as the official code and maps 1:1 onto HF `config.json` files
-(see `deepseek_jax.interop.hf`). `validate()` runs on construction: an
+(see `deepseek_jax.interop.hf_config`). `validate()` runs on construction: an
 impossible combination fails here, naming the field and the fix, long before
 anything is traced or compiled.
 """

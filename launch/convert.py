@@ -15,7 +15,7 @@ V2.5 / Coder-V2 (DeepseekV2ForCausalLM); a model with softmax routing is
 written as V2, one with sigmoid routing as V3.
 
 The deepseek_jax format is `model_config.json` + `variables.safetensors`
-(see `deepseek_jax.interop.hf`). `--dtype` casts the written weights
+(see `deepseek_jax.interop.jax_format`). `--dtype` casts the written weights
 (the router bias stays float32); by default weights are float32 after an HF
 load and keep their dtype on export.
 """
@@ -30,7 +30,7 @@ import time
 
 from absl import app, flags
 
-from deepseek_jax.interop import hf
+from deepseek_jax import interop
 from launch.config_flag import parse_flags_or_exit
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory to read.")
@@ -43,7 +43,7 @@ _FROM_WORKDIR = flags.DEFINE_string(
 _STEP = flags.DEFINE_integer("step", None, "With --from_workdir: the step (default latest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Weight dtype to write (default: float32 from HF, unchanged to HF).")
-_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", hf.DEFAULT_MAX_SHARD_BYTES / 2**30,
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", interop.DEFAULT_MAX_SHARD_BYTES / 2**30,
                                    "Largest HF safetensors shard, GiB.")
 
 
@@ -55,7 +55,7 @@ USER_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, app.UsageErro
 def convert(*, from_hf: str | None = None, to_jax: str | None = None,
             from_jax: str | None = None, to_hf: str | None = None,
             dtype: str | None = None,
-            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
+            max_shard_bytes: int = interop.DEFAULT_MAX_SHARD_BYTES,
             from_workdir: str | None = None, step: int | None = None) -> None:
   """Runs one conversion; exactly one of (from_hf, to_jax) / (from_jax, to_hf) /
   (from_workdir, to_hf or to_jax).
@@ -76,14 +76,15 @@ def convert(*, from_hf: str | None = None, to_jax: str | None = None,
     cfg, train_cfg, variables, saved_step = load_trained_run(from_workdir, step)
     logging.info("restored step %d of %s in %.1fs", saved_step, from_workdir, time.time() - start)
     if to_hf:
-      hf.save_hf_checkpoint(cfg, variables, to_hf, max_shard_bytes=max_shard_bytes, dtype=dtype)
+      interop.save_hf_checkpoint(cfg, variables, to_hf, max_shard_bytes=max_shard_bytes,
+                                 dtype=dtype)
       # The run's tokenizer goes along: the directory is then all a fine-tune
       # (launch.train --config.init_from_hf) or transformers needs.
       tokenizer = train_cfg.tokenizer_path or ASSET_PATH
       if os.path.isfile(tokenizer):
         shutil.copyfile(tokenizer, os.path.join(to_hf, "tokenizer.json"))
     else:
-      hf.save_jax_variables(cfg, variables, to_jax)
+      interop.save_jax_variables(cfg, variables, to_jax)
     logging.info("done in %.1fs: %s (step %d) -> %s", time.time() - start, from_workdir,
                  saved_step, to_hf or to_jax)
     return
@@ -103,14 +104,15 @@ def convert(*, from_hf: str | None = None, to_jax: str | None = None,
   start = time.time()
   if hf_to_jax:
     logging.info("reading HF checkpoint %s", src)
-    cfg, variables = hf.load_hf_checkpoint(src, dtype=dtype)
+    cfg, variables = interop.load_hf_checkpoint(src, dtype=dtype)
     logging.info("read in %.1fs; writing deepseek_jax checkpoint %s", time.time() - start, dst)
-    hf.save_jax_variables(cfg, variables, dst)
+    interop.save_jax_variables(cfg, variables, dst)
   else:
     logging.info("reading deepseek_jax checkpoint %s", src)
-    cfg, variables = hf.load_jax_variables(src)
+    cfg, variables = interop.load_jax_variables(src)
     logging.info("read in %.1fs; writing HF checkpoint %s", time.time() - start, dst)
-    hf.save_hf_checkpoint(cfg, variables, dst, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    interop.save_hf_checkpoint(cfg, variables, dst, max_shard_bytes=max_shard_bytes,
+                               dtype=dtype)
   logging.info("done in %.1fs: %s -> %s", time.time() - start, src, dst)
 
 

@@ -23,7 +23,7 @@ from deepseek_jax import get_preset
 from deepseek_jax.interop import (config_from_hf, config_to_hf, dequantize_fp8_blocks,
                                   load_hf_checkpoint, load_jax_variables,
                                   save_hf_checkpoint, save_jax_variables)
-from deepseek_jax.interop import hf as hf_lib
+from deepseek_jax.interop import hf_load, hf_save, jax_format
 from deepseek_jax.interop.safetensors_io import flatten
 from deepseek_jax.model import abstract_variables
 from deepseek_jax.model.rope import rope_frequencies
@@ -499,7 +499,7 @@ def broken(tiny_ckpt, tmp_path, monkeypatch):
   def no_tracing(cfg):
     raise AssertionError("validation must fail before the model is traced")
 
-  monkeypatch.setattr(hf_lib, "abstract_variables", no_tracing)
+  monkeypatch.setattr(hf_load, "abstract_variables", no_tracing)
   return dst
 
 
@@ -616,7 +616,8 @@ def test_failed_save_leaves_no_partial_files(tiny, tmp_path, monkeypatch):
       f.write(b"\0" * 1000)
     raise OSError("No space left on device")
 
-  monkeypatch.setattr(hf_lib, "write_safetensors", disk_full)
+  monkeypatch.setattr(hf_save, "write_safetensors", disk_full)
+  monkeypatch.setattr(jax_format, "write_safetensors", disk_full)
   fresh = str(tmp_path / "fresh")
   with pytest.raises(OSError, match="No space"):
     save_hf_checkpoint(cfg, variables, fresh)

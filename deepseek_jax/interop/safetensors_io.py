@@ -1,16 +1,18 @@
-"""safetensors files: listing, headers, raw tensor reads and atomic writes.
+"""safetensors files: listing, headers, raw tensor reads, writes and flat keys.
 
 This module knows the file format and nothing about DeepSeek: which files a
 checkpoint directory holds (the `model.safetensors.index.json` weight map,
 else `*.safetensors`), what each tensor's dtype and shape are (headers only,
 nothing read), how to read a tensor numpy's safetensors reader cannot decode
-(float8) straight from its byte range, and how to write a file so that a
-reader never sees it half written (temp file in the same directory, then
-rename). `flatten` / `unflatten` turn a nested variables tree into the flat
-"a/b/c" keys a safetensors file holds and back.
+(float8) straight from its byte range, and how to write one file.
+`flatten` / `unflatten` turn a nested variables tree into the flat "a/b/c"
+keys a safetensors file holds and back.
 
-Which HF key is which of our leaves (and its transpose / reshape / FP8
-dequantization) is `hf.py`'s business; it reads and writes through here.
+Writers make each file atomic with `deepseek_jax.files.atomic_write` (temp
+file in the same directory, then rename), so a reader never sees one half
+written. Which HF key is which of our leaves (and its transpose / reshape /
+FP8 dequantization) is the business of hf_keys.py and hf_load.py; they read
+and write through here.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ import glob
 import json
 import os
 import struct
-import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-from deepseek_jax.files import atomic_json, atomic_write  # noqa: F401 (re-exported)
-
 INDEX_NAME = "model.safetensors.index.json"
+# safetensors dtype strings of the float8 formats -> numpy dtypes (read_raw).
+FLOAT8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
 # ---------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def checkpoint_files(path: str) -> list[str]:
 # Writing
 # ---------------------------------------------------------------------------
 def write_safetensors(tensors: dict[str, np.ndarray], path: str, metadata=None) -> None:
-  """Writes `tensors` to the safetensors file `path` (not atomic: see atomic_write)."""
+  """Writes `tensors` to the safetensors file `path` (not atomic: see files.atomic_write)."""
   safetensors.numpy.save_file(tensors, path, metadata=metadata)
 
 
