@@ -12,7 +12,8 @@ config's `sft_config` file, trained into WORKDIR/sft, resumable; with
 WORKDIR. Outputs: WORKDIR/summary.json (held-out greedy and
 sampled accuracy before and after, format rate, wall_s), metrics.jsonl,
 samples.jsonl, grpo.png, checkpoints/ (readable by launch.generate).
-Rerunning with the same --workdir resumes. Config errors exit non-zero
+Rerunning with the same --workdir resumes; SIGTERM / SIGINT checkpoint the
+step reached (of either stage) and exit 0. Config errors exit non-zero
 before compiling. `--config.mesh.<axis>=N` (data/fsdp/tensor/expert; the
 default fills `data` with every device) runs the GRPO stage on a device
 mesh; the SFT stage takes its own config's mesh.
@@ -40,6 +41,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  from deepseek_jax.files import atomic_json
   from deepseek_jax.parallel import MeshConfig
   from deepseek_jax.rl.trainer import GRPOConfig, train_grpo
   from deepseek_jax.train.loop import train
@@ -74,21 +76,20 @@ def main(argv):
     if not gcfg.init_from:
       sft_dir = os.path.join(workdir, "sft")
       log(f"== stage 1: cold-start SFT ({sft_config}) into {sft_dir}")
-      train(model_cfg, train_cfg, sft_dir, log=log)
+      if train(model_cfg, train_cfg, sft_dir, log=log)["stopped_by"]:
+        return               # SIGTERM / SIGINT: checkpointed; a rerun resumes the SFT stage
       gcfg = GRPOConfig.from_dict({**gcfg.to_dict(), "init_from": sft_dir})
       log("== stage 2: GRPO")
     summary = train_grpo(gcfg, workdir, mesh_cfg=mesh_cfg, log=log)
   except (ValueError, NotImplementedError, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f"launch.grpo: error: {e}")
   path = os.path.join(workdir, "summary.json")
-  if os.path.exists(path):      # the whole pipeline's wall time (SFT included)
+  if summary["stopped_by"] is None and os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
     saved["grpo_wall_s"] = saved["wall_s"]
     saved["wall_s"] = time.time() - t0      # the whole pipeline, SFT stage included
-    with open(path + ".tmp", "w") as f:
-      json.dump(saved, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_json(saved, path)
   log("summary: " + json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 

@@ -23,7 +23,7 @@ import jax
 import pytest
 
 from deepseek_jax.interop import save_hf_checkpoint, save_jax_variables
-from deepseek_jax.train import checkpoint, hf_init, loop, step
+from deepseek_jax.train import checkpoint, hf_init, loop, start, step
 from launch import convert as convert_lib
 from launch import train as train_lib
 from launch.config_flag import load_config
@@ -502,7 +502,7 @@ def no_compiling(monkeypatch):
   def compiled(*args, **kwargs):
     raise AssertionError("compiled: the error was not found before compiling")
   monkeypatch.setattr(loop, "make_train_step", compiled)
-  monkeypatch.setattr(loop, "init_train_state", compiled)
+  monkeypatch.setattr(start, "init_train_state", compiled)
   monkeypatch.setattr(hf_init, "init_state_from_hf", compiled)
 
 

@@ -1,7 +1,9 @@
 """The GRPO trainer (rl/trainer.py) on a tiny trained run."""
 
+import dataclasses
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -11,7 +13,7 @@ from deepseek_jax.data import default_tokenizer
 from deepseek_jax.infer import generate
 from deepseek_jax.rl.trainer import (GRPOConfig, completion_logprobs, rollout_batch,
                                      train_grpo)
-from deepseek_jax.train import export, loop
+from deepseek_jax.train import checkpoint, export, loop
 from launch.configs import build_configs
 from launch.configs import tiny as tiny_config
 
@@ -200,3 +202,61 @@ def test_dynamic_sampling_replaces_groups_of_equal_rewards(tiny_run, tmp_path):
   assert sum(kept) < sum(drawn) and sum(drawn) > 0, (kept, drawn)
   assert max(h["resample_rounds"] for h in hist) >= 1
   assert all(h["reward_std"] > 0 for h in hist)
+
+
+def test_grpo_survives_sigterm_and_skips_nan_steps_like_pretraining(tiny_run, tmp_path):
+  """The run harness's policies, in GRPO: a NaN step (the nan_steps hook) is
+  skipped (the parameters stay those of the step before) and counted; the
+  counters are saved with the checkpoint, so right after a resume another NaN
+  step is the second in a row and max_bad_steps=2 stops the run; SIGTERM
+  mid-run checkpoints the step reached and returns, and the resumed run ends
+  bit-identical to an uninterrupted one (the reference model included)."""
+  ones = {"ones": (lambda c, e: c.count("1") / max(len(c), 1), 1.0)}
+  gcfg = GRPOConfig(init_from=tiny_run, steps=4, prompts_per_step=2, group_size=4,
+                    max_new_tokens=8, n_train_problems=40, n_eval_problems=0, max_digits=1,
+                    accuracy_weight=0.0, format_weight=0.0, beta=0.04, lr=1e-3,
+                    warmup_steps=0, fast_compile=True, ckpt_every=1, keep_ckpts=4,
+                    nan_steps=(2,), max_bad_steps=2)
+  straight = str(tmp_path / "straight")
+  out = train_grpo(gcfg, straight, extra_rewards=ones, log=lambda s: None)
+  assert [h["skipped"] for h in out["history"]] == [0.0, 1.0, 0.0, 0.0]
+  assert [h["bad_steps"] for h in out["history"]] == [0.0, 1.0, 1.0, 1.0]
+  assert out["skipped_steps"] == 1 and out["stopped_by"] is None
+  (_, v1, _), (_, v2, _), (_, v4, _) = (export.load_trained_variables(straight, s)
+                                        for s in (1, 2, 4))
+  for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):
+    np.testing.assert_array_equal(a, b)                     # step 2 was skipped
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(v2), jax.tree.leaves(v4)))
+
+  def sigterm_at_step_2(line):
+    if line.startswith("step    2/"):
+      os.kill(os.getpid(), signal.SIGTERM)
+  lines, cut = [], str(tmp_path / "cut")
+  first = train_grpo(gcfg, cut, extra_rewards=ones,
+                     log=lambda line: (lines.append(line), sigterm_at_step_2(line)))
+  assert first["stopped_by"] == "SIGTERM" and first["final_step"] == 2
+  assert any(line.startswith("stopped by SIGTERM after step 2: checkpoint written")
+             for line in lines), lines
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # handlers put back
+  assert not os.path.exists(os.path.join(cut, "summary.json"))
+  ckpts = checkpoint.Checkpoints.existing(cut)
+  assert ckpts.latest_step() == 2
+  assert ckpts.saved_meta()["data"] == {"step": 2, "bad_in_a_row": 1, "bad_steps": 1}
+  ckpts.close()
+  with pytest.raises(FloatingPointError, match=r"2 consecutive non-finite steps \(the last: "
+                     r"step 3.*still those of step 1"):
+    train_grpo(dataclasses.replace(gcfg, nan_steps=(2, 3)), cut, extra_rewards=ones,
+               log=lambda s: None)
+  lines.clear()
+  rest = train_grpo(gcfg, cut, extra_rewards=ones, log=lines.append)
+  assert any("resuming from" in line and "at step 2" in line for line in lines), lines
+  assert [(h["step"], h["bad_steps"]) for h in rest["history"]] == [(3, 1.0), (4, 1.0)]
+  assert rest["final_step"] == 4 and rest["skipped_steps"] == 1
+  _, v_cut, _ = export.load_trained_variables(cut)
+  for a, b in zip(jax.tree.leaves(v4), jax.tree.leaves(v_cut)):
+    np.testing.assert_array_equal(a, b)
+  rows = [[json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))] for w in (straight, cut)]
+  assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+  keys = ("reward", "loss", "kl", "grad_norm")   # JSON text: step 2's NaNs compare equal
+  assert [json.dumps([r[k] for k in keys]) for r in rows[0]] == \
+      [json.dumps([r[k] for k in keys]) for r in rows[1]]

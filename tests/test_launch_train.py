@@ -142,11 +142,10 @@ def test_long_context_stages_extend_the_demo_model_with_yarn():
 
 
 class _Training:
-  """launch.train in a subprocess; its output lines arrive on a queue."""
+  """A training command (argv) in a subprocess; its output lines arrive on a queue."""
 
-  def __init__(self, *args):
-    self.proc = subprocess.Popen([sys.executable, "-m", "launch.train", *args], cwd=REPO,
-                                 env=_env(), stdout=subprocess.PIPE,
+  def __init__(self, argv):
+    self.proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
     self.lines, self.out = queue.Queue(), []
     threading.Thread(target=self._read, daemon=True).start()
@@ -176,54 +175,54 @@ def _tmp_checkpoints(ckpt_dir):
   return [d for d in os.listdir(ckpt_dir) if "tmp" in d] if os.path.isdir(ckpt_dir) else []
 
 
-@pytest.mark.slow
-def test_kill_9_at_any_moment_then_resume_ends_bit_identical(tmp_path):
-  """SIGKILL during start-up, mid-step, mid-checkpoint-write, during restore
-  and during the final eval, and one SIGTERM (exit 0, checkpoint at the step
-  reached), each followed by a rerun: the final parameters, metrics.jsonl and
-  TensorBoard scalars equal those of an uninterrupted run, every checkpoint
-  left on disk restores, a half-written one is never resumed from."""
+def _step_reached(line):
+  """The step of a progress line ("step     12/24 | ..." or GRPO's "step   12/24 | ...")."""
+  m = re.match(r"step\s+(\d+)/", line or "")
+  return int(m.group(1)) if m else None
+
+
+def _moment_reached(what, line, elapsed, first_step, ckpt_dir, steps, rng, delay):
+  """The signal to send now for the plan entry `what`, or None (not yet)."""
+  s = _step_reached(line)
+  if what == "start-up" and elapsed > delay:
+    return signal.SIGKILL
+  if what == "restore" and line and line.startswith("data:"):
+    return signal.SIGKILL            # between the data and the restored state
+  if what in ("mid-step", "SIGTERM") and s is not None and s >= first_step + 2:
+    time.sleep(rng.uniform(0.0, 0.2))
+    return signal.SIGKILL if what == "mid-step" else signal.SIGTERM
+  if what == "mid-save" and _tmp_checkpoints(ckpt_dir):
+    return signal.SIGKILL            # the write of a checkpoint is under way
+  if what == "final eval" and s == steps:
+    return signal.SIGKILL
+  return None
+
+
+def _interrupt_at(argv, run_dir, plan, steps, seed=0):
+  """Runs the training command `argv` (writing run_dir) once per entry of
+  `plan`, each stopped at that moment (SIGKILL; SIGTERM for "SIGTERM"), and
+  checks what each leaves: a SIGTERM exits 0 with a checkpoint at the step
+  reached, a rerun resumes from the newest whole checkpoint (a half-written
+  one is never listed) and every checkpoint left on disk restores. Returns
+  (what, exit code, temporary checkpoint directories left) per entry."""
   from deepseek_jax.train import checkpoint
   from deepseek_jax.train.export import load_trained_variables
-  steps = 24
-  flags = [f"--config={TINY}", f"--config.steps={steps}", "--config.ckpt_every=4",
-           "--config.keep_ckpts=2", "--config.keep_every=8", f"--config.decay_steps={steps - 2}"]
-  ref_dir, run_dir = str(tmp_path / "straight"), str(tmp_path / "killed")
-  ref = _run(*flags, f"--workdir={ref_dir}")
-  assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
   ckpt_dir = os.path.join(run_dir, checkpoint.CHECKPOINT_DIR)
-  rng = random.Random(0)
-
-  def step_reached(line):
-    m = re.match(r"step\s+(\d+)/", line or "")
-    return int(m.group(1)) if m else None
-
-  # (what, when to stop the process): each returns True when it is time.
-  plan = ["start-up", "mid-step", "mid-save", "SIGTERM", "restore", "mid-save", "mid-step",
-          "final eval"]
+  rng = random.Random(seed)
   events, listed = [], []
   for what in plan:
-    run = _Training(*flags, f"--workdir={run_dir}")
+    run = _Training(argv)
     t0, first_step, sent = time.time(), None, None
     delay = rng.uniform(0.0, 1.5)
     while sent is None:
       line = run.next_line()
       if line is None:
         break                            # finished before the moment came
-      s = step_reached(line)
+      s = _step_reached(line)
       if s is not None and first_step is None:
         first_step = s
-      if what == "start-up" and time.time() - t0 > delay:
-        sent = signal.SIGKILL
-      elif what == "restore" and line and line.startswith("data:"):
-        sent = signal.SIGKILL            # between the data and the restored state
-      elif what in ("mid-step", "SIGTERM") and s is not None and s >= first_step + 2:
-        time.sleep(rng.uniform(0.0, 0.2))
-        sent = signal.SIGKILL if what == "mid-step" else signal.SIGTERM
-      elif what == "mid-save" and _tmp_checkpoints(ckpt_dir):
-        sent = signal.SIGKILL            # the write of a checkpoint is under way
-      elif what == "final eval" and s == steps:
-        sent = signal.SIGKILL
+      sent = _moment_reached(what, line, time.time() - t0, first_step, ckpt_dir, steps, rng,
+                             delay)
       if sent is not None:
         run.proc.send_signal(sent)
     rc = run.wait()
@@ -237,11 +236,9 @@ def test_kill_9_at_any_moment_then_resume_ends_bit_identical(tmp_path):
       assert checkpoint.Checkpoints.existing(run_dir).latest_step() == int(stopped.group(1))
     else:
       assert rc == -signal.SIGKILL, output[-3000:]
-    # It resumed from the newest whole checkpoint (a partial one is not listed).
     resumed = re.search(r"resuming from .* at step (\d+)", output)
     assert (int(resumed.group(1)) if resumed else None) == (max(listed) if listed else None) \
         or not resumed and what in ("start-up", "restore"), (what, listed, output[-2000:])
-    # Every checkpoint left on disk restores.
     listed = []
     if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
       ckpts = checkpoint.Checkpoints.existing(run_dir)
@@ -251,21 +248,101 @@ def test_kill_9_at_any_moment_then_resume_ends_bit_identical(tmp_path):
       assert load_trained_variables(run_dir, saved)[2] == saved
   # At least one kill landed while a checkpoint was being written.
   assert any(what == "mid-save" and tmp for what, _, tmp in events), events
+  return events
 
-  final = _run(*flags, f"--workdir={run_dir}")
-  assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-  assert not _tmp_checkpoints(ckpt_dir)            # interrupted writes cleaned up
-  kept = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  assert kept == sorted(int(d) for d in os.listdir(os.path.join(ref_dir, "checkpoints"))
-                        if d.isdigit()) == [8, 16, 20, 24]
+
+def _assert_same_run(ref_dir, run_dir, keys, tb_tag):
+  """Both runs' final parameters, checkpoint steps, metrics (train lines'
+  `keys` and every eval line) and TensorBoard `tb_tag` scalars are equal."""
+  from deepseek_jax.train.export import load_trained_variables
+  ckpt_dirs = [os.path.join(d, "checkpoints") for d in (ref_dir, run_dir)]
+  assert not _tmp_checkpoints(ckpt_dirs[1])            # interrupted writes cleaned up
+  kept = [sorted(int(d) for d in os.listdir(c) if d.isdigit()) for c in ckpt_dirs]
+  assert kept[0] == kept[1], kept
   _, a, _ = load_trained_variables(ref_dir)
   _, b, _ = load_trained_variables(run_dir)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  ra = [r for r in _metrics(ref_dir) if "loss" in r]
-  rb = [r for r in _metrics(run_dir) if "loss" in r]
-  assert [r["step"] for r in rb] == list(range(1, steps + 1))
-  for x, y in zip(ra, rb):
-    assert {k: x[k] for k in ("loss", "ce", "mtp", "grad_norm", "lr")} == \
-        {k: y[k] for k in ("loss", "ce", "mtp", "grad_norm", "lr")}
-  assert _tensorboard_scalars(run_dir, "loss") == _tensorboard_scalars(ref_dir, "loss")
+  ra, rb = _metrics(ref_dir), _metrics(run_dir)
+  train_a, train_b = ([r for r in rs if keys[0] in r] for rs in (ra, rb))
+  assert [r["step"] for r in train_b] == [r["step"] for r in train_a]
+  for x, y in zip(train_a, train_b):
+    assert {k: x[k] for k in keys} == {k: y[k] for k in keys}, (x["step"], x, y)
+  assert [r for r in ra if any(k.startswith("eval_") for k in r)] == \
+      [r for r in rb if any(k.startswith("eval_") for k in r)]
+  assert _tensorboard_scalars(run_dir, tb_tag) == _tensorboard_scalars(ref_dir, tb_tag)
+  return kept[0]
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_then_resume_ends_bit_identical(tmp_path):
+  """SIGKILL during start-up, mid-step, mid-checkpoint-write, during restore
+  and during the final eval, and one SIGTERM (exit 0, checkpoint at the step
+  reached), each followed by a rerun: the final parameters, metrics.jsonl and
+  TensorBoard scalars equal those of an uninterrupted run, every checkpoint
+  left on disk restores, a half-written one is never resumed from."""
+  steps = 24
+  flags = [f"--config={TINY}", f"--config.steps={steps}", "--config.ckpt_every=4",
+           "--config.keep_ckpts=2", "--config.keep_every=8", f"--config.decay_steps={steps - 2}"]
+  ref_dir, run_dir = str(tmp_path / "straight"), str(tmp_path / "killed")
+  ref = _run(*flags, f"--workdir={ref_dir}")
+  assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+  argv = [sys.executable, "-m", "launch.train", *flags, f"--workdir={run_dir}"]
+  _interrupt_at(argv, run_dir, ["start-up", "mid-step", "mid-save", "SIGTERM", "restore",
+                                "mid-save", "mid-step", "final eval"], steps)
+  final = _run(*flags, f"--workdir={run_dir}")
+  assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+  kept = _assert_same_run(ref_dir, run_dir, ("loss", "ce", "mtp", "grad_norm", "lr"), "loss")
+  assert kept == [8, 16, 20, 24]
+  assert [r["step"] for r in _metrics(run_dir) if "loss" in r] == list(range(1, steps + 1))
+
+
+# A GRPO run with a reward the tiny SFT model earns from the start (so every
+# update moves the parameters): train_grpo as launch.grpo calls it.
+_GRPO_SCRIPT = """
+import json, sys
+from deepseek_jax.rl.trainer import GRPOConfig, train_grpo
+ones = {"ones": (lambda c, e: c.count("1") / max(len(c), 1), 1.0)}
+train_grpo(GRPOConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], extra_rewards=ones,
+           log=lambda line: print(line, flush=True))
+"""
+
+
+@pytest.mark.slow
+def test_grpo_killed_at_any_moment_resumes_bit_identical(tmp_path):
+  """GRPO under the same harness: SIGKILL during start-up, mid-step, twice
+  mid-checkpoint-write and during the final checkpoint / eval, one SIGTERM
+  (exit 0, checkpoint at the step reached), each followed by a rerun: the
+  final parameters, metrics (rollout rewards, loss, KL, evals) and
+  TensorBoard scalars equal an uninterrupted run's."""
+  from deepseek_jax.train import loop
+  from launch.configs import build_configs
+  from launch.configs import tiny as tiny_config
+  sft = str(tmp_path / "sft")
+  loop.train(*build_configs(tiny_config.get_config()), sft, log=lambda s: None)
+  steps = 20
+  gcfg = dict(init_from=sft, steps=steps, prompts_per_step=2, group_size=4, max_new_tokens=8,
+              n_train_problems=40, n_eval_problems=2, eval_batch_size=2, max_digits=1,
+              accuracy_weight=0.0, format_weight=0.0, beta=0.04, lr=1e-3, warmup_steps=0,
+              fast_compile=True, ckpt_every=2, keep_ckpts=2, sample_every=100)
+  script = tmp_path / "grpo_run.py"
+  script.write_text(_GRPO_SCRIPT)
+  ref_dir, run_dir = str(tmp_path / "straight"), str(tmp_path / "killed")
+
+  def argv(workdir):
+    return [sys.executable, str(script), json.dumps(gcfg), workdir]
+  ref = subprocess.run(argv(ref_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+  _interrupt_at(argv(run_dir), run_dir, ["start-up", "mid-step", "mid-save", "SIGTERM",
+                                         "mid-save", "mid-step", "final eval"], steps)
+  final = subprocess.run(argv(run_dir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+  assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+  kept = _assert_same_run(ref_dir, run_dir, ("reward", "loss", "kl", "grad_norm", "lr"),
+                          "reward")
+  assert kept == [steps - 2, steps]
+  rewards = [r["reward"] for r in _metrics(ref_dir) if "reward" in r]
+  assert len(rewards) == steps and max(r["kl"] for r in _metrics(ref_dir) if "kl" in r) > 0
+  evals = [r["step"] for r in _metrics(run_dir) if "eval_greedy_accuracy" in r]
+  assert evals == [0, steps]

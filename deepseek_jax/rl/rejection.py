@@ -29,7 +29,6 @@ in `seed`. `launch/rejection_sample.py` is the command line.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import jax
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import tasks
 from deepseek_jax.data.tokenizer import Tokenizer
+from deepseek_jax.files import atomic_write
 from deepseek_jax.rl import rewards
 from deepseek_jax.train import evaluate
 
@@ -186,27 +186,19 @@ def rejection_sample(model_cfg: ModelConfig, variables: Any, tokenizer: Tokenize
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> int:
-  """Writes one JSON object per line to `path` atomically (a temporary file in
-  the same directory, then os.replace: a reader never sees half a file, an
-  interrupted write leaves the old file); creates the directory. Returns the
-  number of records written."""
+  """Writes one JSON object per line to `path` atomically (files.atomic_write:
+  a reader never sees half a file, an interrupted write leaves the old file);
+  creates the directory. Returns the number of records written."""
   path = os.fspath(path)
   if os.path.isdir(path):
     raise ValueError(f"{path!r} is a directory; give the path of the .jsonl file to write.")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  n = 0
-  try:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+
+  def write(tmp: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        n += 1
+      f.writelines(lines)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-  return n
+  atomic_write(path, write)
+  return len(lines)

@@ -3,8 +3,9 @@
 Each step (DeepSeekMath sec. 4.1.2, DeepSeek-R1 sec. 2.2):
   1. draw `prompts_per_step` training problems (seeded by step: resumable);
   2. rollout: `infer.generate` samples `group_size` completions per prompt
-     at `temperature` from the current policy, with each token's log-prob
-     under the temperature-1 model (pi_old);
+     at `temperature` from the current policy (its key a function of the
+     step: resumable), with each token's log-prob under the temperature-1
+     model (pi_old);
   3. rewards (rewards.combine of the weighted rule-based functions) and
      group advantages (grpo.group_advantages); completions a reward
      function could not score are masked out, and optionally truncated
@@ -17,9 +18,19 @@ Each step (DeepSeekMath sec. 4.1.2, DeepSeek-R1 sec. 2.2):
      so on the first pass rho = 1 up to float32 rounding) and the frozen
      reference's are computed once per step (not at all when beta = 0);
      the reference is the starting policy, refreshed every
-     `ref_refresh_every` steps when set. A step whose loss or gradient is
-     not finite is skipped (params, optimizer, nothing changes) and counted.
+     `ref_refresh_every` steps when set.
 The policy, the reference and the rollout all run the one `Transformer`.
+
+Steps 1-3 are the batch source, step 4 the update, and the held-out
+evaluation the eval that `GRPO` hands the run harness (train/runner.py),
+which runs them as it runs pretraining: resume, checkpoints (async, keep
+policy), SIGTERM / SIGINT -> a checkpoint at the step reached and a normal
+return, the NaN/Inf policy (a non-finite step is skipped and counted;
+max_bad_steps in a row stop the run; the counters live in the checkpoint),
+metrics.jsonl + TensorBoard, the progress line. A resumed run equals an
+uninterrupted one bit for bit, except with ref_refresh_every: the
+reference then restarts from the resumed policy, not from the policy of
+the last refresh (documented, not bit-exact).
 
 The loss printed is ~0 at the start by construction (grpo.py's docstring):
 the progress line leads with reward and accuracy instead.
@@ -31,11 +42,11 @@ accuracy, format, zero_std_groups (all of the trained batch: with resample_round
 its groups are selected; zero_std_groups_drawn is the step's first draw's),
 resample_rounds, completion length mean/max, truncated,
 kl, entropy (-mean log p of the sampled tokens), clip_low/high, grad_norm,
-skipped; per eval: eval_greedy_accuracy, eval_sampled_accuracy (the mean
-of eval_samples draws per problem), eval_format_ok, and per problem kind
-eval_greedy_accuracy/<kind>, eval_sampled_accuracy/<kind>), samples.jsonl
-(some rollouts every `sample_every` steps), grpo.png (reward and accuracy
-over steps).
+skipped, bad_steps; per eval: eval_greedy_accuracy, eval_sampled_accuracy
+(the mean of eval_samples draws per problem), eval_format_ok, and per problem
+kind eval_greedy_accuracy/<kind>, eval_sampled_accuracy/<kind>), tb/,
+samples.jsonl (some rollouts every `sample_every` steps), grpo.png (reward
+and accuracy over steps), summary.json (at the last step).
 """
 
 from __future__ import annotations
@@ -54,15 +65,16 @@ from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig, check_field_names, check_ints, split_names
 from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
+from deepseek_jax.files import atomic_json
 from deepseek_jax.infer import generate, token_logprobs
 from deepseek_jax.infer.decode import Generation
 from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
 from deepseek_jax.rl import grpo, rewards
-from deepseek_jax.train import checkpoint, evaluate, metrics
+from deepseek_jax.train import evaluate, export, metrics, runner
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.loop import describe_mesh, mesh_for, with_variables
-from deepseek_jax.train.step import abstract_train_state, init_train_state, make_update_step
+from deepseek_jax.train.start import describe_mesh, mesh_for, with_variables
+from deepseek_jax.train.step import init_train_state, make_update_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +102,11 @@ class GRPOConfig:
     expected accuracy at `temperature` than one draw); sample_every steps
     some rollouts go to samples.jsonl; checkpoints every ckpt_every steps,
     keep_ckpts kept.
+  Robustness, as in pretraining (TrainConfig): a step whose loss or
+    gradients are not finite in any of its mu passes is skipped (`skipped`,
+    counted in `bad_steps`); max_bad_steps in a row stop the run with
+    FloatingPointError (0 = the first one does). nan_steps: test hook, the
+    advantages of these steps are NaN.
   """
 
   init_from: str = ""
@@ -140,10 +157,14 @@ class GRPOConfig:
   sample_every: int = 10
   ckpt_every: int = 20
   keep_ckpts: int = 2
+  # robustness
+  max_bad_steps: int = 10
+  nan_steps: tuple[int, ...] = ()
   fast_compile: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
+    object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
     self.validate()
 
   def validate(self) -> None:
@@ -152,7 +173,10 @@ class GRPOConfig:
                                "sample_every", "ckpt_every", "keep_ckpts",
                                "n_train_problems"),
                non_negative=("warmup_steps", "eval_every", "ref_refresh_every",
-                             "overlong_buffer", "n_eval_problems", "resample_rounds"))
+                             "overlong_buffer", "n_eval_problems", "resample_rounds",
+                             "max_bad_steps"))
+    if not all(isinstance(t, int) and t >= 1 for t in self.nan_steps):
+      raise ValueError(f"nan_steps={self.nan_steps!r} must be step numbers >= 1.")
     if self.group_size < 2:
       raise ValueError(f"group_size={self.group_size} must be >= 2: advantages compare "
                        "completions of the same prompt.")
@@ -206,6 +230,7 @@ class GRPOConfig:
                        tokenizer_path=source.tokenizer_path, template=source.template,
                        max_digits=self.max_digits, task_kinds=self.task_kinds,
                        kind_mix=self.kind_mix, fast_compile=self.fast_compile)
+
 
 
 # ---------------------------------------------------------------------------
@@ -264,8 +289,9 @@ def grpo_loss_fn(cfg: ModelConfig, gcfg: GRPOConfig) -> Callable:
   return loss_fn
 
 
+
 # ---------------------------------------------------------------------------
-# The loop
+# The trainer, as the run harness sees it
 # ---------------------------------------------------------------------------
 def _plot(workdir: str) -> str | None:
   records = metrics.read_metrics(os.path.join(workdir, metrics.METRICS_FILE))
@@ -289,16 +315,7 @@ def _plot(workdir: str) -> str | None:
   ax.set_xlabel("GRPO step")
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left", fontsize=8)
-  path = os.path.join(workdir, "grpo.png")
-  fig.savefig(path + ".tmp.png", dpi=100)
-  os.replace(path + ".tmp.png", path)
-  return path
-
-
-def _atomic_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
+  return metrics.save_figure(fig, os.path.join(workdir, "grpo.png"))
 
 
 def grpo_mesh(gcfg: GRPOConfig, mesh_cfg: MeshConfig | None, model_cfg: ModelConfig,
@@ -326,270 +343,343 @@ def grpo_mesh(gcfg: GRPOConfig, mesh_cfg: MeshConfig | None, model_cfg: ModelCon
   return mesh_for(mesh_cfg, dataclasses.replace(opt_cfg, batch_size=rows), model_cfg)
 
 
+def equal_groups(total: np.ndarray, group_size: int) -> np.ndarray:
+  """[groups] bool: all rewards of the group equal (no gradient signal)."""
+  return total.reshape(-1, group_size).std(axis=1) == 0
+
+
+def take_groups(roll: dict[str, Any], groups, group_size: int) -> dict[str, Any]:
+  """The rows of `groups` (group-major) of every per-completion field."""
+  rows = [g * group_size + j for g in groups for j in range(group_size)]
+  out = {}
+  for k, v in roll.items():
+    if k == "per_fn":
+      out[k] = {f: np.asarray(a)[rows] for f, a in v.items()}
+    elif isinstance(v, list):
+      out[k] = [v[i] for i in rows]
+    else:
+      out[k] = np.asarray(v)[rows]
+  return out
+
+
+def concat(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+  """a's rows, then b's, of every per-completion field."""
+  return {k: ({f: np.concatenate([a[k][f], b[k][f]]) for f in a[k]} if k == "per_fn"
+              else a[k] + b[k] if isinstance(a[k], list) else np.concatenate([a[k], b[k]]))
+          for k in a}
+
+
+def snapshot(state) -> dict[str, Any]:
+  """A copy of the policy's variables (the update donates the state's buffers)."""
+  return jax.tree.map(jnp.copy, {"params": state.params, "router_bias": state.router_bias})
+
+
+@dataclasses.dataclass
+class Rollout:
+  """One step's batch: the update's arrays (`rollout_batch` + old_logp,
+  ref_logp, advantages, mask) and what the host keeps of the rollout."""
+  step: int
+  arrays: dict[str, np.ndarray]
+  stats: dict[str, float]
+  samples: list[dict[str, Any]]
+  t0: float
+
+
+class GRPO:
+  """GRPO for the run harness (runner.Task): `next` / `state` / `restore`
+  are the batch source (steps 1-3 of the module docstring), `update` the
+  step (4), `evaluate` the held-out evaluation, `line` the progress line.
+
+  The batch of step t is a function of t and the policy only (prompts and
+  sampling keys are seeded by the step), so the saved position is the step.
+  ref: the reference's variables (None at beta = 0); `update` refreshes it
+  every ref_refresh_every steps."""
+
+  def __init__(self, model_cfg: ModelConfig, gcfg: GRPOConfig, opt_cfg: TrainConfig, *,
+               tok, template: str, problems: list[tasks.Problem], prompt_ids: list[list[int]],
+               eval_problems: list[tasks.Problem], reward_fns, mesh, rules, ref, workdir: str,
+               log: Callable[[str], None]):
+    self.model_cfg, self.gcfg, self.tok, self.template = model_cfg, gcfg, tok, template
+    self.problems, self.prompt_ids, self.eval_problems = problems, prompt_ids, eval_problems
+    self.reward_fns, self.mesh, self.rules, self.ref, self.log = reward_fns, mesh, rules, ref, log
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self.update_fn = make_update_step(model_cfg, opt_cfg, grpo_loss_fn(model_cfg, gcfg), mesh,
+                                      rules, skip_nonfinite=gcfg.max_bad_steps > 0)
+    self._score = jax.jit(lambda v, b: completion_logprobs(model_cfg, v, b))
+    self.position, self.first = 0, None
+
+  # -- the batch source -------------------------------------------------------
+  def next(self, step: int, state) -> Rollout:
+    t0 = time.time()
+    policy = {"params": state.params, "router_bias": state.router_bias}
+    roll, drawn_equal, rounds = self._dynamic_sampling(step, policy)
+    arrays, stats = self._arrays(step, roll)
+    stats.update(zero_std_groups_drawn=drawn_equal, resample_rounds=float(rounds))
+    self.position, self.first = step, self.first or step
+    G, samples = self.gcfg.group_size, []
+    if step % self.gcfg.sample_every == 0 or step == self.first:
+      samples = [{"step": step, "prompt": roll["problems"][i].prompt,
+                  "answer": roll["problems"][i].answer, "completion": roll["texts"][i],
+                  "reward": float(roll["total"][i])} for i in range(0, len(roll["texts"]), G)[:4]]
+    return Rollout(step, arrays, stats, samples, t0)
+
+  def state(self) -> dict[str, Any]:
+    return {"step": self.position}
+
+  def restore(self, saved: dict[str, Any]) -> None:
+    self.position = int(saved["step"])
+
+  def _rollout(self, step: int, round_: int, policy) -> dict[str, Any]:
+    """P prompts x G completions, scored: per-completion fields (lists and
+    arrays of N = P * G rows, group-major). Round 0 is the step's draw;
+    rounds >= 1 are dynamic sampling's fresh prompts."""
+    g = self.gcfg
+    seed = [g.seed, step] + ([round_] if round_ else [])
+    chosen = np.random.default_rng(seed).choice(len(self.problems), size=g.prompts_per_step,
+                                                replace=len(self.problems) < g.prompts_per_step)
+    problems = [self.problems[i] for i in chosen for _ in range(g.group_size)]
+    prompts = [self.prompt_ids[i] for i in chosen for _ in range(g.group_size)]
+    key = jax.random.key(g.seed * 1_000_003 + step)
+    gen = generate(self.model_cfg, policy, prompts, max_new_tokens=g.max_new_tokens,
+                   temperature=g.temperature, top_p=g.top_p, stop_ids=(self.tok.eos_id,),
+                   rng=jax.random.fold_in(key, round_) if round_ else key, mesh=self.mesh)
+    seqs = gen.sequences()
+    eos = self.tok.eos_id
+    texts = [self.tok.decode(s[:-1] if s and s[-1] == eos else s) for s in seqs]
+    examples = [{"answer": p.answer, "prompt": p.prompt} for p in problems]
+    total, per_fn, valid = rewards.combine(texts, examples, self.reward_fns)
+    if g.overlong_buffer:
+      total = total + np.array([rewards.overlong(len(s), g.max_new_tokens, g.overlong_buffer)
+                                for s in seqs])
+    return {"problems": problems, "prompts": prompts, "seqs": seqs, "texts": texts,
+            "examples": examples, "total": total, "valid": valid,
+            "per_fn": per_fn, "tokens": gen.tokens, "lengths": gen.lengths,
+            "logprobs": gen.logprobs}
+
+  def _dynamic_sampling(self, step: int, policy) -> tuple[dict[str, Any], float, int]:
+    """(the step's rollout, the share of equal-reward groups of its first
+    draw, extra rounds): DAPO's dynamic sampling replaces groups of equal
+    rewards by informative groups of fresh prompts, up to resample_rounds."""
+    G, P = self.gcfg.group_size, self.gcfg.prompts_per_step
+    roll = self._rollout(step, 0, policy)
+    drawn_equal = float(equal_groups(roll["total"], G).mean())
+    rounds = 0
+    while rounds < self.gcfg.resample_rounds and equal_groups(roll["total"], G).any():
+      rounds += 1
+      fresh = self._rollout(step, rounds, policy)
+      good = np.flatnonzero(~equal_groups(fresh["total"], G))
+      bad = np.flatnonzero(equal_groups(roll["total"], G))
+      n = min(len(good), len(bad))
+      if n:
+        drop = set(bad[:n].tolist())
+        roll = concat(take_groups(roll, [g for g in range(P) if g not in drop], G),
+                      take_groups(fresh, good[:n], G))
+    return roll, drawn_equal, rounds
+
+  def _arrays(self, step: int, roll: dict[str, Any]) -> tuple[dict[str, np.ndarray],
+                                                             dict[str, float]]:
+    """(the update's batch, the rollout's scalars) of a scored rollout."""
+    g, G, eos = self.gcfg, self.gcfg.group_size, self.tok.eos_id
+    gen = Generation(tokens=roll["tokens"], lengths=roll["lengths"],
+                     logprobs=roll["logprobs"], steps=0)
+    truncated = np.array([not (s and s[-1] == eos) for s in roll["seqs"]])
+    adv = np.asarray(grpo.group_advantages(roll["total"], G, g.scale))
+    if step in g.nan_steps:      # the NaN policy's test hook
+      adv = adv * np.float32(np.nan)
+    equal = np.repeat(equal_groups(roll["total"], G), G)
+    keep = roll["valid"].copy()
+    if g.mask_truncated:
+      keep &= ~truncated
+    if g.skip_equal_groups:
+      keep &= ~equal
+    L = g.max_new_tokens
+    mask = (np.arange(L)[None] < gen.lengths[:, None]) & keep[:, None]
+    batch = rollout_batch(roll["prompts"], gen, self.tok.pad_id)
+    batch.update(old_logp=np.asarray(gen.logprobs, np.float32), mask=mask.astype(np.float32),
+                 advantages=np.repeat(adv[:, None], L, axis=1).astype(np.float32))
+    batch["ref_logp"] = (np.asarray(self._reference_logprobs(batch)) if g.beta > 0
+                         else np.zeros_like(batch["old_logp"]))
+    return batch, self._stats(roll, mask, truncated, equal)
+
+  def _reference_logprobs(self, batch: dict[str, np.ndarray]) -> jax.Array:
+    if self.mesh is None:
+      return self._score(self.ref, batch)
+    with parallel.activate(self.mesh, self.rules):   # on the policy's mesh
+      return self._score(self.ref, jax.device_put(
+          batch, parallel.batch_sharding(self.mesh, self.rules)))
+
+  def _stats(self, roll, mask, truncated, equal) -> dict[str, float]:
+    per_fn, texts, total = roll["per_fn"], roll["texts"], roll["total"]
+    lengths = roll["lengths"].astype(np.float64)
+    accuracy = (float(np.nanmean(per_fn["accuracy"])) if "accuracy" in per_fn else
+                float(np.mean([rewards.accuracy(t, e) for t, e in zip(texts, roll["examples"])])))
+    return {
+        "reward": float(total.mean()), "reward_std": float(total.std()),
+        **{f"reward/{k}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+           for k, v in per_fn.items()},
+        "accuracy": accuracy, "format": float(np.mean([tasks.format_ok(t) for t in texts])),
+        "zero_std_groups": float(equal.reshape(-1, self.gcfg.group_size)[:, 0].mean()),
+        "completion_len": float(lengths.mean()), "completion_len_max": float(lengths.max()),
+        "truncated": float(truncated.mean()), "invalid": float((~roll["valid"]).mean()),
+        "entropy": float(-(np.asarray(roll["logprobs"]) * mask).sum() / max(mask.sum(), 1))}
+
+  # -- the update -------------------------------------------------------------
+  def update(self, state, batch: Rollout):
+    """mu passes over the rollout batch; host scalars (a step counts as
+    skipped when any pass was). Refreshes the reference when due and
+    appends the step's samples to samples.jsonl."""
+    g = self.gcfg
+    passes = []
+    for _ in range(g.mu):
+      state, m = self.update_fn(state, batch.arrays)
+      passes.append(m)
+    passes = jax.device_get(passes)
+    m = passes[-1]
+    if g.beta > 0 and g.ref_refresh_every and batch.step % g.ref_refresh_every == 0:
+      self.ref = snapshot(state)
+    if batch.samples:
+      with open(self.samples_path, "a") as f:
+        f.writelines(json.dumps(s) + "\n" for s in batch.samples)
+    scalars = {**batch.stats, **{k: float(m[k]) for k in
+                                 ("loss", "kl", "clip_low", "clip_high", "grad_norm", "lr")}}
+    if "skipped" in m:
+      scalars["skipped"] = max(float(p["skipped"]) for p in passes)
+    scalars["step_s"] = time.time() - batch.t0
+    return state, scalars
+
+  # -- evaluation and the progress line ---------------------------------------
+  def evaluate(self, state, step: int) -> dict[str, float]:
+    g, problems = self.gcfg, self.eval_problems
+    policy = {"params": state.params, "router_bias": state.router_bias}
+    kw = dict(max_new_tokens=g.max_new_tokens, batch_size=min(g.eval_batch_size, len(problems)),
+              template=self.template, mesh=self.mesh)
+    greedy = evaluate.exact_match(policy, self.tok, problems, self.model_cfg, **kw)
+    sampled = evaluate.exact_match(policy, self.tok, list(problems) * g.eval_samples,
+                                   self.model_cfg, **kw, temperature=g.temperature,
+                                   rng=jax.random.key(g.seed + 7919))
+    out = {"eval_greedy_accuracy": greedy["accuracy"],
+           "eval_sampled_accuracy": sampled["accuracy"],
+           "eval_format_ok": sampled["format_ok"],
+           **{f"eval_greedy_accuracy/{k}": v for k, v in greedy["by_kind"].items()},
+           **{f"eval_sampled_accuracy/{k}": v for k, v in sampled["by_kind"].items()}}
+    draws = f" x {g.eval_samples} draws" if g.eval_samples > 1 else ""
+    self.log(f"eval step {step}: held-out accuracy greedy {out['eval_greedy_accuracy']:.3f}, "
+             f"sampled (T={g.temperature}) {out['eval_sampled_accuracy']:.3f}, format "
+             f"{out['eval_format_ok']:.3f} (n={len(problems)}{draws})")
+    return out
+
+  def line(self, step: int, s: dict[str, float], eta: float) -> str:
+    return (f"step {step:>4d}/{self.gcfg.steps} | reward {s['reward']:.3f} "
+            f"acc {s['accuracy']:.3f} fmt {s['format']:.2f} | "
+            f"len {s['completion_len']:.0f} trunc {s['truncated']:.2f} "
+            f"zero-std {s['zero_std_groups']:.2f} | kl {s['kl']:.4f} "
+            f"gnorm {s['grad_norm']:.3f} loss {s['loss']:+.4f} | {s['step_s']:.1f}s"
+            + (f" | skipped {int(s['bad_steps'])}" if s.get("bad_steps") else ""))
+
+
+def _problems(gcfg: GRPOConfig, tok, template: str, max_seq_len: int):
+  """(training problems, their prompt ids, held-out problems); ValueError
+  when a prompt plus max_new_tokens does not fit the model."""
+  train_problems = tasks.mixed_problems(gcfg.n_train_problems, seed=gcfg.seed, split="train",
+                                        max_digits=gcfg.max_digits, kinds=gcfg.task_kinds,
+                                        kind_mix=gcfg.kind_mix)
+  eval_problems = tasks.generate_problems(gcfg.n_eval_problems, seed=gcfg.seed, split="test",
+                                          max_digits=gcfg.max_digits, kinds=gcfg.task_kinds)
+  prompt_ids = [pipeline.encode_prompt(tok, p, template) for p in train_problems]
+  longest = max(len(p) for p in prompt_ids) + gcfg.max_new_tokens
+  if longest > max_seq_len:
+    raise ValueError(f"a prompt plus max_new_tokens={gcfg.max_new_tokens} is {longest} "
+                     f"tokens > the model's max_seq_len={max_seq_len}; lower "
+                     "max_new_tokens.")
+  return train_problems, prompt_ids, eval_problems
+
+
+def _summary(gcfg: GRPOConfig, result: runner.Result, t_start: float) -> dict[str, Any]:
+  """summary.json's fields: held-out accuracy at step 0 and at the end."""
+  evals = {r["step"]: r for r in result.evals}
+  before, after = evals.get(0, {}), evals.get(result.final_step, {})
+  return {
+      "greedy_accuracy_before": before.get("eval_greedy_accuracy"),
+      "sampled_accuracy_before": before.get("eval_sampled_accuracy"),
+      "greedy_accuracy_after": after.get("eval_greedy_accuracy"),
+      "sampled_accuracy_after": after.get("eval_sampled_accuracy"),
+      "format_rate_after": after.get("eval_format_ok"),
+      "final_step": result.final_step, "skipped_steps": result.bad_steps,
+      "stopped_by": result.stopped_by,
+      "wall_s": time.time() - t_start, "init_from": gcfg.init_from,
+  }
+
+
 def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
                extra_rewards: dict[str, tuple[rewards.RewardFn, float]] | None = None,
                mesh_cfg: MeshConfig | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
   """GRPO from the run in gcfg.init_from, resuming from `workdir` if it
-  holds checkpoints. Returns the summary (also written to summary.json):
-  greedy/sampled held-out accuracy before and after, format rate after,
-  wall_s, final_step, skipped_steps, history (per-step scalars of this call).
+  holds checkpoints. Returns the summary (also written to summary.json when
+  the run reaches gcfg.steps): greedy/sampled held-out accuracy before and
+  after, format rate after, wall_s, final_step, skipped_steps, stopped_by
+  (the signal that ended the call early, or None), history (per-step
+  scalars of this call).
   extra_rewards: {name: (fn(completion, example) -> float | None, weight)}
   added to the built-in ones (example: {"answer", "prompt"}).
   mesh_cfg: run on a device mesh (data/fsdp/tensor/expert axes, one
   process): the policy, its optimizer state and the reference are sharded
   by the mesh's rule set, rollouts and updates run on all devices, and the
   numbers are the one-device run's up to float summation order.
-  stop_after: end this call after that step, with a checkpoint (tests)."""
+  stop_after: end this call after that step, with a checkpoint (tests).
+  SIGTERM / SIGINT end the call after the step in flight with a checkpoint
+  there; FloatingPointError after max_bad_steps non-finite steps in a row."""
   t_start = time.time()
   if not gcfg.init_from:
     raise ValueError("init_from is empty: GRPO starts from a trained run (e.g. the SFT "
                      "stage: python -m launch.train --config=launch/configs/default.py "
                      "--workdir=W, then --config.init_from=W).")
-  from deepseek_jax.train import export
   export.require_run(gcfg.init_from, "init_from")
   model_cfg, src_train, init_vars, src_step = export.load_trained_run(gcfg.init_from)
   tok = (load_tokenizer(src_train.tokenizer_path) if src_train.tokenizer_path
          else default_tokenizer())
-  template = src_train.template
-  train_problems = tasks.mixed_problems(gcfg.n_train_problems, seed=gcfg.seed, split="train",
-                                        max_digits=gcfg.max_digits, kinds=gcfg.task_kinds,
-                                        kind_mix=gcfg.kind_mix)
-  eval_problems = tasks.generate_problems(gcfg.n_eval_problems, seed=gcfg.seed, split="test",
-                                          max_digits=gcfg.max_digits, kinds=gcfg.task_kinds)
+  problems, prompt_ids, eval_problems = _problems(gcfg, tok, src_train.template,
+                                                  model_cfg.max_seq_len)
   reward_fns = {**(reward_functions(gcfg) if gcfg.accuracy_weight or gcfg.format_weight
                    or gcfg.language_weight or not extra_rewards else {}),
                 **(extra_rewards or {})}
-  prompt_ids = [pipeline.encode_prompt(tok, p, template) for p in train_problems]
-  longest = max(len(p) for p in prompt_ids) + gcfg.max_new_tokens
-  if longest > model_cfg.max_seq_len:
-    raise ValueError(f"a prompt plus max_new_tokens={gcfg.max_new_tokens} is {longest} "
-                     f"tokens > the model's max_seq_len={model_cfg.max_seq_len}; lower "
-                     "max_new_tokens.")
   opt_cfg = gcfg.optimizer_config(src_train)
   mesh, rules = grpo_mesh(gcfg, mesh_cfg, model_cfg, opt_cfg)
-  os.makedirs(workdir, exist_ok=True)
-  _atomic_json(os.path.join(workdir, "grpo_config.json"), gcfg.to_dict())
+  settings = runner.Settings.of(gcfg, stop_after=stop_after, eval_at_start=True,
+                                summary_steps=gcfg.steps)
   # The checkpoint's train config is a plain TrainConfig (so export,
   # launch.generate and init_from read GRPO runs like any other) plus the
   # GRPO config under "grpo" (compared on resume like any field).
-  ckpts, diff = checkpoint.open_checkpoints(
-      workdir, model_cfg, {**opt_cfg.to_dict(), "grpo": gcfg.to_dict()},
-      every=gcfg.ckpt_every, keep=gcfg.keep_ckpts)
-  writer = None
-  try:
-    if diff:
-      log("note: the config differs from the checkpointed run: " + "; ".join(diff))
-    state = with_variables(init_train_state(model_cfg, opt_cfg, jax.random.key(gcfg.seed),
-                                            mesh, rules), init_vars)
-    # The reference: the starting policy (refreshed every ref_refresh_every
-    # steps; a resumed run with refreshes restarts it from the resumed policy).
-    # (copies: the update step donates the policy's buffers)
-    snapshot = lambda: jax.tree.map(jnp.copy, {"params": state.params,  # noqa: E731
-                                               "router_bias": state.router_bias})
-    ref = snapshot() if gcfg.beta > 0 else None
-    resumed = ckpts.latest_step()
-    if resumed is None:
-      log(f"GRPO from {gcfg.init_from} (step {src_step}); {model_cfg.n_layers} layers, "
-          f"{gcfg.prompts_per_step} prompts x {gcfg.group_size} completions per step")
-    else:
-      state, _ = ckpts.restore(abstract_train_state(model_cfg, opt_cfg, mesh, rules))
-      if gcfg.ref_refresh_every and gcfg.beta > 0:
-        ref = snapshot()
-      log(f"resuming from {ckpts.directory} at step {resumed}")
+  with runner.Run(workdir, model_cfg, {**opt_cfg.to_dict(), "grpo": gcfg.to_dict()},
+                  settings, mesh=mesh, log=log) as run:
+    run.write_json("grpo_config.json", gcfg.to_dict())
+    initial = with_variables(init_train_state(model_cfg, opt_cfg, jax.random.key(gcfg.seed),
+                                              mesh, rules), init_vars)
     del init_vars
-    start = resumed or 0
-    end = gcfg.steps if stop_after is None else min(stop_after, gcfg.steps)
+    ref = snapshot(initial) if gcfg.beta > 0 else None   # the starting policy
+
+    def fresh():
+      run.log(f"GRPO from {gcfg.init_from} (step {src_step}); {model_cfg.n_layers} layers, "
+              f"{gcfg.prompts_per_step} prompts x {gcfg.group_size} completions per step")
+      return initial
+    state = run.start(model_cfg, opt_cfg, rules, fresh=fresh)
+    initial = None
+    if run.resumed_from is not None and gcfg.ref_refresh_every and gcfg.beta > 0:
+      ref = snapshot(state)    # not the last refresh's policy: documented, not bit-exact
     if mesh is not None:
-      log(f"mesh: {describe_mesh(mesh)}, rules {mesh_cfg.rules}")
-    update = make_update_step(model_cfg, opt_cfg, grpo_loss_fn(model_cfg, gcfg), mesh, rules,
-                              skip_nonfinite=True)
-    score_fn = jax.jit(lambda v, b: completion_logprobs(model_cfg, v, b))
-
-    def score(variables, batch):   # the reference's log-probs, on the policy's mesh
-      if mesh is None:
-        return score_fn(variables, batch)
-      with parallel.activate(mesh, rules):
-        return score_fn(variables, jax.device_put(batch, parallel.batch_sharding(mesh, rules)))
-    writer = metrics.MetricsWriter(workdir, start)
-    samples_path = os.path.join(workdir, "samples.jsonl")
-    n_eval_batch = min(gcfg.eval_batch_size, max(len(eval_problems), 1))
-
-    def policy():
-      return {"params": state.params, "router_bias": state.router_bias}
-
-    def run_eval(step: int) -> dict[str, float]:
-      if not eval_problems:
-        return {}
-      kw = dict(max_new_tokens=gcfg.max_new_tokens, batch_size=n_eval_batch, template=template,
-                mesh=mesh)
-      greedy = evaluate.exact_match(policy(), tok, eval_problems, model_cfg, **kw)
-      sampled = evaluate.exact_match(policy(), tok, list(eval_problems) * gcfg.eval_samples,
-                                     model_cfg, **kw, temperature=gcfg.temperature,
-                                     rng=jax.random.key(gcfg.seed + 7919))
-      out = {"eval_greedy_accuracy": greedy["accuracy"],
-             "eval_sampled_accuracy": sampled["accuracy"],
-             "eval_format_ok": sampled["format_ok"],
-             **{f"eval_greedy_accuracy/{k}": v for k, v in greedy["by_kind"].items()},
-             **{f"eval_sampled_accuracy/{k}": v for k, v in sampled["by_kind"].items()}}
-      writer.write(step, out)
-      draws = f" x {gcfg.eval_samples} draws" if gcfg.eval_samples > 1 else ""
-      log(f"eval step {step}: held-out accuracy greedy {out['eval_greedy_accuracy']:.3f}, "
-          f"sampled (T={gcfg.temperature}) {out['eval_sampled_accuracy']:.3f}, format "
-          f"{out['eval_format_ok']:.3f} (n={len(eval_problems)}{draws})")
-      return out
-
-    evals = [r for r in metrics.read_metrics(writer.path) if "eval_sampled_accuracy" in r]
-    before = next((r for r in evals if r["step"] == 0), None) or run_eval(0)
-    history, skipped = [], 0
-    G, P = gcfg.group_size, gcfg.prompts_per_step
-    def rollout(step: int, round_: int) -> dict[str, Any]:
-      """P prompts x G completions, scored: per-completion fields (lists and
-      arrays of N = P * G rows, group-major). Round 0 is the step's draw;
-      rounds >= 1 are dynamic sampling's fresh prompts."""
-      seed = [gcfg.seed, step] + ([round_] if round_ else [])
-      chosen = np.random.default_rng(seed).choice(len(train_problems), size=P,
-                                                  replace=len(train_problems) < P)
-      problems = [train_problems[i] for i in chosen for _ in range(G)]
-      prompts = [prompt_ids[i] for i in chosen for _ in range(G)]
-      key = jax.random.key(gcfg.seed * 1_000_003 + step)
-      gen = generate(model_cfg, policy(), prompts, max_new_tokens=gcfg.max_new_tokens,
-                     temperature=gcfg.temperature, top_p=gcfg.top_p, stop_ids=(tok.eos_id,),
-                     rng=jax.random.fold_in(key, round_) if round_ else key, mesh=mesh)
-      seqs = gen.sequences()
-      texts = [tok.decode(s[:-1] if s and s[-1] == tok.eos_id else s) for s in seqs]
-      examples = [{"answer": p.answer, "prompt": p.prompt} for p in problems]
-      total, per_fn, valid = rewards.combine(texts, examples, reward_fns)
-      if gcfg.overlong_buffer:
-        total = total + np.array([rewards.overlong(len(s), gcfg.max_new_tokens,
-                                                   gcfg.overlong_buffer) for s in seqs])
-      return {"problems": problems, "prompts": prompts, "seqs": seqs, "texts": texts,
-              "examples": examples, "total": total, "valid": valid,
-              "per_fn": per_fn, "tokens": gen.tokens, "lengths": gen.lengths,
-              "logprobs": gen.logprobs}
-
-    def equal_groups(roll) -> np.ndarray:    # [P] bool: all G rewards the same
-      return roll["total"].reshape(P, G).std(axis=1) == 0
-
-    def take_groups(roll, groups) -> dict[str, Any]:
-      rows = [g * G + j for g in groups for j in range(G)]
-      out = {}
-      for k, v in roll.items():
-        if k == "per_fn":
-          out[k] = {f: np.asarray(a)[rows] for f, a in v.items()}
-        elif isinstance(v, list):
-          out[k] = [v[i] for i in rows]
-        else:
-          out[k] = np.asarray(v)[rows]
-      return out
-
-    def concat(a, b) -> dict[str, Any]:
-      return {k: ({f: np.concatenate([a[k][f], b[k][f]]) for f in a[k]} if k == "per_fn"
-                  else a[k] + b[k] if isinstance(a[k], list) else np.concatenate([a[k], b[k]]))
-              for k in a}
-
-    for step in range(start + 1, end + 1):
-      t0 = time.time()
-      roll = rollout(step, 0)
-      drawn_equal = float(equal_groups(roll).mean())
-      rounds = 0
-      # DAPO's dynamic sampling: replace groups of equal rewards (no gradient
-      # signal) by informative groups of fresh prompts, up to resample_rounds.
-      while rounds < gcfg.resample_rounds and equal_groups(roll).any():
-        rounds += 1
-        fresh = rollout(step, rounds)
-        good = np.flatnonzero(~equal_groups(fresh))
-        bad = np.flatnonzero(equal_groups(roll))
-        n = min(len(good), len(bad))
-        if n:
-          drop = set(bad[:n].tolist())
-          roll = concat(take_groups(roll, [g for g in range(P) if g not in drop]),
-                        take_groups(fresh, good[:n]))
-      problems, prompts, seqs, texts = (roll["problems"], roll["prompts"], roll["seqs"],
-                                        roll["texts"])
-      examples, total, per_fn, valid = (roll["examples"], roll["total"], roll["per_fn"],
-                                        roll["valid"])
-      gen = Generation(tokens=roll["tokens"], lengths=roll["lengths"],
-                       logprobs=roll["logprobs"], steps=0)
-      truncated = np.array([not (s and s[-1] == tok.eos_id) for s in seqs])
-      adv = np.asarray(grpo.group_advantages(total, G, gcfg.scale))
-      equal = np.repeat(equal_groups(roll), G)
-      keep = valid.copy()
-      if gcfg.mask_truncated:
-        keep &= ~truncated
-      if gcfg.skip_equal_groups:
-        keep &= ~equal
-      L = gcfg.max_new_tokens
-      mask = (np.arange(L)[None] < gen.lengths[:, None]) & keep[:, None]
-      batch = rollout_batch(prompts, gen, tok.pad_id)
-      batch.update(old_logp=np.asarray(gen.logprobs, np.float32), mask=mask.astype(np.float32),
-                   advantages=np.repeat(adv[:, None], L, axis=1).astype(np.float32))
-      batch["ref_logp"] = (np.asarray(score(ref, batch)) if gcfg.beta > 0
-                           else np.zeros_like(batch["old_logp"]))
-      for _ in range(gcfg.mu):
-        state, m = update(state, batch)
-        m = jax.device_get(m)
-        skipped += int(m["skipped"])
-      if gcfg.beta > 0 and gcfg.ref_refresh_every and step % gcfg.ref_refresh_every == 0:
-        ref = snapshot()
-      lengths = gen.lengths.astype(np.float64)
-      n_tok = max(mask.sum(), 1)
-      scalars = {
-          "reward": float(total.mean()), "reward_std": float(total.std()),
-          **{f"reward/{k}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-             for k, v in per_fn.items()},
-          "accuracy": float(np.nanmean(per_fn["accuracy"])) if "accuracy" in per_fn else
-          float(np.mean([rewards.accuracy(t, e) for t, e in zip(texts, examples)])),
-          "format": float(np.mean([tasks.format_ok(t) for t in texts])),
-          "zero_std_groups": float(equal.reshape(P, G)[:, 0].mean()),
-          "zero_std_groups_drawn": drawn_equal, "resample_rounds": float(rounds),
-          "completion_len": float(lengths.mean()), "completion_len_max": float(lengths.max()),
-          "truncated": float(truncated.mean()), "invalid": float((~valid).mean()),
-          "entropy": float(-(np.asarray(gen.logprobs) * mask).sum() / n_tok),
-          "loss": float(m["loss"]), "kl": float(m["kl"]), "clip_low": float(m["clip_low"]),
-          "clip_high": float(m["clip_high"]), "grad_norm": float(m["grad_norm"]),
-          "lr": float(m["lr"]), "skipped": float(skipped), "step_s": time.time() - t0}
-      history.append({"step": step, **scalars})
-      writer.write(step, scalars)
-      if step % gcfg.log_every == 0 or step == end or step == start + 1:
-        log(f"step {step:>4d}/{gcfg.steps} | reward {scalars['reward']:.3f} "
-            f"acc {scalars['accuracy']:.3f} fmt {scalars['format']:.2f} | "
-            f"len {scalars['completion_len']:.0f} trunc {scalars['truncated']:.2f} "
-            f"zero-std {scalars['zero_std_groups']:.2f} | kl {scalars['kl']:.4f} "
-            f"gnorm {scalars['grad_norm']:.3f} loss {scalars['loss']:+.4f} | "
-            f"{scalars['step_s']:.1f}s" + (f" | skipped {skipped}" if skipped else ""))
-      if step % gcfg.sample_every == 0 or step == start + 1:
-        with open(samples_path, "a") as f:
-          for i in range(0, len(texts), G)[:4]:
-            f.write(json.dumps({"step": step, "prompt": problems[i].prompt,
-                                "answer": problems[i].answer, "completion": texts[i],
-                                "reward": float(total[i])}) + "\n")
-      if gcfg.eval_every and step % gcfg.eval_every == 0 and step != gcfg.steps:
-        run_eval(step)
-      ckpts.save(step, state, {"step": step}, force=step == end)
-    final_step = int(state.step) // gcfg.mu
-    ckpts.save(final_step, state, {"step": final_step}, force=True)
-    evals = [r for r in metrics.read_metrics(writer.path) if "eval_sampled_accuracy" in r]
-    after = next((r for r in evals if r["step"] == final_step), None)
-    if after is None and final_step == gcfg.steps:
-      after = run_eval(final_step)
+      run.log(f"mesh: {describe_mesh(mesh)}, rules {mesh_cfg.rules}")
+    metrics.keep_steps_up_to(os.path.join(workdir, "samples.jsonl"), run.start_step)
+    trainer = GRPO(model_cfg, gcfg, opt_cfg, tok=tok, template=src_train.template,
+                   problems=problems, prompt_ids=prompt_ids, eval_problems=eval_problems,
+                   reward_fns=reward_fns, mesh=mesh, rules=rules, ref=ref, workdir=workdir,
+                   log=run.log)
+    result = run.train(runner.Task(step=trainer.update, batches=trainer, line=trainer.line,
+                                   evaluate=trainer.evaluate if eval_problems else None), state)
+    summary = _summary(gcfg, result, t_start)
     plot = _plot(workdir)
-    summary = {
-        "greedy_accuracy_before": before.get("eval_greedy_accuracy"),
-        "sampled_accuracy_before": before.get("eval_sampled_accuracy"),
-        "greedy_accuracy_after": (after or {}).get("eval_greedy_accuracy"),
-        "sampled_accuracy_after": (after or {}).get("eval_sampled_accuracy"),
-        "format_rate_after": (after or {}).get("eval_format_ok"),
-        "final_step": final_step, "skipped_steps": skipped,
-        "wall_s": time.time() - t_start, "init_from": gcfg.init_from,
-    }
-    if final_step == gcfg.steps:
-      _atomic_json(os.path.join(workdir, "summary.json"), summary)
-    log(f"done: step {final_step}; sampled accuracy {summary['sampled_accuracy_before']} -> "
-        f"{summary['sampled_accuracy_after']}, greedy {summary['greedy_accuracy_before']} -> "
-        f"{summary['greedy_accuracy_after']}" + (f"; plot {plot}" if plot else ""))
-    return {**summary, "history": history}
-  finally:
-    if writer is not None:
-      writer.close()     # flushes the TensorBoard events
-    ckpts.close()
+    if result.final_step == gcfg.steps:
+      atomic_json(summary, os.path.join(workdir, "summary.json"))
+    log(f"done: step {result.final_step}; sampled accuracy {summary['sampled_accuracy_before']}"
+        f" -> {summary['sampled_accuracy_after']}, greedy {summary['greedy_accuracy_before']} "
+        f"-> {summary['greedy_accuracy_after']}" + (f"; plot {plot}" if plot else ""))
+  return {**summary, "history": result.history}

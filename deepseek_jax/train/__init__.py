@@ -1,4 +1,6 @@
-"""Single-host training: optimizer, losses, the train step, checkpoints, the loop.
+"""Training: optimizer, losses, the train step, checkpoints, the run harness
+(runner.py: one loop for every trainer; start.py: mesh, resume, init) and
+pretraining / SFT (loop.train).
 
     from deepseek_jax.train import TrainConfig, train
     summary = train(get_preset("small"), TrainConfig(steps=600), "/tmp/run")

@@ -5,7 +5,7 @@ Each checkpoint step directory holds two items (orbax `CheckpointManager`):
   meta    JSON: the data iterator's state, the model config and the train
           config the run was started with; for a pipeline's train state
           also `pipeline_stages`, the blocks per stage of its stage layout
-          (resuming on another pipe count converts it: train/loop.py).
+          (resuming on another pipe count converts it: train/start.py).
 Starting a run in a workdir that already holds checkpoints resumes from the
 latest one, but only if the saved model config equals the requested one: a
 different model cannot load those arrays, so `open_checkpoints` refuses
@@ -229,7 +229,7 @@ class Checkpoints:
     whether it started a save; the write finishes in the background
     (`wait` or `close` to wait for it).
     """
-    if step == self._last_saved or step in self.manager.all_steps():
+    if self.saved(step):
       return False
     meta = {"data": data_state, "model_config": self.model_cfg.to_dict(),
             "train_config": self.train_cfg_dict}
@@ -240,6 +240,10 @@ class Checkpoints:
     if saved:
       self._last_saved = step
     return saved
+
+  def saved(self, step: int) -> bool:
+    """Whether `step` is saved (or being saved)."""
+    return step == self._last_saved or step in self.manager.all_steps()
 
   def due(self, step: int) -> bool:
     """Whether `save(step)` (without force) would write a checkpoint."""

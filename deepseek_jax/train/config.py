@@ -2,8 +2,9 @@
 the learning-rate schedule a checkpoint keeps (`resolved_schedule`,
 `schedule_changes`).
 
-Its own module so that the step builder (step.py), the loop (loop.py), the
-GRPO trainer and the planner import it without importing each other; the
+Its own module so that the step builder (step.py), the run harness
+(runner.py, start.py), the trainers (loop.py, rl/trainer.py) and the planner
+import it without importing each other; the
 model's configuration is `deepseek_jax.config.ModelConfig`.
 """
 
@@ -216,8 +217,9 @@ class TrainConfig:
                        "would end before reaching the peak lr; lower warmup_steps.")
     if not 0 <= self.end_lr <= self.lr:
       raise ValueError(f"end_lr={self.end_lr} must be in [0, lr={self.lr}].")
-    for name in ("weight_decay", "mtp_weight", "mtp_weight_final", "balance_weight", "bias_update_speed",
-                 "expert_balance_weight", "device_balance_weight", "comm_balance_weight"):
+    for name in ("weight_decay", "mtp_weight", "mtp_weight_final", "balance_weight",
+                 "bias_update_speed", "expert_balance_weight", "device_balance_weight",
+                 "comm_balance_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
@@ -274,11 +276,16 @@ def resolved_schedule(values: dict[str, Any]) -> dict[str, Any]:
   """The LR schedule's parameters of a train config dict (TrainConfig.to_dict
   or a checkpoint's; missing keys take today's defaults, nothing is
   re-validated) with decay_steps=0 resolved as
-  optimizer.lr_schedule_from_config does."""
+  optimizer.lr_schedule_from_config does; a schedule flat after its warmup
+  (end_lr = lr) has no later segments to compare."""
   v = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **values}
   out = {k: v[k] for k in SCHEDULE_FIELDS}
   out["decay_steps"] = v["decay_steps"] or max(
       v["steps"] - v["warmup_steps"] - v["hold_steps"] - v["end_steps"], 0)
+  if v["end_lr"] == v["lr"] and v["final_lr"] in (None, v["lr"]):
+    # Flat after the warmup (GRPO's optimizer_config): the lengths of the
+    # segments after it change nothing, so a longer run does not bend it.
+    out.update(hold_steps=0, decay_steps=0, end_steps=0, final_lr=None)
   return out
 
 

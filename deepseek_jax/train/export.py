@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.parallel.pipeline import layout_from_sizes, unstage_tree
+from deepseek_jax.parallel.pipeline_layout import layout_from_sizes, unstage_tree
 from deepseek_jax.train.checkpoint import CHECKPOINT_DIR, Checkpoints
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import abstract_train_state

@@ -1,7 +1,7 @@
 """Fine-tuning from a published Hugging Face checkpoint (`TrainConfig.init_from_hf`).
 
 A run with `init_from_hf=DIR` and no checkpoint of its own starts from the
-weights in DIR (DeepSeek-V3 / R1 or V2 / V2-Lite, `interop.hf`): parameters
+weights in DIR (DeepSeek-V3 / R1 or V2 / V2-Lite, `deepseek_jax.interop`): parameters
 and router biases (`e_score_correction_bias`; zero for V2) as published, a
 fresh optimizer, step 0. The model config is the checkpoint's
 (`finetune_configs`); a run's own model overrides may change only what keeps
@@ -27,11 +27,14 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import interop
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.interop import hf
 from deepseek_jax.interop.safetensors_io import flatten, unflatten
 from deepseek_jax.model import abstract_variables
+from deepseek_jax.parallel.pipeline_layout import stage_tree, state_layout
 from deepseek_jax.parallel.rules import Rules
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.step import TrainState, make_tx, state_shardings
 
 TOKENIZER_NAME = "tokenizer.json"
 
@@ -63,7 +66,7 @@ def finetune_model_config(path: str, overrides: Mapping[str, Any] | None = None
                           ) -> ModelConfig:
   """The checkpoint's ModelConfig (its tensors checked from the headers) with
   `overrides` (ModelConfig fields) applied where they keep every shape."""
-  base = hf.check_hf_checkpoint(path)
+  base = interop.check_hf_checkpoint(path)
   overrides = dict(overrides or {})
   cfg = ModelConfig.from_dict(overrides, base=base)
   check_shapes_kept(base, cfg, path)
@@ -76,7 +79,6 @@ def finetune_configs(path: str, train_values: Mapping[str, Any],
   the model from the checkpoint (+ shape-keeping overrides), the train config
   from `train_values` with init_from_hf=path and, unless tokenizer_path is
   set, the checkpoint's tokenizer.json when it has one."""
-  from deepseek_jax.train.loop import TrainConfig  # noqa: PLC0415 (loop imports this)
   model_cfg = finetune_model_config(path, model_overrides)
   values = dict(train_values, init_from_hf=path)
   tokenizer = os.path.join(path, TOKENIZER_NAME)
@@ -85,26 +87,25 @@ def finetune_configs(path: str, train_values: Mapping[str, Any],
   return model_cfg, TrainConfig.from_dict(values)
 
 
-def init_state_from_hf(cfg: ModelConfig, train_cfg, path: str, mesh=None,
-                       rules: Rules | None = None):
+def init_state_from_hf(cfg: ModelConfig, train_cfg: TrainConfig, path: str, mesh=None,
+                       rules: Rules | None = None) -> TrainState:
   """TrainState at step 0 holding the checkpoint's parameters and router
   biases (cast to cfg.param_dtype; variables cfg does not build, e.g. MTP
   with n_mtp_depth=0, are dropped) and a fresh optimizer state built from
   them, placed in the training shardings when a mesh is given."""
-  from deepseek_jax.train import step as step_lib  # noqa: PLC0415 (step imports loop)
-  check_shapes_kept(hf.check_hf_checkpoint(path), cfg, path)
-  _, loaded = hf.load_hf_checkpoint(path, dtype=cfg.param_dtype, mesh=mesh, rules=rules)
+  check_shapes_kept(interop.check_hf_checkpoint(path), cfg, path)
+  _, loaded = interop.load_hf_checkpoint(path, dtype=cfg.param_dtype, mesh=mesh, rules=rules)
   want = abstract_variables(cfg)
   flat = flatten(loaded)
   kept = unflatten({k: flat.pop(k) for k in flatten(want)})
   del flat, loaded
-  tx, _ = step_lib.make_tx(train_cfg)
+  tx, _ = make_tx(train_cfg)
 
   kept.setdefault("router_bias", {})
-  layout = step_lib.state_layout(cfg, mesh)
-  sh = step_lib.state_shardings(cfg, train_cfg, mesh, rules) if mesh is not None else None
+  layout = state_layout(cfg, mesh)
+  sh = state_shardings(cfg, train_cfg, mesh, rules) if mesh is not None else None
   if layout is not None:     # a pipe mesh: each stage's blocks on its ranks (one copy)
-    kept = jax.jit(partial(step_lib.stage_tree, layout),
+    kept = jax.jit(partial(stage_tree, layout),
                    out_shardings={"params": sh.params, "router_bias": sh.router_bias})(kept)
 
   def fresh(params):
@@ -114,4 +115,4 @@ def init_state_from_hf(cfg: ModelConfig, train_cfg, path: str, mesh=None,
   else:
     step, opt_state = jax.jit(fresh, out_shardings=(sh.step, sh.opt_state))(kept["params"])
   params, bias = kept["params"], kept["router_bias"]
-  return step_lib.TrainState(step=step, params=params, opt_state=opt_state, router_bias=bias)
+  return TrainState(step=step, params=params, opt_state=opt_state, router_bias=bias)

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from deepseek_jax.files import atomic_text, atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 PLOT_FILE = "loss.png"
@@ -53,6 +55,16 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def keep_steps_up_to(path: str, step: int) -> None:
+  """Rewrites the JSON-lines file `path` (if it exists) without the records
+  of steps after `step`, atomically: a resumed run drops what it is about to
+  recompute, and a kill mid-rewrite leaves the old file or the new one."""
+  if not os.path.exists(path):
+    return
+  kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+  atomic_text("".join(json.dumps(r) + "\n" for r in kept), path)
+
+
 def _scalar(v: Any) -> Any:
   v = np.asarray(v)
   return v.item() if v.ndim == 0 else v.tolist()
@@ -61,18 +73,15 @@ def _scalar(v: Any) -> Any:
 class MetricsWriter:
   """Appends JSON lines to metrics.jsonl and the scalars to TensorBoard event
   files in `workdir/tb`. On resume both keep only steps <= start_step: the
-  JSON file is rewritten atomically (temp file + rename, so a kill leaves the
+  JSON file is rewritten atomically (`keep_steps_up_to`: a kill leaves the
   old or the new file, never half of one), TensorBoard purges later steps
   (`purge_step`)."""
 
   def __init__(self, workdir: str, start_step: int, tensorboard: bool = True):
     self.path = os.path.join(workdir, METRICS_FILE)
-    kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      for r in kept:
-        f.write(json.dumps(r) + "\n")
-    os.replace(tmp, self.path)
+    keep_steps_up_to(self.path, start_step)
+    if not os.path.exists(self.path):
+      atomic_text("", self.path)
     self.tb = None
     self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
     self._tb_files = 0
@@ -218,8 +227,11 @@ def plot_losses(workdir: str) -> str | None:
     handles, labels = handles + h2, labels + l2
   ax.legend(handles, labels, loc="upper right")
   fig.tight_layout()
-  path = os.path.join(workdir, PLOT_FILE)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)          # a reader never sees a half-written plot
+  return save_figure(fig, os.path.join(workdir, PLOT_FILE))
+
+
+def save_figure(fig, path: str) -> str:
+  """Saves a matplotlib Figure as PNG at `path` atomically (a reader, e.g. an
+  image viewer refreshing it, never sees a half-written plot)."""
+  atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
   return path
