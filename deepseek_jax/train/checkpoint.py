@@ -109,7 +109,7 @@ class Checkpoints:
         item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()})
     self._last_saved: int | None = None
     # Blocks per pipeline stage when the saved state is in a pipeline's stage
-    # layout (parallel/pipeline.py stage_tree), written to meta as
+    # layout (parallel/pipeline_layout.py stage_tree), written to meta as
     # "pipeline_stages"; None: the model's own layout.
     self.pipeline_stages: list[int] | None = None
 
