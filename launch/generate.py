@@ -8,8 +8,9 @@
   python -m launch.generate --from_hf=DIR --prompt="The capital of France is"
   # prompts from a JSONL file: {"prompt": "..."} or {"tokens": [1, 2, 3]} per line
   python -m launch.generate --workdir=/tmp/demo --prompts_file=prompts.jsonl --speculative
-  # YaRN: a model trained on 128 tokens, decoding 512 (RoPE scaled by config, no weights change)
-  python -m launch.generate --workdir=/tmp/demo --prompt="12+34" --max_seq_len=512 --rope_factor=4
+  # YaRN by config (RoPE scaled, no weights change): meant for runs fine-tuned with it
+  # (launch/configs/long_context.py); on a run trained without it, answers change
+  python -m launch.generate --workdir=/tmp/demo_long1 --prompt="12+34" --max_seq_len=1024
 
 One prompt streams its text as it is generated; a batch prints each row's
 completion as soon as that row stops. The last line gives generated tokens
@@ -136,6 +137,10 @@ def main(argv):
     prompts += _read_prompts_file(_PROMPTS_FILE.value)
   if not prompts:
     _fail("no prompts: pass --prompt=... (repeatable) or --prompts_file=F.jsonl.")
+  for i, p in enumerate(prompts):
+    if not p or (isinstance(p, str) and not p.strip()):
+      _fail(f"prompt {i} is empty: every prompt needs text (or at least one token id in "
+            "--prompts_file).")
   try:
     cfg, variables, tok, template = _load()
   except (FileNotFoundError, ValueError) as e:

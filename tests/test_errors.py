@@ -576,12 +576,30 @@ def _env():
     ("launch.convert", lambda t: ["--from_jax=x", "--to_hf=y", "--dtype=int8"],
      "launch.convert: flag error: flag --dtype=int8: value should be one of "
      "<float32|bfloat16|float16> (pass --helpshort or --helpfull to see help on flags)"),
+    ("launch.generate", lambda t: [f"--from_hf={t}", "--prompt=7*8", "--prompt= "],
+     "launch.generate: error: prompt 1 is empty: every prompt needs text (or at least one "
+     "token id in --prompts_file)."),
+    ("launch.train", lambda t: [f"--config={TINY}", f"--workdir={t}/w",
+                                "--config.max_digits=1", "--config.n_train_problems=5000"],
+     "launch.train: error: n_train_problems=5000: the 'train' split holds only 229 "
+     "distinct problems with max_digits=1 and task_kinds=('add', 'sub', 'mul'); set "
+     "--config.n_train_problems=229 or lower, or raise --config.max_digits."),
+    ("launch.train", lambda t: [f"--config={TINY}", f"--workdir={t}/w",
+                                "--config.mesh.expert=4"],
+     "launch.train: error: mesh data=-1 x expert=4: the fixed axes multiply to 4, which "
+     "does not divide the 1 devices. On CPU, start with "
+     "XLA_FLAGS=--xla_force_host_platform_device_count=4 (or JAX_NUM_CPU_DEVICES=4) for 4 "
+     "fake devices."),
 ], ids=["train_unknown_key", "train_missing_data_file", "convert_no_config_json",
-        "convert_bad_flag"])
+        "convert_bad_flag", "generate_empty_prompt", "train_too_few_problems",
+        "train_mesh_on_one_cpu"])
 def test_command_line_prints_one_line(launcher, args, line, tmp_path):
+  """One line naming the field, flag or file; a run that fails to start
+  leaves no empty workdir or checkpoints/ behind."""
   result = subprocess.run([sys.executable, "-m", launcher, *args(str(tmp_path))], cwd=REPO,
                           env=_env(), capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
+  assert not os.path.exists(tmp_path / "w"), os.listdir(tmp_path / "w")
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   # absl's log lines (W0102 12:00:00.000 ...) aside, if any
   lines = [s for s in result.stderr.splitlines() if s.strip() and not s[:5].startswith(

@@ -310,6 +310,15 @@ def passkey_problem(rng: np.random.Generator, context_chars: int) -> Problem:
     return Problem(prompt=text, reasoning="", answer=key)
 
 
+class TooFewProblems(ValueError):
+    """The split's prompt space holds fewer distinct problems than asked for
+    (`found` of `n`); trainers re-raise it naming their config field."""
+
+    def __init__(self, message: str, *, n: int, found: int, split: str):
+        super().__init__(message)
+        self.n, self.found, self.split = n, found, split
+
+
 def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: int = 3,
                       kinds: Sequence[str] = DEFAULT_KINDS,
                       context_chars: int = 256) -> list[Problem]:
@@ -331,10 +340,10 @@ def generate_problems(n: int, *, seed: int, split: str = "train", max_digits: in
         if problem is None or problem.prompt in seen:
             misses += 1
             if misses > max_misses:
-                raise ValueError(
+                raise TooFewProblems(
                     f"n={n}: found only {len(problems)} distinct {split!r} problems with "
                     f"max_digits={max_digits}, kinds={tuple(kinds)}; raise max_digits, "
-                    "add kinds or lower n")
+                    "add kinds or lower n", n=n, found=len(problems), split=split)
             continue
         seen.add(problem.prompt)
         problems.append(problem)

@@ -75,13 +75,23 @@ class MeshConfig:
     if fill:
       if n_devices % fixed:
         raise ValueError(f"mesh {described or '(all 1)'}: the fixed axes multiply to "
-                         f"{fixed}, which does not divide the {n_devices} devices.")
+                         f"{fixed}, which does not divide the {n_devices} devices."
+                         + _cpu_hint(fixed, n_devices))
       sizes[fill[0]] = n_devices // fixed
     elif fixed != n_devices:
       raise ValueError(f"mesh {described or '(all 1)'} multiplies to {fixed} devices, but "
                        f"there are {n_devices}; make the product {n_devices} or set one "
-                       "axis to -1.")
+                       "axis to -1." + _cpu_hint(fixed, n_devices))
     return sizes
+
+
+def _cpu_hint(wanted: int, n_devices: int) -> str:
+  """How to get `wanted` fake devices, when the mesh wants more than a CPU
+  backend has (one device unless told otherwise)."""
+  if wanted <= n_devices or jax.default_backend() != "cpu":
+    return ""
+  return (f" On CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count={wanted} "
+          f"(or JAX_NUM_CPU_DEVICES={wanted}) for {wanted} fake devices.")
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

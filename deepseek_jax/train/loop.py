@@ -80,7 +80,20 @@ def _file_rows(tok, train_cfg: TrainConfig):
 
 
 def build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
-  """Tokenizer + packed rows + iterator (+ held-out problems for the task)."""
+  """Tokenizer + packed rows + iterator (+ held-out problems for the task).
+  Too few distinct task problems for n_train_problems / n_eval_problems is a
+  ValueError naming that field and what to change."""
+  try:
+    return _build_data(model_cfg, train_cfg)
+  except tasks.TooFewProblems as e:
+    field = "n_train_problems" if e.split == "train" else "n_eval_problems"
+    raise ValueError(
+        f"{field}={e.n}: the {e.split!r} split holds only {e.found} distinct problems with "
+        f"max_digits={train_cfg.max_digits} and task_kinds={tuple(train_cfg.task_kinds)}; "
+        f"set --config.{field}={e.found} or lower, or raise --config.max_digits.") from None
+
+
+def _build_data(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Data:
   tok = (load_tokenizer(train_cfg.tokenizer_path) if train_cfg.tokenizer_path
          else default_tokenizer())
   if tok.vocab_size > model_cfg.vocab_size:

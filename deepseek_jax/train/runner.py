@@ -248,6 +248,7 @@ class Run:
     self.multiprocess = jax.process_count() > 1
     self.primary = distributed.is_primary()
     self.log = log if self.primary else (lambda line: None)
+    self.created_workdir = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     self.ckpts, diff = checkpoint.open_checkpoints(
         workdir, model_cfg, config, every=settings.ckpt_every, keep=settings.keep_ckpts,
@@ -274,6 +275,8 @@ class Run:
       self.writer.close()
     if not peer_lost:
       self.ckpts.close()
+      if exc is not None and self.primary:
+        self._remove_if_empty()
       return
     latest = self.ckpts.latest_step()
     raise distributed.PeerLostError(
@@ -282,6 +285,16 @@ class Run:
         f"workdir to resume from "
         + (f"step {latest}" if latest is not None else "the start (no checkpoint yet)")
         + f" in {self.ckpts.directory}.") from exc
+
+  def _remove_if_empty(self) -> None:
+    """After a failed start: no empty checkpoints/ (nor a workdir this run
+    created and left empty) stays behind to look like a run."""
+    for path in (self.ckpts.directory, self.workdir if self.created_workdir else None):
+      try:
+        if path and os.path.isdir(path) and not os.listdir(path):
+          os.rmdir(path)
+      except OSError:
+        pass
 
   def write_json(self, name: str, obj: Any) -> None:
     """workdir/name, written atomically by process 0 (e.g. the resolved configs)."""

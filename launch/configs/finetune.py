@@ -34,6 +34,9 @@ def get_config():
   config.balance_weight = 0.0
   config.bias_update_speed = 0.0
   config.completion_only = True
+  # Without data_files: the embedded arithmetic task. 5000 problems exist
+  # even with max_digits=2 (the README's small example; 20000 would not).
+  config.n_train_problems = 5000
   config.log_every = 10
   config.eval_every = 0
   config.ckpt_every = 100
