@@ -29,9 +29,12 @@ import sys
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from deepseek_jax import interop
 from launch.config_flag import parse_flags_or_exit
+
+_log = logging.getLogger("launch.convert")
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory to read.")
 _TO_JAX = flags.DEFINE_string("to_jax", None, "deepseek_jax directory to write.")
@@ -74,7 +77,7 @@ def convert(*, from_hf: str | None = None, to_jax: str | None = None,
     from deepseek_jax.train.export import load_trained_run
     start = time.time()
     cfg, train_cfg, variables, saved_step = load_trained_run(from_workdir, step)
-    logging.info("restored step %d of %s in %.1fs", saved_step, from_workdir, time.time() - start)
+    _log.info("restored step %d of %s in %.1fs", saved_step, from_workdir, time.time() - start)
     if to_hf:
       interop.save_hf_checkpoint(cfg, variables, to_hf, max_shard_bytes=max_shard_bytes,
                                  dtype=dtype)
@@ -85,7 +88,7 @@ def convert(*, from_hf: str | None = None, to_jax: str | None = None,
         shutil.copyfile(tokenizer, os.path.join(to_hf, "tokenizer.json"))
     else:
       interop.save_jax_variables(cfg, variables, to_jax)
-    logging.info("done in %.1fs: %s (step %d) -> %s", time.time() - start, from_workdir,
+    _log.info("done in %.1fs: %s (step %d) -> %s", time.time() - start, from_workdir,
                  saved_step, to_hf or to_jax)
     return
   hf_to_jax, jax_to_hf = bool(from_hf or to_jax), bool(from_jax or to_hf)
@@ -103,24 +106,29 @@ def convert(*, from_hf: str | None = None, to_jax: str | None = None,
     raise app.UsageError(f"source directory {src!r} does not exist.")
   start = time.time()
   if hf_to_jax:
-    logging.info("reading HF checkpoint %s", src)
+    _log.info("reading HF checkpoint %s", src)
     cfg, variables = interop.load_hf_checkpoint(src, dtype=dtype)
-    logging.info("read in %.1fs; writing deepseek_jax checkpoint %s", time.time() - start, dst)
+    _log.info("read in %.1fs; writing deepseek_jax checkpoint %s", time.time() - start, dst)
     interop.save_jax_variables(cfg, variables, dst)
   else:
-    logging.info("reading deepseek_jax checkpoint %s", src)
+    _log.info("reading deepseek_jax checkpoint %s", src)
     cfg, variables = interop.load_jax_variables(src)
-    logging.info("read in %.1fs; writing HF checkpoint %s", time.time() - start, dst)
+    _log.info("read in %.1fs; writing HF checkpoint %s", time.time() - start, dst)
     interop.save_hf_checkpoint(cfg, variables, dst, max_shard_bytes=max_shard_bytes,
                                dtype=dtype)
-  logging.info("done in %.1fs: %s -> %s", time.time() - start, src, dst)
+  _log.info("done in %.1fs: %s -> %s", time.time() - start, src, dst)
 
 
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"launch.convert: error: unexpected arguments {argv[1:]}; every option is a "
              "--flag=value (see --help).")
-  logging.getLogger().setLevel(logging.INFO)
+  # Our progress at INFO; the libraries' (orbax: ~30 lines a conversion) at
+  # WARNING unless --verbosity says otherwise.
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  for name in ("launch.convert", "deepseek_jax"):
+    logging.getLogger(name).setLevel(logging.INFO)
   try:
     convert(from_hf=_FROM_HF.value, to_jax=_TO_JAX.value, from_jax=_FROM_JAX.value,
             to_hf=_TO_HF.value, dtype=_DTYPE.value,

@@ -574,6 +574,13 @@ def test_convert_cli_round_trip(tiny_ckpt, tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert "done in" in result.stderr
+  # our progress lines, not the libraries' INFO chatter (absl format:
+  # "I1203 12:00:00.0 123 file.py:10] ...")
+  ours = {f for d in ("deepseek_jax", "launch") for _, _, fs in os.walk(os.path.join(REPO, d))
+          for f in fs if f.endswith(".py")}
+  info = [line.split("] ")[0].split()[-1].split(":")[0]
+          for line in result.stderr.splitlines() if line[:2] in ("I0", "I1")]
+  assert info and set(info) <= ours, result.stderr
   with open(os.path.join(jax_dir, "model_config.json")) as f:
     assert json.load(f) == cfg.to_dict()
   jax_cfg, jax_vars = load_jax_variables(jax_dir)

@@ -105,6 +105,7 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
   # TensorBoard event files hold the same scalars
   assert _tensorboard_scalars(workdir, "loss") == {
       r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in train_lines}
+  assert len(os.listdir(os.path.join(workdir, "tb"))) == 1     # one file per run segment
 
   second = _run(*common, "--config.steps=5")
   assert second.returncode == 0, second.stderr[-3000:]
@@ -114,6 +115,7 @@ def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
   steps = [r["step"] for r in _metrics(workdir) if "loss" in r]
   assert steps == [1, 2, 3, 4, 5]
   assert sorted(_tensorboard_scalars(workdir, "loss")) == [1, 2, 3, 4, 5]
+  assert len(os.listdir(os.path.join(workdir, "tb"))) == 2
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "5"))
 
 

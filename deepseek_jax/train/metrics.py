@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from typing import Any, Callable
 
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import RecordWriter
 
 from deepseek_jax.files import atomic_text, atomic_write
 
@@ -70,30 +73,55 @@ def _scalar(v: Any) -> Any:
   return v.item() if v.ndim == 0 else v.tolist()
 
 
+class EventFile:
+  """One TensorBoard event file, written synchronously (no writer thread, so
+  `flush` really puts every event on disk and one run segment keeps one
+  file). purge_step: TensorBoard drops the events of earlier files at steps
+  >= it (a resumed run recomputes them)."""
+  _opened = 0     # files this process opened: names opened within one second sort in order
+
+  def __init__(self, directory: str, purge_step: int | None = None):
+    os.makedirs(directory, exist_ok=True)
+    EventFile._opened += 1
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+            f".{os.getpid()}.{EventFile._opened:06d}")
+    self.path = os.path.join(directory, name)
+    self._records = RecordWriter(self.path)
+    self._write(Event(wall_time=time.time(), file_version="brain.Event:2",
+                      step=purge_step or 0))
+    if purge_step is not None:
+      self._write(Event(wall_time=time.time(), step=purge_step,
+                        session_log=SessionLog(status=SessionLog.START)))
+
+  def _write(self, event: Event) -> None:
+    self._records.write(event.SerializeToString())
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    self._write(Event(wall_time=time.time(), step=step,
+                      summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])))
+
+  def flush(self) -> None:
+    self._records.flush()
+
+  def close(self) -> None:
+    self._records.flush()
+    self._records.close()
+
+
 class MetricsWriter:
-  """Appends JSON lines to metrics.jsonl and the scalars to TensorBoard event
-  files in `workdir/tb`. On resume both keep only steps <= start_step: the
-  JSON file is rewritten atomically (`keep_steps_up_to`: a kill leaves the
-  old or the new file, never half of one), TensorBoard purges later steps
-  (`purge_step`)."""
+  """Appends JSON lines to metrics.jsonl and the scalars to one TensorBoard
+  event file per run segment in `workdir/tb`. On resume both keep only steps
+  <= start_step: the JSON file is rewritten atomically (`keep_steps_up_to`:
+  a kill leaves the old or the new file, never half of one), TensorBoard
+  purges later steps (`purge_step`)."""
 
   def __init__(self, workdir: str, start_step: int, tensorboard: bool = True):
     self.path = os.path.join(workdir, METRICS_FILE)
     keep_steps_up_to(self.path, start_step)
     if not os.path.exists(self.path):
       atomic_text("", self.path)
-    self.tb = None
-    self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
-    self._tb_files = 0
-    if tensorboard:
-      self.tb = self._open_tb(purge_step=start_step + 1)
-
-  def _open_tb(self, **kwargs):
-    # A numbered suffix: files opened within one second must not share a name
-    # (tensorboardX names them by the second), and must sort in order.
-    self._tb_files += 1
-    return SummaryWriter(self._tb_dir, flush_secs=30,
-                         filename_suffix=f".{os.getpid()}.{self._tb_files:06d}", **kwargs)
+    self.tb = (EventFile(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1)
+               if tensorboard else None)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     record = {"step": int(step), **{k: _scalar(v) for k, v in values.items()}}
@@ -102,17 +130,14 @@ class MetricsWriter:
     if self.tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-          self.tb.add_scalar(k, v, int(step))
+          self.tb.scalar(k, v, int(step))
 
   def flush(self) -> None:
     """Puts every TensorBoard event written so far on disk (before a
     checkpoint: a run killed later resumes from it and must not miss the
-    steps up to it). tensorboardX's own flush() leaves the events still
-    queued for its writer thread behind; close() drains the queue, so the
-    file is closed and the next events go to a new one."""
+    steps up to it)."""
     if self.tb is not None:
-      self.tb.close()
-      self.tb = self._open_tb()
+      self.tb.flush()
 
   def close(self) -> None:
     if self.tb is not None:
