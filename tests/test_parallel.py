@@ -269,61 +269,209 @@ def test_sharded_train_step_matches_one_device(one_device_step, mesh_name):
   assert _max_diff(new.router_bias, bias0) > 0                   # the bias did move
 
 
-# --- the expert-parallel exchange's two buffers -------------------------------------
-def _exchange_case(routing):
-  """8 devices (fsdp 2 x expert 4), 16 tokens each, E=8 (2 per EP rank), k=2."""
+# --- the expert-parallel exchange: rounds of fixed capacity -------------------------
+# Kernel level: parallel/expert.py's exchanging kernel in shard_map (rows over
+# data x expert, experts over expert) against every expert on every token on
+# one device. 8 devices x 16 tokens, E = 8, k = 2: R = 32 rows per device.
+EXCHANGE_MESHES = {"data4_expert2": MeshConfig(data=4, expert=2),
+                   "data2_expert4": MeshConfig(data=2, expert=4)}
+ROUTINGS = ("balanced", "skewed", "padded", "one_group_skewed")
+
+
+def _exchange_case(routing, ep, n=16, d=8, f=4, e=8, k=2):
+  """x, experts, gates, valid, w1, w3, w2 for 8 devices of n tokens (device
+  j holds rows [j n, (j+1) n); data group g: devices [g ep, (g+1) ep))."""
   rng = np.random.default_rng(0)
-  n, d, f, e, k = 16, 8, 4, 8, 2
   x = rng.standard_normal((8 * n, d)).astype(np.float32)
-  if routing == "balanced":     # token i -> experts 2i, 2i+1 (mod 8): R/P rows per pair
-    i = np.arange(8 * n) % n
-    experts = np.stack([(2 * i) % e, (2 * i + 1) % e], 1).astype(np.int32)
-  else:                         # every token -> experts 0 and 1: all rows to rank 0
-    experts = np.tile(np.array([[0, 1]], np.int32), (8 * n, 1))
+  i = np.arange(8 * n) % n
+  # balanced: token i -> experts 2i, 2i+1 (mod E): R/P rows per destination.
+  experts = np.stack([(2 * i) % e, (2 * i + 1) % e], 1).astype(np.int32)
+  valid = np.ones(8 * n, bool)
+  skew = {"skewed": slice(None), "padded": slice(None),
+          "one_group_skewed": slice(0, ep * n)}.get(routing)
+  if skew is not None:        # experts 0 and 1: every row of these devices to rank 0
+    experts[skew] = [0, 1]
+  if routing == "padded":     # a quarter of the tokens are padding: not sent, output 0
+    valid = i % 4 != 0        # 3R/4 rows to rank 0: fewer overflow rounds than the bound
   gates = rng.uniform(0.2, 1.0, (8 * n, k)).astype(np.float32)
   w1, w3 = (rng.standard_normal((e, d, f)).astype(np.float32) * 0.3 for _ in range(2))
   w2 = rng.standard_normal((e, f, d)).astype(np.float32) * 0.3
-  return x, experts, gates, w1, w3, w2
+  return x, experts, gates, valid, w1, w3, w2
 
 
-@pytest.mark.parametrize("routing", ["balanced", "skewed"])
-def test_expert_exchange_is_exact_with_either_buffer(routing):
-  """Balanced routing fits the 2x-even-share buffer (first branch); skewed
-  routing needs the fallback. Oracle: every expert on every token, one device;
-  values and gradients."""
-  from deepseek_jax.model.moe import experts_dense
+@functools.lru_cache(maxsize=None)
+def _exchange_value_and_grad(mesh_name, capacity, kernel_name):
+  """jit(value_and_grad) of sum(out * probe) over (x, gates, w1, w3, w2): the
+  sharded exchange, or (mesh_name None) the one-device dense oracle."""
+  from deepseek_jax.model import moe
   from deepseek_jax.parallel import expert as ep_lib
-  x, experts, gates, w1, w3, w2 = _exchange_case(routing)
-  rows = 16 * 2
-  cap = ep_lib.exchange_capacity(rows, 4, 2.0)
-  counts = np.bincount(experts[:16].reshape(-1) // 2, minlength=4)
-  assert cap == 16 and (counts.max() <= cap) == (routing == "balanced")
-  mesh, _ = setup(MeshConfig(data=1, fsdp=2, expert=4))
+  kernel = getattr(moe, kernel_name)
   P = jax.sharding.PartitionSpec
-  rows_spec = P(("fsdp", "expert"))
+  if mesh_name is None:
+    def run(x, gates, w1, w3, w2, experts, valid):
+      return moe.experts_dense(x, experts, jnp.where(valid[:, None], gates, 0), w1, w3, w2)
+  else:
+    mesh, _ = setup(EXCHANGE_MESHES[mesh_name])
+    ep = mesh.shape["expert"]
+    rows = P(("data", "expert"))
 
-  def sharded(x, w1, capacity):
-    kern = functools.partial(ep_lib._exchanging_kernel, axis="expert", ep=4,
-                             kernel=experts_dense, capacity=capacity,
-                             sync_axes=("fsdp", "expert"))
-    fn = jax.shard_map(lambda x, ex, g, w1, w3, w2: kern(x, ex, g, w1, w3, w2), mesh=mesh,
-                       in_specs=(rows_spec, rows_spec, rows_spec, P("expert"), P("expert"),
-                                 P("expert")), out_specs=rows_spec)
-    return fn(x, experts, gates, w1, w3, w2)
+    def local(x, gates, w1, w3, w2, experts, valid):
+      return ep_lib._exchanging_kernel(x, experts, gates, w1, w3, w2, axis="expert", ep=ep,
+                                       kernel=kernel, capacity=capacity, token_valid=valid,
+                                       batch_axes=("data", "expert"))
+    run = jax.shard_map(local, mesh=mesh, out_specs=rows, in_specs=(
+        rows, rows, P("expert"), P("expert"), P("expert"), rows, rows))
 
-  def loss(fn):
-    return lambda x, w1: (fn(x, w1) ** 2).sum()
+  def loss(x, gates, w1, w3, w2, experts, valid, probe):
+    out = run(x, gates, w1, w3, w2, experts, valid)
+    return (out * probe).sum(), out
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
 
-  want = experts_dense(x, experts, gates, w1, w3, w2)
-  want_grads = jax.grad(loss(lambda x, w1: experts_dense(x, experts, gates, w1, w3, w2)),
-                        argnums=(0, 1))(x, w1)
-  for capacity in (2.0, 0.0):            # first-choice buffer with fallback; fallback only
-    run = jax.jit(lambda x, w1, c=capacity: sharded(x, w1, c))
-    np.testing.assert_allclose(run(x, w1), want, atol=1e-5, rtol=0)
-    grads = jax.jit(jax.grad(loss(lambda x, w1, c=capacity: sharded(x, w1, c)),
-                             argnums=(0, 1)))(x, w1)
+
+def _busiest(experts, valid, ep, e=8, n=16):
+  """Largest number of rows one device sends to one destination."""
+  dest = np.where(valid[:, None], experts // (e // ep), ep).reshape(8, n * 2)
+  return max(np.bincount(row, minlength=ep + 1)[:ep].max() for row in dest)
+
+
+@pytest.mark.parametrize("capacity", [2.0, 1.0, 0.0])
+@pytest.mark.parametrize("mesh_name", list(EXCHANGE_MESHES))
+def test_expert_exchange_is_exact_for_any_skew(mesh_name, capacity):
+  """Forward and gradients (x, gates, w1, w3, w2) within 1e-5 of the dense
+  one-device oracle for balanced routing (round 0 only), every row of every
+  device to rank 0 (overflow rounds up to the static bound), padding tokens
+  (never sent: output and gradient 0) and one data group skewed while the
+  other is balanced (expert groups take different branches)."""
+  from deepseek_jax.parallel import expert as ep_lib
+  ep = EXCHANGE_MESHES[mesh_name].expert
+  cap = ep_lib.exchange_capacity(32, ep, capacity)
+  sharded = _exchange_value_and_grad(mesh_name, capacity, "experts_dense")
+  oracle = _exchange_value_and_grad(None, None, "experts_dense")
+  for routing in ROUTINGS:
+    case = _exchange_case(routing, ep)
+    probe = np.random.default_rng(1).standard_normal(case[0].shape).astype(np.float32)
+    x, experts, gates, valid, w1, w3, w2 = case
+    # The cases reach the overflow rounds wherever the capacity leaves any.
+    busiest = _busiest(experts, valid, ep)
+    assert (busiest > cap) == (routing != "balanced" and cap < 32), (routing, busiest, cap)
+    args = (x, gates, w1, w3, w2, experts, valid, probe)
+    (_, out), grads = sharded(*args)
+    (_, want), want_grads = oracle(*args)
+    np.testing.assert_allclose(out, want, atol=TOL, rtol=TOL, err_msg=routing)
+    assert not np.asarray(out)[~valid].any()                      # padding: exactly 0
+    for name, g, w in zip(("x", "gates", "w1", "w3", "w2"), grads, want_grads):
+      np.testing.assert_allclose(g, w, atol=TOL, rtol=TOL, err_msg=f"{routing} d{name}")
+
+
+def test_expert_exchange_with_the_blocked_kernel_skips_empty_slots():
+  """The CPU kernel on the exchange's buffers (empty slots: the sentinel
+  expert id): max skew through the overflow rounds and padding, exact."""
+  sharded = _exchange_value_and_grad("data2_expert4", 1.0, "experts_blocked")
+  oracle = _exchange_value_and_grad(None, None, "experts_dense")
+  for routing in ("skewed", "padded", "one_group_skewed"):
+    x, experts, gates, valid, w1, w3, w2 = _exchange_case(routing, 4)
+    probe = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    args = (x, gates, w1, w3, w2, experts, valid, probe)
+    (_, out), grads = sharded(*args)
+    (_, want), want_grads = oracle(*args)
+    np.testing.assert_allclose(out, want, atol=TOL, rtol=TOL, err_msg=routing)
     for g, w in zip(grads, want_grads):
-      np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-5)
+      np.testing.assert_allclose(g, w, atol=TOL, rtol=TOL, err_msg=routing)
+
+
+@pytest.fixture(scope="module")
+def padded_skewed():
+  """Capacity 1.0 (C = R/P), the router skewed to expert 3, and padding:
+  row r ends in 2 r padding positions, row 7 is all padding. Returns the
+  inputs and a jitted value_and_grad of a loss of a usual scale (the mean
+  over valid positions of the logits projected on a random unit direction)
+  plus the balance loss, with the one-device result."""
+  cfg = get_preset("tiny", moe_ep_capacity=1.0)
+  variables = _skew(init_variables(cfg, jax.random.key(0)))
+  tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+  pad = np.arange(16)[None, :] >= 16 - 2 * np.arange(8)[:, None]
+  pad[7] = True
+  segment_ids = np.where(pad, 0, 1).astype(np.int32)
+  probe = np.random.default_rng(2).standard_normal((8, 16, cfg.vocab_size)).astype(np.float32)
+  probe = probe / np.sqrt(cfg.vocab_size) / (~pad).sum()
+
+  def loss(params, rest, tokens, segment_ids):
+    logits, aux = Transformer(cfg).apply({"params": params, **rest}, tokens,
+                                         segment_ids=segment_ids, targets=tokens,
+                                         return_aux=True)
+    valid = (segment_ids != 0)[..., None]
+    return (jnp.where(valid, logits * probe, 0).sum() + aux["balance_loss"],
+            (logits, aux["expert_load"], aux["balance_loss"]))
+  fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+  ref = jax.device_get(fn(params, rest, tokens, segment_ids))
+  return variables, tokens, segment_ids, fn, ref
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_sharded_padding_and_overflow_rounds_match_one_device(padded_skewed, mesh_name):
+  """Padding tokens are not dispatched (their routed output is 0) and C =
+  R/P sends the skewed rows in several rounds; the loss over valid
+  positions, the logits there, the loads, the balance loss and every
+  parameter gradient agree with one device (which dispatches padding)."""
+  variables, tokens, segment_ids, fn, ((ref_loss, (ref_logits, ref_load, ref_bal)),
+                                       ref_grads) = padded_skewed
+  assert (ref_load[:, 3] > 0.4 * ref_load.sum(-1)).all()
+  mesh, rules = setup(MESHES[mesh_name])
+  with activate(mesh, rules):
+    v = jax.device_put(variables, tree_shardings(variables, mesh, rules))
+    rows = batch_sharding(mesh, rules)
+    (loss, (logits, load, bal)), grads = jax.device_get(fn(
+        v["params"], {k: x for k, x in v.items() if k != "params"},
+        jax.device_put(tokens, rows), jax.device_put(segment_ids, rows)))
+  valid = segment_ids != 0
+  assert abs(float(loss) - float(ref_loss)) < TOL
+  assert _max_diff(logits[valid], ref_logits[valid]) < TOL
+  np.testing.assert_array_equal(load, ref_load)
+  assert abs(float(bal) - float(ref_bal)) < TOL
+  assert _max_diff(grads, ref_grads) < TOL
+
+
+def _exchange_temp_bytes(n=128, k=4, d=128, e=16, f=32, ep=8):
+  """(forward, gradient) temp bytes of the exchange compiled (not run) on
+  8 devices (expert=8), and the bytes B of one [ep, C, d] f32 buffer."""
+  from deepseek_jax.parallel import expert as ep_lib
+  P = jax.sharding.PartitionSpec
+  mesh, _ = setup(MeshConfig(data=1, expert=ep))
+
+  def scale(x, ex, g, w1, w3, w2):    # a per-row kernel: its working set is its output
+    i = jnp.clip(ex[:, 0], 0, w1.shape[0] - 1)
+    return x * (g[:, 0] * w1[i, 0, 0] * w3[i, 0, 0] * w2[i, 0, 0])[:, None]
+
+  def local(x, ex, g, w1, w3, w2):
+    return ep_lib._exchanging_kernel(x, ex, g, w1, w3, w2, axis="expert", ep=ep, kernel=scale,
+                                     capacity=2.0, batch_axes=("expert",))
+  run = jax.shard_map(local, mesh=mesh, in_specs=(P("expert"),) * 6, out_specs=P("expert"))
+
+  def arg(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(mesh, P("expert")))
+  args = (arg((ep * n, d)), arg((ep * n, k), jnp.int32), arg((ep * n, k)), arg((e, d, f)),
+          arg((e, d, f)), arg((e, f, d)))
+  grad = jax.grad(lambda x, *a: (run(x, *a) ** 2).sum(), argnums=(0, 2, 3, 4, 5))
+  fwd_bytes, grad_bytes = (jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+                           for fn in (run, grad))
+  return fwd_bytes, grad_bytes, ep * ep_lib.exchange_capacity(n * k, ep, 2.0) * d * 4
+
+
+def test_expert_exchange_memory_is_a_few_round_buffers():
+  """No buffer for every row, no residuals stacked over rounds. With C = 2R/P
+  (default capacity) and m = 3 overflow rounds at ep = 8, B = one [P, C, d]
+  buffer. Forward: send buffer, XLA:CPU's per-destination slices of it (its
+  all_to_all splits and concatenates), the receive buffer: ~3 B (+ [n, d]).
+  Backward, one round at a time: that round's residuals (the kernel's input
+  and the returned results, 2 B) while its cotangents cross an all_to_all
+  (in, slices, out: 3 B) and the kernel's: ~6-7 B. The bounds 4 B and 8 B
+  fail for the old fallback (room for every row: 8.6 B and 17.5 B), for
+  un-remat'd rounds (residuals of all m rounds: 14 B) and for round 0's
+  residuals held through the overflow rounds' backward (10.5 B)."""
+  fwd_bytes, grad_bytes, buffer = _exchange_temp_bytes()
+  assert fwd_bytes < 4 * buffer, fwd_bytes / buffer
+  assert grad_bytes < 8 * buffer, grad_bytes / buffer
 
 
 def test_capacity_knob_is_validated():

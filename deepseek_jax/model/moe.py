@@ -24,16 +24,27 @@ ablations against the aux-loss-free scheme; off (D = 0) by default.
 
 Dispatch is dropless: every (token, expert) pair is computed. Rows are sorted
 by expert and fed to a grouped matmul; `moe_impl` picks how:
-  "blocked"  each expert's rows padded to a multiple of a block size, then one
-             batched einsum over blocks with each block's expert weights
-             gathered. The CPU kernel: XLA:CPU rewrites `jax.lax.ragged_dot`
-             to a masked dense dot over every expert (E times the FLOPs, at
-             8-17 GFLOP/s against 110-350 for a dense einsum), and this
-             padded gather -> batched einsum -> scatter runs 10-20x faster
-             (DESIGN.md §8).
-  "ragged"   `jax.lax.ragged_dot` over the sorted rows (GPU/TPU kernels).
+  "blocked"  each expert's rows padded to a multiple of a block size bs, the
+             three GEMMs run as `grouped_matmul.gmm` over the blocks (its own
+             custom VJP): a chunk of blocks at a time with the chunk's expert
+             weights gathered (under 64 MiB), so memory and FLOPs follow the
+             real rows plus < one block of padding per expert; at small
+             widths one chunk holds every block (one batched einsum, no
+             loop). The CPU kernel, and the FP8 one: XLA:CPU lowers
+             `jax.lax.ragged_dot` to a dense dot over every expert, masked
+             (E times the FLOPs, at 8-17 GFLOP/s against 110-350 for a dense
+             einsum); this runs 10-20x faster (DESIGN.md §8).
+  "ragged"   `jax.lax.ragged_dot` over the sorted rows, for TPU. On CPU it is
+             the masked dense dot above; on CUDA GPUs XLA (jaxlib 0.10.x)
+             also expands it to a dense dot over every expert by default
+             (marin-community/marin#7012 reports the [rows, E K] operand
+             materialised; a cuDNN grouped path sits behind a flag). Not
+             measured here.
   "dense"    every expert on every token, masked by the gates: E/k times the
              FLOPs; kept as an exact, obviously-correct reference.
+A row whose expert id is outside [0, E) is not a row: "blocked" computes
+nothing for it and returns 0 there (the expert exchange marks its empty
+buffer slots with expert id E).
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import jax.numpy as jnp
 
 from deepseek_jax import fp8 as fp8_lib
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.grouped_matmul import gmm
 from deepseek_jax.model.layers import MLP, dtype_of, normal_init
 from deepseek_jax.parallel.expert import routed_experts, sort_by_group
 from deepseek_jax.parallel.rules import current_rules
@@ -228,32 +240,47 @@ def _n_experts(w) -> int:
   return (w.q if isinstance(w, fp8_lib.Quantized) else w).shape[0]
 
 
-def _take(w, index):
-  """w[index] of a weight or of FP8 blocks (values and scales alike)."""
-  return jax.tree.map(lambda a: a[index], w)
-
-
 def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: bool = False):
+  """Routed SwiGLU experts on block-padded rows: sum_j gates[t, j] FFN_{e_tj}(x_t).
+
+  x [n, D], experts/gates [n, k], w1/w3 [E, D, F], w2 [E, F, D] (or FP8
+  blocks with fp8). The n k (token, expert) rows are sorted by expert, each
+  expert's rows padded to a multiple of the block size bs (so every block of
+  bs rows has one expert), and the three GEMMs run as `gmm` over the blocks
+  (model/grouped_matmul.py): FLOPs and memory follow the real rows. An expert
+  id outside [0, E) marks a row that is not one (the expert exchange's empty
+  buffer slots): it is sorted into an extra last group that gets no block,
+  so it is never computed and its output is 0.
+  """
   n, d = x.shape
   k = experts.shape[1]
   n_exp = _n_experts(w1)
   rows = n * k
   bs = block_size or default_block_size(rows, n_exp)
   n_blocks = -(-rows // bs) + n_exp          # static bound on sum_e ceil(c_e / bs)
-  order, sorted_e, counts, position = sort_by_group(experts.reshape(-1), n_exp)
-  padded = (counts + bs - 1) // bs * bs
+  flat = experts.reshape(-1)
+  flat = jnp.where((flat >= 0) & (flat < n_exp), flat, n_exp)          # not-a-row: group E
+  order, sorted_e, counts, position = sort_by_group(flat, n_exp + 1)
+  padded = (counts[:n_exp] + bs - 1) // bs * bs
   pad_end = jnp.cumsum(padded)
-  slot_sorted = (pad_end - padded)[sorted_e] + position
+  # Group E's rows get distinct slots past the end: dropped by the scatter,
+  # read back as 0.
+  pad_start = jnp.append(pad_end - padded, n_blocks * bs)
+  slot_sorted = (pad_start[sorted_e] + position).astype(jnp.int32)
   slot = jnp.zeros((rows,), jnp.int32).at[order].set(slot_sorted)     # row -> slot
-  xs = jnp.zeros((n_blocks * bs, d), x.dtype).at[slot].set(
-      jnp.repeat(x, k, axis=0), unique_indices=True)
+  # Each slot's token (n: padding, read as 0): a gather from x, no [n k, D] copy.
+  slot_token = jnp.full((n_blocks * bs,), n, jnp.int32).at[slot].set(
+      jnp.arange(rows, dtype=jnp.int32) // k, mode="drop", unique_indices=True)
+  xs = jnp.take(x, slot_token, axis=0, mode="fill", fill_value=0)
   block_e = jnp.minimum(
       jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bs, side="right"), n_exp - 1)
+  n_used = (pad_end[-1] // bs).astype(jnp.int32)
   # With fp8 each block quantizes its rows in 1x128 tiles along d (fprop)
   # and along its <= 128 rows (wgrad): a block is at most one M tile.
-  y = _swiglu_grouped(xs.reshape(n_blocks, bs, d), _take(w1, block_e), _take(w3, block_e),
-                      _take(w2, block_e), fp8).reshape(n_blocks * bs, d)
-  y_rows = jnp.take(y, slot, axis=0, unique_indices=True).reshape(n, k, d)
+  mm = functools.partial(gmm, block_group=block_e, n_used=n_used, fp8=fp8)
+  y = mm(jax.nn.silu(mm(xs, w1)) * mm(xs, w3), w2)
+  y_rows = jnp.take(y, slot, axis=0, unique_indices=True, mode="fill",
+                    fill_value=0).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
 
@@ -322,18 +349,20 @@ def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel, *,
 
 
 def resolve_moe_impl(cfg: ModelConfig, n_tokens: int | None = None) -> str:
-  """The kernel `moe_impl` names; "auto" picks by backend, and "dense" for a
-  handful of tokens (decoding): computing every expert on n tokens (E n rows)
-  is then less work than blocked dispatch (>= n k rows plus up to a block of
-  padding per expert, >= 8 rows each) and skips the sort and weight gathers."""
+  """The kernel `moe_impl` names. "auto": "dense" for a handful of tokens
+  (decoding: computing every expert on n tokens, E n rows, is then less work
+  than blocked dispatch, >= n k rows plus up to a block of padding per
+  expert, and skips the sort); else "ragged" on TPU without FP8 experts
+  (ragged_dot takes no block scales), "blocked" elsewhere (CPU and GPU, where
+  ragged_dot is a dense dot over every expert; module doc)."""
   if cfg.moe_impl != "auto":
     return cfg.moe_impl
   if n_tokens is not None and n_tokens * (cfg.n_routed_experts - cfg.n_activated_experts) \
       <= 8 * cfg.n_routed_experts:
     return "dense"
-  if cfg.fp8_for("experts"):     # ragged_dot takes no block scales
+  if cfg.fp8_for("experts"):
     return "blocked"
-  return "blocked" if jax.default_backend() == "cpu" else "ragged"
+  return "ragged" if jax.default_backend() == "tpu" else "blocked"
 
 
 class MoE(nn.Module):

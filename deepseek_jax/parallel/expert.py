@@ -11,9 +11,9 @@ some rows) and its grouped-matmul kernel, and this module places them:
   2. experts split over `expert` (rule `exp -> expert`, EP degree P, in every
      rule set): sort the (token, expert) rows by the device owning their
      expert, send them with `jax.lax.all_to_all` over `expert`, run the local
-     experts on what arrives, send the results back, un-sort, combine with
-     the gates; experts not split: run every expert locally (weights gathered
-     by XLA);
+     experts on what arrives, send the results back, add each, times its
+     gate, to its token (rounds of fixed capacity, below); experts not
+     split: run every expert locally (weights gathered by XLA);
   3. hidden units split over `tensor` (`mlp_moe -> tensor`): each tensor rank
      computes a slice of every expert's hidden layer; `psum` over `tensor`;
   4. the per-expert load (the aux-loss-free bias update's input) and the
@@ -21,21 +21,53 @@ some rows) and its grouped-matmul kernel, and this module places them:
      axes: every device sees the global batch's numbers, so all apply the
      same bias.
 
-Dropless and exact on every backend, with fixed-size buffers (all_to_all
-needs static shapes). With R = local tokens x top-k routed rows per device,
-the exchange buffer has room for C rows per destination:
+Padding tokens (valid False) are never dispatched: they get a sentinel
+destination (experts split) or the sentinel expert id E (not split), and
+their routed output is 0 (the model masks them anyway; loads and balance
+terms already weigh tokens by valid).
 
-  C = moe_ep_capacity x R / P (rounded up to 8; ModelConfig, default 2):
-      taken when no device sends more than C rows to any one device. The
-      busiest pair's count is `pmax`-ed over the mesh first, so every device
-      takes the same branch of a `lax.cond`;
-  C = R (room for every row): the fallback for the steps whose routing is too
-      skewed for the first buffer. No row is ever dropped.
+The exchange: dropless and exact for any routing, from fixed-size buffers
+(all_to_all needs static shapes). A device holds R = local tokens x top-k
+routed rows; it sorts them by destination device (the owner of their
+expert), and the row at position q among those for destination p goes out
+in round q // C, slot q % C, with
 
-Traffic and expert FLOPs (padding rows included) are P x C rows per device:
-2R under the default, P R for the fallback. `jax.lax.ragged_all_to_all` would
-move only the real rows, but XLA:CPU cannot compile it (DESIGN.md §8), so the
-exchange is built from `all_to_all` on every backend.
+  C = moe_ep_capacity x R / P (rounded up to 8, at most R; ModelConfig,
+      default 2; C = R when the factor is 0): rows per destination and round.
+
+  round 0     always, straight-line code: a [P, C, d] buffer goes out with
+              `jax.lax.all_to_all` over `expert`, the local experts run on
+              the P C slots that arrive, the results come back, and each is
+              added, times its gate, to its token's [n, d] output.
+  rounds 1..m only in steps whose busiest destination holds more than C
+              rows: m = ceil(R / C) - 1 is the static bound (every row to one
+              device). A `lax.cond` on busiest > C (busiest: the largest
+              count `pmax`-ed over `expert`, so all devices of one all_to_all
+              group take the same branch; groups along other axes decide on
+              their own) runs a `lax.scan` over the m rounds, each of the
+              same [P, C, d] shape and skipped (cond) when busiest <= r C.
+              Checkpointed, with a checkpointed scan body: its residuals are
+              its inputs, and its backward replays one round at a time.
+
+Empty slots carry the sentinel expert id E/P (out of range for the local
+experts): a kernel that skips such rows (the contract of the model's
+kernels) computes nothing for them, and their output is zeroed after the
+kernel in any case. The overflow rounds run before round 0 and, through a
+data dependency (`_sequenced`), their backward after round 0's, so the
+backward holds one round's buffers at a time.
+
+Per device and round: P C rows of d values go out and as many come back;
+the buffers are [P, C, d] (send, receive, results), the kernel's working
+set on P C rows and [n, d] accumulators: nothing is sized for every row a
+device could receive. Expert FLOPs: 6 d f (f: moe_inter_dim) per row
+received; empty slots cost nothing with a kernel that skips the sentinel
+(the blocked kernel still pads each expert's rows to its block). A step
+whose busiest destination gets at most C rows (at the default, twice the
+even share R/P) is round 0 alone: 2R rows of buffer each way; one needing
+m' extra rounds moves (1 + m') P C rows each way, at most ceil(R/C) P C ~
+P R when every row goes to one device. `jax.lax.ragged_all_to_all` would
+move only the real rows, but XLA:CPU cannot compile it (DESIGN.md §8), so
+the exchange is built from `all_to_all` on every backend.
 
 `sort_by_group` is the one stable sort-and-offset of routed rows: the
 exchange groups rows by destination device, the MoE kernels by expert.
@@ -81,62 +113,130 @@ def _spec_entry(axes: tuple[str, ...]):
 
 
 def exchange_capacity(rows: int, ep: int, factor: float) -> int:
-  """Rows per destination of the first-choice buffer (see the module doc):
-  factor x rows / ep rounded up to a multiple of 8, at most `rows`;
-  `rows` when factor is 0."""
+  """Rows per destination and round (see the module doc): factor x rows / ep
+  rounded up to a multiple of 8, at most `rows`; `rows` when factor is 0."""
   if not factor:
     return rows
   return min(rows, -(-math.ceil(factor * rows / ep) // 8) * 8)
 
 
-def _exchange(tokens, flat, order, dest, slot, w1, w3, w2, *, axis, ep, cap, k, kernel):
-  """Send rows to their experts' devices in [ep, cap, d] buffers, run the
-  local experts, send the results back; returns [R, d] in routed-row order.
-  order, dest, slot: `sort_by_group` of the rows by destination device
-  (order, group, position)."""
+def _round(r, tokens, flat, gates, order, counts, start, w1, w3, w2, *, axis: str, ep: int,
+           cap: int, k: int, kernel):
+  """Exchange round r: rows at positions [r cap, (r+1) cap) of their
+  destination go out in one [ep, cap, d] buffer, the local experts run on
+  what arrives, the results come back and are added, gated, to their tokens.
+  Returns [n, d]. flat, gates [R]: each routed row's global expert and gate;
+  order, counts, start: the rows sorted by destination (rows of destination
+  p are order[start[p] : start[p] + counts[p]])."""
   n, d = tokens.shape
-  rows = n * k
   e_local = w1.shape[0]
-  send_x = jnp.zeros((ep, cap, d), tokens.dtype).at[dest, slot].set(
-      jnp.take(tokens, order // k, axis=0))
-  # Empty slots carry local expert 0 and are never read back.
-  send_e = jnp.zeros((ep, cap), jnp.int32).at[dest, slot].set(flat[order] % e_local)
-  recv_x = jax.lax.all_to_all(send_x, axis, 0, 0)                  # [ep(src), cap, d]
-  recv_e = jax.lax.all_to_all(send_e, axis, 0, 0)
-  y = kernel(recv_x.reshape(ep * cap, d), recv_e.reshape(ep * cap, 1),
-             jnp.ones((ep * cap, 1), tokens.dtype), w1, w3, w2)     # [ep*cap, d]
-  back = jax.lax.all_to_all(y.reshape(ep, cap, d), axis, 0, 0)    # [ep(dst), cap, d]
-  return jnp.zeros((rows, d), y.dtype).at[order].set(back[dest, slot], unique_indices=True)
+  j = r * cap + jnp.arange(cap)
+  filled = j[None, :] < counts[:, None]                            # [ep, cap]
+  src = order[jnp.minimum(start[:, None] + j[None, :], flat.shape[0] - 1)]  # row ids
+  send_x = jnp.where(filled[..., None], jnp.take(tokens, src // k, axis=0), 0)
+  # Empty slots carry the sentinel expert id e_local: the kernel skips them.
+  send_e = jnp.where(filled, flat[src] % e_local, e_local)
+  recv_x = jax.lax.all_to_all(send_x, axis, 0, 0).reshape(ep * cap, d)   # [ep(src) cap, d]
+  recv_e = jax.lax.all_to_all(send_e, axis, 0, 0).reshape(ep * cap, 1)
+  live = recv_e < e_local
+  y = kernel(recv_x, recv_e, live.astype(tokens.dtype), w1, w3, w2)
+  # Zero the sentinel slots whatever the kernel made of them.
+  y = jnp.where(live, y, jnp.zeros((), y.dtype)).reshape(ep, cap, d)
+  back = jax.lax.all_to_all(y, axis, 0, 0)                         # [ep(dst), cap, d]
+  weight = jnp.where(filled, gates[src], 0).astype(back.dtype)
+  return jnp.zeros((n, d), back.dtype).at[src // k].add(back * weight[..., None])
+
+
+def _overflow(busiest, *operands, rnd, rounds: int, cap: int):
+  """Rounds 1..rounds of `_round` (`rnd`, bound to its statics), each only
+  when the busiest destination of the expert group holds rows past r cap;
+  returns the sum of their outputs [n, d]. The body is rematerialised, so a
+  round's buffers live one round at a time, forward and backward."""
+  zeros = jnp.zeros_like(operands[0])   # zeros_like keeps the varying mesh axes
+
+  @jax.checkpoint
+  def body(acc, r):
+    part = jax.lax.cond(busiest > r * cap, lambda: rnd(r, *operands), lambda: zeros)
+    return acc + part, None
+  return jax.lax.scan(body, zeros, jnp.arange(1, rounds + 1))[0]
 
 
 def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int, kernel,
-                       capacity: float = 0.0, sync_axes: tuple[str, ...] = ()):
+                       capacity: float = 0.0, token_valid: jax.Array | None = None,
+                       batch_axes: tuple[str, ...] = (), mlp_axes: tuple[str, ...] = ()):
   """`kernel` with the experts split over mesh axis `axis` (size ep): same
   signature and result [n, d]; w* hold this device's E/ep experts and
-  `experts` [n, k] are global ids. `sync_axes`: every mesh axis the rows
-  vary over (the branch choice is pmax-ed over them)."""
+  `experts` [n, k] are global ids. token_valid [n] (optional): tokens that
+  are False (padding) are not sent; their output is 0.
+
+  batch_axes: the mesh axes the rows are split over; mlp_axes: those the
+  weights' hidden units are split over. Devices along batch axes other than
+  `axis` may take different overflow branches, so every operand is made
+  varying over all of them first (`pcast`): the gradient's psums (its
+  transpose) then run outside the branches, on every device."""
   n, d = tokens.shape
   k = experts.shape[1]
   rows = n * k
-  e_local = w1.shape[0]
   flat = experts.reshape(-1)                                        # [R]
-  by_dest = sort_by_group(flat // e_local, ep)                      # rows by owning device
-  operands = (tokens, flat, by_dest.order, by_dest.group, by_dest.position, w1, w3, w2)
-
-  def branch(cap):
-    # Rematerialised: under autodiff a cond's branches must return residuals
-    # of one structure, so un-remat'd the small branch would carry zero-filled
-    # copies of the big branch's [ep, rows, d] buffers.
-    return jax.checkpoint(functools.partial(_exchange, axis=axis, ep=ep, cap=cap, k=k,
-                                            kernel=kernel))
+  dest = flat // w1.shape[0]                                        # owning device
+  if token_valid is not None:
+    dest = jnp.where(jnp.repeat(token_valid.astype(bool), k), dest, ep)   # ep: not sent
+  by_dest = sort_by_group(dest, ep + 1)
+  counts = by_dest.counts[:ep]
+  start = jnp.cumsum(counts) - counts
+  others = tuple(a for a in batch_axes if a != axis)
+  if others:
+    w1, w3, w2 = (jax.lax.pcast(w, others, to="varying") for w in (w1, w3, w2))
+  if mlp_axes:
+    tokens, gates = (jax.lax.pcast(v, tuple(mlp_axes), to="varying") for v in (tokens, gates))
+  operands = (tokens, flat, gates.reshape(-1), by_dest.order, counts, start, w1, w3, w2)
   cap = exchange_capacity(rows, ep, capacity)
-  if cap < rows:
-    busiest = jax.lax.pmax(by_dest.counts.max(), tuple(dict.fromkeys((*sync_axes, axis))))
-    y_rows = jax.lax.cond(busiest <= cap, branch(cap), branch(rows), *operands)
-  else:
-    y_rows = _exchange(*operands, axis=axis, ep=ep, cap=rows, k=k, kernel=kernel)
-  y_rows = y_rows.reshape(n, k, d)
-  return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
+  rnd = functools.partial(_round, axis=axis, ep=ep, cap=cap, k=k, kernel=kernel)
+  rounds = -(-rows // cap) - 1                 # extra rounds a fully skewed step needs
+  if not rounds:
+    return rnd(0, *operands)
+  # All devices of one all_to_all group (the expert axis) take one branch.
+  busiest = jax.lax.pmax(counts.max(), axis)
+  overflow = jax.checkpoint(functools.partial(_overflow, rnd=rnd, rounds=rounds, cap=cap))
+  extra = jax.lax.cond(busiest > cap, overflow, lambda b, *ops: jnp.zeros_like(tokens),
+                       busiest, *operands)
+  # Round 0 after the overflow rounds; its backward before theirs.
+  tokens, flat, gates, order, counts, start, w1, w3, w2 = operands
+  extra, (tokens, gates, w1, w3, w2) = _sequenced(extra, (tokens, gates, w1, w3, w2))
+  return extra + rnd(0, tokens, flat, gates, order, counts, start, w1, w3, w2)
+
+
+@jax.custom_vjp
+def _sequenced(first, then):
+  """Identity on (first, then) whose transpose hands back first's cotangent
+  only after every cotangent of `then` exists: the backward of what consumes
+  `then` (round 0) completes, and its residuals are freed, before the
+  backward of what produced `first` (the overflow rounds) starts. An
+  optimization_barrier would say this, but XLA:CPU drops barriers before
+  scheduling; this is a real data dependency (0 x an element of each)."""
+  return first, then
+
+
+def _sequenced_fwd(first, then):
+  return (first, then), None
+
+
+def _sequenced_bwd(_, cts):
+  ct_first, ct_then = cts
+  dep = sum(c.reshape(-1)[0].astype(jnp.float32) for c in jax.tree.leaves(ct_then))
+  return ct_first.at[(0,) * ct_first.ndim].add((0 * dep).astype(ct_first.dtype)), ct_then
+
+
+_sequenced.defvjp(_sequenced_fwd, _sequenced_bwd)
+
+
+def _masked_kernel(tokens, experts, gates, w1, w3, w2, *, kernel, token_valid):
+  """`kernel` with padding tokens (token_valid False) given the sentinel
+  expert id E (not computed) and output 0."""
+  live = token_valid.astype(bool)[:, None]
+  y = kernel(tokens, jnp.where(live, experts, w1.shape[0]), jnp.where(live, gates, 0),
+             w1, w3, w2)
+  return jnp.where(live, y, jnp.zeros((), y.dtype))
 
 
 # ffn(x, valid, gate, bias, w1, w3, w2, kernel) -> (out, load, numerators, denominator)
@@ -154,7 +254,9 @@ def routed_experts(ffn: RoutedFFN, kernel, x, valid, gate, bias, w1, w3, w2, *,
     with the kernel it is given, and returns (out, load [E], {name:
     numerator}, denominator). kernel(tokens, experts, gates, w1, w3, w2):
     the grouped-matmul kernel the layer chose; with experts split over
-    devices it runs inside the exchange, on the rows that arrive.
+    devices it runs inside the exchange, on the rows that arrive. Padding
+    tokens (valid False) reach it with an out-of-range expert id (to be
+    skipped) or not at all, and their routed output is 0.
   """
   mesh = jax.sharding.get_abstract_mesh()
   sizes = dict(mesh.shape)
@@ -172,12 +274,16 @@ def routed_experts(ffn: RoutedFFN, kernel, x, valid, gate, bias, w1, w3, w2, *,
   if x.shape[0] % n_rows:
     raise ValueError(f"batch of {x.shape[0]} rows is not divisible by the batch mesh axes "
                      f"{batch} (size {n_rows}); make the batch size a multiple of {n_rows}.")
-  if ep > 1:
-    kernel = functools.partial(_exchanging_kernel, axis=exp_axes[0], ep=ep, kernel=kernel,
-                               capacity=cfg.moe_ep_capacity, sync_axes=tuple(batch))
 
   def local(x, valid, gate, bias, w1, w3, w2):
-    out, load, nums, den = ffn(x, valid, gate, bias, w1, w3, w2, kernel)
+    # routed_ffn hands the kernel x.reshape(b s, d): valid.reshape(-1) matches.
+    if ep > 1:
+      kern = functools.partial(_exchanging_kernel, axis=exp_axes[0], ep=ep, kernel=kernel,
+                               capacity=cfg.moe_ep_capacity, token_valid=valid.reshape(-1),
+                               batch_axes=tuple(batch), mlp_axes=tuple(mlp_axes))
+    else:
+      kern = functools.partial(_masked_kernel, kernel=kernel, token_valid=valid.reshape(-1))
+    out, load, nums, den = ffn(x, valid, gate, bias, w1, w3, w2, kern)
     if mlp_axes:
       out = jax.lax.psum(out, mlp_axes)        # each tensor rank held a hidden slice
     if batch:

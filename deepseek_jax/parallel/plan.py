@@ -18,8 +18,12 @@ spec uses) on every device.
                 MoE exchange      2 * ep * C * dim * b   (send + receive buffers
                                   of C = expert.exchange_capacity(t*k, ep,
                                   moe_ep_capacity) rows per destination:
-                                  ~2 t k at the default 2; a step skewed
-                                  past it uses C = t*k, ep times that)
+                                  ~2 t k at the default 2; a skewed step
+                                  sends the rest in extra rounds of C)
+            (attention above cfg.attn_block_size and the vocabulary-chunked
+            loss are linear in seq since issue 26; these two terms still
+            count the quadratic scores and whole logits: an over-estimate
+            there, to be re-fitted against launch.plan --compile)
             + logits and their gradient  2 * t * (vocab/tensor) * 4 * (1 + D)
             with b the bytes of `dtype`, k the routed experts per token, ep the
             expert-parallel degree, D the MTP depth.

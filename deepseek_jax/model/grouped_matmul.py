@@ -1,0 +1,263 @@
+"""Grouped matmul over row blocks: each block of rows times its group's weight.
+
+    y = gmm(x, w, block_group, n_used)
+    x [n_blocks * bs, K]   rows sorted by group, each group's rows padded to a
+                           multiple of bs (so every block of bs rows belongs
+                           to one group)
+    w [G, K, N]            one weight per group (an array, or FP8 blocks
+                           `fp8.Quantized` with fp8=True)
+    block_group [n_blocks] the group of each block, non-decreasing over the
+                           used blocks
+    n_used                 blocks actually used (int32 scalar); blocks
+                           n_used.. are the static bound's unused tail
+    y[blk] = x[blk] @ w[block_group[blk]] for blk < n_used, 0 after.
+
+The blocks are processed `chunk` at a time: a chunk gathers its blocks'
+weights ([chunk, K, N]) and runs one batched GEMM. `chunk` keeps the gathered
+bytes under GATHER_BUDGET_BYTES, so memory never holds a weight copy per
+block (at DeepSeek-V3 widths one [7168, 2048] bfloat16 slice is 28 MiB: two
+blocks per chunk; the per-block gather this replaces held [n_blocks, K, N],
+~8 GiB per matrix for 288 blocks, and as much again for its gradient).
+
+  one chunk covers every block (small widths: tests, CPU runs): one batched
+    einsum over all n_blocks blocks, no loop; the unused tail is computed on
+    its rows and masked to 0 (the fastest form on CPU at these sizes);
+  otherwise a while loop over ceil(n_used / chunk) chunks, so FLOPs follow
+    the used blocks (the real rows plus < one block of padding per group)
+    plus < one chunk. The last chunk's start is clamped to n_blocks - chunk:
+    it may recompute blocks an earlier chunk wrote (same values).
+
+The derivative is defined here (`jax.custom_vjp`), the same way blocked:
+
+  dx[blk] = dy[blk] @ w[g]^T      the forward's loop over chunks, on the
+                                  chunk's gathered weights (no w^T copy);
+  dw[g]   = sum_{blk of g} x[blk]^T dy[blk]
+                                  a loop over groups, each summing its used
+                                  blocks `chunk` at a time into one float32
+                                  [K, N] accumulator, written to dw[g] in w's
+                                  dtype (< one chunk of wasted work per group).
+                                  One chunk: every block's product at once,
+                                  scatter-added into its group.
+
+so neither pass materialises per-block weights or per-block weight gradients
+beyond one chunk. With fp8=True each chunk's GEMMs run through
+`fp8.fp8_grouped_dot` (V3's FP8 recipe, every block quantized as its own
+group exactly as a per-block call would; the backward by `jax.vjp` of the
+chunk); a `Quantized` weight is frozen (zero gradient), as in `fp8_dot`.
+
+Inside `jax.shard_map`, x and w are first made to vary over the same mesh axes
+(`jax.lax.pcast`): a custom_vjp's backward must return each cotangent with its
+primal's axis type, and the pcast's transpose sums w's gradient over the axes
+the rows are split across, as plain autodiff would.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax import fp8 as fp8_lib
+
+# Upper bound on the bytes of the weights one chunk gathers ([chunk, K, N]);
+# at least one block per chunk whatever its size.
+GATHER_BUDGET_BYTES = 64 * 2**20
+
+
+def _weight_array(w) -> jax.Array:
+  return w.q if isinstance(w, fp8_lib.Quantized) else w
+
+
+def chunk_blocks(n_blocks: int, k: int, n: int, itemsize: int) -> int:
+  """Blocks per chunk: as many as keep chunk * k * n * itemsize <= the budget."""
+  return int(max(1, min(n_blocks, GATHER_BUDGET_BYTES // max(k * n * itemsize, 1))))
+
+
+def _chunk_of(w, fp8: bool, n_blocks: int) -> int:
+  wa = _weight_array(w)
+  # Emulated FP8 upcasts each gathered block to float32 before its GEMM.
+  itemsize = 4 if fp8 else jnp.dtype(wa.dtype).itemsize
+  return chunk_blocks(n_blocks, wa.shape[1], wa.shape[2], itemsize)
+
+
+def _take(w, index):
+  """w[index] of a weight or of FP8 blocks (values and scales alike)."""
+  return jax.tree.map(lambda a: jnp.take(a, index, axis=0, mode="clip"), w)
+
+
+def _block_dot(xc, wc, fp8: bool):
+  """[c, bs, K] x [c, K, N] -> [c, bs, N], block by block."""
+  if fp8:
+    return fp8_lib.fp8_grouped_dot(xc, wc).astype(xc.dtype)
+  return jnp.einsum("cbk,ckn->cbn", xc, wc)
+
+
+def _start(i, c, n_blocks):
+  """First block of chunk i, clamped so that the chunk fits in n_blocks."""
+  return jnp.minimum(i * c, n_blocks - c)
+
+
+def _rows(a, s, c, bs):
+  """Rows of blocks s .. s + c - 1 of a [n_blocks * bs, ...]."""
+  return jax.lax.dynamic_slice_in_dim(a, s * bs, c * bs)
+
+
+def _forward(fp8, x, w, block_group, n_used):
+  n_blocks = block_group.shape[0]
+  bs = x.shape[0] // n_blocks
+  c = _chunk_of(w, fp8, n_blocks)
+  n_out = _weight_array(w).shape[2]
+  out_dtype = x.dtype if fp8 else jnp.result_type(x.dtype, _weight_array(w).dtype)
+
+  def one(i, y):
+    s = _start(i, c, n_blocks)
+    xc = _rows(x, s, c, bs)
+    wc = _take(w, jax.lax.dynamic_slice_in_dim(block_group, s, c))
+    yc = _block_dot(xc.reshape(c, bs, -1), wc, fp8)
+    live = (s + jnp.arange(c)) < n_used
+    yc = jnp.where(live[:, None, None], yc, 0).astype(out_dtype).reshape(c * bs, n_out)
+    return jax.lax.dynamic_update_slice_in_dim(y, yc, s * bs, axis=0)
+
+  # The loop carry varies over the mesh axes x does (inside shard_map).
+  y = _vary_like(_varying(x) | _varying(_weight_array(w)),
+                 jnp.zeros((n_blocks * bs, n_out), out_dtype))
+  if c == n_blocks:
+    return one(0, y)
+  return jax.lax.fori_loop(0, (n_used + c - 1) // c, one, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm(fp8, x, w, block_group, n_used):
+  return _forward(fp8, x, w, block_group, n_used)
+
+
+def _gmm_fwd(fp8, x, w, block_group, n_used):
+  return _forward(fp8, x, w, block_group, n_used), (x, w, block_group, n_used)
+
+
+def _dx_chunk(xc, wc, dyc, fp8: bool):
+  """dx [c, bs, K] of one chunk: dy[blk] @ w[g]^T (FP8: the recipe's dgrad)."""
+  if not fp8:
+    return jnp.einsum("cbn,ckn->cbk", dyc, wc).astype(xc.dtype)
+  _, vjp = jax.vjp(lambda a: _block_dot(a, wc, True), xc)
+  return vjp(dyc)[0]
+
+
+def _dw_blocks(xc, wc, dyc, fp8: bool):
+  """x[blk]^T dy[blk] per block, float32 [c, K, N] (FP8: the recipe's wgrad,
+  each block quantized along its rows; wc [c, K, N] only gives its shape)."""
+  if not fp8:
+    return jnp.einsum("cbk,cbn->ckn", xc, dyc, preferred_element_type=jnp.float32)
+  _, vjp = jax.vjp(lambda b: _block_dot(xc, b, True), wc)
+  return vjp(dyc)[0].astype(jnp.float32)
+
+
+def _dw_chunk(xc, wg, dyc, fp8: bool):
+  """sum over the chunk's blocks of x[blk]^T dy[blk], float32 [K, N]; the
+  blocks all belong to the group of weight wg."""
+  if not fp8:
+    return jnp.einsum("cbk,cbn->kn", xc, dyc, preferred_element_type=jnp.float32)
+  wc = jnp.broadcast_to(wg, (xc.shape[0],) + wg.shape)
+  return _dw_blocks(xc, wc, dyc, True).sum(0)
+
+
+def _loop_dx(fp8, x, w, block_group, n_used, dy, c):
+  """dx, chunk by chunk over the used blocks (the forward's loop)."""
+  n_blocks = block_group.shape[0]
+  bs = x.shape[0] // n_blocks
+
+  def one(i, dx):
+    s = _start(i, c, n_blocks)
+    xc, dyc = _rows(x, s, c, bs), _rows(dy, s, c, bs)
+    wc = _take(w, jax.lax.dynamic_slice_in_dim(block_group, s, c))
+    dxc = _dx_chunk(xc.reshape(c, bs, -1), wc, dyc.reshape(c, bs, -1), fp8)
+    dxc = jnp.where(((s + jnp.arange(c)) < n_used)[:, None, None], dxc, 0)
+    return jax.lax.dynamic_update_slice_in_dim(dx, dxc.reshape(c * bs, -1), s * bs, axis=0)
+
+  dx = _vary_like(_varying(x) | _varying(dy) | _varying(_weight_array(w)), jnp.zeros_like(x))
+  return one(0, dx) if c == n_blocks else jax.lax.fori_loop(
+      0, (n_used + c - 1) // c, one, dx)
+
+
+def _loop_dw(fp8, x, w, block_group, n_used, dy, c):
+  """dw [G, K, N] in w's dtype: per group g, its used blocks [lo, hi) c at a
+  time into one float32 [K, N] accumulator, then written to dw[g]. A chunk
+  that overhangs the group (or, clamped, starts before lo) zeroes the other
+  blocks' dy rows: < c blocks of wasted work per group."""
+  n_blocks = block_group.shape[0]
+  bs = x.shape[0] // n_blocks
+  n_groups = w.shape[0]
+  live_group = jnp.where(jnp.arange(n_blocks) < n_used, block_group, n_groups)
+  if c == n_blocks:      # one chunk: every block's x^T dy, summed into its group
+    xb, dyb = x.reshape(n_blocks, bs, -1), dy.reshape(n_blocks, bs, -1)
+    dwb = _dw_blocks(xb, _take(w, block_group), dyb, fp8)
+    return jnp.zeros(w.shape, jnp.float32).at[live_group].add(
+        dwb, mode="drop").astype(w.dtype)
+  lo = jnp.searchsorted(live_group, jnp.arange(n_groups), side="left")
+  hi = jnp.searchsorted(live_group, jnp.arange(n_groups), side="right")
+
+  axes = _varying(x) | _varying(dy) | _varying(_weight_array(w))   # carries' type in shard_map
+
+  def group(g, dw):
+    def one(j, acc):
+      first = lo[g] + j * c
+      s = jnp.minimum(first, n_blocks - c)
+      blk = s + jnp.arange(c)
+      keep = (blk >= first) & (blk < hi[g])
+      xc, dyc = _rows(x, s, c, bs), _rows(dy, s, c, bs)
+      dyc = jnp.where(keep[:, None, None], dyc.reshape(c, bs, -1), 0)
+      return acc + _dw_chunk(xc.reshape(c, bs, -1), jax.lax.dynamic_index_in_dim(
+          w, g, keepdims=False), dyc, fp8)
+
+    acc = jax.lax.fori_loop(0, (hi[g] - lo[g] + c - 1) // c, one,
+                            _vary_like(axes, jnp.zeros(w.shape[1:], jnp.float32)))
+    return jax.lax.dynamic_update_index_in_dim(dw, acc.astype(dw.dtype), g, axis=0)
+
+  return jax.lax.fori_loop(0, n_groups, group, _vary_like(axes, jnp.zeros(w.shape, w.dtype)))
+
+
+def _gmm_bwd(fp8, res, dy):
+  x, w, block_group, n_used = res
+  c = _chunk_of(w, fp8, block_group.shape[0])
+  dy = dy.astype(x.dtype) if fp8 else dy
+  dx = _loop_dx(fp8, x, w, block_group, n_used, dy, c)
+  if isinstance(w, fp8_lib.Quantized):          # published FP8 blocks: frozen
+    return dx, jax.tree.map(jnp.zeros_like, w), None, None
+  return dx, _loop_dw(fp8, x, w, block_group, n_used, dy, c), None, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _varying(a) -> frozenset:
+  mat = getattr(jax.typeof(a), "manual_axis_type", None)
+  return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def _vary_like(axes: frozenset, tree):
+  def cast(a):
+    missing = tuple(sorted(axes - _varying(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+  return jax.tree.map(cast, tree)
+
+
+def gmm(x: jax.Array, w, block_group: jax.Array, n_used, *, fp8: bool = False) -> jax.Array:
+  """y[blk] = x[blk] @ w[block_group[blk]] per block of rows (see module doc).
+
+  x [n_blocks * bs, K]; w [G, K, N] (or `fp8.Quantized` q [G, K', N'] with
+  fp8=True); block_group [n_blocks] int in [0, G); n_used: blocks in use.
+  Returns [n_blocks * bs, N] (x's dtype with fp8), rows of unused blocks 0.
+  """
+  x, w, block_group = jax.tree.map(jnp.asarray, (x, w, block_group))
+  wa = _weight_array(w)
+  n_blocks = block_group.shape[0]
+  if x.ndim != 2 or wa.ndim != 3 or x.shape[0] % max(n_blocks, 1) or \
+      (not fp8 and x.shape[1] != wa.shape[1]):
+    raise ValueError(f"gmm: x [n_blocks * bs, K], w [G, K, N], block_group [n_blocks] "
+                     f"expected; got x {x.shape}, w {wa.shape}, block_group "
+                     f"{block_group.shape}.")
+  axes = _varying(x) | frozenset().union(*(_varying(a) for a in jax.tree.leaves(w)))
+  x, w = _vary_like(axes, (x, w))
+  return _gmm(bool(fp8), x, w, block_group.astype(jnp.int32),
+              jnp.asarray(n_used, jnp.int32))
