@@ -91,16 +91,19 @@ class ModelConfig:
     dtype: activation/compute dtype; param_dtype: parameter storage dtype.
       On CPU keep float32 (XLA:CPU runs bf16 matmuls slower than f32).
     moe_impl: grouped-matmul kernel for dropless MoE: "blocked" (sorted rows
-      padded to `moe_block_size`, batched einsum: fast on CPU), "ragged"
-      (`jax.lax.ragged_dot`: for GPU/TPU), "dense" (every expert on every
-      token, masked: an exact but E/k-times costlier reference), or "auto".
+      padded per expert to `moe_block_size`, a grouped matmul over the used
+      blocks, model/grouped_matmul.py: the CPU kernel and the portable
+      default), "ragged" (`jax.lax.ragged_dot`: TPU's grouped kernel; a dense
+      masked dot on XLA:CPU), "dense" (every expert on every token, masked:
+      an exact but E/k-times costlier reference), or "auto" (blocked except
+      on TPU; dense for a handful of decode tokens).
     moe_block_size: row block for the "blocked" kernel (0 = choose from shape).
     moe_ep_capacity: expert-parallel exchange (parallel/expert.py): room per
       destination device, as a multiple of the even share (a device's routed
-      rows / EP degree). A step whose busiest device pair needs more takes
-      the exact fallback with room for every row, so routing is dropless and
-      exact whatever the value; 0 = always the fallback. Not a model property:
-      a speed knob (traffic and expert FLOPs scale with it).
+      rows / EP degree). A step whose busiest device pair needs more sends
+      the rest in extra rounds of the same size, so routing is dropless and
+      exact whatever the value; 0 = one round with room for every row. Not a
+      model property: a speed/memory knob (traffic scales with it).
     fp8: run the linear layers named in `fp8_layers` through FP8 GEMMs
       (deepseek_jax.fp8.fp8_dot, DeepSeek-V3's recipe: 1x128 activation
       tiles, 128x128 weight blocks, FP8 fprop/dgrad/wgrad; emulated exactly
@@ -110,6 +113,10 @@ class ModelConfig:
       (dense MLPs and shared experts), "experts" (routed experts).
     remat_policy: activation checkpointing of each block: "none", "full"
       (recompute everything in the backward pass) or "dots_saveable".
+    attn_block_size: training / prefill attention over sequences longer than
+      this runs blockwise in [block, block] tiles (model/attention.py:
+      temporaries linear in the sequence); shorter ones, or all when 0, run
+      the naive [seq, seq] form. A speed/memory knob, not a model property.
   """
 
   vocab_size: int = 102400
@@ -149,6 +156,7 @@ class ModelConfig:
   fp8: bool = False
   fp8_layers: str = "attn,mlp,experts"
   remat_policy: str = "none"
+  attn_block_size: int = 256
 
   def __post_init__(self):
     self.validate()
@@ -188,7 +196,8 @@ class ModelConfig:
                                "v_head_dim", "original_seq_len", "max_seq_len"),
                non_negative=("n_dense_layers", "n_shared_experts", "n_mtp_depth",
                              "moe_block_size", "n_routed_experts", "n_activated_experts",
-                             "moe_inter_dim", "n_expert_groups", "n_limited_groups"))
+                             "moe_inter_dim", "n_expert_groups", "n_limited_groups",
+                             "attn_block_size"))
     if self.q_lora_rank is not None and (
         not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
       raise ValueError(

@@ -20,6 +20,9 @@ class Block(nn.Module):
   carries its balance loss and expert loads; zeros otherwise). mode: MLA's
   ("train", "prefill", "decode"); outside training aux["cache"] holds the
   new tokens' cache entries, and `cache` (decode) the layer's cache.
+  mask: MLA's, shared by every layer of a forward pass: an AttentionMask
+  (model/attention.py: segment ids, plus the bias on the naive path) in
+  training and prefill, the additive `decode_bias` when decoding.
   balance_devices, balance_max_devices: the MoE's DeepSeek-V2 balance losses
   (D, M; 0 = off): aux["v2_balance"] when on (MoE blocks only).
   active (training; a bool scalar, None = on): off, the block passes x

@@ -18,10 +18,24 @@ W_qr] per head) or `wq` when q_lora_rank = 0; `wkv_a` ([W_dkv; W_kr]),
 Two paths compute the same attention (DESIGN.md §3):
 
   naive   (training, and prefilling an inference cache): K and V are
-          materialised per head from c_kv. Packed documents are handled with
-          `segment_ids`: a query attends to a key only if both sit in the
-          same segment and the key is not in the future (an additive bias
-          built once per forward pass by `attention_bias`).
+          materialised per head from c_kv and the rotary key is broadcast
+          to every head (k = [k_C; k_R], dk = d_nope + d_rope = 192 for V3,
+          dv = 128). Packed documents are handled with `segment_ids`: a
+          query attends to a key only if both sit in the same segment and
+          the key is not in the future. The softmax itself runs one of two
+          ways (model/attention.py; `attention_mask` decides once per
+          forward pass from the sequence length s):
+            s <= cfg.attn_block_size (or 0): the [b, h, s, s] float32 scores
+              plus an additive [b, 1, s, s] bias; with the gradient, about
+              (2 + 1/h) x 4 b h s^2 bytes of temporaries (16 GiB per layer
+              for one 4K row at h = 128, 1 TiB at 32K); fastest for short
+              rows (on CPU up to about one block).
+            s > cfg.attn_block_size: blockwise FlashAttention-2 with a
+              recomputing backward: a few [b, h, block, block] float32 tiles
+              plus linear buffers (the float32 dQ, per-row statistics),
+              key blocks past each query block's diagonal skipped (half the
+              FLOPs of the square): 0.5 GiB at 4K, 0.76 GiB at 8K for one
+              row at h = 128, blocks of 256 (measured, compiled).
   absorb  (decoding from a cache, `mode="decode"`): the cache holds only
           c_kv and k_R per token (kv_lora_rank + qk_rope_head_dim values per
           layer: 576 for V3). W_uk is folded into the query and W_uv into the
@@ -32,9 +46,9 @@ Two paths compute the same attention (DESIGN.md §3):
           positions (a row's cache column = its token position) first, and a
           query at position p sees cache columns <= p (`decode_bias`).
 
-`mode="prefill"` runs the naive path and also returns the new tokens' c_kv
-and k_R for the cache; `mode="decode"` returns them too (the caller writes
-them into its cache, see deepseek_jax/infer/cache.py).
+`mode="prefill"` runs the naive path (either softmax) and also returns the
+new tokens' c_kv and k_R for the cache; `mode="decode"` returns them too (the
+caller writes them into its cache, see deepseek_jax/infer/cache.py).
 """
 
 from __future__ import annotations
@@ -44,26 +58,9 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.attention import NEG_INF, AttentionMask, causal_attention
 from deepseek_jax.model.layers import Einsum, RMSNorm
 from deepseek_jax.model.rope import apply_rope
-
-# Masked logits: large and finite so fully masked rows (never produced by
-# `attention_bias`: the diagonal is always allowed) cannot turn into NaN.
-_NEG_INF = -1e30
-
-
-def attention_bias(segment_ids: jax.Array) -> jax.Array:
-  """Additive causal, same-document mask [batch, 1, q, k] from segment ids.
-
-  0 where query q may attend key k (same segment, k <= q), a large negative
-  number elsewhere. Built once per forward pass and shared by all layers.
-  """
-  seq = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-  same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-  allowed = (causal[None] & same_doc)[:, None]
-  return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
-
 
 def decode_bias(positions: jax.Array, cache_len: int) -> jax.Array:
   """Additive mask [batch, 1, t, cache_len] for queries at `positions` [b, t]
@@ -71,7 +68,7 @@ def decode_bias(positions: jax.Array, cache_len: int) -> jax.Array:
   j <= the query's position, a large negative number elsewhere."""
   cols = jnp.arange(cache_len, dtype=positions.dtype)
   allowed = cols[None, None, :] <= positions[:, :, None]
-  return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None]
+  return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
 def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -88,10 +85,11 @@ class MLA(nn.Module):
   mode: str = "train"
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array,
-               cache: dict | None = None):
-    """x: [batch, seq, dim]; positions: [batch, seq]; bias: [batch, 1, seq,
-    keys] (keys = seq, or the cache length when decoding); cache (decode):
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               mask: AttentionMask | jax.Array, cache: dict | None = None):
+    """x: [batch, seq, dim]; positions: [batch, seq]; mask: train/prefill an
+    `AttentionMask` (attention.attention_mask), decode the additive
+    [batch, 1, seq, T] `decode_bias`; cache (decode):
     {"c_kv": [b, T, kv_lora_rank], "k_rope": [b, T, d_rope]}.
 
     Returns the output [b, seq, dim]; in prefill/decode mode (output,
@@ -121,19 +119,14 @@ class MLA(nn.Module):
     wo = Einsum(cfg, (h, d_v, cfg.dim), "bhsk,hkd->bsd", "attn", name="wo")
     new_entries = {"c_kv": c_kv, "k_rope": k_rope}
     if self.mode == "decode":
-      return wo(self._absorbed(q, wkv_b, bias, cache, new_entries, positions)), new_entries
+      return wo(self._absorbed(q, wkv_b, mask, cache, new_entries, positions)), new_entries
     kv = wkv_b(c_kv)
     k_nope, v = kv[..., :d_nope], kv[..., d_nope:]               # [b, h, s, *]
     # The single rotary key is shared by all heads: q_C.k_C + q_R.k_R in one dot.
     k = jnp.concatenate(
         [k_nope, jnp.broadcast_to(k_rope[:, None], k_nope.shape[:3] + (d_rope,))], -1)
 
-    scores = jnp.einsum("bhsk,bhtk->bhst", q, k).astype(jnp.float32) + bias
-    # Softmax with the normalisation applied to the [b, h, s, d_v] output rather
-    # than to the [b, h, s, s] probabilities: one pass fewer over the big array.
-    p = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-    o = jnp.einsum("bhst,bhtk->bhsk", p.astype(cfg.dtype), v)
-    o = o / p.sum(-1, keepdims=True).astype(o.dtype)             # [b, h, s, d_v]
+    o = causal_attention(cfg, q, k, v, mask)                     # [b, h, s, d_v]
     if self.mode == "prefill":
       return wo(o), new_entries
     return wo(o)

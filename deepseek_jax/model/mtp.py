@@ -47,7 +47,8 @@ class MTPModule(nn.Module):
 
   @nn.compact
   def __call__(self, h_prev, emb, positions, mask, valid, cache=None):
-    """h_prev, emb: [batch, seq, dim] -> (normalised h^k, block aux)."""
+    """h_prev, emb: [batch, seq, dim] -> (normalised h^k, block aux); mask:
+    the main model's (an AttentionMask, or decode_bias when decoding)."""
     cfg = self.cfg
     x = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb),
                          RMSNorm(cfg, name="hnorm")(h_prev)], axis=-1)

@@ -5,6 +5,13 @@
     logits, aux_h = head(cfg, params, router_bias, x, ...)          the last stage
     aux          = merge_aux(cfg, aux_b, aux_h)                     the model's aux
 
+Training asks the head for hidden states instead (`hidden=True`): h, the
+final normalised state [b, s, dim], and aux["mtp_hidden"] [D, b, s, dim],
+the MTP modules' outputs, in place of logits [b, s, V] and
+aux["mtp_logits"]; the loss applies the output head `head_kernel(cfg,
+params)` chunk by chunk over the vocabulary (train/losses.py,
+chunked_cross_entropy), so the float32 logits never exist whole.
+
 `Transformer.__call__` in training mode is this composition over the whole
 model: it calls `run_embed`, `run_blocks` and `run_head` with its own bound
 submodules, and the pure functions above call the same three with
@@ -29,7 +36,7 @@ import jax.numpy as jnp
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.block import Block
 from deepseek_jax.model.layers import Einsum, Embed, RMSNorm
-from deepseek_jax.model.mla import attention_bias
+from deepseek_jax.model.attention import attention_mask
 from deepseek_jax.model.mtp import MTPModule, shift_left
 from deepseek_jax.parallel.rules import constrain
 
@@ -109,32 +116,35 @@ def run_blocks(stacks: dict[str, Callable], x, positions, mask, valid, active=No
   return x, aux
 
 
-def run_head(cfg: ModelConfig, layers: HeadLayers, x, targets, positions, mask, valid):
+def run_head(cfg: ModelConfig, layers: HeadLayers, x, targets, positions, mask, valid, *,
+             hidden: bool = False):
   """Final norm, output head and, given targets, the D MTP modules.
 
   Returns (logits [b, s, V] f32, aux): balance_loss (the MTP blocks' summed,
   unscaled), and when MTP runs mtp_logits [D, b, s, V], mtp_expert_load
-  [D, E] (MoE blocks) and v2_balance {key: [D]} (when on)."""
+  [D, E] (MoE blocks) and v2_balance {key: [D]} (when on). hidden: the head
+  is not applied: (h [b, s, dim] the normalised final state, aux with
+  mtp_hidden [D, b, s, dim], the MTP modules' outputs, for mtp_logits)."""
   h = layers.norm(x)
-  logits = constrain(layers.head(h), ("batch", "seq", "vocab"))
+  out = h if hidden else constrain(layers.head(h), ("batch", "seq", "vocab"))
   aux = {"balance_loss": jnp.zeros((), jnp.float32)}
   if targets is None or not cfg.n_mtp_depth:
-    return logits, aux
-  mtp_logits, loads, v2 = [], [], []
+    return out, aux
+  mtp_out, loads, v2 = [], [], []
   for k, module in enumerate(layers.mtp, start=1):
     emb = layers.embed(shift_left(targets, k - 1))              # Emb(t_{i+k})
     h, block_aux = module(h, emb, positions, mask, valid)
     aux["balance_loss"] = aux["balance_loss"] + block_aux["balance_loss"]
     loads.append(block_aux["load"])
-    mtp_logits.append(layers.head(h))
+    mtp_out.append(h if hidden else layers.head(h))
     if "v2_balance" in block_aux:
       v2.append(block_aux["v2_balance"])
-  aux["mtp_logits"] = jnp.stack(mtp_logits)
+  aux["mtp_hidden" if hidden else "mtp_logits"] = jnp.stack(mtp_out)
   if cfg.n_moe_layers:
     aux["mtp_expert_load"] = jnp.stack(loads)
   if v2:
     aux["v2_balance"] = jax.tree.map(lambda *v: jnp.stack(v), *v2)
-  return logits, aux
+  return out, aux
 
 
 def merge_aux(cfg: ModelConfig, blocks_aux: dict, head_aux: dict | None = None) -> dict:
@@ -182,14 +192,14 @@ def blocks(cfg: ModelConfig, params: dict, router_bias: dict, x, segment_ids, po
   stacks = {name: _bound(block_stack(cfg, moe, _length(params[name]), v2=v2 if moe else (0, 0),
                                      masked=active is not None), params, router_bias, name)
             for name, moe in STACKS if name in params}
-  return run_blocks(stacks, x, positions, attention_bias(segment_ids), segment_ids != 0,
+  return run_blocks(stacks, x, positions, attention_mask(cfg, segment_ids), segment_ids != 0,
                     active)
 
 
 def head(cfg: ModelConfig, params: dict, router_bias: dict, x, targets, segment_ids,
-         positions, *, v2: tuple[int, int] = (0, 0)):
+         positions, *, v2: tuple[int, int] = (0, 0), hidden: bool = False):
   """The last stage: run_head with params["norm"], ["head"], ["embed"] and
-  ["mtp_{k}"] (+ their router biases)."""
+  ["mtp_{k}"] (+ their router biases); hidden: see run_head."""
   moe = cfg.n_moe_layers > 0
   layers = HeadLayers(
       norm=_bound(RMSNorm(cfg), params, router_bias, "norm"),
@@ -197,5 +207,13 @@ def head(cfg: ModelConfig, params: dict, router_bias: dict, x, targets, segment_
       embed=_bound(Embed(cfg), params, router_bias, "embed"),
       mtp=[_bound(MTPModule(cfg, moe, "train", *v2), params, router_bias, f"mtp_{k}")
            for k in range(cfg.n_mtp_depth)])
-  return run_head(cfg, layers, x, targets, positions, attention_bias(segment_ids),
-                  segment_ids != 0)
+  return run_head(cfg, layers, x, targets, positions, attention_mask(cfg, segment_ids),
+                  segment_ids != 0, hidden=hidden)
+
+
+def head_kernel(cfg: ModelConfig, params: dict):
+  """The output head's kernel [dim, vocab] in float32, as output_head
+  multiplies by it (published FP8 blocks dequantized, frozen): what the
+  chunked loss applies to the hidden path's states. The head never runs FP8
+  GEMMs (its Einsum has no fp8_kind), so this is the whole head."""
+  return output_head(cfg).apply({"params": params["head"]}, None, return_kernel=True)

@@ -9,6 +9,9 @@
 aux-loss-free balancing bias of each MoE layer, moved by the trainer, never
 by the optimizer). `aux` carries what training needs beyond the logits:
   mtp_logits    [D, b, s, vocab] f32   (only when `targets` is given and D > 0)
+                (return_hidden=True: the final state h [b, s, dim] in place of
+                the logits and mtp_hidden [D, b, s, dim] in place of these; the
+                training loss applies the head chunk by chunk, train/losses.py)
   balance_loss  scalar: sum over MoE layers (MTP blocks included) of the
                 sequence-wise balance loss, unscaled by alpha
   expert_load   [n_moe_layers, E] tokens routed to each expert in each main
@@ -40,7 +43,8 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import Embed, RMSNorm
-from deepseek_jax.model.mla import attention_bias, decode_bias
+from deepseek_jax.model.attention import attention_mask
+from deepseek_jax.model.mla import decode_bias
 from deepseek_jax.model.mtp import MTPModule
 from deepseek_jax.model.stages import (HeadLayers, block_stack, merge_aux, output_head,
                                        run_blocks, run_embed, run_head)
@@ -108,8 +112,11 @@ class Transformer(nn.Module):
                    each position, tokens = the next token there), for drafting.
     logits_index [b] (prefill modes): logits only at that position per row
     ([b, 1, vocab]). return_hidden (training mode): the normalised final
-    hidden state [b, s, dim] in place of the logits (the head applied
-    chunk by chunk elsewhere: infer.scoring).
+    hidden state [b, s, dim] in place of the logits, and with return_aux and
+    targets aux["mtp_hidden"] [D, b, s, dim] (the MTP modules' outputs) in
+    place of aux["mtp_logits"]: the head is applied chunk by chunk elsewhere
+    (train.losses.chunked_cross_entropy with stages.head_kernel;
+    infer.scoring). The default returns logits, as always.
     """
     cfg = self.cfg
     if mode not in MODES:
@@ -131,23 +138,20 @@ class Transformer(nn.Module):
       return self._infer(mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
                          logits_index, embed, head, final_norm)
     # The composition of model/stages.py's pieces, on this module's submodules.
-    mask = attention_bias(segment_ids)                   # [b, 1, s, s]
+    mask = attention_mask(cfg, segment_ids)              # ids (+ [b, 1, s, s] bias)
     v2 = (self.balance_devices, self.balance_max_devices)
     stacks = {name: block_stack(cfg, moe, length, name, v2=v2 if moe else (0, 0))
               for name, moe, length in (("dense_layers", False, cfg.n_dense_layers),
                                         ("moe_layers", True, cfg.n_moe_layers)) if length}
     x, blocks_aux = run_blocks(stacks, run_embed(embed, tokens), positions, mask, valid)
-    if return_hidden:
-      aux = merge_aux(cfg, blocks_aux)
-      h = final_norm(x)
-      return (h, aux) if return_aux else h
     mtp = [MTPModule(cfg, cfg.n_moe_layers > 0, "train", *v2, name=f"mtp_{k}")
            for k in range(cfg.n_mtp_depth)]
-    logits, head_aux = run_head(cfg, HeadLayers(final_norm, head, embed, mtp), x,
-                                targets if return_aux else None, positions, mask, valid)
+    out, head_aux = run_head(cfg, HeadLayers(final_norm, head, embed, mtp), x,
+                             targets if return_aux else None, positions, mask, valid,
+                             hidden=return_hidden)
     if not return_aux:
-      return logits
-    return logits, merge_aux(cfg, blocks_aux, head_aux)
+      return out
+    return out, merge_aux(cfg, blocks_aux, head_aux)
 
   def _infer(self, mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
              logits_index, embed, head, final_norm):
@@ -157,7 +161,7 @@ class Transformer(nn.Module):
       cache_len = jax.tree.leaves(cache)[0].shape[-2]
       mask = decode_bias(positions, cache_len)                # [b, 1, t, T]
     else:
-      mask = attention_bias(segment_ids)                      # [b, 1, s, s]
+      mask = attention_mask(cfg, segment_ids)                 # ids (+ [b, 1, s, s] bias)
     block_mode = "decode" if decode else "prefill"
     entries = {}
     if mode.startswith("mtp"):

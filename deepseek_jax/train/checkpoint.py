@@ -43,7 +43,7 @@ CHECKPOINT_DIR = "checkpoints"
 META_KEYS = ("data", "model_config", "train_config")   # what `save` writes in meta
 # ModelConfig fields that change how, not what, the model computes.
 IMPLEMENTATION_FIELDS = ("moe_impl", "moe_block_size", "moe_ep_capacity", "remat_policy",
-                         "fp8", "fp8_layers")
+                         "fp8", "fp8_layers", "attn_block_size")
 
 
 def config_diff(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:

@@ -32,6 +32,18 @@ and get the same number, not a mean of micro-batch means:
         over micro-batches and stages, the pieces give the whole batch's loss.
 
 `total_loss` is combine(head_terms(...), aux) on one batch.
+
+Training hands the loss hidden states, not logits. The model's training
+forward returns the final normalised hidden state h [b, s, d] and the MTP
+modules' [D, b, s, d] (`Transformer(..., return_hidden=True)`,
+`stages.head(..., hidden=True)`), and `head_terms(h, mtp_h, batch, kernel=W)`
+applies the output head W [d, V] inside the cross-entropy,
+`chunked_cross_entropy`: a scan over vocabulary chunks of `VOCAB_CHUNK`
+columns with an online logsumexp, so the [tokens, V] float32 logits (and
+their gradient) never exist at once: per chunk [tokens, chunk]. The numbers
+are those of cross_entropy(h @ W) up to float summation order, and exactly
+that computation when V fits in one chunk. Given logits (no kernel),
+head_terms is the cross-entropy over the full vocabulary, as before.
 """
 
 from __future__ import annotations
@@ -42,6 +54,12 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.model.mtp import shift_left
+from deepseek_jax.parallel.rules import axes_size, constrain, current_rules, mesh_axes_of
+
+# Vocabulary columns per step (per vocabulary shard) of chunked_cross_entropy:
+# V3's 129,280 in 16 steps; per step [tokens, chunk] float32 logits, their
+# gradient and the kernel's [d, chunk] slice.
+VOCAB_CHUNK = 8192
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -60,9 +78,101 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   # (jax 0.10.2: spmd_partitioner_util "Check failed ... device_groups").
   picked = jnp.arange(logp.shape[-1]) == targets[..., None]
   nll = -jnp.where(picked, logp, 0.0).sum(-1)
+  return _weighted_mean(nll, weights, total)
+
+
+def _weighted_mean(nll, weights, total):
   weights = weights.astype(jnp.float32)
   count = weights.sum()
   return (nll * weights).sum() / jnp.maximum(count if total is None else total, 1e-9), count
+
+
+def vocab_shards(vocab: int) -> int:
+  """Devices the vocabulary is split over in the enclosing `parallel.activate`
+  (its rules' `vocab` axes: `tensor` in fsdp_tp and ep_fsdp); 1 outside one,
+  or when they do not divide `vocab` (the rules then leave it whole)."""
+  rules = current_rules()
+  if rules is None:
+    return 1
+  shards = axes_size(dict(jax.sharding.get_abstract_mesh().shape), mesh_axes_of("vocab", rules))
+  return shards if vocab % shards == 0 else 1
+
+
+def chunked_cross_entropy(h: jax.Array, kernel: jax.Array, targets: jax.Array,
+                          weights: jax.Array, total: jax.Array | None = None, *,
+                          chunk: int = VOCAB_CHUNK, shards: int | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+  """cross_entropy(h @ kernel, targets, weights, total), without the logits.
+
+  h [..., d] (e.g. [b, s, d] or [N, d]), kernel [d, V], targets and weights
+  [...]. The vocabulary is split as [shards, V / shards] (`shards`, default
+  `vocab_shards(V)`: the mesh's split of the head's vocab axis, so each
+  device scans its own columns and nothing is gathered); a `lax.scan` walks
+  the inner axis `chunk` columns at a time, carrying per token
+    m = the running max (a constant for autodiff: lse = m + log sum e^(z-m)
+        holds for any m, so its gradient is softmax's without m's term),
+    l = sum_j exp(z_j - m) over the columns seen, rescaled when m moves,
+    z_t = the target's logit, a masked sum (not a gather: see cross_entropy),
+  and nll = m + log l - z_t. Logits are float32. The last chunk is shifted
+  back to end at V (dynamic_slice clamps) and masks the columns it repeats,
+  so V need not be a multiple of `chunk`. With V / shards <= chunk this is
+  cross_entropy(h @ kernel) itself.
+
+  The step is under jax.checkpoint (not a custom_vjp): autodiff saves the
+  three [...] carries per step and recomputes the chunk's logits in the
+  backward pass, the same FLOPs as a hand-written backward (4 matmuls of
+  the head instead of 3), and the rule stays correct under shard_map /
+  sharded operands without per-axis bookkeeping. XLA accumulates the
+  kernel's gradient slice by slice in one [d, V] buffer. Peak extra memory:
+  a few [..., chunk] float32 arrays and the [d, chunk] kernel slice and its
+  gradient (compiled value_and_grad, V3's head [7168, 129280] float32 on
+  4096 tokens: 0.67 GiB of temporaries with chunk 8192, 0.39 GiB with 4096,
+  against 3.95 GiB for the full logits; XLA:CPU, jax 0.10.2).
+  """
+  d, vocab = kernel.shape
+  shards = vocab_shards(vocab) if shards is None else shards
+  if chunk < 1:
+    raise ValueError(f"chunk={chunk} must be >= 1.")
+  if vocab % shards:
+    raise ValueError(f"shards={shards} must divide the vocabulary ({vocab}).")
+  local = vocab // shards
+  if local <= chunk:
+    logits = jnp.einsum("...d,dv->...v", h.astype(jnp.float32), kernel.astype(jnp.float32))
+    return cross_entropy(logits, targets, weights, total)
+  h = h.astype(jnp.float32)
+  kernel = kernel.astype(jnp.float32)
+  # [d, V] as [d, shards, V/shards] only when split: a unit axis makes XLA
+  # copy the kernel into another layout.
+  blocks = kernel.reshape(d, shards, local) if shards > 1 else kernel
+  offsets = jnp.arange(shards)[:, None] * local                   # [shards, 1]
+  n_steps = -(-local // chunk)
+
+  def step(carry, i):
+    m, l, z_t = carry
+    start = jnp.minimum(i * chunk, local - chunk)
+    w = jax.lax.dynamic_slice_in_dim(blocks, start, chunk, axis=blocks.ndim - 1)
+    if shards > 1:
+      z = jnp.einsum("...d,dkc->...kc", h, w)                      # [..., shards, chunk]
+      if z.ndim == 4:
+        z = constrain(z, ("batch", "seq", "vocab", None))
+    else:
+      z = jnp.einsum("...d,dc->...c", h, w)[..., None, :]          # [..., 1, chunk]
+    column = start + jnp.arange(chunk)
+    new = column >= i * chunk                  # the last chunk's repeated columns: out
+    # Masks as [chunk] vectors and products, not selects against a broadcast
+    # constant: XLA would hoist that [..., chunk] constant out of the loop.
+    z_new = z + jnp.where(new, 0.0, -jnp.inf)
+    m_next = jnp.maximum(m, jax.lax.stop_gradient(z_new.max((-2, -1))))
+    l = l * jnp.exp(m - m_next) + jnp.exp(z_new - m_next[..., None, None]).sum((-2, -1))
+    picked = new & (offsets + column == targets[..., None, None])
+    return (m_next, l, z_t + (z * picked).sum((-2, -1))), None
+
+  lead = h.shape[:-1]
+  init = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32),
+          jnp.zeros(lead, jnp.float32))
+  (m, l, z_t), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init,
+                                jnp.arange(n_steps))
+  return _weighted_mean(m + jnp.log(l) - z_t, weights, total)
 
 
 def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array,
@@ -110,12 +220,24 @@ def share_aux(aux: dict[str, Any], share: jax.Array) -> dict[str, Any]:
 
 
 def head_terms(logits: jax.Array, mtp_logits: jax.Array | None, batch: dict[str, jax.Array],
-               totals: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+               totals: dict[str, jax.Array] | None = None, *, kernel: jax.Array | None = None,
+               chunk: int | None = None) -> dict[str, jax.Array]:
   """ce (main head), mtp (the mean over the D depths of their CE; 0 without
   MTP logits) and target_tokens (sum of loss_mask) of `batch`, CE divided by
-  totals' counts (`batch_totals` of the whole batch; default this batch's)."""
+  totals' counts (`batch_totals` of the whole batch; default this batch's).
+
+  With `kernel` (the output head [d, V]), `logits` and `mtp_logits` are the
+  hidden states the head reads ([b, s, d] and [D, b, s, d]) and every CE is
+  `chunked_cross_entropy` (chunk: default VOCAB_CHUNK): the same terms
+  without the [b, s, V] logits."""
+  chunk = VOCAB_CHUNK if chunk is None else chunk
+
+  def ce_of(outputs, targets, weights, total):
+    if kernel is None:
+      return cross_entropy(outputs, targets, weights, total)
+    return chunked_cross_entropy(outputs, kernel, targets, weights, total, chunk=chunk)
   total = None if totals is None else totals["target_tokens"]
-  ce, n_targets = cross_entropy(logits, batch["targets"], batch["loss_mask"], total)
+  ce, n_targets = ce_of(logits, batch["targets"], batch["loss_mask"], total)
   terms = {"ce": ce, "target_tokens": n_targets, "mtp": jnp.zeros((), jnp.float32)}
   if mtp_logits is not None:
     depth = mtp_logits.shape[0]
@@ -123,7 +245,7 @@ def head_terms(logits: jax.Array, mtp_logits: jax.Array | None, batch: dict[str,
     for k in range(1, depth + 1):
       t_k, w_k = mtp_targets(batch["targets"], batch["loss_mask"], batch["segment_ids"], k)
       total_k = None if totals is None else totals["mtp_tokens"][k - 1]
-      mtp_ces.append(cross_entropy(mtp_logits[k - 1], t_k, w_k, total_k)[0])
+      mtp_ces.append(ce_of(mtp_logits[k - 1], t_k, w_k, total_k)[0])
     terms["mtp"] = sum(mtp_ces) / depth
   return terms
 
@@ -172,11 +294,15 @@ def combine(terms: dict[str, jax.Array], aux: dict[str, Any], *, mtp_weight,
 
 def total_loss(logits: jax.Array, aux: dict[str, Any], batch: dict[str, jax.Array], *,
                mtp_weight, balance_weight: float, expert_balance_weight: float = 0.0,
-               device_balance_weight: float = 0.0, comm_balance_weight: float = 0.0
+               device_balance_weight: float = 0.0, comm_balance_weight: float = 0.0,
+               kernel: jax.Array | None = None, chunk: int | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Returns (L, metrics) for one batch: `combine` of its `head_terms` and
-  the model's aux (metrics: see combine)."""
-  return combine(head_terms(logits, aux.get("mtp_logits"), batch), aux,
+  the model's aux (metrics: see combine). With `kernel`, `logits` is the
+  final hidden state and the MTP terms read aux["mtp_hidden"] (head_terms'
+  chunked path); else aux["mtp_logits"]."""
+  mtp = aux.get("mtp_logits" if kernel is None else "mtp_hidden")
+  return combine(head_terms(logits, mtp, batch, kernel=kernel, chunk=chunk), aux,
                  mtp_weight=mtp_weight, balance_weight=balance_weight,
                  expert_balance_weight=expert_balance_weight,
                  device_balance_weight=device_balance_weight,

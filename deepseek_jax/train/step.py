@@ -259,38 +259,48 @@ def mtp_weight_schedule(train_cfg: TrainConfig) -> Callable[[jax.Array], Any]:
 
 
 def pretraining_loss(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None,
-                     rules: Rules | None = None) -> LossFn:
+                     rules: Rules | None = None, *, vocab_chunk: int | None = None) -> LossFn:
   """CE + lambda MTP + alpha balance (+ alpha1..3 times V2's balance losses
   when their weights are > 0; losses.total_loss) on the data contract
   (tokens, targets, segment_ids, positions, loss_mask). mesh/rules: only to
   default V2's D to the expert-parallel degree (`v2_balance_devices`).
   The returned loss_fn(params, router_bias, batch, mtp_weight=None) takes
-  lambda as an optional (traceable) fourth argument; None = train_cfg's."""
+  lambda as an optional (traceable) fourth argument; None = train_cfg's.
+  The model hands the loss its hidden states and the CE applies the head
+  over `vocab_chunk` vocabulary columns at a time (None: losses.VOCAB_CHUNK,
+  read when this is called; losses.chunked_cross_entropy); 0 = the model's
+  [b, s, V] logits and the full log-softmax (the same numbers)."""
   n_dev, max_dev = v2_balance_devices(cfg, train_cfg, mesh, rules)
   model = Transformer(cfg, balance_devices=n_dev, balance_max_devices=max_dev)
   v2_weights = _v2_weights(train_cfg, n_dev)
+  chunk = losses.VOCAB_CHUNK if vocab_chunk is None else vocab_chunk
 
   def loss_fn(params, router_bias, batch, mtp_weight=None):
-    logits, aux = model.apply(
+    out, aux = model.apply(
         {"params": params, "router_bias": router_bias}, batch["tokens"],
         segment_ids=batch["segment_ids"], positions=batch["positions"],
-        targets=batch["targets"], return_aux=True)
+        targets=batch["targets"], return_aux=True, return_hidden=bool(chunk))
+    head_args = dict(kernel=stages.head_kernel(cfg, params), chunk=chunk) if chunk else {}
     loss, metrics = losses.total_loss(
-        logits, aux, batch,
+        out, aux, batch,
         mtp_weight=train_cfg.mtp_weight if mtp_weight is None else mtp_weight,
-        balance_weight=train_cfg.balance_weight, **v2_weights)
+        balance_weight=train_cfg.balance_weight, **v2_weights, **head_args)
     return _loss_out(loss, metrics, aux,
                      (batch["segment_ids"] != 0).sum().astype(jnp.float32))
   return loss_fn
 
 
 def pretraining_stages(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None = None,
-                       rules: Rules | None = None) -> StageFns:
+                       rules: Rules | None = None, *, vocab_chunk: int | None = None
+                       ) -> StageFns:
   """`pretraining_loss` cut into the pipeline executor's stage functions: the
   model's (model/stages.py) and the loss's additive pieces (train/losses.py).
-  loss_args: the MTP weight (None = train_cfg.mtp_weight)."""
+  loss_args: the MTP weight (None = train_cfg.mtp_weight). vocab_chunk: as
+  pretraining_loss's (the head stage's CE over hidden states, chunked)."""
   v2 = v2_balance_devices(cfg, train_cfg, mesh, rules)
   v2_weights = _v2_weights(train_cfg, v2[0])
+  chunk = losses.VOCAB_CHUNK if vocab_chunk is None else vocab_chunk
+  mtp_key = "mtp_hidden" if chunk else "mtp_logits"
 
   def blocks(stacks, stacks_bias, x, mb, totals, active):
     x, aux = stages.blocks(cfg, stacks, stacks_bias, x, mb["segment_ids"], mb["positions"],
@@ -299,10 +309,11 @@ def pretraining_stages(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | No
     return x, {key: losses.share_aux(a, share) for key, a in aux.items()}
 
   def head(shared, shared_bias, x, mb, totals):
-    logits, aux = stages.head(cfg, shared, shared_bias, x, mb["targets"], mb["segment_ids"],
-                              mb["positions"], v2=v2)
-    terms = losses.head_terms(logits, aux.get("mtp_logits"), mb, totals)
-    aux = {k: v for k, v in aux.items() if k != "mtp_logits"}
+    out, aux = stages.head(cfg, shared, shared_bias, x, mb["targets"], mb["segment_ids"],
+                           mb["positions"], v2=v2, hidden=bool(chunk))
+    head_args = dict(kernel=stages.head_kernel(cfg, shared), chunk=chunk) if chunk else {}
+    terms = losses.head_terms(out, aux.get(mtp_key), mb, totals, **head_args)
+    aux = {k: v for k, v in aux.items() if k != mtp_key}
     return {"terms": terms, "aux": losses.share_aux(aux, losses.sequence_share(mb, totals))}
 
   def loss(layers, head, totals, mtp_weight):
