@@ -373,10 +373,14 @@ def test_gmm_frozen_fp8_blocks_give_dx_and_zero_dw(monkeypatch):
   assert not np.asarray(dqw.scale).any() and not np.asarray(dqw.q, np.float32).any()
 
 
-def test_gmm_grads_inside_shard_map_match_one_device():
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_gmm_grads_inside_shard_map_match_one_device(chunk, monkeypatch):
   """Rows split over 8 devices, w replicated: the custom VJP's weight
-  gradient is summed over the row shards (pcast), as plain autodiff does."""
+  gradient is summed over the row shards (pcast), as plain autodiff does;
+  chunk 1: the looped path (its carries must vary like the operands: the
+  V3-width case)."""
   from jax.sharding import AxisType
+  monkeypatch.setattr(gm, "GATHER_BUDGET_BYTES", _budget_for(chunk, 4, 3))
   mesh = jax.make_mesh((8,), ("rows",), axis_types=(AxisType.Auto,))
   rng = np.random.default_rng(5)
   bs, n_blocks, k, n, groups = 2, 3, 4, 3, 2
