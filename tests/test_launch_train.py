@@ -73,6 +73,38 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+def test_event_records_are_the_bytes_tensorboardx_writes(tmp_path):
+  """deepseek_jax.train.tfevents against tensorboardX's protobuf classes and
+  its CRC-32C: the same bytes, framing included."""
+  from tensorboardX import crc32c as tbx_crc
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+  from tensorboardX.proto.summary_pb2 import Summary
+  from deepseek_jax.train import tfevents
+  rng = np.random.default_rng(0)
+  for n in (0, 1, 7, 100, 1000):
+    data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    assert tfevents.crc32c(data) == tbx_crc.crc32c(data)
+  cases = [
+      (tfevents.encode_event(1.5e9, step=0, file_version="brain.Event:2"),
+       Event(wall_time=1.5e9, file_version="brain.Event:2")),
+      (tfevents.encode_event(2.25, step=7, session_status=tfevents.SESSION_START),
+       Event(wall_time=2.25, step=7, session_log=SessionLog(status=SessionLog.START))),
+      (tfevents.encode_event(3.0, step=2**40 + 3, scalars={"loss": 6.5, "lr": 0.0}),
+       Event(wall_time=3.0, step=2**40 + 3, summary=Summary(value=[
+           Summary.Value(tag="loss", simple_value=6.5),
+           Summary.Value(tag="lr", simple_value=0.0)]))),
+  ]
+  for ours, theirs in cases:
+    assert ours == theirs.SerializeToString()
+  from tensorboardX.record_writer import RecordWriter
+  path = str(tmp_path / "theirs")
+  writer = RecordWriter(path)
+  writer.write(cases[2][0])
+  writer.close()
+  with open(path, "rb") as f:
+    assert f.read() == tfevents.record(cases[2][0])
+
+
 def test_train_writes_metrics_and_second_invocation_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   # decay_steps fixed so the schedule (and the compiled step) is the same for

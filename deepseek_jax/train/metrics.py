@@ -24,11 +24,8 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.summary_pb2 import Summary
-from tensorboardX.record_writer import RecordWriter
-
 from deepseek_jax.files import atomic_text, atomic_write
+from deepseek_jax.train import tfevents
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
@@ -86,26 +83,24 @@ class EventFile:
     name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
             f".{os.getpid()}.{EventFile._opened:06d}")
     self.path = os.path.join(directory, name)
-    self._records = RecordWriter(self.path)
-    self._write(Event(wall_time=time.time(), file_version="brain.Event:2",
-                      step=purge_step or 0))
+    self._file = open(self.path, "ab")
+    self._write(tfevents.encode_event(time.time(), step=purge_step or 0,
+                                      file_version="brain.Event:2"))
     if purge_step is not None:
-      self._write(Event(wall_time=time.time(), step=purge_step,
-                        session_log=SessionLog(status=SessionLog.START)))
+      self._write(tfevents.encode_event(time.time(), step=purge_step,
+                                        session_status=tfevents.SESSION_START))
 
-  def _write(self, event: Event) -> None:
-    self._records.write(event.SerializeToString())
+  def _write(self, event: bytes) -> None:
+    self._file.write(tfevents.record(event))
 
   def scalar(self, tag: str, value: float, step: int) -> None:
-    self._write(Event(wall_time=time.time(), step=step,
-                      summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])))
+    self._write(tfevents.encode_event(time.time(), step=step, scalars={tag: value}))
 
   def flush(self) -> None:
-    self._records.flush()
+    self._file.flush()
 
   def close(self) -> None:
-    self._records.flush()
-    self._records.close()
+    self._file.close()
 
 
 class MetricsWriter:
