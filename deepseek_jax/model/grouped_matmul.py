@@ -54,6 +54,7 @@ the rows are split across, as plain autodiff would.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -230,6 +231,121 @@ def _gmm_bwd(fp8, res, dy):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+# ---------------------------------------------------------------------------
+# Sharded weights: one group's weight gathered at a time
+# ---------------------------------------------------------------------------
+def _group_spans(block_group, n_used, n_groups: int):
+  """(lo, hi) [G]: group g's used blocks are lo[g] .. hi[g] - 1."""
+  n_blocks = block_group.shape[0]
+  live = jnp.where(jnp.arange(n_blocks) < n_used, block_group, n_groups)
+  groups = jnp.arange(n_groups)
+  return (jnp.searchsorted(live, groups, side="left"),
+          jnp.searchsorted(live, groups, side="right"))
+
+
+def _group_chunk(n_blocks: int, n_groups: int, bs: int, k: int, n: int, itemsize: int) -> int:
+  """Blocks per chunk of one group's loop: about half a group's mean share of
+  the blocks (each group wastes < one chunk), rows under the budget."""
+  rows_cap = GATHER_BUDGET_BYTES // max(bs * max(k, n) * itemsize, 1)
+  return int(max(1, min(n_blocks, rows_cap, n_blocks // (2 * n_groups))))
+
+
+def _gather_group(w, g, axes, dim):
+  """Group g's whole weight [K, N] from this device's slice of w (tiled)."""
+  return jax.lax.all_gather(jax.lax.dynamic_index_in_dim(w, g, keepdims=False), axes,
+                            axis=dim - 1, tiled=True)
+
+
+def _group_blocks(g, lo, hi, n_blocks: int, c: int, body, carry):
+  """body(s, keep [c], carry) -> carry over chunks of c blocks [s, s + c)
+  covering group g's used blocks lo[g] .. hi[g] - 1, the last chunk clamped
+  to end at hi[g]; keep marks the chunk's blocks of group g not yet done."""
+  def one(j, carry):
+    first = lo[g] + j * c
+    s = jnp.clip(jnp.minimum(first, hi[g] - c), 0, n_blocks - c)
+    blk = s + jnp.arange(c)
+    return body(s, (blk >= first) & (blk < hi[g]), carry)
+  return jax.lax.fori_loop(0, (hi[g] - lo[g] + c - 1) // c, one, carry)
+
+
+def _gathered_sizes(x, w, block_group, axes, dim) -> tuple[int, int, int, int]:
+  """(bs, K, N, c): block rows, one group's whole weight [K, N], blocks per chunk."""
+  n_blocks = block_group.shape[0]
+  bs = x.shape[0] // n_blocks
+  split = math.prod(jax.lax.axis_size(a) for a in axes)
+  k, n = w.shape[1:]
+  k, n = (k * split, n) if dim == 1 else (k, n * split)
+  return bs, k, n, _group_chunk(n_blocks, w.shape[0], bs, k, n, jnp.dtype(x.dtype).itemsize)
+
+
+def _gathered_forward(fp8, axes, dim, x, w, block_group, n_used):
+  """y = gmm(x, w_whole, ...): for g in range(G) (a fixed trip count, so every
+  device gathers group g in step g), g's weight gathered, then its blocks."""
+  n_blocks, n_groups = block_group.shape[0], w.shape[0]
+  bs, k_full, n_full, c = _gathered_sizes(x, w, block_group, axes, dim)
+  out_dtype = x.dtype if fp8 else jnp.result_type(x.dtype, w.dtype)
+  lo, hi = _group_spans(block_group, n_used, n_groups)
+
+  def group(g, y):
+    wc = jnp.broadcast_to(_gather_group(w, g, axes, dim), (c, k_full, n_full))
+
+    def body(s, keep, y):
+      yc = _block_dot(_rows(x, s, c, bs).reshape(c, bs, -1), wc, fp8).astype(out_dtype)
+      yc = jnp.where(keep[:, None, None], yc, _rows(y, s, c, bs).reshape(c, bs, -1))
+      return jax.lax.dynamic_update_slice_in_dim(y, yc.reshape(c * bs, -1), s * bs, axis=0)
+    return _group_blocks(g, lo, hi, n_blocks, c, body, y)
+
+  y = _vary_like(_varying(x) | _varying(w), jnp.zeros((n_blocks * bs, n_full), out_dtype))
+  return jax.lax.fori_loop(0, n_groups, group, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gmm_gathered(fp8, axes, dim, x, w, block_group, n_used):
+  return _gathered_forward(fp8, axes, dim, x, w, block_group, n_used)
+
+
+def _gathered_fwd(fp8, axes, dim, x, w, block_group, n_used):
+  return (_gathered_forward(fp8, axes, dim, x, w, block_group, n_used),
+          (x, w, block_group, n_used))
+
+
+def _gathered_bwd(fp8, axes, dim, res, dy):
+  """Per group g: its weight gathered again for dx = dy w^T, and
+  dw[g] = sum over its blocks of x^T dy (float32), reduce-scattered back
+  to this device's slice (the all-gather's transpose)."""
+  x, w, block_group, n_used = res
+  n_blocks, n_groups = block_group.shape[0], w.shape[0]
+  bs, k_full, n_full, c = _gathered_sizes(x, w, block_group, axes, dim)
+  dy = dy.astype(x.dtype) if fp8 else dy
+  vary = _varying(x) | _varying(dy) | _varying(w)
+  lo, hi = _group_spans(block_group, n_used, n_groups)
+
+  def group(g, carry):
+    dx, dw = carry
+    wg = _gather_group(w, g, axes, dim)
+    wc = jnp.broadcast_to(wg, (c, k_full, n_full))
+
+    def body(s, keep, carry):
+      dx, acc = carry
+      xc = _rows(x, s, c, bs).reshape(c, bs, -1)
+      dyc = jnp.where(keep[:, None, None], _rows(dy, s, c, bs).reshape(c, bs, -1), 0)
+      dxc = jnp.where(keep[:, None, None], _dx_chunk(xc, wc, dyc, fp8),
+                      _rows(dx, s, c, bs).reshape(c, bs, -1))
+      dx = jax.lax.dynamic_update_slice_in_dim(dx, dxc.reshape(c * bs, -1), s * bs, axis=0)
+      return dx, acc + _dw_chunk(xc, wg, dyc, fp8)
+    acc = _vary_like(vary, jnp.zeros((k_full, n_full), jnp.float32))
+    dx, acc = _group_blocks(g, lo, hi, n_blocks, c, body, (dx, acc))
+    part = jax.lax.psum_scatter(acc, axes, scatter_dimension=dim - 1, tiled=True)
+    return dx, jax.lax.dynamic_update_index_in_dim(dw, part.astype(dw.dtype), g, axis=0)
+
+  init = _vary_like(vary, (jnp.zeros_like(x), jnp.zeros(w.shape, w.dtype)))
+  dx, dw = jax.lax.fori_loop(0, n_groups, group, init)
+  return dx, dw, None, None
+
+
+_gmm_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
 def _varying(a) -> frozenset:
   mat = getattr(jax.typeof(a), "manual_axis_type", None)
   return frozenset(mat.varying) if mat is not None else frozenset()
@@ -242,22 +358,34 @@ def _vary_like(axes: frozenset, tree):
   return jax.tree.map(cast, tree)
 
 
-def gmm(x: jax.Array, w, block_group: jax.Array, n_used, *, fp8: bool = False) -> jax.Array:
+def gmm(x: jax.Array, w, block_group: jax.Array, n_used, *, fp8: bool = False,
+        gather_axes: tuple[str, ...] = (), gather_dim: int = 1) -> jax.Array:
   """y[blk] = x[blk] @ w[block_group[blk]] per block of rows (see module doc).
 
   x [n_blocks * bs, K]; w [G, K, N] (or `fp8.Quantized` q [G, K', N'] with
   fp8=True); block_group [n_blocks] int in [0, G); n_used: blocks in use.
   Returns [n_blocks * bs, N] (x's dtype with fp8), rows of unused blocks 0.
+  gather_axes (inside `jax.shard_map` only): w is this device's slice of the
+  weights, split along dim `gather_dim` (1: K, 2: N) over these mesh axes
+  (FSDP); each group's weight is gathered whole one group at a time (module
+  doc, "Sharded weights").
   """
   x, w, block_group = jax.tree.map(jnp.asarray, (x, w, block_group))
   wa = _weight_array(w)
   n_blocks = block_group.shape[0]
+  k = wa.shape[1] * (math.prod(jax.lax.axis_size(a) for a in gather_axes)
+                     if gather_dim == 1 else 1)
   if x.ndim != 2 or wa.ndim != 3 or x.shape[0] % max(n_blocks, 1) or \
-      (not fp8 and x.shape[1] != wa.shape[1]):
+      (not fp8 and x.shape[1] != k):
     raise ValueError(f"gmm: x [n_blocks * bs, K], w [G, K, N], block_group [n_blocks] "
                      f"expected; got x {x.shape}, w {wa.shape}, block_group "
                      f"{block_group.shape}.")
   axes = _varying(x) | frozenset().union(*(_varying(a) for a in jax.tree.leaves(w)))
   x, w = _vary_like(axes, (x, w))
-  return _gmm(bool(fp8), x, w, block_group.astype(jnp.int32),
-              jnp.asarray(n_used, jnp.int32))
+  block_group, n_used = block_group.astype(jnp.int32), jnp.asarray(n_used, jnp.int32)
+  if gather_axes:
+    if isinstance(w, fp8_lib.Quantized) or gather_dim not in (1, 2):
+      raise ValueError("gmm: gather_axes needs a plain weight array and gather_dim 1 or 2.")
+    return _gmm_gathered(bool(fp8), tuple(gather_axes), gather_dim, x, w, block_group,
+                         n_used)
+  return _gmm(bool(fp8), x, w, block_group, n_used)

@@ -240,7 +240,8 @@ def _n_experts(w) -> int:
   return (w.q if isinstance(w, fp8_lib.Quantized) else w).shape[0]
 
 
-def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: bool = False):
+def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: bool = False,
+                    embed_axes: tuple[str, ...] = ()):
   """Routed SwiGLU experts on block-padded rows: sum_j gates[t, j] FFN_{e_tj}(x_t).
 
   x [n, D], experts/gates [n, k], w1/w3 [E, D, F], w2 [E, F, D] (or FP8
@@ -251,6 +252,11 @@ def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: boo
   id outside [0, E) marks a row that is not one (the expert exchange's empty
   buffer slots): it is sorted into an extra last group that gets no block,
   so it is never computed and its output is 0.
+  embed_axes (inside `jax.shard_map`): the weights are this device's FSDP
+  slices, the model width D split over these mesh axes (w1/w3 [E, D/f, F],
+  w2 [E, F, D/f]); `gmm` gathers one expert's whole weight at a time instead
+  of every expert's at once (10.5 GiB per V3 layer at tensor=2, and as much
+  again for the gradient).
   """
   n, d = x.shape
   k = experts.shape[1]
@@ -277,8 +283,10 @@ def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: boo
   n_used = (pad_end[-1] // bs).astype(jnp.int32)
   # With fp8 each block quantizes its rows in 1x128 tiles along d (fprop)
   # and along its <= 128 rows (wgrad): a block is at most one M tile.
-  mm = functools.partial(gmm, block_group=block_e, n_used=n_used, fp8=fp8)
-  y = mm(jax.nn.silu(mm(xs, w1)) * mm(xs, w3), w2)
+  mm = functools.partial(gmm, block_group=block_e, n_used=n_used, fp8=fp8,
+                         gather_axes=tuple(embed_axes))
+  h = jax.nn.silu(mm(xs, w1, gather_dim=1)) * mm(xs, w3, gather_dim=1)
+  y = mm(h, w2, gather_dim=2)
   y_rows = jnp.take(y, slot, axis=0, unique_indices=True, mode="fill",
                     fill_value=0).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
@@ -407,6 +415,7 @@ class MoE(nn.Module):
       w1, w3, w2 = (w.astype(dt) for w in (w1, w3, w2))
     if impl == "blocked":
       kernel = functools.partial(experts_blocked, block_size=cfg.moe_block_size, fp8=fp8)
+      kernel.gathers_weights = True     # takes FSDP-sliced weights (embed_axes)
     elif impl == "ragged":
       kernel = experts_ragged
     else:

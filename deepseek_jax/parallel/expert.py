@@ -83,8 +83,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax import fp8 as fp8_lib
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
+from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of, spec_for
 
 
 class SortedRows(NamedTuple):
@@ -106,6 +107,10 @@ def sort_by_group(groups: jax.Array, n_groups: int) -> SortedRows:
   counts = jnp.bincount(groups, length=n_groups)
   start = jnp.cumsum(counts) - counts
   return SortedRows(order, group, counts, jnp.arange(groups.shape[0]) - start[group])
+
+
+def _as_axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _spec_entry(axes: tuple[str, ...]):
@@ -275,6 +280,21 @@ def routed_experts(ffn: RoutedFFN, kernel, x, valid, gate, bias, w1, w3, w2, *,
     raise ValueError(f"batch of {x.shape[0]} rows is not divisible by the batch mesh axes "
                      f"{batch} (size {n_rows}); make the batch size a multiple of {n_rows}.")
 
+  # FSDP: without expert parallelism a kernel that gathers one expert's
+  # weight at a time (`embed_axes`) takes the weights as stored, the width
+  # split over the axes FSDP puts it on; else shard_map gathers every
+  # expert's weight at once (10.5 GiB per V3 layer at tensor=2). With expert
+  # parallelism the overflow rounds run under a cond whose branch may differ
+  # between FSDP peers: no collective may sit inside, so the map gathers.
+  embed = ()
+  if ep == 1 and getattr(kernel, "gathers_weights", False) \
+      and not isinstance(w1, fp8_lib.Quantized):
+    embed = tuple(a for a in _as_axes(spec_for(("exp", "embed", "mlp_moe"), rules,
+                                                w1.shape, sizes)[1])
+                  if a not in frozenset(mesh.manual_axes) and sizes[a] > 1)
+    if embed:
+      kernel = functools.partial(kernel, embed_axes=embed)
+
   def local(x, valid, gate, bias, w1, w3, w2):
     # routed_ffn hands the kernel x.reshape(b s, d): valid.reshape(-1) matches.
     if ep > 1:
@@ -291,12 +311,12 @@ def routed_experts(ffn: RoutedFFN, kernel, x, valid, gate, bias, w1, w3, w2, *,
     return out, load, {key: v / jnp.maximum(den, 1.0) for key, v in nums.items()}
 
   rows = _spec_entry(batch)
-  e, f = _spec_entry(exp_axes), _spec_entry(mlp_axes)
+  e, f, dd = _spec_entry(exp_axes), _spec_entry(mlp_axes), _spec_entry(embed)
   # Inside a pipeline stage (parallel/pipeline.py) `pipe` is already manual:
   # this map takes the remaining axes.
   free = frozenset(mesh.axis_names) - frozenset(mesh.manual_axes)
   fn = jax.shard_map(
       local, mesh=mesh, axis_names=free,
-      in_specs=(P(rows), P(rows), P(), P(), P(e, None, f), P(e, None, f), P(e, f, None)),
+      in_specs=(P(rows), P(rows), P(), P(), P(e, dd, f), P(e, dd, f), P(e, f, dd)),
       out_specs=(P(rows), P(), P()))
   return fn(x, valid, gate, bias, w1, w3, w2)
