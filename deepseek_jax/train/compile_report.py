@@ -34,8 +34,8 @@ count it proved; a loop without one counts once and is reported in
 and follows fusions, calls, async wrappers and while bodies. A conditional
 counts its most expensive branch in `hlo_flops` (an upper bound: which
 branch runs is data) and its cheapest in `hlo_flops_cheapest_branch` (a
-lower bound). Both matter here: the expert exchange's cond between the
-common capacity and the every-row fallback (parallel/expert.py), and a
+lower bound). Both matter here: the expert exchange's cond that runs its
+overflow rounds only when a group overflowed (parallel/expert.py), and a
 pipeline's tick loop, where a rank runs one op per tick or idles (the upper
 bound counts the dearest op on every tick).
 Elementwise ops, reductions, softmax, sorts and collectives are NOT counted:
