@@ -50,6 +50,19 @@ def split_names(value) -> tuple[str, ...]:
   return tuple(k.strip() for part in parts for k in str(part).split(",") if k.strip())
 
 
+# Sizes the kernels pick and the planner (parallel/plan.py, a lower layer than
+# model/ and train/) counts: one definition here.
+VOCAB_CHUNK = 8192   # vocabulary columns per step of the chunked cross-entropy (train/losses.py)
+
+
+def default_moe_block_size(n_rows: int, n_experts: int) -> int:
+  """Rows per block of the blocked expert kernel (model/moe.py): a power of
+  two near (rows per expert)/8, within [8, 128]: small enough that padding
+  (< one block per expert) stays cheap, big enough for efficient GEMMs."""
+  target = max(n_rows // max(n_experts, 1) // 8, 1)
+  return int(min(128, max(8, 2 ** int(math.log2(target)))))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """DeepSeek-V3-family model shape.

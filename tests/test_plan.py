@@ -112,11 +112,16 @@ def test_activations_are_chunks_in_flight_times_one_microbatch_chunk():
   b = np.dtype(MOE8.dtype).itemsize
   t = SEQ                                    # one sequence per device per micro-batch
   chunk = 2 * t * MOE8.dim * b               # layer inputs of 8 / 4 layers
-  logits = 2 * t * MOE8.vocab_size * 4 * (1 + MOE8.n_mtp_depth)
   # The pipe-free plan of one micro-batch: 8 layers' inputs + one layer's
-  # working set X + the logits.
+  # working set X + the head's (vocabulary-chunked loss) + the optimizer
+  # update's; the last two are the planner's own terms (since issue 26 they
+  # follow the compiled step: parallel/plan.py module doc), read back here.
   whole = memory_plan(MOE8, _sizes(), "dp", batch_size=rows, seq_len=SEQ)
-  x = whole["activation_bytes_per_device"] - 8 * t * MOE8.dim * b - logits
+  terms = whole["activation_terms_bytes"]
+  logits, update = terms["head"], terms["update"]
+  assert terms["layer_inputs"] == 8 * t * MOE8.dim * b
+  x = whole["activation_bytes_per_device"] - 8 * t * MOE8.dim * b - logits - update
+  assert x == sum(v for k, v in terms.items() if k not in ("layer_inputs", "head", "update"))
   assert x > 0
 
   def acts(schedule):
@@ -125,14 +130,17 @@ def test_activations_are_chunks_in_flight_times_one_microbatch_chunk():
     return plan, plan["activation_bytes_per_rank"]
 
   plan, f1b = acts("1f1b")                   # rank s holds PP - s micro-batches
-  assert f1b == [(pp - s) * chunk + x + (logits if s == pp - 1 else 0) for s in range(pp)]
+  assert f1b == [(pp - s) * chunk + x + update + (logits if s == pp - 1 else 0)
+                 for s in range(pp)]
   assert plan["peak_activations"] == pp
   plan, gpipe = acts("gpipe")                # every rank holds all M
-  assert gpipe == [m * chunk + x + (logits if s == pp - 1 else 0) for s in range(pp)]
+  assert gpipe == [m * chunk + x + update + (logits if s == pp - 1 else 0)
+                   for s in range(pp)]
   assert plan["peak_activations"] == m
   plan, dual = acts("dualpipe")              # PP + 1 at the peak; F&B: two working sets
   assert plan["peak_activations"] == pp + 1
-  held = [(a - 2 * x - (logits if r in (0, pp - 1) else 0)) / chunk for r, a in enumerate(dual)]
+  held = [(a - 2 * x - update - (logits if r in (0, pp - 1) else 0)) / chunk
+          for r, a in enumerate(dual)]
   assert all(h == int(h) and 1 <= h <= pp + 1 for h in held) and max(held) == pp + 1
   assert plan["activation_bytes_per_device"] == max(dual)
 

@@ -50,14 +50,13 @@ buffer slots with expert id E).
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax import fp8 as fp8_lib
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, default_moe_block_size
 from deepseek_jax.model.grouped_matmul import gmm
 from deepseek_jax.model.layers import MLP, dtype_of, normal_init
 from deepseek_jax.parallel.expert import routed_experts, sort_by_group
@@ -219,11 +218,7 @@ def _swiglu(x, w1, w3, w2, eq_in, eq_out):
                     * jnp.einsum(eq_in, x, w3), w2)
 
 
-def default_block_size(n_rows: int, n_experts: int) -> int:
-  """Power of two near (rows per expert)/8, within [8, 128]: small enough that
-  padding (< one block per expert) stays cheap, big enough for efficient GEMMs."""
-  target = max(n_rows // max(n_experts, 1) // 8, 1)
-  return int(min(128, max(8, 2 ** int(math.log2(target)))))
+default_block_size = default_moe_block_size   # (config.py: the planner counts it too)
 
 
 def _swiglu_grouped(xg, w1, w3, w2, fp8: bool):

@@ -10,23 +10,60 @@ spec uses) on every device.
   grads     the same shapes and shardings as the parameters
   opt_state AdamW's two moments per parameter (same dtype and sharding) and
             its counters, as `optax` builds them
-  activations (an estimate, with `remat_policy="full"`, the setting at this
-            scale; t = tokens per device = batch * seq / (data*fsdp*expert)):
-              layer inputs kept for the backward: n_layers * t * dim * b
-            + one layer recomputed at a time, the largest of
-                attention scores  (batch/dp) * (heads/tensor) * seq^2 * 4
-                MoE exchange      2 * ep * C * dim * b   (send + receive buffers
-                                  of C = expert.exchange_capacity(t*k, ep,
-                                  moe_ep_capacity) rows per destination:
-                                  ~2 t k at the default 2; a skewed step
-                                  sends the rest in extra rounds of C)
-            (attention above cfg.attn_block_size and the vocabulary-chunked
-            loss are linear in seq since issue 26; these two terms still
-            count the quadratic scores and whole logits: an over-estimate
-            there, to be re-fitted against launch.plan --compile)
-            + logits and their gradient  2 * t * (vocab/tensor) * 4 * (1 + D)
-            with b the bytes of `dtype`, k the routed experts per token, ep the
-            expert-parallel degree, D the MTP depth.
+  activations what the compiled step holds besides the state (`remat_policy=
+            "full"`, the setting at this scale), read from XLA's buffer
+            assignment of the V3-width step (launch.plan --compile with
+            XLA_FLAGS=--xla_dump_to; the peak's live buffers); t = tokens
+            per device = batch * seq / (data*fsdp*expert), b the bytes of
+            `dtype`, k routed experts per token, ep the expert-parallel
+            degree, T the tensor degree. Each term is returned in
+            `activation_terms_bytes`:
+    layer_inputs  n_layers * t * dim * b: the blocks' inputs kept for the
+                  backward
+    attention     blockwise (seq > attn_block_size): seqs * (heads/T) * seq *
+                  (4 (4 dqk + 2 dv) + b (2 dqk + 3 dv)), dqk = 192 and dv =
+                  128 at V3: q, k (and their float32 gradient accumulators
+                  and copies), v, dv in float32, q, k, v, o, do in `dtype`;
+                  the [block, block] score tiles are small. Naive (short
+                  sequences): 3 seqs (heads/T) seq^2 4 (scores, probabilities,
+                  their gradient)
+    residual_f32  8 t dim 4: the block's float32 residual-stream temporaries
+                  (norms, their cotangents)
+    layer_weights 2 * 4 * (the largest block's weights outside the routed
+                  experts) / T: gathered (FSDP) whole in float32, and their
+                  float32 gradient before the reduce-scatter
+    expert_weights uses * X * (b + 4), X the elements of one MoE layer's
+                  routed-expert weights as the kernel holds them (with
+                  expert parallelism the shard_map's E/ep experts whole but
+                  for the mlp_moe split, 3 (E/ep) dim (moe_inter/T); without,
+                  the stored FSDP slice: the blocked kernel gathers one
+                  expert at a time): the layer's copy in `dtype` and in
+                  float32 (XLA:CPU runs bfloat16 dots in float32; over-counts
+                  X * 4 per use on a GPU); uses = the scanned layer + the MTP
+                  block + (ep > 1) the exchange's overflow rounds, which take
+                  their own copy inside their conditional
+    expert_rows   N dim (5 b + 2 * 4) + 6 N (moe_inter/T) b: the blocked
+                  kernel's padded rows, N = (ceil(R / bs) + E') bs for its R
+                  rows over E' experts (R = t k, E' = E without expert
+                  parallelism; R = ep C, E' = E/ep with it; bs as
+                  model.moe.default_block_size): the gathered rows and their
+                  cotangents (forward, recompute) in `dtype`, twice in float32
+                  (the CPU dots), the hidden [N, moe_inter/T] activations
+    exchange      (ep > 1) ep C dim (b + 3 * 4): a round's [ep, C, dim] send
+                  buffer and its three float32 results (kernel output, masked,
+                  returned), C = expert.exchange_capacity(t k, ep,
+                  moe_ep_capacity) (~2 t k / ep at the default 2; a skewed
+                  step sends the rest in extra rounds of C)
+    head          3 t min(VOCAB_CHUNK, vocab/T) 4: one vocabulary chunk of
+                  float32 logits, their exponentials and cotangent (the
+                  chunked loss never holds [t, vocab])
+    update        4 * (elements of the largest parameter shard): AdamW's
+                  float32 update, one leaf at a time (optax)
+            Measured (8 fake devices, V3 widths, 4 layers, batch 8 x 4096,
+            bfloat16 moments): expert=8 ep_fsdp compiled 118.70 GiB, planned
+            121.38; tensor=2 fsdp=4 fsdp_tp compiled 100.68, planned 106.67.
+            The gradients of the stacked layers are the `grads` row (float32
+            accumulators the scan's backward adds each layer's into).
 
 Pipeline parallelism (sizes["pipe"] = PP > 1, with a `pipeline_schedule`
 and M micro-batches; DESIGN.md §4, schedules in parallel/schedules.py)
@@ -54,7 +91,7 @@ PP-1 hold the embedding and the head + MTP both. Per rank r:
               + [c = 0] P_embed + [c = PP-1] P_last
   grads_r   = params_r;  opt_state_r the same sum over the moments, plus the
               optimizer's counters (on every rank)
-  activations_r = peak_r * A_r + X + [rank holds chunk PP-1] logits
+  activations_r = peak_r * A_r + X + [rank holds chunk PP-1] logits + update
      A_r    one micro-batch's layer inputs of the rank's largest chunk,
             layers_c * t * dim * b with t = batch * seq / (M * data*fsdp*expert)
             the tokens per device of ONE micro-batch
@@ -62,12 +99,13 @@ PP-1 hold the embedding and the head + MTP both. Per rank r:
             rank r, from `simulate(schedule, PP, M)`: GPipe M on every rank,
             1F1B PP - r, ZB1P PP, DualPipe PP + 1 (Table 2's column is the max;
             M >= PP, resp. >= 2 PP for DualPipe)
-     X      the recompute working set of one layer (max(scores, exchange)
-            above, for one micro-batch), twice for DualPipe: its F&B op runs
-            a forward and a backward at once
-     logits one micro-batch's logits and their gradient, 2 t (vocab/tensor) 4
-            (1 + D): the last chunk takes the loss and its gradient with
-            respect to its output in one go, so no schedule keeps them
+     X      the working set of one block (the terms above but layer_inputs,
+            head and update, for one micro-batch), twice for DualPipe: its
+            F&B op runs a forward and a backward at once
+     logits the head term above for one micro-batch: the last chunk takes
+            the loss and its gradient with respect to its output in one go,
+            so no schedule keeps them
+     (+ update on every rank)
 
 with dense_c / moe_c the dense / MoE layers of chunk c, P_dense / P_moe the
 per-layer bytes of the dense / MoE stack (their stacked leaves divided by
@@ -88,7 +126,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import VOCAB_CHUNK, ModelConfig, default_moe_block_size
 from deepseek_jax.parallel.expert import exchange_capacity
 from deepseek_jax.parallel.pipeline_layout import StageLayout, split_layers
 from deepseek_jax.parallel.rules import (BATCH_AXES, axes_size, check_divisible,
@@ -178,21 +216,88 @@ def _check_pipeline(cfg: ModelConfig, pp: int, schedule: str | None,
   return split_layers(cfg, pp)
 
 
+def _routed_leaves(state: Any, sizes: dict[str, int], rules) -> Iterator[tuple[Any, int]]:
+  """(leaf, shard bytes) of the MoE stack's routed-expert weights (w1, w3, w2)."""
+  for keys, leaf, n in _leaf_bytes(state.params, sizes, rules):
+    if "moe_layers" in keys and keys[-1] in ("w1", "w2", "w3") \
+        and "shared_experts" not in keys:
+      yield leaf, n
+
+
+def _expert_weight_elems(cfg: ModelConfig, sizes: dict[str, int], rules, state: Any) -> int:
+  """Elements of one MoE layer's routed-expert weights as the kernel holds
+  them on a device: with expert parallelism the expert shard_map gathers its
+  E/ep experts whole but for the `mlp_moe` split; without it the blocked
+  kernel takes the stored (FSDP-sliced) shard and gathers one expert at a
+  time (module doc)."""
+  ep = axes_size(sizes, mesh_axes_of("exp", rules))
+  if ep > 1:
+    f = cfg.moe_inter_dim // axes_size(sizes, mesh_axes_of("mlp_moe", rules))
+    return 3 * cfg.n_routed_experts // ep * cfg.dim * f
+  return sum(n // leaf.dtype.itemsize // leaf.shape[0]
+             for leaf, n in _routed_leaves(state, sizes, rules))
+
+
+def _gathered_layer_elems(state: Any, tensor: int) -> int:
+  """Elements of the largest block's weights outside the routed experts, whole
+  but for the tensor split: what a layer gathers (FSDP) to run."""
+  per = dict.fromkeys(_STACKS, 0)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+    keys = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    stack = next((k for k in _STACKS if k in keys), None)
+    if stack is None or (keys[-1] in ("w1", "w2", "w3") and "shared_experts" not in keys
+                         and stack == "moe_layers"):
+      continue
+    per[stack] += int(np.prod(leaf.shape[1:]))
+  return max(per.values()) // tensor
+
+
+def _kernel_rows(cfg: ModelConfig, rows: int, n_exp: int) -> int:
+  """Rows of the blocked kernel's padded buffer: n_blocks * bs for `rows`
+  routed rows over `n_exp` experts (model/moe.py experts_blocked)."""
+  bs = cfg.moe_block_size or default_moe_block_size(rows, n_exp)
+  return (-(-rows // bs) + n_exp) * bs
+
+
 def _transient_terms(cfg: ModelConfig, sizes: dict[str, int], rules, *, seqs: int,
-                     seq_len: int) -> tuple[int, int, int]:
-  """(one layer's layer-input bytes, the recompute working set X, the logits
-  and their gradient) for `seqs` sequences per device (module doc)."""
+                     seq_len: int, state: Any) -> tuple[int, int, int, dict[str, int]]:
+  """(one layer's layer-input bytes, the working set X of one block's
+  forward + backward, the head's working set, {term: bytes}) for `seqs`
+  sequences per device (module doc)."""
   b = np.dtype(cfg.dtype).itemsize
   t = seqs * seq_len                                     # tokens per device
   tensor = axes_size(sizes, mesh_axes_of("heads", rules))
   vocab_split = axes_size(sizes, mesh_axes_of("vocab", rules))
   ep = axes_size(sizes, mesh_axes_of("exp", rules))
-  scores = seqs * max(cfg.n_heads // tensor, 1) * seq_len ** 2 * 4
-  routed = t * cfg.n_activated_experts
-  exchange = (2 * ep * exchange_capacity(routed, ep, cfg.moe_ep_capacity) * cfg.dim * b
-              if cfg.n_moe_layers else 0)
-  logits = 2 * t * (cfg.vocab_size // vocab_split) * 4 * (1 + cfg.n_mtp_depth)
-  return t * cfg.dim * b, max(scores, exchange), logits
+  heads = max(cfg.n_heads // tensor, 1)
+  dqk, dv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+  if 0 < cfg.attn_block_size < seq_len:                  # blockwise: linear in seq
+    attention = seqs * heads * seq_len * (4 * (4 * dqk + 2 * dv) + b * (2 * dqk + 3 * dv))
+  else:                                                  # naive: scores, probs, grad
+    attention = 3 * seqs * heads * seq_len ** 2 * 4
+  terms = {"attention": attention,
+           "residual_f32": 8 * t * cfg.dim * 4,
+           "layer_weights": 2 * _gathered_layer_elems(state, tensor) * 4}
+  if cfg.n_moe_layers:
+    routed = t * cfg.n_activated_experts
+    f = cfg.moe_inter_dim // axes_size(sizes, mesh_axes_of("mlp_moe", rules))
+    if ep > 1:
+      cap = exchange_capacity(routed, ep, cfg.moe_ep_capacity)
+      n_rows = _kernel_rows(cfg, ep * cap, cfg.n_routed_experts // ep)
+      terms["exchange"] = ep * cap * cfg.dim * (b + 3 * 4)
+    else:
+      n_rows = _kernel_rows(cfg, routed, cfg.n_routed_experts)
+    terms["expert_rows"] = n_rows * cfg.dim * (5 * b + 2 * 4) + 6 * n_rows * f * b
+    uses = 1 + (cfg.n_mtp_depth > 0) + (ep > 1)
+    terms["expert_weights"] = uses * _expert_weight_elems(cfg, sizes, rules, state) * (b + 4)
+  head = 3 * t * min(VOCAB_CHUNK, cfg.vocab_size // vocab_split) * 4
+  return t * cfg.dim * b, sum(terms.values()), head, terms
+
+
+def _update_bytes(state: Any, sizes: dict[str, int], rules) -> int:
+  """AdamW's float32 temporaries: the update of the largest parameter shard."""
+  return max(n // leaf.dtype.itemsize * 4 for _, leaf, n in
+             _leaf_bytes(state.params, sizes, rules))
 
 
 def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, state: Any,
@@ -220,13 +325,14 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, state: A
     raise ValueError(f"batch_size={batch_size} does not split into num_microbatches={m} "
                      f"micro-batches over data*fsdp*expert={rows} devices: make it a multiple "
                      f"of {m} * {rows} = {m * rows}.")
-  layer_in, transient, logits = _transient_terms(cfg, sizes, rule_set,
-                                                 seqs=batch_size // (m * rows), seq_len=seq_len)
+  layer_in, transient, logits, terms = _transient_terms(
+      cfg, sizes, rule_set, seqs=batch_size // (m * rows), seq_len=seq_len, state=state)
+  update = _update_bytes(state, sizes, rule_set)
   if layout is None:
     layers, held = [cfg.n_layers], [(0,)]
     params = [_sharded_bytes(state.params, sizes, rule_set)]
     opt = [_sharded_bytes(state.opt_state, sizes, rule_set)]
-    activations = [cfg.n_layers * layer_in + transient + logits]
+    activations = [cfg.n_layers * layer_in + transient + logits + update]
     peak, copies = 1, 1
   else:
     layers = [len(ids) for ids in layout.layers]
@@ -238,7 +344,7 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, state: A
     params = [p_per["every"] + sum(p_chunk[c] for c in cs) for cs in held]
     opt = [o_per["every"] + sum(o_chunk[c] for c in cs) for cs in held]
     activations = [sim["activations"][r] * max(layers[c] for c in cs) * layer_in
-                   + transient * (2 if dual else 1) + (logits if pp - 1 in cs else 0)
+                   + transient * (2 if dual else 1) + (logits if pp - 1 in cs else 0) + update
                    for r, cs in enumerate(held)]
     peak, copies = sim["peak_activations"], sim["param_copies"]
   totals = [2 * p + o + a for p, o, a in zip(params, opt, activations)]
@@ -258,4 +364,6 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, state: A
       "params_bytes_per_rank": params,
       "opt_state_bytes_per_rank": opt,
       "activation_bytes_per_rank": [int(a) for a in activations],
+      "activation_terms_bytes": {"layer_inputs": cfg.n_layers * layer_in, **terms,
+                                 "head": logits, "update": update},
   }

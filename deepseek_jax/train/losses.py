@@ -53,13 +53,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import config
 from deepseek_jax.model.mtp import shift_left
 from deepseek_jax.parallel.rules import axes_size, constrain, current_rules, mesh_axes_of
 
 # Vocabulary columns per step (per vocabulary shard) of chunked_cross_entropy:
 # V3's 129,280 in 16 steps; per step [tokens, chunk] float32 logits, their
 # gradient and the kernel's [d, chunk] slice.
-VOCAB_CHUNK = 8192
+VOCAB_CHUNK = config.VOCAB_CHUNK   # read at call time (tests patch it here)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
