@@ -129,6 +129,17 @@ def fake_devices(n: int) -> list:
       "JAX_PLATFORMS=cpu), or run launch.plan in a fresh process.")
 
 
+def _largest_rank(plan: dict) -> int:
+  """The pipe rank whose parameters + gradients + optimizer state +
+  activations are the largest (0 without a pipeline)."""
+  if "params_bytes_per_rank" not in plan:
+    return 0
+  totals = [2 * p + o + a for p, o, a in zip(plan["params_bytes_per_rank"],
+                                             plan["opt_state_bytes_per_rank"],
+                                             plan["activation_bytes_per_rank"])]
+  return max(range(len(totals)), key=totals.__getitem__)
+
+
 def print_plan(plan: dict, sizes: dict[str, int]) -> None:
   print(f"{_PRESET.value} on {plan['devices']} devices "
         f"({' '.join(f'{a}={s}' for a, s in sizes.items() if s > 1) or 'one device'}), "
@@ -140,12 +151,18 @@ def print_plan(plan: dict, sizes: dict[str, int]) -> None:
     if plan["param_copies"] > 1:
       print(f"  layers per rank ({plan['param_copies']} chunks: r and pipe-1-r): "
             f"{plan['layers_per_rank']}")
+  # The rows of one rank, the one with the largest total, so that they add up
+  # to the total (each row's own maximum may sit on another rank).
+  r = _largest_rank(plan)
+  if plan["pipe"] > 1:
     print(f"  in flight: up to {plan['peak_activations']} micro-batch chunks of activations "
-          "on a rank; rows below: the largest rank")
-  rows_out = [("parameters", plan["params_bytes_per_device"]),
-              ("gradients", plan["grads_bytes_per_device"]),
-              ("optimizer state", plan["opt_state_bytes_per_device"]),
-              ("activations (estimate)", plan["activation_bytes_per_device"])]
+          f"on a rank; rows below: pipe rank {r}, the largest total")
+  params = plan.get("params_bytes_per_rank", [plan["params_bytes_per_device"]])[r]
+  rows_out = [("parameters", params), ("gradients", params),
+              ("optimizer state",
+               plan.get("opt_state_bytes_per_rank", [plan["opt_state_bytes_per_device"]])[r]),
+              ("activations", plan.get("activation_bytes_per_rank",
+                                       [plan["activation_bytes_per_device"]])[r])]
   for name, value in rows_out:
     print(f"  {name:24s}{gib(value)}")
   print(f"  {'total per device':24s}{gib(plan['total_bytes_per_device'])}")

@@ -11,6 +11,7 @@ inputs of one chunk.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -196,6 +197,12 @@ def test_plan_cli_plans_deepseek_v3s_own_layout():
   assert routed < plan["params_bytes_per_device"] < 1.05 * routed
   assert plan["opt_state_bytes_per_device"] == pytest.approx(
       plan["params_bytes_per_device"], rel=1e-6)                   # two bf16 moments
+  # The table's rows are one rank's (the largest total's): they add up to it.
+  gib = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(
+      r"^  ([a-z ]+?)\s+([0-9.]+) GiB$", out.stdout, re.M)}
+  rows = sum(gib[k] for k in ("parameters", "gradients", "optimizer state", "activations"))
+  assert abs(rows - gib["total per device"]) <= 0.02, gib
+  assert gib["total per device"] == pytest.approx(plan["total_bytes_per_device"] / 2**30, abs=0.01)
   bad = subprocess.run(cmd[:5], cwd=root, env=env, capture_output=True, text=True,
                        timeout=120)
   assert bad.returncode != 0 and "pipe=16 needs a pipeline_schedule" in bad.stderr
