@@ -4,6 +4,15 @@ import importlib.util
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is compile-bound (hundreds of small programs, each run a few
+# times): XLA:CPU's backend optimisation level 0 halves its CPU time (LLVM's
+# -O passes are most of a small program's compile) and changes no result: the
+# HLO passes, hence the arithmetic, are the same. Subprocess tests inherit it
+# through the environment. DSJ_TEST_XLA_OPT=1 keeps the default level.
+if os.environ.get("DSJ_TEST_XLA_OPT") != "1" and \
+    "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -43,7 +43,8 @@ def _launch(workdir, *flags, port):
   env = dict(os.environ)
   env.update({
       "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",   # 4 devices per "host"
+      # 4 devices per "host", and the suite's compile flags (tests/conftest.py)
+      "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(),
       "JAX_DEFAULT_MATMUL_PRECISION": "highest",
       "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", ""),
       "PYTHONWARNINGS": "error::DeprecationWarning,error::FutureWarning",
