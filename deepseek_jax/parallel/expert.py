@@ -85,7 +85,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import fp8 as fp8_lib
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of, spec_for
+from deepseek_jax.parallel.rules import Rules, as_axes, axes_size, mesh_axes_of, spec_for
 
 
 class SortedRows(NamedTuple):
@@ -107,10 +107,6 @@ def sort_by_group(groups: jax.Array, n_groups: int) -> SortedRows:
   counts = jnp.bincount(groups, length=n_groups)
   start = jnp.cumsum(counts) - counts
   return SortedRows(order, group, counts, jnp.arange(groups.shape[0]) - start[group])
-
-
-def _as_axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _spec_entry(axes: tuple[str, ...]):
@@ -289,7 +285,7 @@ def routed_experts(ffn: RoutedFFN, kernel, x, valid, gate, bias, w1, w3, w2, *,
   embed = ()
   if ep == 1 and getattr(kernel, "gathers_weights", False) \
       and not isinstance(w1, fp8_lib.Quantized):
-    embed = tuple(a for a in _as_axes(spec_for(("exp", "embed", "mlp_moe"), rules,
+    embed = tuple(a for a in as_axes(spec_for(("exp", "embed", "mlp_moe"), rules,
                                                 w1.shape, sizes)[1])
                   if a not in frozenset(mesh.manual_axes) and sizes[a] > 1)
     if embed:

@@ -135,10 +135,14 @@ def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
   return base
 
 
-def _as_tuple(axes) -> tuple[str, ...]:
+def as_axes(axes) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, an axis name or a tuple of them) as a tuple."""
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+_as_tuple = as_axes
 
 
 def spec_for(names: Sequence[str | None], rules: Rules, shape: Sequence[int] | None = None,
