@@ -11,7 +11,8 @@ from deepseek_jax.train.evaluate import exact_match, greedy_completions
 from deepseek_jax.train.losses import cross_entropy, mtp_targets, total_loss
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.loop import build_data, train
-from deepseek_jax.train.optimizer import lr_schedule, make_optimizer, weight_decay_mask
+from deepseek_jax.train.optimizer import (AdamW, apply_update, lr_schedule, make_optimizer,
+                                          weight_decay_mask)
 from deepseek_jax.train.step import (TrainState, abstract_train_state, init_train_state,
                                      make_train_step, make_update_step,
                                      pretraining_loss, update_router_bias)
@@ -20,7 +21,7 @@ __all__ = [
     "TrainConfig", "train", "build_data",
     "TrainState", "init_train_state", "abstract_train_state", "make_train_step",
     "make_update_step", "pretraining_loss", "update_router_bias",
-    "lr_schedule", "make_optimizer", "weight_decay_mask",
+    "AdamW", "apply_update", "lr_schedule", "make_optimizer", "weight_decay_mask",
     "cross_entropy", "mtp_targets", "total_loss",
     "Checkpoints", "open_checkpoints",
     "exact_match", "greedy_completions",

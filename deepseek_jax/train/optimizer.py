@@ -20,7 +20,7 @@ never reaches the optimizer.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,46 +94,137 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def moments_stored_as(dtype, inner: optax.GradientTransformation
-                      ) -> optax.GradientTransformation:
-  """`inner` with its Adam moments (mu, nu) kept in `dtype` between steps;
-  each update computes in float32 (V3 sec. 3.3: BF16 moments, FP32 master
-  weights and gradients, no observable loss of accuracy)."""
-  def convert(state, to):
-    def node(n):
-      if isinstance(n, optax.ScaleByAdamState):
-        cast = lambda t: jax.tree.map(lambda a: a.astype(to), t)  # noqa: E731
-        return n._replace(mu=cast(n.mu), nu=cast(n.nu))
-      return n
-    return jax.tree.map(node, state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
-
-  def init(params):
-    return convert(inner.init(params), dtype)
-
-  def update(updates, state, params=None):
-    updates, state = inner.update(updates, convert(state, np.float32), params)
-    return updates, convert(state, dtype)
-  return optax.GradientTransformation(init, update)
-
-
 MOMENT_DTYPES = ("float32", "bfloat16")
+
+
+class AdamW(NamedTuple):
+  """`make_optimizer`'s transformation: optax's (init, update) pair plus the
+  settings `apply_update` reads. Its state is optax's for
+  chain(clip_by_global_norm, adamw) (adamw alone without clipping), so
+  checkpoints and `optax` tree utilities see the familiar structure."""
+  init: Callable[[Any], Any]
+  update: Callable[..., tuple[Any, Any]]
+  schedule: optax.Schedule
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  clip_norm: float            # <= 0 or inf: no clipping
+  moments_dtype: str
 
 
 def make_optimizer(schedule: optax.Schedule, *, weight_decay: float = 0.1,
                    b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                   clip_norm: float = 1.0, moments_dtype: str = "float32"
-                   ) -> optax.GradientTransformation:
+                   clip_norm: float = 1.0, moments_dtype: str = "float32") -> AdamW:
   """clip_by_global_norm(clip_norm) -> AdamW(schedule) with the decay mask.
 
   clip_norm <= 0 or inf disables clipping. moments_dtype: "float32" or
-  "bfloat16" (the storage of AdamW's two moments).
+  "bfloat16", the storage of AdamW's two moments (V3 sec. 3.3: BF16 moments,
+  FP32 master weights and gradients). The arithmetic is float32; the
+  parameter update reads the moments as stored (rounded to moments_dtype),
+  which lets every buffer be updated in place (`apply_update`).
   """
   if moments_dtype not in MOMENT_DTYPES:
     raise ValueError(f"moments_dtype={moments_dtype!r} must be one of {MOMENT_DTYPES}.")
-  adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                      mask=weight_decay_mask)
-  if moments_dtype != "float32":
-    adamw = moments_stored_as(jnp.dtype(moments_dtype), adamw)
-  if clip_norm and math.isfinite(clip_norm) and clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
-  return adamw
+  clips = bool(clip_norm and math.isfinite(clip_norm) and clip_norm > 0)
+  reference = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                          mask=weight_decay_mask)
+  if clips:
+    reference = optax.chain(optax.clip_by_global_norm(clip_norm), reference)
+  dtype = jnp.dtype(moments_dtype)
+
+  def init(params):
+    state = reference.init(params)
+    return _with_adam(state, lambda a: a._replace(
+        mu=jax.tree.map(lambda m: m.astype(dtype), a.mu),
+        nu=jax.tree.map(lambda v: v.astype(dtype), a.nu)))
+
+  tx = AdamW(init, None, schedule, b1, b2, eps, weight_decay,
+             clip_norm if clips else 0.0, moments_dtype)
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("AdamW.update needs params (decoupled weight decay).")
+    return _step(tx, grads, state, params, keep_if=None, barrier=False, apply=False)
+  return tx._replace(update=update)
+
+
+def _with_adam(state, fn):
+  """state with fn applied to its ScaleByAdamState."""
+  is_adam = lambda n: isinstance(n, optax.ScaleByAdamState)  # noqa: E731
+  return jax.tree.map(lambda n: fn(n) if is_adam(n) else n, state, is_leaf=is_adam)
+
+
+def _find(state, kind):
+  found = [n for n in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, kind))
+           if isinstance(n, kind)]
+  if len(found) != 1:
+    raise ValueError(f"optimizer state has {len(found)} {kind.__name__} nodes, "
+                     "expected 1: not a make_optimizer state.")
+  return found[0]
+
+
+def apply_update(tx: AdamW, grads: Any, state: Any, params: Any, *,
+                 keep_if: jax.Array | None = None, barrier: bool = True
+                 ) -> tuple[Any, Any]:
+  """One AdamW step: (new params, new state), in place where donated.
+
+  Per leaf, in float32: g <- g * min(1, clip_norm / ||grads||);
+  m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2 (both stored in
+  moments_dtype); p <- p - lr(t) (m_hat / (sqrt(v_hat) + eps) + wd p), with
+  m_hat, v_hat the stored moments over (1 - b^(t+1)) and wd only where
+  `weight_decay_mask`. keep_if (bool scalar): where False, params and state
+  come back unchanged (the step-skipping of non-finite gradients).
+
+  Each buffer has one reader before it is overwritten (the moments are
+  written first, behind an optimization barrier, and the parameter update
+  reads the new ones), so XLA updates a donated state in place: with
+  optax's separate transforms it copied every moment (and a clipped copy of
+  every gradient) first, 6 bytes per parameter at the peak of the step.
+  """
+  return _step(tx, grads, state, params, keep_if=keep_if, barrier=barrier, apply=True)
+
+
+def _step(tx, grads, state, params, *, keep_if, barrier, apply):
+  """apply_update (apply=True) or optax's (updates, state) (apply=False)."""
+  adam = _find(state, optax.ScaleByAdamState)
+  sched = _find(state, optax.ScaleByScheduleState)
+  if tx.clip_norm:
+    g_norm = optax.tree.norm(grads)
+    scale = jnp.where(g_norm < tx.clip_norm, 1.0, tx.clip_norm / g_norm)
+  count = optax.safe_increment(adam.count)
+  bc1 = (1 - tx.b1 ** count).astype(jnp.float32)
+  bc2 = (1 - tx.b2 ** count).astype(jnp.float32)
+  lr = jnp.asarray(tx.schedule(sched.count), jnp.float32)
+  keep = (lambda new, old: new) if keep_if is None else (  # noqa: E731
+      lambda new, old: jnp.where(keep_if, new, old))
+
+  def leaf(g, m, v, p, decays):
+    g = g.astype(jnp.float32)
+    if tx.clip_norm:
+      g = g * scale
+    m_new = keep(((1 - tx.b1) * g + tx.b1 * m.astype(jnp.float32)).astype(m.dtype), m)
+    v_new = keep(((1 - tx.b2) * g ** 2 + tx.b2 * v.astype(jnp.float32)).astype(v.dtype), v)
+    if barrier:
+      m_new, v_new = jax.lax.optimization_barrier((m_new, v_new))
+    u = (m_new.astype(jnp.float32) / bc1) / (
+        jnp.sqrt(v_new.astype(jnp.float32) / bc2) + tx.eps)
+    if decays and tx.weight_decay:
+      u = u + tx.weight_decay * p
+    delta = -lr * u
+    if not apply:
+      return delta, m_new, v_new
+    return keep((p + delta).astype(p.dtype), p), m_new, v_new
+
+  leaves, treedef = jax.tree.flatten(params)
+  mask = treedef.flatten_up_to(weight_decay_mask(params))
+  out = [leaf(*args) for args in zip(treedef.flatten_up_to(grads),
+                                     treedef.flatten_up_to(adam.mu),
+                                     treedef.flatten_up_to(adam.nu), leaves, mask)]
+  new, mu, nu = (treedef.unflatten(list(col)) for col in zip(*out))
+  state = _with_adam(state, lambda a: a._replace(count=keep(count, a.count), mu=mu, nu=nu))
+  sched_count = keep(optax.safe_increment(sched.count), sched.count)
+  is_sched = lambda n: isinstance(n, optax.ScaleByScheduleState)  # noqa: E731
+  state = jax.tree.map(lambda n: n._replace(count=sched_count) if is_sched(n) else n,
+                       state, is_leaf=is_sched)
+  return new, state

@@ -51,7 +51,8 @@ from deepseek_jax.parallel.pipeline_layout import (split_layers, stage_tree, sta
 from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 from deepseek_jax.train import losses
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.optimizer import lr_schedule_from_config, make_optimizer
+from deepseek_jax.train.optimizer import (AdamW, apply_update, lr_schedule_from_config,
+                                          make_optimizer)
 
 
 
@@ -64,7 +65,7 @@ class TrainState:
   router_bias: Any         # the `router_bias` collection (not trained by grads)
 
 
-def make_tx(train_cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_tx(train_cfg: TrainConfig) -> tuple[AdamW, optax.Schedule]:
   """The optimizer and its learning-rate schedule for a TrainConfig."""
   schedule = lr_schedule_from_config(train_cfg)
   tx = make_optimizer(schedule, weight_decay=train_cfg.weight_decay, b1=train_cfg.b1,
@@ -434,16 +435,14 @@ def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, aux), grads = grad_fn(state.params, state.router_bias, batch, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    ok = _all_finite(loss, grads) if skip_nonfinite else None
+    params, opt_state = apply_update(tx, grads, state.opt_state, state.params, keep_if=ok)
     metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(grads),
                    lr=jnp.asarray(schedule(state.step), jnp.float32))
     router_bias = _bias_update(train_cfg, layout, state.router_bias, aux, metrics)
     if skip_nonfinite:
-      ok = _all_finite(loss, grads)
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa
-      params, opt_state, router_bias = keep((params, opt_state, router_bias),
-                                            (state.params, state.opt_state, state.router_bias))
+      router_bias = jax.tree.map(lambda a, b: jnp.where(ok, a, b), router_bias,
+                                 state.router_bias)
       metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            router_bias=router_bias)
