@@ -26,6 +26,12 @@ os.environ.setdefault("DSJ_TEST_JAX_CACHE", "/tmp/deepseek_jax_test_cache")
 jax.config.update("jax_compilation_cache_dir", os.environ["DSJ_TEST_JAX_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# ... and every subprocess a test starts (CLI runs, notebooks, two-process
+# runs) reads and fills the same cache: a resumed run, or a second run of a
+# configuration another test ran, loads its programs instead of compiling.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["DSJ_TEST_JAX_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def pytest_addoption(parser):
