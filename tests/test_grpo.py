@@ -34,6 +34,38 @@ def test_group_advantages_match_the_formula(scale):
     group_advantages(r, 4, "mean")
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_unscored_rows_do_not_enter_their_groups_statistics(scale):
+  # A reward function failed on row 1 (its total is a placeholder 0): the
+  # group's mean and std come from rows 0, 2, 3 only, and row 1 gets 0.
+  r = np.array([1, 0, 0.25, 1, 0.5, 0.5, 0.5, 0.5, 2, -1, 0, 3], np.float64)
+  scored = np.ones(12, bool)
+  scored[[1, 9]] = False
+  got = np.asarray(group_advantages(r, 4, scale, scored=scored))
+  want = np.zeros(12)
+  kept = np.flatnonzero(scored)
+  for s in range(0, 12, 4):
+    rows = [i for i in range(s, s + 4) if scored[i]]
+    want[rows] = r[rows] - r[rows].mean()
+    if scale == "group":
+      want[rows] /= r[rows].std() + 1e-4
+  if scale == "batch":
+    want[kept] /= r[kept].std() + 1e-4
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert got[1] == 0 and got[9] == 0
+  # Today's bug, for the record: counting row 1 as reward 0 moves the others.
+  assert not np.allclose(got[[0, 2, 3]], _np_advantages(r, 4, scale)[[0, 2, 3]])
+
+
+def test_equal_groups_look_at_scored_rows_only():
+  from deepseek_jax.rl.trainer import equal_groups
+  total = np.array([1.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.2, 0.7, 3.0, 0.0, 0.0, 0.0])
+  scored = np.array([1, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], bool)
+  # group 0: scored rewards all 1 -> equal; group 1: differ; group 2: one scored row.
+  assert equal_groups(total, 4, scored).tolist() == [True, False, True]
+  assert equal_groups(total, 4).tolist() == [False, False, False]
+
+
 def _np_kl(logp, ref, est):
   d = ref - logp
   return {"k1": -d, "k2": 0.5 * d * d, "k3": np.exp(d) - d - 1}[est], \

@@ -57,11 +57,17 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 STD_EPS = 1e-4
 
 
-def group_advantages(rewards, group_size: int, scale: str = "group") -> jax.Array:
+def group_advantages(rewards, group_size: int, scale: str = "group",
+                     scored=None) -> jax.Array:
   """A per completion from rewards [N] (N = prompts x group_size, each
   prompt's completions contiguous): reward minus its group's mean, divided
   by (std + 1e-4) with std (ddof 0) over the group ("group"), over the whole
-  batch ("batch"), or not divided ("none")."""
+  batch ("batch"), or not divided ("none").
+
+  scored (bool [N], optional): the rows a reward function could score. Means
+  and stds are then over the scored rows only (a row no function could score
+  says nothing about its group), and unscored rows get advantage 0 (the
+  trainer also masks them out of the loss)."""
   if scale not in SCALES:
     raise ValueError(f"scale={scale!r} must be one of {SCALES}.")
   r = jnp.asarray(rewards, jnp.float32)
@@ -70,12 +76,21 @@ def group_advantages(rewards, group_size: int, scale: str = "group") -> jax.Arra
   if group_size < 1 or r.shape[0] % group_size:
     raise ValueError(f"len(rewards)={r.shape[0]} must be a multiple of group_size="
                      f"{group_size} (each prompt's completions contiguous).")
-  g = r.reshape(-1, group_size)
-  centred = (g - g.mean(axis=1, keepdims=True)).reshape(-1)
+  w = jnp.ones_like(r) if scored is None else jnp.asarray(scored, jnp.float32)
+  if w.shape != r.shape:
+    raise ValueError(f"scored has shape {w.shape}; rewards {r.shape}.")
+  r = jnp.where(w > 0, r, 0.0)
+  g, gw = r.reshape(-1, group_size), w.reshape(-1, group_size)
+  n = jnp.maximum(gw.sum(axis=1, keepdims=True), 1.0)
+  mean = (g * gw).sum(axis=1, keepdims=True) / n
+  centred = ((g - mean) * gw).reshape(-1)
   if scale == "group":
-    return centred / (jnp.repeat(g.std(axis=1), group_size) + STD_EPS)
+    std = jnp.sqrt((((g - mean) * gw) ** 2).sum(axis=1) / n[:, 0])
+    return centred / (jnp.repeat(std, group_size) + STD_EPS)
   if scale == "batch":
-    return centred / (r.std() + STD_EPS)
+    total = jnp.maximum(w.sum(), 1.0)
+    batch_mean = (r * w).sum() / total
+    return centred / (jnp.sqrt((((r - batch_mean) * w) ** 2).sum() / total) + STD_EPS)
   return centred
 
 

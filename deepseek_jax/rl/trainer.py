@@ -343,9 +343,20 @@ def grpo_mesh(gcfg: GRPOConfig, mesh_cfg: MeshConfig | None, model_cfg: ModelCon
   return mesh_for(mesh_cfg, dataclasses.replace(opt_cfg, batch_size=rows), model_cfg)
 
 
-def equal_groups(total: np.ndarray, group_size: int) -> np.ndarray:
-  """[groups] bool: all rewards of the group equal (no gradient signal)."""
-  return total.reshape(-1, group_size).std(axis=1) == 0
+def _mean(values: np.ndarray, reduce=np.mean) -> float:
+  return float(reduce(values)) if values.size else float("nan")
+
+
+def equal_groups(total: np.ndarray, group_size: int, scored: np.ndarray | None = None
+                 ) -> np.ndarray:
+  """[groups] bool: all scored rewards of the group equal (no gradient
+  signal); a group with fewer than two scored rows counts as equal."""
+  if scored is None:
+    return total.reshape(-1, group_size).std(axis=1) == 0
+  t, s = total.reshape(-1, group_size), scored.reshape(-1, group_size)
+  hi = np.where(s, t, -np.inf).max(axis=1)
+  lo = np.where(s, t, np.inf).min(axis=1)
+  return (s.sum(axis=1) < 2) | (hi == lo)
 
 
 def take_groups(roll: dict[str, Any], groups, group_size: int) -> dict[str, Any]:
@@ -462,13 +473,14 @@ class GRPO:
     rewards by informative groups of fresh prompts, up to resample_rounds."""
     G, P = self.gcfg.group_size, self.gcfg.prompts_per_step
     roll = self._rollout(step, 0, policy)
-    drawn_equal = float(equal_groups(roll["total"], G).mean())
+    equal = lambda r: equal_groups(r["total"], G, r["valid"])  # noqa: E731
+    drawn_equal = float(equal(roll).mean())
     rounds = 0
-    while rounds < self.gcfg.resample_rounds and equal_groups(roll["total"], G).any():
+    while rounds < self.gcfg.resample_rounds and equal(roll).any():
       rounds += 1
       fresh = self._rollout(step, rounds, policy)
-      good = np.flatnonzero(~equal_groups(fresh["total"], G))
-      bad = np.flatnonzero(equal_groups(roll["total"], G))
+      good = np.flatnonzero(~equal(fresh))
+      bad = np.flatnonzero(equal(roll))
       n = min(len(good), len(bad))
       if n:
         drop = set(bad[:n].tolist())
@@ -483,10 +495,10 @@ class GRPO:
     gen = Generation(tokens=roll["tokens"], lengths=roll["lengths"],
                      logprobs=roll["logprobs"], steps=0)
     truncated = np.array([not (s and s[-1] == eos) for s in roll["seqs"]])
-    adv = np.asarray(grpo.group_advantages(roll["total"], G, g.scale))
+    adv = np.asarray(grpo.group_advantages(roll["total"], G, g.scale, scored=roll["valid"]))
     if step in g.nan_steps:      # the NaN policy's test hook
       adv = adv * np.float32(np.nan)
-    equal = np.repeat(equal_groups(roll["total"], G), G)
+    equal = np.repeat(equal_groups(roll["total"], G, roll["valid"]), G)
     keep = roll["valid"].copy()
     if g.mask_truncated:
       keep &= ~truncated
@@ -514,7 +526,8 @@ class GRPO:
     accuracy = (float(np.nanmean(per_fn["accuracy"])) if "accuracy" in per_fn else
                 float(np.mean([rewards.accuracy(t, e) for t, e in zip(texts, roll["examples"])])))
     return {
-        "reward": float(total.mean()), "reward_std": float(total.std()),
+        # Over the scored rows (an unscored row's total is a placeholder 0).
+        "reward": _mean(total[roll["valid"]]), "reward_std": _mean(total[roll["valid"]], np.std),
         **{f"reward/{k}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
            for k, v in per_fn.items()},
         "accuracy": accuracy, "format": float(np.mean([tasks.format_ok(t) for t in texts])),
