@@ -21,7 +21,10 @@ work inside a stage as they do without a pipeline), a `lax.scan` over the
 table's ticks runs `lax.switch` on the rank's op, then two `ppermute`s per
 direction move the activation made this tick to the next stage and the
 input gradient to the previous one, and the receivers store them in the
-slots the table names.
+slots the table names. A switch takes and returns only what its op reads
+and makes: the backward half returns its weight gradients (zeros from I
+and idle ops) and the tick adds them to the accumulators in place, since
+XLA copies every array a conditional's branch passes through unchanged.
 
 Backward ops recompute their stage's forward from the held stage input and
 apply its VJP (per micro-batch VJPs, so that a schedule can put any op
@@ -159,23 +162,23 @@ class _Rank:
     loss, _ = fns.loss(layers, head, totals, self.loss_args)
     return y, loss, layers, head
 
-  def forward(self, state, d, j, slot):
-    y, _, layers, head = self.stage(d, self.stacks[d], self.shared, state["x"][slot],
-                                    self.micro(j))
-    acc = {"layers": jax.tree.map(lambda a, v: a.at[d].add(v), state["acc"]["layers"],
-                                  layers),
-           "head": jax.tree.map(jnp.add, state["acc"]["head"], head)}
-    return dict(state, acc=acc), y
+  def forward(self, acc, d, j, x_in):
+    """(acc plus chunk d's per-layer sums and head of micro-batch j, its y)."""
+    y, _, layers, head = self.stage(d, self.stacks[d], self.shared, x_in, self.micro(j))
+    acc = {"layers": jax.tree.map(lambda a, v: a.at[d].add(v), acc["layers"], layers),
+           "head": jax.tree.map(jnp.add, acc["head"], head)}
+    return acc, y
 
-  def backward(self, state, d, j, x_slot, g_slot, want_input: bool, want_weights: bool):
+  def backward(self, d, j, x_in, dy, want_input: bool, want_weights: bool):
+    """(input gradient or None, stage-weight gradients, shared-weight
+    gradients; zeros where not wanted) of chunk d's VJP on micro-batch j."""
     mb = self.micro(j)
-    x_in = state["x"][x_slot]
-    dy = jnp.where(self.last[d], jnp.zeros_like(x_in), state["g"][g_slot])
+    dy = jnp.where(self.last[d], jnp.zeros_like(x_in), dy)
     one = jnp.ones((), jnp.float32)
 
     def f(stacks, shared, x):
       return self.stage(d, stacks, shared, x, mb)[:2]
-    g_x = None
+    g_x, g_st, g_sh = None, self.zero_stacks(), self.zero_shared()
     if want_weights and want_input:
       g_st, g_sh, g_x = jax.vjp(f, self.stacks[d], self.shared, x_in)[1]((dy, one))
     elif want_weights:
@@ -183,45 +186,52 @@ class _Rank:
                            self.shared)[1]((dy, one))
     else:
       (g_x,) = jax.vjp(lambda x: f(self.stacks[d], self.shared, x), x_in)[1]((dy, one))
-    new = dict(state)
-    if want_weights:
-      grads = list(new["grads"])
-      grads[d] = jax.tree.map(jnp.add, grads[d], g_st)
-      new["grads"] = tuple(grads)
-      new["shared_grads"] = jax.tree.map(jnp.add, new["shared_grads"], g_sh)
     if g_x is not None:
       g_x = jnp.where(self.first[d], jnp.zeros_like(g_x), g_x)
-    return new, g_x
+    return g_x, g_st, g_sh
+
+  def zero_stacks(self):
+    return jax.tree.map(jnp.zeros_like, self.stacks[0])
+
+  def zero_shared(self):
+    return jax.tree.map(jnp.zeros_like, self.shared)
 
   def branches(self, present: dict[str, np.ndarray]):
     """The switch branches of the forward and backward halves: only the op
-    codes this table uses (each branch is traced)."""
+    codes this table uses (each is traced). Their operands and results are
+    what the op reads and makes, never the state it leaves alone: XLA copies
+    every array a conditional's branch passes through unchanged (in the
+    V3-width DualPipe step, the f32 gradient accumulators: 57 GiB at the
+    peak), so the backward half returns its weight gradients (zeros from I
+    and idle ops) and the tick adds them."""
     zeros_x = jnp.zeros(self.x_spec.shape, self.x_spec.dtype)
     dirs = self.dirs
 
-    def no_op(state, row):
-      return state, [zeros_x] * dirs
+    def no_op_f(acc, x_in, row):
+      return acc, [zeros_x] * dirs
 
     def op_f(d):
-      def run_op(state, row):
-        state, y = self.forward(state, d, row["f_mb"], row["f_x"])
+      def run_op(acc, x_in, row):
+        acc, y = self.forward(acc, d, row["f_mb"], x_in)
         out = [zeros_x] * dirs
         out[d] = y.astype(zeros_x.dtype)
-        return state, out
+        return acc, out
       return run_op
 
+    def no_op_b(x_in, dy, row):
+      return [zeros_x] * dirs, self.zero_stacks(), self.zero_shared()
+
     def op_b(d, want_input, want_weights):
-      def run_op(state, row):
-        state, g = self.backward(state, d, row["b_mb"], row["b_x"], row["b_g"], want_input,
-                                 want_weights)
+      def run_op(x_in, dy, row):
+        g, g_st, g_sh = self.backward(d, row["b_mb"], x_in, dy, want_input, want_weights)
         out = [zeros_x] * dirs
         if g is not None:
           out[d] = g.astype(zeros_x.dtype)
-        return state, out
+        return out, g_st, g_sh
       return run_op
 
-    make_f = {NO_OP: no_op, 1: op_f(0), 2: op_f(min(1, dirs - 1))}
-    make_b = {NO_OP: no_op}
+    make_f = {NO_OP: no_op_f, 1: op_f(0), 2: op_f(min(1, dirs - 1))}
+    make_b = {NO_OP: no_op_b}
     for kind, (wi, ww) in (("B", (True, True)), ("I", (True, False)), ("W", (False, True))):
       for d in range(dirs):
         make_b[B_CODES[kind] + d] = op_b(d, wi, ww)
@@ -229,14 +239,15 @@ class _Rank:
             [make_b[int(c)] for c in present["b_op"]])
 
   def run(self, table: Table, fields, present) -> dict:
-    """The tick loop; returns the final state (gradients, accumulators)."""
+    """The tick loop; returns the final state (gradients stacked by direction
+    [dirs, slots, ...], accumulators)."""
     pp, dirs = self.pp, self.dirs
     f_branches, b_branches = self.branches(present)
     buffers = jnp.zeros((table.n_slots + 1,) + self.x_spec.shape, self.x_spec.dtype)
     state = {
         "x": buffers, "g": buffers,
-        "grads": tuple(jax.tree.map(jnp.zeros_like, self.stacks[d]) for d in range(dirs)),
-        "shared_grads": jax.tree.map(jnp.zeros_like, self.shared),
+        "grads": jax.tree.map(lambda a: jnp.zeros((dirs,) + a.shape, a.dtype), self.stacks[0]),
+        "shared_grads": self.zero_shared(),
         "acc": {"layers": jax.tree.map(lambda s: jnp.zeros((dirs,) + s.shape, s.dtype),
                                        self.layers_spec),
                 "head": _zeros(self.head_spec)}}
@@ -246,9 +257,15 @@ class _Rank:
     down = [(i + 1, i) for i in range(pp - 1)]
 
     def tick(state, row):
-      state, acts = jax.lax.switch(row["f_op"], f_branches, state, row)
-      state, grads = jax.lax.switch(row["b_op"], b_branches, state, row)
       x, g = state["x"], state["g"]
+      acc, acts = jax.lax.switch(row["f_op"], f_branches, state["acc"], x[row["f_x"]], row)
+      grads, g_st, g_sh = jax.lax.switch(row["b_op"], b_branches, x[row["b_x"]],
+                                         g[row["b_g"]], row)
+      # In place: the backward op's direction's slice of the accumulators.
+      state = dict(state, acc=acc,
+                   grads=jax.tree.map(lambda a, v: a.at[row["b_dir"]].add(v),
+                                      state["grads"], g_st),
+                   shared_grads=jax.tree.map(jnp.add, state["shared_grads"], g_sh))
       for d in range(dirs):
         x = x.at[row[f"ra{d}"]].set(jax.lax.ppermute(acts[d], PIPE, up if d == 0 else down))
         g = g.at[row[f"rg{d}"]].set(jax.lax.ppermute(grads[d], PIPE, down if d == 0 else up))
@@ -273,13 +290,18 @@ def _program(fns: StageFns, table: Table, pp: int):
   present = {k: np.unique(table.fields[k]) for k in ("f_op", "b_op")}
   fields = dict(table.fields, **{k: np.searchsorted(v, table.fields[k]).astype(np.int32)
                                  for k, v in present.items()})
+  # The backward op's direction (codes B_CODES[kind] + d; 0 when idle, whose
+  # gradients are zeros): where the tick adds its weight gradients.
+  codes, bases = table.fields["b_op"], np.array(sorted(B_CODES.values()))
+  base = bases[np.maximum(np.searchsorted(bases, codes, side="right") - 1, 0)]
+  fields["b_dir"] = np.where(codes == NO_OP, 0, codes - base).astype(np.int32)
 
   def body(stacks, stacks_b, active, shared, shared_b, mbs, totals, fields, loss_args):
     rank = _Rank(fns, pp, table.directions, stacks, stacks_b, active, shared, shared_b, mbs,
                  totals, loss_args)
     state = rank.run(table, {k: v[:, 0] for k, v in fields.items()}, present)
     expand = lambda t: jax.tree.map(lambda a: a[None], t)        # noqa: E731
-    return (tuple(expand(g) for g in state["grads"]),
+    return (expand(state["grads"]),
             jax.lax.psum(state["shared_grads"], PIPE),
             jax.lax.psum(state["acc"]["head"], PIPE), expand(state["acc"]["layers"]))
   return body, fields
@@ -333,13 +355,14 @@ def pipeline_value_and_grad(fns: StageFns, mesh, layout: StageLayout, *, schedul
         in_specs=(split(chunks), split(chunks_b), split(active), rep(shared), rep(shared_b),
                   rep(mbs), rep(totals), jax.tree.map(lambda _: P(None, PIPE), fields),
                   rep(loss_args)),
-        out_specs=(tuple(split(t) for t in chunks), rep(shared), P(), P(PIPE)))
+        out_specs=(split(stacks), rep(shared), P(), P(PIPE)))
     stage_grads, shared_grads, head, by_rank = fn(*args)
     # [PP, directions, slots, ...] per rank -> per stage: direction 1 of rank
     # r ran stage PP-1-r.
-    g_stage, layers = stage_grads[0], jax.tree.map(lambda a: a[:, 0], by_rank)
+    g_stage = jax.tree.map(lambda a: a[:, 0], stage_grads)
+    layers = jax.tree.map(lambda a: a[:, 0], by_rank)
     if table.directions == 2:
-      g_stage = jax.tree.map(lambda a, b: a + b[::-1], g_stage, stage_grads[1])
+      g_stage = jax.tree.map(lambda a, b: a + b[::-1, 1], g_stage, stage_grads)
       layers = jax.tree.map(lambda a, b: a + b[::-1, 1], layers, by_rank)
     g_stage = zero_padded_slots(layout, g_stage)
     grads = dict(shared_grads, **(g_stage if staged else unstage_tree(layout, g_stage)))
