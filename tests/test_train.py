@@ -352,10 +352,21 @@ def test_checkpoints_keep_latest_k_and_refuse_another_model(tmp_path):
   np.testing.assert_array_equal(state["w"], [5.0, 6.0, 7.0])
   assert data_state == {"step": 5, "seed": 0}
   ckpts.close()
+  # Dropped checkpoints leave by an atomic rename, then are deleted: nothing of
+  # step 2 stays, and what a kill in the middle of deleting leaves behind (here
+  # a step whose "meta" is already gone) is no step and goes at the next open.
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  assert sorted(os.listdir(ckpt_dir)) == ["4", "5"]
+  os.makedirs(os.path.join(ckpt_dir, checkpoint.TRASH_DIR, "2", "state"))
+  reader = checkpoint.Checkpoints.existing(workdir)
+  assert reader.all_steps() == [4, 5]
+  reader.close()
+  assert checkpoint.TRASH_DIR in os.listdir(ckpt_dir)        # a reader deletes nothing
   # Train-config changes are reported; model-config changes are refused.
   ckpts, diff = checkpoint.open_checkpoints(workdir, cfg, {"lr": 2.0}, every=2, keep=2)
   ckpts.close()
   assert diff == ["lr: saved 1.0, requested 2.0"]
+  assert sorted(os.listdir(ckpt_dir)) == ["4", "5"]
   with pytest.raises(ValueError, match=r"dim: saved 64, requested 32; n_heads: saved 4, "
                                        r"requested 2\. Use a new workdir"):
     checkpoint.open_checkpoints(workdir, cfg.replace(dim=32, n_heads=2), {"lr": 1.0},

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -40,6 +41,9 @@ import orbax.checkpoint as ocp
 from deepseek_jax.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
+# Inside CHECKPOINT_DIR: where orbax renames checkpoints it drops (keep_ckpts)
+# before they are deleted; never a step.
+TRASH_DIR = ".deleted"
 META_KEYS = ("data", "model_config", "train_config")   # what `save` writes in meta
 # ModelConfig fields that change how, not what, the model computes.
 IMPLEMENTATION_FIELDS = ("moe_impl", "moe_block_size", "moe_ep_capacity", "remat_policy",
@@ -103,11 +107,18 @@ class Checkpoints:
         enable_async_checkpointing=async_save,
         # A reader leaves the directory alone (a writer may be running).
         cleanup_tmp_directories=not read_only,
+        # Old checkpoints leave by an atomic rename into TRASH_DIR, emptied
+        # here once no write is in flight: orbax's plain removal (a
+        # recursive delete) killed half-way left a step directory without
+        # its "meta" item that every reader then lists as saved.
+        todelete_subdir=TRASH_DIR,
         create=not read_only)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()})
     self._last_saved: int | None = None
+    self._read_only = read_only
+    self._empty_trash()
     # Blocks per pipeline stage when the saved state is in a pipeline's stage
     # layout (parallel/pipeline_layout.py stage_tree), written to meta as
     # "pipeline_stages"; None: the model's own layout.
@@ -252,6 +263,15 @@ class Checkpoints:
   def wait(self) -> None:
     """Blocks until the background write of the last save is committed."""
     self.manager.wait_until_finished()
+    self._empty_trash()
+
+  def _empty_trash(self) -> None:
+    """Deletes the checkpoints orbax renamed into TRASH_DIR (a writer on
+    process 0 only, with no save in flight: a kill half-way leaves the rest
+    for the next call, never a partial step directory)."""
+    if self._read_only or jax.process_index() != 0:
+      return
+    shutil.rmtree(os.path.join(self.directory, TRASH_DIR), ignore_errors=True)
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-process runs: True on every process at the same step once any
@@ -261,6 +281,7 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    self._empty_trash()
     # orbax's close() does not wait for the background removal of interrupted
     # saves' temporary directories it starts on open; a process exiting while it
     # runs (a run refused right after opening) logs a traceback on stderr.
