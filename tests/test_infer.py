@@ -318,6 +318,51 @@ def test_generate_cli_prints_the_generation_and_refuses_bad_input(tiny, tmp_path
   assert out.returncode != 0 and "prompt 0 has 100 tokens" in out.stderr
 
 
+def _np_sampled_logp(logits, targets, temperature, top_p, floor):
+  """log p(target) under logits / T after the top-p filter, in float64: keep
+  the most likely tokens until the mass before a token reaches top_p."""
+  out = np.empty(targets.shape)
+  for idx in np.ndindex(targets.shape):
+    z = logits[idx].astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    keep = order[(before < top_p) | (np.arange(len(p)) == 0)]
+    q = p[keep] / p[keep].sum()
+    t = targets[idx]
+    out[idx] = np.log(q[list(keep).index(t)]) if t in keep else floor
+  return out
+
+
+def test_token_logprobs_score_the_tempered_top_p_distribution(tiny):
+  """GRPO's ratio and KL need log-probs of the distribution the sampler drew
+  from: at temperature 0.7, top_p 0.9 against a NumPy computation over the
+  same masked distribution (targets outside the nucleus: the floor)."""
+  from deepseek_jax.infer import token_logprobs
+  from deepseek_jax.infer.scoring import LOGP_FLOOR
+  cfg, variables = tiny
+  rng = np.random.default_rng(7)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+  logits = np.asarray(Transformer(cfg).apply(variables, tokens))
+  # Half the targets are the most likely token (inside any nucleus), half random.
+  targets = np.where(rng.random((2, 12)) < 0.5, logits.argmax(-1),
+                     rng.integers(0, cfg.vocab_size, (2, 12))).astype(np.int32)
+  got = np.asarray(token_logprobs(cfg, variables, tokens, jnp.asarray(targets), chunk=8,
+                                  temperature=0.7, top_p=0.9))
+  want = _np_sampled_logp(logits, targets, 0.7, 0.9, LOGP_FLOOR)
+  assert (want == LOGP_FLOOR).any() and (want > LOGP_FLOOR).any()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # The ratio on a rollout's first pass: pi / pi_old of one distribution is 1;
+  # against the temperature-1 log-probs it is not.
+  plain = np.asarray(token_logprobs(cfg, variables, tokens, jnp.asarray(targets), chunk=8))
+  inside = want > LOGP_FLOOR
+  assert np.abs(np.exp(got - want)[inside] - 1).max() < 1e-3
+  assert np.abs(np.exp(got - plain)[inside] - 1).max() > 0.05
+  with pytest.raises(ValueError, match="temperature=0"):
+    token_logprobs(cfg, variables, tokens, jnp.asarray(targets), temperature=0.0)
+
+
 @pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min
 def test_chunked_token_logprobs_equal_the_full_logits_and_never_build_them(tiny):
   """Against log_softmax of the full [b, s, vocab] logits, values and

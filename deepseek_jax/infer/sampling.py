@@ -36,6 +36,13 @@ def _filtered(scaled: jax.Array, top_k, top_p, min_p) -> jax.Array:
   return jax.nn.log_softmax(out, -1)
 
 
+def filtered_logprobs(scaled: jax.Array, top_k, top_p, min_p) -> jax.Array:
+  """log-probs [b, V] of temperature-scaled logits [b, V] after the top-k,
+  top-p and min-p filters, exactly as the sampler applies them (-inf for
+  filtered tokens); for scoring the distribution a rollout was drawn from."""
+  return _filtered(scaled, top_k, top_p, min_p)
+
+
 def sampling_logprobs(logits: jax.Array, temperature, top_k, top_p, min_p) -> jax.Array:
   """logits [b, V] float32 -> log-probs [b, V] of the sampling distribution
   (-inf for filtered tokens). The sort runs only when a filter is on

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.infer import sampling
 from deepseek_jax.model import Transformer
 
 
@@ -27,11 +28,29 @@ def _head_kernel(variables) -> jax.Array:
   return head["kernel"].astype(jnp.float32)
 
 
+# log p of a target outside the sampling filter's support (the training
+# forward's nucleus can differ from the sampler's by a rounding at its edge):
+# finite, so ratios exp(logp - old) are 0 or 1 and gradients stay finite.
+LOGP_FLOOR = -1e4
+
+
 def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.Array, *,
-                   segment_ids=None, positions=None, chunk: int = 128) -> jax.Array:
-  """log p(targets) at every position, float32 [b, s] (see module docstring)."""
+                   segment_ids=None, positions=None, chunk: int = 128,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> jax.Array:
+  """log p(targets) at every position, float32 [b, s] (see module docstring).
+
+  temperature / top_k / top_p / min_p: score under the distribution the
+  sampler draws from with those settings (infer.sampling: logits divided by
+  the temperature, then the filters; what GRPO's ratio and KL need when
+  rollouts are sampled that way), floored at LOGP_FLOOR. The defaults are
+  the model's own distribution (the unfiltered path, unchanged)."""
   if chunk < 1:
     raise ValueError(f"chunk={chunk} must be >= 1.")
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature} must be > 0 to score (0 is greedy: "
+                     "no distribution).")
+  filters = top_k > 0 or top_p < 1 or min_p > 0
   if tuple(targets.shape) != tuple(tokens.shape):
     raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
   h = Transformer(cfg).apply(variables, tokens, segment_ids=segment_ids, positions=positions,
@@ -48,6 +67,13 @@ def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.
   def one(args):
     hc, tc = args                                   # [b, c, d], [b, c]
     logits = jnp.einsum("bcd,dv->bcv", hc, w)
+    if temperature != 1:
+      logits = logits / temperature
+    if filters:
+      vocab = logits.shape[-1]
+      logp = sampling.filtered_logprobs(logits.reshape(-1, vocab), top_k, top_p, min_p)
+      picked = jnp.take_along_axis(logp.reshape(logits.shape), tc[..., None], -1)[..., 0]
+      return jnp.maximum(picked, LOGP_FLOOR)
     logz = jax.nn.logsumexp(logits, axis=-1)
     return jnp.take_along_axis(logits, tc[..., None], -1)[..., 0] - logz
 

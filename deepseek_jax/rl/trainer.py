@@ -4,8 +4,7 @@ Each step (DeepSeekMath sec. 4.1.2, DeepSeek-R1 sec. 2.2):
   1. draw `prompts_per_step` training problems (seeded by step: resumable);
   2. rollout: `infer.generate` samples `group_size` completions per prompt
      at `temperature` from the current policy (its key a function of the
-     step: resumable), with each token's log-prob under the temperature-1
-     model (pi_old);
+     step: resumable);
   3. rewards (rewards.combine of the weighted rule-based functions) and
      group advantages (grpo.group_advantages); completions a reward
      function could not score are masked out, and optionally truncated
@@ -13,10 +12,12 @@ Each step (DeepSeekMath sec. 4.1.2, DeepSeek-R1 sec. 2.2):
      (`skip_equal_groups`, DAPO's dynamic sampling by filtering; or
      `resample_rounds`: replaced by informative groups of fresh prompts);
   4. `mu` optimisation passes of `make_update_step` over the rollout batch
-     with grpo.grpo_loss; the policy's log-probs are recomputed by
-     `infer.token_logprobs` (the same module and precision as the rollout,
-     so on the first pass rho = 1 up to float32 rounding) and the frozen
-     reference's are computed once per step (not at all when beta = 0);
+     with grpo.grpo_loss. Every log-prob (pi_old, pi_theta, the reference)
+     comes from the training forward (`infer.token_logprobs`) in the
+     distribution the rollout sampled from: logits / temperature, then the
+     sampler's top-p filter. pi_old is scored once per step before the
+     update (so on the first pass rho = 1 exactly), the frozen reference
+     once per step (not at all when beta = 0);
      the reference is the starting policy, refreshed every
      `ref_refresh_every` steps when set.
 The policy, the reference and the rollout all run the one `Transformer`.
@@ -268,10 +269,15 @@ def rollout_batch(prompts: list[list[int]], gen, pad_id: int) -> dict[str, np.nd
           "gather": gather}
 
 
-def completion_logprobs(cfg: ModelConfig, variables, batch: dict) -> jax.Array:
-  """log pi(completion token j) [N, L] of a rollout batch under `variables`."""
+def completion_logprobs(cfg: ModelConfig, variables, batch: dict, *,
+                        temperature: float = 1.0, top_p: float = 1.0) -> jax.Array:
+  """log pi(completion token j) [N, L] of a rollout batch under `variables`,
+  in the distribution the rollout sampled from (temperature, top_p: the
+  sampler's, infer.sampling), so that pi/pi_old and the KL compare the
+  distributions that drew the tokens."""
   full = token_logprobs(cfg, variables, batch["tokens"], batch["targets"],
-                        segment_ids=batch["segment_ids"], positions=batch["positions"])
+                        segment_ids=batch["segment_ids"], positions=batch["positions"],
+                        temperature=temperature, top_p=top_p)
   return jnp.take_along_axis(full, batch["gather"], axis=1)
 
 
@@ -279,7 +285,8 @@ def grpo_loss_fn(cfg: ModelConfig, gcfg: GRPOConfig) -> Callable:
   """The loss for `make_update_step` on a rollout batch (+ old_logp,
   ref_logp, advantages [N, L] (constant along L), mask [N, L])."""
   def loss_fn(params, router_bias, batch):
-    logp = completion_logprobs(cfg, {"params": params, "router_bias": router_bias}, batch)
+    logp = completion_logprobs(cfg, {"params": params, "router_bias": router_bias}, batch,
+                               temperature=gcfg.temperature, top_p=gcfg.top_p)
     loss, m = grpo.grpo_loss(
         logp, batch["old_logp"], batch["ref_logp"] if gcfg.beta > 0 else None,
         batch["advantages"][:, 0], batch["mask"], eps_low=gcfg.eps_low,
@@ -416,7 +423,8 @@ class GRPO:
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.update_fn = make_update_step(model_cfg, opt_cfg, grpo_loss_fn(model_cfg, gcfg), mesh,
                                       rules, skip_nonfinite=gcfg.max_bad_steps > 0)
-    self._score = jax.jit(lambda v, b: completion_logprobs(model_cfg, v, b))
+    self._score = jax.jit(lambda v, b: completion_logprobs(
+        model_cfg, v, b, temperature=gcfg.temperature, top_p=gcfg.top_p))
     self.position, self.first = 0, None
 
   # -- the batch source -------------------------------------------------------
@@ -424,7 +432,7 @@ class GRPO:
     t0 = time.time()
     policy = {"params": state.params, "router_bias": state.router_bias}
     roll, drawn_equal, rounds = self._dynamic_sampling(step, policy)
-    arrays, stats = self._arrays(step, roll)
+    arrays, stats = self._arrays(step, roll, policy)
     stats.update(zero_std_groups_drawn=drawn_equal, resample_rounds=float(rounds))
     self.position, self.first = step, self.first or step
     G, samples = self.gcfg.group_size, []
@@ -488,7 +496,7 @@ class GRPO:
                       take_groups(fresh, good[:n], G))
     return roll, drawn_equal, rounds
 
-  def _arrays(self, step: int, roll: dict[str, Any]) -> tuple[dict[str, np.ndarray],
+  def _arrays(self, step: int, roll: dict[str, Any], policy) -> tuple[dict[str, np.ndarray],
                                                              dict[str, float]]:
     """(the update's batch, the rollout's scalars) of a scored rollout."""
     g, G, eos = self.gcfg, self.gcfg.group_size, self.tok.eos_id
@@ -507,17 +515,22 @@ class GRPO:
     L = g.max_new_tokens
     mask = (np.arange(L)[None] < gen.lengths[:, None]) & keep[:, None]
     batch = rollout_batch(roll["prompts"], gen, self.tok.pad_id)
-    batch.update(old_logp=np.asarray(gen.logprobs, np.float32), mask=mask.astype(np.float32),
+    batch.update(mask=mask.astype(np.float32),
                  advantages=np.repeat(adv[:, None], L, axis=1).astype(np.float32))
-    batch["ref_logp"] = (np.asarray(self._reference_logprobs(batch)) if g.beta > 0
+    # pi_old by the training forward, in the sampled distribution (the
+    # rollout's own log-probs are the temperature-1 decode path's).
+    batch["old_logp"] = np.asarray(self._logprobs(policy, batch))
+    batch["ref_logp"] = (np.asarray(self._logprobs(self.ref, batch)) if g.beta > 0
                          else np.zeros_like(batch["old_logp"]))
     return batch, self._stats(roll, mask, truncated, equal)
 
-  def _reference_logprobs(self, batch: dict[str, np.ndarray]) -> jax.Array:
+  def _logprobs(self, variables, batch: dict[str, np.ndarray]) -> jax.Array:
+    """completion_logprobs of `variables` (policy or reference) on the batch."""
+    batch = {k: v for k, v in batch.items() if k not in ("old_logp", "ref_logp")}
     if self.mesh is None:
-      return self._score(self.ref, batch)
+      return self._score(variables, batch)
     with parallel.activate(self.mesh, self.rules):   # on the policy's mesh
-      return self._score(self.ref, jax.device_put(
+      return self._score(variables, jax.device_put(
           batch, parallel.batch_sharding(self.mesh, self.rules)))
 
   def _stats(self, roll, mask, truncated, equal) -> dict[str, float]:
