@@ -255,3 +255,29 @@ def save_figure(fig, path: str) -> str:
   image viewer refreshing it, never sees a half-written plot)."""
   atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
   return path
+
+
+class CompileCounter:
+  """Counts XLA compilations while installed (a context manager): jax.monitoring's
+  backend-compile events, one per jit cache miss (a program served from the
+  persistent compilation cache counts too: it is a new program for this
+  process). `count` is the running total."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+
+  def _on_event(self, event: str, duration_secs: float, **kwargs) -> None:
+    if event == self.EVENT:
+      self.count += 1
+
+  def __enter__(self) -> "CompileCounter":
+    import jax.monitoring
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    import jax.monitoring
+    jax.monitoring.unregister_event_duration_listener(self._on_event)
+

@@ -327,7 +327,8 @@ class Run:
       self._evaluate_once(0, state)
       if self.writer:
         self.writer.flush()   # step 0's eval survives a kill before the first checkpoint
-    state, step = self._loop(task, state)
+    with metrics.CompileCounter() as self.compiles:
+      state, step = self._loop(task, state)
     self._save(step, state, force=True)
     if step == self.settings.steps and self.stop.received is None:
       self._evaluate_once(step, state)
@@ -354,11 +355,13 @@ class Run:
   def _loop(self, task: Task, state: Any) -> tuple[Any, int]:
     step, end, pending = self.start_step, self.settings.end, None
     for step in range(self.start_step + 1, end + 1):
+      compiled = self.compiles.count
       batch = task.batches.next(step, state)
       state, m = task.step(state, batch)    # dispatched; runs while the host goes on
+      compiled = self.compiles.count - compiled   # compilation happens at dispatch
       if pending is not None:
         self._record(*pending)
-      pending = (step, m)
+      pending = (step, m, compiled)
       if self.stop.received is None and self.multiprocess and \
           self.ckpts.reached_preemption(step):
         self.stop.received = "SIGTERM (preemption, all processes)"
@@ -393,9 +396,15 @@ class Run:
     return (self._log_due(step) or self._eval_due(step) or self.ckpts.due(step)
             or self.stop.received is not None)
 
-  def _record(self, step: int, m: dict) -> None:
-    """The host side of one step: its metrics, the NaN/Inf policy, logs."""
+  def _record(self, step: int, m: dict, compiled: int = 0) -> None:
+    """The host side of one step: its metrics (+ `compiles`: the programs
+    compiled while the step's batch was made and its update dispatched), the
+    NaN/Inf policy, logs."""
     scalars, extra = self.task.scalars(step, jax.device_get(m))
+    scalars["compiles"] = float(compiled)
+    if compiled and step > self.start_step + 1:
+      self.log(f"step {step}: {compiled} new compilation(s) (a new shape or setting); "
+               "a steady run compiles only in its first step")
     self.bad.check(step, scalars)
     self.history.append({"step": step, **scalars})
     self.last = scalars
