@@ -4,6 +4,10 @@
   # start from a run you trained (skips the cold-start SFT stage)
   python -m launch.grpo --config=launch/configs/grpo_demo.py --workdir=runs/grpo2 \
       --config.init_from=runs/demo --config.loss_type=dr_grpo --config.scale=none
+  # your own prompts ({"prompt", "answer"} records), checked by a verifier
+  python -m launch.grpo --config=launch/configs/grpo_demo.py --workdir=runs/grpo_files \
+      --config.init_from=runs/demo --config.prompt_files=launch/data/arith_prompts.jsonl \
+      --config.eval_prompt_files=launch/data/arith_eval.jsonl --config.verifier=math
 
 With `init_from` empty the command first runs the cold-start SFT stage (the
 config's `sft_config` file, trained into WORKDIR/sft, resumable; with
@@ -43,7 +47,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from deepseek_jax.files import atomic_json
   from deepseek_jax.parallel import MeshConfig
-  from deepseek_jax.rl.trainer import GRPOConfig, train_grpo
+  from deepseek_jax.rl.trainer import GRPOConfig, check_inputs, train_grpo
   from deepseek_jax.train.loop import train
   from launch.configs import build_configs
   from launch.config_flag import ConfigFileParser
@@ -56,6 +60,7 @@ def main(argv):
   log = lambda s: print(s, flush=True)  # noqa: E731
   try:
     gcfg = GRPOConfig.from_dict(values)
+    check_inputs(gcfg)           # prompt files, reward functions: before any stage runs
     mesh_cfg = MeshConfig.from_dict(dict(mesh)) if mesh is not None else None
     if gcfg.init_from and init_from_hf:
       raise ValueError(f"init_from={gcfg.init_from!r} and init_from_hf={init_from_hf!r}: "

@@ -95,10 +95,15 @@ def _grpo_cli(*args, timeout=600):
 
 def test_grpo_cli_refuses_bad_configs_before_compiling(tmp_path):
   demo = "--config=launch/configs/grpo_demo.py"
+  bad_file = tmp_path / "p.jsonl"
+  bad_file.write_text('{"prompt": "1+1"}\n')
   for flags, message in (
       (("--config.group_size=1",), "config error: group_size=1 must be >= 2"),
       (("--config.loss_type=ppo",), "loss_type='ppo' must be one of"),
       ((f"--config.init_from={tmp_path / 'nothing'}",), "holds no checkpoints/"),
+      ((f"--config.prompt_files={bad_file}",), f"config error: {bad_file}:1: missing field"),
+      (("--config.reward_fns=no_such_module:fn",), "cannot import module 'no_such_module'"),
+      (("--config.verifier=close",), "verifier='close' must be one of"),
       ((f"--config.init_from_hf={tmp_path / 'no_hf'}", "--config.sft_config="
         "launch/configs/finetune.py"), "config error: " + repr(str(tmp_path / "no_hf")))):
     res = _grpo_cli(demo, f"--workdir={tmp_path / 'w'}", *flags, timeout=120)
@@ -260,3 +265,152 @@ def test_grpo_survives_sigterm_and_skips_nan_steps_like_pretraining(tiny_run, tm
   keys = ("reward", "loss", "kl", "grad_norm")   # JSON text: step 2's NaNs compare equal
   assert [json.dumps([r[k] for k in keys]) for r in rows[0]] == \
       [json.dumps([r[k] for k in keys]) for r in rows[1]]
+
+
+REWARDS_MODULE = '''
+import time
+
+def slow(completion, answer):        # hangs on a third of the completions
+  if len(completion) % 3 == 0:
+    time.sleep(3)
+  return 0.0
+
+def broken(completion, answer):      # raises on another third
+  if len(completion) % 3 == 1:
+    raise RuntimeError("judge offline")
+  return 0.0
+'''
+
+
+def test_grpo_on_prompt_files_with_a_verifier_user_rewards_and_one_compilation(
+    tiny_run, tmp_path, monkeypatch):
+  """GRPO on the user's prompt file: prompts of varying length (35 to 56 tokens
+  in the run's template) compile the rollout and the update once (the
+  `compiles` metric stays 0 after step 1: the sequence length is bucketed);
+  user reward functions by import path count their errors and timeouts per
+  function; the held-out records (drawn from the file) get greedy accuracy,
+  pass@1 and cons@k; accuracy is the math verifier's."""
+  from deepseek_jax.data import tasks
+  from deepseek_jax.rl import verifiers
+  (tmp_path / "my_rewards.py").write_text(REWARDS_MODULE)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  problems = tasks.generate_problems(16, seed=5, split="train", max_digits=1)
+  records = [{"prompt": ("please " * (2 + i % 4)) + p.prompt, "answer": p.answer,
+              "kind": tasks.kind_of(p)} for i, p in enumerate(problems)]
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  gcfg = GRPOConfig(init_from=tiny_run, steps=6, prompts_per_step=2, group_size=4,
+                    max_new_tokens=8, prompt_files=(str(path),), n_eval_problems=4,
+                    eval_samples=2, reward_fns=("my_rewards:slow", "my_rewards:broken"),
+                    reward_timeout_s=0.2, format_weight=0.0, beta=0.04, lr=1e-3,
+                    warmup_steps=0, fast_compile=True, log_every=1, sample_every=1)
+  from deepseek_jax.rl import trainer
+  longest, rollout_batch = [], trainer.rollout_batch
+
+  def spy(prompts, *args, **kw):
+    longest.append(max(len(p) for p in prompts))
+    return rollout_batch(prompts, *args, **kw)
+  monkeypatch.setattr(trainer, "rollout_batch", spy)
+  lines = []
+  out = train_grpo(gcfg, str(tmp_path / "g"), log=lines.append)
+  hist = out["history"]
+  assert len({-(-n // 8) for n in longest}) > 1, longest   # rounding to 8 would recompile
+  assert hist[0]["compiles"] > 0 and [h["compiles"] for h in hist[1:]] == [0.0] * 5, hist
+  assert not any("new compilation" in l for l in lines)
+  assert any(l.startswith("prompts: 12 training, 4 held-out records") for l in lines)
+  assert sum(h["reward_timeouts/my_rewards:slow"] for h in hist) > 0
+  assert sum(h["reward_errors/my_rewards:broken"] for h in hist) > 0
+  assert all(h["reward_errors/my_rewards:slow"] == 0 for h in hist)
+  assert any("TimeoutError" in l for l in lines) and any("judge offline" in l for l in lines)
+  work = str(tmp_path / "g")
+  evals = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))
+           if "eval_cons@2" in l]
+  assert [e["step"] for e in evals] == [0, 6]
+  assert {"eval_greedy_accuracy", "eval_sampled_accuracy", "eval_pass@2",
+          "eval_unscored"} <= set(evals[0])
+  # accuracy is the math verifier against the record's answer (samples.jsonl:
+  # the reward of a sample is its accuracy, the user functions add 0 or unscore it)
+  samples = [json.loads(l) for l in open(os.path.join(work, "samples.jsonl"))]
+  answers = {r["prompt"]: r["answer"] for r in records}
+  assert sum(len(s["completion"]) % 3 == 2 for s in samples) > 0
+  for s in samples:
+    assert s["answer"] == answers[s["prompt"]]
+    if len(s["completion"]) % 3 == 2:
+      assert s["reward"] == verifiers.math(s["completion"], s["answer"])
+
+
+def _cli(module, *args, timeout=600):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=os.environ["DSJ_TEST_JAX_CACHE"],
+             PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             PYTHONWARNINGS="error::DeprecationWarning,error::FutureWarning")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_launch_evaluate_reports_pass_at_k_and_cons_at_k_per_kind(tiny_run, tmp_path):
+  """launch.evaluate on a prompt file: eval.json's figures equal pass@k (the
+  binomial form of Chen et al.) and majority votes recomputed with NumPy from
+  completions.jsonl, each completion re-scored by the verifier; bad input
+  exits before compiling, naming the file and line."""
+  import math
+  from deepseek_jax.rl import verifiers
+  records = [{"prompt": f"{a}+{b}", "answer": pattern, "kind": kind}
+             for a, b, pattern, kind in ((1, 2, ".*[0-9].*", "digit"), (3, 4, ".*[0-9].*", "digit"),
+                                         (5, 6, ".*[a-z].*", "letter"), (7, 1, ".+", "any"),
+                                         (2, 2, "x", "letter"))]
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = tmp_path / "eval"
+  res = _cli("launch.evaluate", f"--workdir={tiny_run}", f"--prompt_files={path}",
+             "--verifier=regex", "--samples=4", "--temperature=1.5", "--top_p=1",
+             "--max_new_tokens=6", f"--out={out}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  figures = json.loads(res.stdout.strip().splitlines()[-1])
+  assert figures == json.load(open(out / "eval.json"))
+  assert os.path.getsize(out / "pass_at_k.png") > 1000
+  rows = [json.loads(l) for l in open(out / "completions.jsonl")]
+  assert [r["prompt"] for r in rows] == [r["prompt"] for r in records]
+
+  def pass_k(n, c, k):
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+  def figures_of(rows):
+    scores = [[verifiers.regex(t, r["answer"]) for t in r["sampled"]] for r in rows]
+    for r, s in zip(rows, scores):
+      assert r["scores"] == s
+    got = {"n": float(len(rows)),
+           "greedy_accuracy": np.mean([verifiers.regex(r["greedy"], r["answer"]) for r in rows])}
+    for k in (1, 2, 4):
+      got[f"pass@{k}"] = np.mean([pass_k(4, int(sum(s)), k) for s in scores])
+    votes = []
+    for r, s in zip(rows, scores):
+      keys = [verifiers.answer_key("regex", t) for t in r["sampled"]]
+      counts = {}
+      for key in keys:
+        if key is not None:
+          counts[key] = counts.get(key, 0) + 1
+      best = max(counts.values(), default=0)
+      first = next((i for i, key in enumerate(keys) if key is not None and counts[key] == best),
+                   None)
+      votes.append(0.0 if first is None else s[first])
+    got["cons@4"] = np.mean(votes)
+    got["unscored"] = 0.0
+    return got
+
+  for name, want in [("overall", figures_of(rows))] + [
+      (k, figures_of([r for r in rows if r["kind"] == k])) for k in ("any", "digit", "letter")]:
+    have = figures["overall"] if name == "overall" else figures["by_kind"][name]
+    assert have.keys() == want.keys()
+    for key in want:
+      assert have[key] == pytest.approx(want[key], abs=1e-12), (name, key)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"}\n')
+  for args, message in (((f"--prompt_files={bad}",), f"{bad}:2: missing field(s) ['answer']"),
+                        ((f"--prompt_files={path}", "--verifier=close"), "--verifier='close'")):
+    res = _cli("launch.evaluate", f"--workdir={tiny_run}", *args, timeout=120)
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "loaded" not in res.stderr

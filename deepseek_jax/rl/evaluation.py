@@ -23,12 +23,15 @@ correct:
                        is not or no sample answered; the caller passes the k
                        samples it means (cons@64: 64 samples).
 
-Pure Python + NumPy: the evaluator and the GRPO trainer's periodic
-evaluation call these on host-side results.
+These are pure Python + NumPy, on host-side results. `evaluate_prompts`
+runs a model over prompt records (the greedy completion and `samples`
+sampled ones per prompt) and reports all of them, overall and per `kind`:
+launch.evaluate and the GRPO trainer's periodic evaluation both call it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any, Callable, Hashable, Sequence
 
@@ -97,3 +100,100 @@ def cons_at_k(answers: Sequence[Any],
   if index is None:
     return 0.0
   return float(bool(correct(answers[index]) if callable(correct) else correct[index]))
+
+
+# ----------------------------------------------------------------------------
+# Running a model over prompt records
+
+
+def pass_ks(samples: int) -> tuple[int, ...]:
+  """The k of pass@k reported for `samples` samples: 1, 2, 4, ... and samples."""
+  return tuple(sorted({1 << i for i in range(samples.bit_length()) if 1 << i <= samples}
+                      | {samples}))
+
+
+@dataclasses.dataclass
+class PromptScores:
+  """Per prompt: its greedy completion's score (None without greedy
+  decoding), its sampled completions' scores (1.0 / 0.0, None = unscored) and
+  answer keys, and its kind."""
+
+  kind: str
+  greedy: float | None
+  scores: list[float | None]
+  keys: list[Hashable | None]
+
+
+def summarize(rows: Sequence[PromptScores], samples: int) -> dict[str, float]:
+  """greedy_accuracy, pass@k (k in pass_ks), cons@samples, unscored over rows.
+
+  An unscored sample (None) counts as wrong in pass@k (it did not give a
+  right answer) and is reported in `unscored` (the share of samples)."""
+  out: dict[str, float] = {"n": float(len(rows))}
+  if not rows:
+    return out
+  if rows[0].greedy is not None:
+    out["greedy_accuracy"] = float(np.mean([r.greedy or 0.0 for r in rows]))
+  if samples:
+    table = [[s == 1.0 for s in r.scores] for r in rows]
+    for k in pass_ks(samples):
+      out[f"pass@{k}"] = mean_pass_at_k(table, k)
+    out[f"cons@{samples}"] = float(np.mean([cons_at_k(r.keys, row)
+                                            for r, row in zip(rows, table)]))
+    out["unscored"] = float(np.mean([s is None for r in rows for s in r.scores]))
+  return out
+
+
+def _texts(cfg, variables, tok, prompt_ids, *, max_new_tokens, batch_size, temperature,
+           top_p, rng, mesh) -> list[str]:
+  from deepseek_jax.train import evaluate
+  new = evaluate.eval_max_new_tokens(prompt_ids, max_new_tokens, cfg.max_seq_len)
+  return [tok.decode(ids) for ids in evaluate.completions(
+      cfg, variables, prompt_ids, max_new_tokens=new, eos_id=tok.eos_id,
+      batch_size=batch_size, temperature=temperature, top_p=top_p, rng=rng, mesh=mesh)]
+
+
+def evaluate_prompts(cfg, variables, tok, records: Sequence[Any],
+                     prompt_ids: Sequence[Sequence[int]], *,
+                     score: Callable[[str, Any], float | None],
+                     answer_key: Callable[[str], Hashable | None], samples: int,
+                     greedy: bool = True, temperature: float = 0.6, top_p: float = 0.95,
+                     max_new_tokens: int, batch_size: int, rng=None, mesh=None
+                     ) -> dict[str, Any]:
+  """R1-style evaluation of a model over prompt records (`data.prompts.PromptRecord`
+  or anything with .prompt / .answer / .kind).
+
+  Decodes each prompt greedily (if `greedy`) and `samples` times at
+  temperature / top_p (rng: a key; the sampled prompts run as the whole list
+  repeated `samples` times, in batches of batch_size), scores every
+  completion with score(text, record) (1.0 right; None = could not score)
+  and groups answers by answer_key(text) for the majority vote.
+  Returns {"overall": summarize(...), "by_kind": {kind: summarize(...)},
+  "completions": per prompt {prompt, answer, kind, greedy, sampled, scores}}.
+  """
+  if samples < 0 or (samples == 0 and not greedy):
+    raise ValueError(f"samples={samples}: evaluate at least one completion per prompt "
+                     "(samples >= 1, or greedy=True).")
+  if samples and rng is None:
+    raise ValueError("sampled evaluation (samples >= 1) needs rng=jax.random.key(...).")
+  kw = dict(max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(prompt_ids)),
+            mesh=mesh)
+  n = len(records)
+  greedy_texts = (_texts(cfg, variables, tok, prompt_ids, temperature=0.0, top_p=1.0, rng=None,
+                         **kw) if greedy else [None] * n)
+  sampled = (_texts(cfg, variables, tok, list(prompt_ids) * samples, temperature=temperature,
+                    top_p=top_p, rng=rng, **kw) if samples else [])
+  rows, completions = [], []
+  for i, r in enumerate(records):
+    texts = sampled[i::n] if samples else []
+    scores = [score(t, r) for t in texts]
+    rows.append(PromptScores(r.kind or "all", None if not greedy else score(greedy_texts[i], r),
+                             scores, [answer_key(t) for t in texts]))
+    completions.append({"prompt": r.prompt, "answer": r.answer, "kind": r.kind,
+                        "greedy": greedy_texts[i], "greedy_score": rows[-1].greedy,
+                        "sampled": texts, "scores": scores})
+  kinds = sorted({row.kind for row in rows})
+  return {"overall": summarize(rows, samples),
+          "by_kind": {k: summarize([row for row in rows if row.kind == k], samples)
+                      for k in kinds},
+          "completions": completions}

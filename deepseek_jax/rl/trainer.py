@@ -64,15 +64,16 @@ import numpy as np
 
 from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig, check_field_names, check_ints, split_names
-from deepseek_jax.data import pipeline, tasks
+from deepseek_jax.data import prompts as prompts_lib
+from deepseek_jax.data import tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.files import atomic_json
 from deepseek_jax.infer import generate, token_logprobs
-from deepseek_jax.infer.decode import Generation
+from deepseek_jax.infer.decode import Generation, bucket_length
 from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
-from deepseek_jax.rl import grpo, rewards
-from deepseek_jax.train import evaluate, export, metrics, runner
+from deepseek_jax.rl import evaluation, grpo, rewards, verifiers
+from deepseek_jax.train import export, metrics, runner
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.start import describe_mesh, mesh_for, with_variables
 from deepseek_jax.train.step import init_train_state, make_update_step
@@ -85,6 +86,18 @@ class GRPOConfig:
   Problems: the embedded arithmetic task (data/tasks.py) of that run's
     tokenizer and template; n_train_problems to draw prompts from (mixed
     by kind_mix, tasks.mixed_problems), n_eval_problems held out.
+    Or the user's prompts: prompt_files (jsonl / parquet records with
+    prompt, answer, optional kind and system: data/prompts.py), every record
+    used; held out: eval_prompt_files, or n_eval_problems records drawn from
+    prompt_files (seeded). chat_template: "auto" (the chat template of the
+    tokenizer's tokenizer_config.json when it has one, else the run's
+    template), "none", "short", "r1" or a jinja2 file. verifier (rl/verifiers:
+    math, choice, exact, regex) is the accuracy reward and the held-out check
+    on prompt files. reward_fns: user functions by import path
+    ("pkg.module:fn", called fn(completion_text, answer) -> float | None,
+    weight 1), each call limited to reward_timeout_s; errors and timeouts
+    score None and are counted per function in metrics
+    (reward_errors/<fn>, reward_timeouts/<fn>).
     Rollout: prompts_per_step x group_size completions of at most
     max_new_tokens at temperature / top_p.
   Objective (grpo.py): loss_type, scale, eps_low / eps_high, beta,
@@ -119,6 +132,13 @@ class GRPOConfig:
   max_digits: int = 2
   task_kinds: tuple[str, ...] = tasks.DEFAULT_KINDS
   kind_mix: str = "distinct"
+  # the user's prompts instead of the arithmetic task (data/prompts.py)
+  prompt_files: tuple[str, ...] = ()
+  eval_prompt_files: tuple[str, ...] = ()
+  chat_template: str = "auto"
+  verifier: str = "math"
+  reward_fns: tuple[str, ...] = ()
+  reward_timeout_s: float = 10.0
   # rollout
   prompts_per_step: int = 16
   group_size: int = 8
@@ -166,6 +186,8 @@ class GRPOConfig:
   def __post_init__(self):
     object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
     object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
+    for name in ("prompt_files", "eval_prompt_files", "reward_fns"):
+      object.__setattr__(self, name, split_names(getattr(self, name)))
     self.validate()
 
   def validate(self) -> None:
@@ -206,6 +228,14 @@ class GRPOConfig:
                        f"{self.max_new_tokens}.")
     if self.kind_mix not in tasks.KIND_MIXES:
       raise ValueError(f"kind_mix={self.kind_mix!r} must be one of {tasks.KIND_MIXES}.")
+    if self.verifier not in verifiers.VERIFIERS:
+      raise ValueError(f"verifier={self.verifier!r} must be one of "
+                       f"{tuple(sorted(verifiers.VERIFIERS))}.")
+    if not self.reward_timeout_s > 0:
+      raise ValueError(f"reward_timeout_s={self.reward_timeout_s} must be > 0 seconds.")
+    if self.eval_prompt_files and not self.prompt_files:
+      raise ValueError(f"eval_prompt_files={self.eval_prompt_files} without prompt_files: "
+                       "the built-in task holds out its own problems; set prompt_files too.")
     bad = [k for k in self.task_kinds if k not in tasks.VERIFIABLE_KINDS]
     if bad or not self.task_kinds:
       raise ValueError(f"task_kinds={self.task_kinds} must be a non-empty subset of "
@@ -237,25 +267,85 @@ class GRPOConfig:
 # ---------------------------------------------------------------------------
 # Rollout batches
 # ---------------------------------------------------------------------------
-def reward_functions(gcfg: GRPOConfig) -> dict[str, tuple[rewards.RewardFn, float]]:
-  fns = {name: (rewards.BUILTIN[name], w) for name, w in
-         (("accuracy", gcfg.accuracy_weight), ("format", gcfg.format_weight),
-          ("language", gcfg.language_weight)) if w > 0}
+class TimedReward:
+  """A user reward function `fn(completion_text, answer) -> float | None` (the
+  verifiers' signature), called with a timeout (verifiers.call_with_timeout).
+  An exception, a timeout or a return value that is not a finite number
+  scores None (the completion is not scored) and is counted; `take_counts`
+  returns {"errors", "timeouts"} since the last call and the first message."""
+
+  def __init__(self, fn: Callable[[str, Any], Any], timeout_s: float, name: str):
+    self.fn, self.timeout_s, self.__name__ = fn, timeout_s, name
+    self.errors = self.timeouts = 0
+    self.first_error: str | None = None
+
+  def __call__(self, completion: str, example: dict[str, Any]) -> float | None:
+    score, error = verifiers.call_with_timeout(self.fn, completion, example["answer"],
+                                               self.timeout_s)
+    if error is not None:
+      if error.startswith("TimeoutError"):
+        self.timeouts += 1
+      else:
+        self.errors += 1
+      self.first_error = self.first_error or error
+    return score
+
+  def take_counts(self) -> tuple[dict[str, float], str | None]:
+    counts = {"errors": float(self.errors), "timeouts": float(self.timeouts)}
+    first, self.errors, self.timeouts, self.first_error = self.first_error, 0, 0, None
+    return counts, first
+
+
+def verifier_reward(name: str) -> rewards.RewardFn:
+  """The reward `fn(completion, example)` of verifier `name` against example["answer"]."""
+  check = verifiers.get(name)
+
+  def reward(completion: str, example: dict[str, Any]) -> float | None:
+    return check(completion, example["answer"])
+  reward.__name__ = f"verifier_{name}"
+  return reward
+
+
+def task_score(completion: str, record: prompts_lib.PromptRecord) -> float:
+  """The built-in task's held-out check (tasks.is_correct: the <answer> text
+  equals the reference; Countdown: any valid expression) as a score."""
+  return float(tasks.is_correct(completion, tasks.Problem(record.prompt, "", record.answer)))
+
+
+def reward_functions(gcfg: GRPOConfig, extra: dict[str, tuple[rewards.RewardFn, float]] | None
+                     = None) -> dict[str, tuple[rewards.RewardFn, float]]:
+  """{name: (fn(completion, example), weight)}: accuracy (the task's check,
+  or the `verifier` on prompt files), format and language at their weights
+  (0 = off), each of `reward_fns` (weight 1, a TimedReward), and `extra`."""
+  accuracy = verifier_reward(gcfg.verifier) if gcfg.prompt_files else rewards.accuracy
+  fns = {name: (fn, w) for name, fn, w in
+         (("accuracy", accuracy, gcfg.accuracy_weight),
+          ("format", rewards.format_reward, gcfg.format_weight),
+          ("language", rewards.language, gcfg.language_weight)) if w > 0}
+  for path in gcfg.reward_fns:
+    fns[path] = (TimedReward(verifiers.load_reward_fn(path), gcfg.reward_timeout_s, path), 1.0)
+  fns.update(extra or {})
   if not fns:
-    raise ValueError("every reward weight is 0: set accuracy_weight, format_weight or "
-                     "language_weight > 0.")
+    raise ValueError("every reward weight is 0 and no reward_fns are given: set "
+                     "accuracy_weight, format_weight or language_weight > 0, or name "
+                     "reward_fns=('package.module:function',).")
   return fns
 
 
-def rollout_batch(prompts: list[list[int]], gen, pad_id: int) -> dict[str, np.ndarray]:
+def rollout_batch(prompts: list[list[int]], gen, pad_id: int, *,
+                  prompt_len: int | None = None) -> dict[str, np.ndarray]:
   """Arrays for scoring the generated completions with `token_logprobs`:
   tokens / targets / segment_ids / positions [N, S] (prompt + completion,
-  right-padded; S = the longest prompt, rounded up to 8, + max_new) and
-  `gather` [N, L]: the input position whose prediction is completion token j
-  (prompt length - 1 + j)."""
+  right-padded; S = prompt_len + max_new, prompt_len by default the longest
+  prompt rounded up to 8; the trainer passes the sampler's power-of-two
+  bucket, infer.decode.bucket_length, so S takes few values over a run and
+  the update compiles once per bucket) and `gather` [N, L]: the input
+  position whose prediction is completion token j (prompt length - 1 + j)."""
   n, L = gen.tokens.shape
   longest = max(len(p) for p in prompts)
-  S = -(-longest // 8) * 8 + L
+  if prompt_len is not None and prompt_len < longest:
+    raise ValueError(f"prompt_len={prompt_len} < the longest prompt ({longest} tokens).")
+  S = (prompt_len if prompt_len is not None else -(-longest // 8) * 8) + L
   seq = np.full((n, S + 1), pad_id, np.int32)
   seg = np.zeros((n, S + 1), np.int32)
   for i, (p, ids) in enumerate(zip(prompts, gen.sequences())):
@@ -414,12 +504,14 @@ class GRPO:
   every ref_refresh_every steps."""
 
   def __init__(self, model_cfg: ModelConfig, gcfg: GRPOConfig, opt_cfg: TrainConfig, *,
-               tok, template: str, problems: list[tasks.Problem], prompt_ids: list[list[int]],
-               eval_problems: list[tasks.Problem], reward_fns, mesh, rules, ref, workdir: str,
+               tok, prompts: "Prompts", reward_fns, mesh, rules, ref, workdir: str,
                log: Callable[[str], None]):
-    self.model_cfg, self.gcfg, self.tok, self.template = model_cfg, gcfg, tok, template
-    self.problems, self.prompt_ids, self.eval_problems = problems, prompt_ids, eval_problems
+    self.model_cfg, self.gcfg, self.tok, self.prompts = model_cfg, gcfg, tok, prompts
+    self.problems, self.prompt_ids = prompts.train, prompts.train_ids
     self.reward_fns, self.mesh, self.rules, self.ref, self.log = reward_fns, mesh, rules, ref, log
+    self.accuracy_fn = (reward_fns["accuracy"][0] if "accuracy" in reward_fns
+                        else verifier_reward(gcfg.verifier) if gcfg.prompt_files
+                        else rewards.accuracy)
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.update_fn = make_update_step(model_cfg, opt_cfg, grpo_loss_fn(model_cfg, gcfg), mesh,
                                       rules, skip_nonfinite=gcfg.max_bad_steps > 0)
@@ -465,7 +557,7 @@ class GRPO:
     seqs = gen.sequences()
     eos = self.tok.eos_id
     texts = [self.tok.decode(s[:-1] if s and s[-1] == eos else s) for s in seqs]
-    examples = [{"answer": p.answer, "prompt": p.prompt} for p in problems]
+    examples = [{"answer": p.answer, "prompt": p.prompt, "kind": p.kind} for p in problems]
     total, per_fn, valid = rewards.combine(texts, examples, self.reward_fns)
     if g.overlong_buffer:
       total = total + np.array([rewards.overlong(len(s), g.max_new_tokens, g.overlong_buffer)
@@ -514,7 +606,9 @@ class GRPO:
       keep &= ~equal
     L = g.max_new_tokens
     mask = (np.arange(L)[None] < gen.lengths[:, None]) & keep[:, None]
-    batch = rollout_batch(roll["prompts"], gen, self.tok.pad_id)
+    longest = max(len(p) for p in roll["prompts"])
+    batch = rollout_batch(roll["prompts"], gen, self.tok.pad_id,
+                          prompt_len=bucket_length(longest, self.model_cfg, L))
     batch.update(mask=mask.astype(np.float32),
                  advantages=np.repeat(adv[:, None], L, axis=1).astype(np.float32))
     # pi_old by the training forward, in the sampled distribution (the
@@ -536,9 +630,21 @@ class GRPO:
   def _stats(self, roll, mask, truncated, equal) -> dict[str, float]:
     per_fn, texts, total = roll["per_fn"], roll["texts"], roll["total"]
     lengths = roll["lengths"].astype(np.float64)
-    accuracy = (float(np.nanmean(per_fn["accuracy"])) if "accuracy" in per_fn else
-                float(np.mean([rewards.accuracy(t, e) for t, e in zip(texts, roll["examples"])])))
-    return {
+    if "accuracy" in per_fn:
+      accuracy = float(np.nanmean(per_fn["accuracy"])) if np.isfinite(per_fn["accuracy"]).any() \
+          else float("nan")
+    else:
+      scored = [self.accuracy_fn(t, e) for t, e in zip(texts, roll["examples"])]
+      accuracy = _mean(np.array([v for v in scored if v is not None], np.float64))
+    errors = {}
+    for name, (fn, _) in self.reward_fns.items():
+      if isinstance(fn, TimedReward):
+        counts, first = fn.take_counts()
+        errors.update({f"reward_{k}/{name}": v for k, v in counts.items()})
+        if first:
+          self.log(f"reward {name}: {int(counts['errors'])} errors, "
+                   f"{int(counts['timeouts'])} timeouts this step (first: {first})")
+    return {**errors,
         # Over the scored rows (an unscored row's total is a placeholder 0).
         "reward": _mean(total[roll["valid"]]), "reward_std": _mean(total[roll["valid"]], np.std),
         **{f"reward/{k}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
@@ -575,23 +681,30 @@ class GRPO:
 
   # -- evaluation and the progress line ---------------------------------------
   def evaluate(self, state, step: int) -> dict[str, float]:
-    g, problems = self.gcfg, self.eval_problems
+    """Held-out greedy accuracy, sampled accuracy (pass@1 over eval_samples
+    draws at the rollout's temperature / top_p), pass@k and cons@k, format
+    rate, per kind: rl.evaluation.evaluate_prompts, as launch.evaluate runs it."""
+    g, p = self.gcfg, self.prompts
     policy = {"params": state.params, "router_bias": state.router_bias}
-    kw = dict(max_new_tokens=g.max_new_tokens, batch_size=min(g.eval_batch_size, len(problems)),
-              template=self.template, mesh=self.mesh)
-    greedy = evaluate.exact_match(policy, self.tok, problems, self.model_cfg, **kw)
-    sampled = evaluate.exact_match(policy, self.tok, list(problems) * g.eval_samples,
-                                   self.model_cfg, **kw, temperature=g.temperature,
-                                   rng=jax.random.key(g.seed + 7919))
-    out = {"eval_greedy_accuracy": greedy["accuracy"],
-           "eval_sampled_accuracy": sampled["accuracy"],
-           "eval_format_ok": sampled["format_ok"],
-           **{f"eval_greedy_accuracy/{k}": v for k, v in greedy["by_kind"].items()},
-           **{f"eval_sampled_accuracy/{k}": v for k, v in sampled["by_kind"].items()}}
-    draws = f" x {g.eval_samples} draws" if g.eval_samples > 1 else ""
+    res = evaluation.evaluate_prompts(
+        self.model_cfg, policy, self.tok, p.eval, p.eval_ids, score=p.score,
+        answer_key=p.answer_key, samples=g.eval_samples, temperature=g.temperature,
+        top_p=g.top_p, max_new_tokens=g.max_new_tokens, batch_size=g.eval_batch_size,
+        rng=jax.random.key(g.seed + 7919), mesh=self.mesh)
+    o, k = res["overall"], g.eval_samples
+    texts = [t for c in res["completions"] for t in c["sampled"]]
+    out = {"eval_greedy_accuracy": o["greedy_accuracy"], "eval_sampled_accuracy": o["pass@1"],
+           f"eval_cons@{k}": o[f"cons@{k}"], f"eval_pass@{k}": o[f"pass@{k}"],
+           "eval_format_ok": float(np.mean([tasks.format_ok(t) for t in texts])),
+           "eval_unscored": o["unscored"],
+           **{f"eval_greedy_accuracy/{kind}": v["greedy_accuracy"]
+              for kind, v in res["by_kind"].items()},
+           **{f"eval_sampled_accuracy/{kind}": v["pass@1"] for kind, v in res["by_kind"].items()}}
+    draws = f" x {k} draws" if k > 1 else ""
     self.log(f"eval step {step}: held-out accuracy greedy {out['eval_greedy_accuracy']:.3f}, "
-             f"sampled (T={g.temperature}) {out['eval_sampled_accuracy']:.3f}, format "
-             f"{out['eval_format_ok']:.3f} (n={len(problems)}{draws})")
+             f"sampled (T={g.temperature}) {out['eval_sampled_accuracy']:.3f}"
+             + (f", cons@{k} {out[f'eval_cons@{k}']:.3f}" if k > 1 else "")
+             + f", format {out['eval_format_ok']:.3f} (n={len(p.eval)}{draws})")
     return out
 
   def line(self, step: int, s: dict[str, float], eta: float) -> str:
@@ -603,21 +716,86 @@ class GRPO:
             + (f" | skipped {int(s['bad_steps'])}" if s.get("bad_steps") else ""))
 
 
-def _problems(gcfg: GRPOConfig, tok, template: str, max_seq_len: int):
-  """(training problems, their prompt ids, held-out problems); ValueError
+def check_inputs(gcfg: GRPOConfig) -> None:
+  """Reads what a run's config names outside the model (prompt files, user
+  reward functions, a chat template file) so that a bad one fails before any
+  stage runs (launch.grpo calls this before its SFT stage)."""
+  for files in (gcfg.prompt_files, gcfg.eval_prompt_files):
+    if files:
+      prompts_lib.load_prompt_files(files)
+  for path in gcfg.reward_fns:
+    verifiers.load_reward_fn(path)
+  if gcfg.chat_template not in prompts_lib.CHAT_CHOICES:
+    prompts_lib.resolve_format(gcfg.chat_template, "", "none")
+
+
+@dataclasses.dataclass
+class Prompts:
+  """A GRPO run's prompts: training records and their ids, held-out records
+  and their ids, how a record became text (`fmt`), and the held-out check:
+  score(text, record) -> 1.0 / 0.0 / None and answer_key(text) for cons@k."""
+
+  train: list[prompts_lib.PromptRecord]
+  train_ids: list[list[int]]
+  eval: list[prompts_lib.PromptRecord]
+  eval_ids: list[list[int]]
+  fmt: prompts_lib.PromptFormat
+  score: Callable[[str, Any], float | None]
+  answer_key: Callable[[str], Any]
+
+
+def task_records(problems: list[tasks.Problem]) -> list[prompts_lib.PromptRecord]:
+  return [prompts_lib.PromptRecord(p.prompt, p.answer, tasks.kind_of(p)) for p in problems]
+
+
+def held_out(records: list, n_eval: int, seed: int) -> tuple[list, list]:
+  """(training, held-out) records: n_eval of them drawn by a seeded permutation."""
+  if n_eval >= len(records):
+    raise ValueError(f"n_eval_problems={n_eval} leaves no training prompt among the "
+                     f"{len(records)} records of prompt_files; lower n_eval_problems or "
+                     "give eval_prompt_files.")
+  order = np.random.default_rng([seed, 17]).permutation(len(records))
+  held = set(order[:n_eval].tolist())
+  return ([r for i, r in enumerate(records) if i not in held],
+          [r for i, r in enumerate(records) if i in held])
+
+
+def load_prompts(gcfg: GRPOConfig, tok, tokenizer_path: str, template: str,
+                 max_seq_len: int) -> Prompts:
+  """The run's prompts: the user's prompt files (chat template resolved from
+  the tokenizer's directory, verifier `gcfg.verifier`) or the built-in task
+  (the run's template, its own check). ValueError, naming the file and line,
   when a prompt plus max_new_tokens does not fit the model."""
-  train_problems = tasks.mixed_problems(gcfg.n_train_problems, seed=gcfg.seed, split="train",
-                                        max_digits=gcfg.max_digits, kinds=gcfg.task_kinds,
-                                        kind_mix=gcfg.kind_mix)
-  eval_problems = tasks.generate_problems(gcfg.n_eval_problems, seed=gcfg.seed, split="test",
-                                          max_digits=gcfg.max_digits, kinds=gcfg.task_kinds)
-  prompt_ids = [pipeline.encode_prompt(tok, p, template) for p in train_problems]
-  longest = max(len(p) for p in prompt_ids) + gcfg.max_new_tokens
-  if longest > max_seq_len:
-    raise ValueError(f"a prompt plus max_new_tokens={gcfg.max_new_tokens} is {longest} "
-                     f"tokens > the model's max_seq_len={max_seq_len}; lower "
-                     "max_new_tokens.")
-  return train_problems, prompt_ids, eval_problems
+  if gcfg.prompt_files:
+    fmt = prompts_lib.resolve_format(gcfg.chat_template, tokenizer_path, template)
+    train = prompts_lib.load_prompt_files(gcfg.prompt_files)
+    if gcfg.eval_prompt_files:
+      held = prompts_lib.load_prompt_files(gcfg.eval_prompt_files)
+    else:
+      train, held = held_out(train, gcfg.n_eval_problems, gcfg.seed)
+    check = verifiers.get(gcfg.verifier)
+    score = lambda text, r: check(text, r.answer)  # noqa: E731
+    key = lambda text: verifiers.answer_key(gcfg.verifier, text)  # noqa: E731
+  else:
+    fmt = (prompts_lib.PromptFormat(template) if gcfg.chat_template == "auto" else
+           prompts_lib.resolve_format(gcfg.chat_template, tokenizer_path, template))
+    train = task_records(tasks.mixed_problems(
+        gcfg.n_train_problems, seed=gcfg.seed, split="train", max_digits=gcfg.max_digits,
+        kinds=gcfg.task_kinds, kind_mix=gcfg.kind_mix))
+    held = task_records(tasks.generate_problems(
+        gcfg.n_eval_problems, seed=gcfg.seed, split="test", max_digits=gcfg.max_digits,
+        kinds=gcfg.task_kinds))
+    score, key = task_score, tasks.extract_answer
+  train_ids = prompts_lib.encode_records(tok, train, fmt)
+  eval_ids = prompts_lib.encode_records(tok, held, fmt) if held else []
+  for ids, records in ((train_ids, train), (eval_ids, held)):
+    for i, r in zip(ids, records):
+      if len(i) + gcfg.max_new_tokens > max_seq_len:
+        raise ValueError(f"{r.where or 'a prompt'}: the prompt ({len(i)} tokens with "
+                         f"{fmt.describe()}) plus max_new_tokens={gcfg.max_new_tokens} > "
+                         f"the model's max_seq_len={max_seq_len}; lower max_new_tokens or "
+                         "shorten the prompt.")
+  return Prompts(train, train_ids, held, eval_ids, fmt, score, key)
 
 
 def _summary(gcfg: GRPOConfig, result: runner.Result, t_start: float) -> dict[str, Any]:
@@ -664,11 +842,9 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
   model_cfg, src_train, init_vars, src_step = export.load_trained_run(gcfg.init_from)
   tok = (load_tokenizer(src_train.tokenizer_path) if src_train.tokenizer_path
          else default_tokenizer())
-  problems, prompt_ids, eval_problems = _problems(gcfg, tok, src_train.template,
-                                                  model_cfg.max_seq_len)
-  reward_fns = {**(reward_functions(gcfg) if gcfg.accuracy_weight or gcfg.format_weight
-                   or gcfg.language_weight or not extra_rewards else {}),
-                **(extra_rewards or {})}
+  prompts = load_prompts(gcfg, tok, src_train.tokenizer_path, src_train.template,
+                         model_cfg.max_seq_len)
+  reward_fns = reward_functions(gcfg, extra_rewards)
   opt_cfg = gcfg.optimizer_config(src_train)
   mesh, rules = grpo_mesh(gcfg, mesh_cfg, model_cfg, opt_cfg)
   settings = runner.Settings.of(gcfg, stop_after=stop_after, eval_at_start=True,
@@ -695,12 +871,14 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, stop_after: int | None = None,
     if mesh is not None:
       run.log(f"mesh: {describe_mesh(mesh)}, rules {mesh_cfg.rules}")
     metrics.keep_steps_up_to(os.path.join(workdir, "samples.jsonl"), run.start_step)
-    trainer = GRPO(model_cfg, gcfg, opt_cfg, tok=tok, template=src_train.template,
-                   problems=problems, prompt_ids=prompt_ids, eval_problems=eval_problems,
-                   reward_fns=reward_fns, mesh=mesh, rules=rules, ref=ref, workdir=workdir,
-                   log=run.log)
+    if gcfg.prompt_files:
+      run.log(f"prompts: {len(prompts.train)} training, {len(prompts.eval)} held-out records "
+              f"from {', '.join(gcfg.prompt_files)} ({prompts.fmt.describe()}, verifier "
+              f"{gcfg.verifier!r})")
+    trainer = GRPO(model_cfg, gcfg, opt_cfg, tok=tok, prompts=prompts, reward_fns=reward_fns,
+                   mesh=mesh, rules=rules, ref=ref, workdir=workdir, log=run.log)
     result = run.train(runner.Task(step=trainer.update, batches=trainer, line=trainer.line,
-                                   evaluate=trainer.evaluate if eval_problems else None), state)
+                                   evaluate=trainer.evaluate if prompts.eval else None), state)
     summary = _summary(gcfg, result, t_start)
     plot = _plot(workdir)
     if result.final_step == gcfg.steps:

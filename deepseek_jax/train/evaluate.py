@@ -37,9 +37,10 @@ def eval_max_new_tokens(prompts: Sequence[Sequence[int]], max_new_tokens: int,
 
 def completions(cfg: ModelConfig, variables: Any, prompts: Sequence[Sequence[int]], *,
                 max_new_tokens: int, eos_id: int, batch_size: int, temperature: float = 0.0,
-                rng=None, mesh=None) -> list[list[int]]:
+                top_p: float = 1.0, rng=None, mesh=None) -> list[list[int]]:
   """Completion of every prompt (without its <eos>), batch by batch: greedy
-  at temperature 0, else sampled (rng: a key, split per batch).
+  at temperature 0, else sampled (rng: a key, split per batch; top_p the
+  nucleus filter).
   mesh: the mesh `variables` live on (multi-host runs: every process gets
   the same completions)."""
   if temperature > 0 and rng is None:
@@ -51,7 +52,7 @@ def completions(cfg: ModelConfig, variables: Any, prompts: Sequence[Sequence[int
     chunk += [prompts[0]] * (batch_size - n_real)
     key = None if rng is None else jax.random.fold_in(rng, start)
     gen = generate(cfg, variables, chunk, max_new_tokens=max_new_tokens, stop_ids=(eos_id,),
-                   temperature=temperature, rng=key, mesh=mesh)
+                   temperature=temperature, top_p=top_p, rng=key, mesh=mesh)
     for ids in gen.sequences()[:n_real]:
       out.append(ids[:-1] if ids and ids[-1] == eos_id else ids)
   return out
