@@ -131,6 +131,50 @@ def test_loss_and_gradient_match_the_numpy_transcription(loss_type, est):
   np.testing.assert_allclose(float(metrics["kl"]), (kl * m).sum() / m.sum(), rtol=1e-5)
 
 
+def _np_gspo(logp, old, ref, A, m, eps_low, eps_high, beta, est):
+  """GSPO's loss in float64, sequence by sequence (Zheng et al. 2025, eq. 5-7)."""
+  total, counted = 0.0, 0
+  for i in range(logp.shape[0]):
+    idx = np.flatnonzero(m[i])
+    if not len(idx):
+      continue
+    s = np.exp(np.mean(logp[i, idx] - old[i, idx]))
+    surrogate = min(s * A[i], min(max(s, 1 - eps_low), 1 + eps_high) * A[i])
+    kl, _ = _np_kl(logp[i, idx], ref[i, idx], est)
+    total += surrogate - beta * kl.mean()
+    counted += 1
+  return -total / counted
+
+
+def test_gspo_matches_the_sequence_level_numpy_transcription():
+  """loss_type="gspo": value against a float64 per-sequence loop, gradient
+  against central differences of it; sequences clipped on both sides."""
+  logp, old, ref, A, m = _case(4)
+  # sequence ratios: seq 3 (A > 0) above the clip range, 4 (A > 0) inside, 5 (A < 0) below
+  shift = np.array([0.0, 0.0, 0.0, -0.12, 0.0, 0.12])[:, None]
+  old = logp + (old - logp) * 0.05 + shift
+  eps_low, eps_high, beta = 0.05, 0.06, 0.04
+  f = lambda lp: grpo_loss(lp, old, ref, A, m, eps_low=eps_low, eps_high=eps_high,  # noqa
+                           beta=beta, loss_type="gspo")
+  (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp, jnp.float32))
+  np_loss = lambda lp: _np_gspo(lp, old, ref, A, m, eps_low, eps_high, beta, "k3")  # noqa
+  np.testing.assert_allclose(float(loss), np_loss(logp), rtol=1e-5, atol=1e-6)
+  want = np.zeros_like(logp)
+  for i, t in itertools.product(*map(range, logp.shape)):
+    e = np.zeros_like(logp)
+    e[i, t] = 1e-6
+    want[i, t] = (np_loss(logp + e) - np_loss(logp - e)) / 2e-6
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-3, atol=1e-6)
+  s = np.exp(((logp - old) * m).sum(1) / np.maximum(m.sum(1), 1))
+  assert ((s < 1 - eps_low) & (A < 0) & (m.sum(1) > 0)).any()
+  assert ((s > 1 + eps_high) & (A > 0)).any()
+  low = (((s < 1 - eps_low) & (A < 0))[:, None] * m).sum() / m.sum()
+  np.testing.assert_allclose(float(metrics["clip_low"]), low, rtol=1e-6)
+  # the sequence ratio differs from the token ratios GRPO clips
+  assert not np.isclose(float(loss), float(grpo_loss(
+      logp, old, ref, A, m, eps_low=eps_low, eps_high=eps_high, beta=beta)[0]))
+
+
 def test_first_pass_has_ratio_one_no_clipping_and_a_loss_of_minus_mean_advantage():
   logp, _, _, A, m = _case(1)
   m[2] = 1

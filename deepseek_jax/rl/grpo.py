@@ -17,6 +17,16 @@ normalisations, selectable here:
                        long completions are not down-weighted per token)
             "dr_grpo"  the sum over tokens / (N x L), L the generation limit
                        (Dr. GRPO: no length normalisation at all)
+            "gspo"     GSPO (Qwen, Zheng et al. 2025): one importance ratio per
+                       sequence, the geometric mean of its token ratios,
+                       s_i = exp(mean_t(logp - old_logp)) over the counted
+                       tokens, clipped per sequence (the paper's ranges are
+                       small: eps_low 3e-4, eps_high 4e-4); the KL term and the
+                       aggregation as "grpo" (per-sequence token mean, then
+                       the mean over sequences). Gradients reach every token
+                       of a sequence through s_i (the paper's GSPO objective;
+                       GSPO-token has the same value and gradient when all
+                       tokens of a sequence share the advantage, as here).
   scale     "group"    A divided by the group's std (+1e-4), ddof 0
             "batch"    divided by the std of the whole batch
             "none"     not divided (Dr. GRPO)
@@ -51,7 +61,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "gspo")
 SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 STD_EPS = 1e-4
@@ -119,7 +129,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 0.
   (completion tokens; mask 1 on tokens that count); advantages [N].
   ref_logp may be None when beta == 0. Metrics: kl (masked token mean, 0
   without a reference), clip_low / clip_high (fraction of tokens whose ratio
-  was clipped from below with A < 0 / above with A > 0), ratio_mean, tokens.
+  was clipped from below with A < 0 / above with A > 0; with "gspo" a
+  sequence's ratio counts for each of its tokens), ratio_mean, tokens.
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"loss_type={loss_type!r} must be one of {LOSS_TYPES}.")
@@ -141,11 +152,19 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 0.
                      f"{logp.shape[:1]}.")
   m = jnp.asarray(mask, jnp.float32)
   a = jnp.asarray(advantages, jnp.float32)[:, None]
-  ratio = jnp.exp(logp - old_logp)
+  if loss_type == "gspo":      # one ratio per sequence: the geometric mean of its tokens'
+    log_s = ((logp - old_logp) * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+    ratio = jnp.broadcast_to(jnp.exp(log_s)[:, None], logp.shape)
+  else:
+    ratio = jnp.exp(logp - old_logp)
   clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
   surrogate = jnp.minimum(ratio * a, clipped * a)
   if rollout_logp is not None:
-    w = jnp.exp(old_logp - rollout_logp)
+    log_w = old_logp - rollout_logp
+    if loss_type == "gspo":    # the sequence's weight: geometric mean, as its ratio
+      log_w = jnp.broadcast_to(((log_w * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+                                )[:, None], logp.shape)
+    w = jnp.exp(log_w)
     if tis_cap is not None:
       w = jnp.minimum(w, tis_cap)
     surrogate = jax.lax.stop_gradient(w) * surrogate
@@ -157,7 +176,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 0.
         kl_per_token(logp, ref_logp, kl_estimator, kl_clamp))
     objective = surrogate
   n_tok = m.sum()
-  if loss_type == "grpo":
+  if loss_type in ("grpo", "gspo"):
     per_seq_tokens = m.sum(axis=1)
     has = per_seq_tokens > 0
     per_seq = (objective * m).sum(axis=1) / jnp.maximum(per_seq_tokens, 1.0)
