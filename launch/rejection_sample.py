@@ -18,6 +18,15 @@ equal number), without repeats per prompt (--nodedupe keeps them), at most
 --keep_per_prompt per prompt (0 = all). Any launch.train or launch.grpo
 workdir works (a GRPO run is R1's teacher).
 
+Your own prompts instead of the task: --prompt_files=a.jsonl,b.parquet
+({"prompt", "answer", optional "kind", "system"} records, data/prompts.py),
+rendered by the run's chat template (--chat_template=auto; none, short, r1
+or a jinja2 file), every record used (--n_prompts caps them); a completion
+is kept when --verifier (math, choice, exact, regex) scores it 1.0 against
+the record's answer and, with --require_format (default), GRPO's format
+reward is 1 (--norequire_format for data without <think>/<answer> tags).
+The record's "prompt" in --out is the rendered text the model read.
+
 Output: --out, one {"prompt", "completion", "answer", "kind"} object per line,
 written atomically; stdout: the stats as one JSON line (n_prompts,
 n_sampled, n_kept, acceptance, by_kind, prompts_with_kept, rejected by
@@ -42,14 +51,17 @@ USER_ERRORS = (ValueError, FileNotFoundError, app.UsageError)
 OUT_EXTENSIONS = (".jsonl", ".json")   # what launch.train reads as JSON lines
 
 
-def sample(from_workdir: str, out: str, *, step: int | None = None, n_prompts: int = 500,
-           k: int = 4, temperature: float = 1.0, max_new_tokens: int | None = None,
-           seed: int = 0, batch_size: int = 64, keep_per_prompt: int = 0,
-           dedupe: bool = True, canonical_only: bool = True, max_digits: int | None = None,
-           task_kinds: str | None = None, log=lambda line: print(line, file=sys.stderr)
-           ) -> dict:
+def sample(from_workdir: str, out: str, *, step: int | None = None,
+           n_prompts: int | None = None, k: int = 4, temperature: float = 1.0,
+           max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 64,
+           keep_per_prompt: int = 0, dedupe: bool = True, canonical_only: bool = True,
+           max_digits: int | None = None, task_kinds: str | None = None,
+           prompt_files: list[str] | None = None, verifier: str = "math",
+           chat_template: str = "auto", require_format: bool = True,
+           log=lambda line: print(line, file=sys.stderr)) -> dict:
   """Samples and writes `out`; returns the stats (module docstring). None
-  for max_new_tokens / max_digits / task_kinds (comma-separated) = the run's.
+  for max_new_tokens / max_digits / task_kinds (comma-separated) = the run's;
+  n_prompts None = 500 task problems, or every prompt-file record.
   Raises one of USER_ERRORS for a user's mistake, before compiling."""
   if not from_workdir or not out:
     raise app.UsageError("give --from_workdir=RUN (a launch.train or launch.grpo workdir) "
@@ -70,7 +82,13 @@ def sample(from_workdir: str, out: str, *, step: int | None = None, n_prompts: i
     raise app.UsageError(f"--temperature=0 (greedy) gives k={k} identical completions per "
                          "prompt; sample with --temperature > 0, or use --k=1.")
   from deepseek_jax.config import split_names
+  from deepseek_jax.data import prompts as prompts_lib
   from deepseek_jax.data import tasks
+  from deepseek_jax.rl import verifiers
+  records = None
+  if prompt_files:
+    check = verifiers.get(verifier)
+    records = prompts_lib.load_prompt_files(prompt_files)[:n_prompts or None]
   kinds = split_names(task_kinds) if task_kinds else None
   if kinds is not None and (not kinds or set(kinds) - set(tasks.KINDS)):
     raise app.UsageError(f"--task_kinds={task_kinds!r} must be comma-separated kinds out of "
@@ -92,16 +110,29 @@ def sample(from_workdir: str, out: str, *, step: int | None = None, n_prompts: i
   if "passkey" in kinds:       # as launch.train sizes them (loop.build_data)
     context_chars = train_cfg.passkey_chars or pipeline.passkey_room(
         tok, train_cfg.seq_len, train_cfg.template)
-  problems = tasks.generate_problems(n_prompts, seed=seed, split="train", max_digits=digits,
-                                     kinds=kinds, context_chars=context_chars)
   new = max_new_tokens or train_cfg.max_new_tokens
-  log(f"{PROG}: {from_workdir} step {run_step}: {n_prompts} train-split prompts "
-      f"(max_digits={digits}, kinds={','.join(kinds)}, template={train_cfg.template!r}) "
-      f"x k={k} at temperature {temperature}")
+  kw = {}
+  if records is not None:
+    fmt = prompts_lib.resolve_format(chat_template, train_cfg.tokenizer_path or "",
+                                     train_cfg.template)
+    problems = records
+    kw = dict(prompt_format=fmt, check=check, require_format=require_format)
+    log(f"{PROG}: {from_workdir} step {run_step}: {len(records)} prompts from "
+        f"{','.join(prompt_files)} ({fmt.describe()}, verifier {verifier!r}) x k={k} at "
+        f"temperature {temperature}")
+  else:
+    n_prompts = n_prompts or 500
+    problems = tasks.generate_problems(n_prompts, seed=seed, split="train",
+                                       max_digits=digits, kinds=kinds,
+                                       context_chars=context_chars)
+    log(f"{PROG}: {from_workdir} step {run_step}: {n_prompts} train-split prompts "
+        f"(max_digits={digits}, kinds={','.join(kinds)}, template={train_cfg.template!r}) "
+        f"x k={k} at temperature {temperature}")
   records, stats = rejection.rejection_sample(
       model_cfg, variables, tok, problems, k=k, max_new_tokens=new, temperature=temperature,
-      template=train_cfg.template, seed=seed, batch_size=min(batch_size, n_prompts * k),
-      keep_per_prompt=keep_per_prompt or None, dedupe=dedupe, canonical_only=canonical_only)
+      template=train_cfg.template, seed=seed, batch_size=min(batch_size, len(problems) * k),
+      keep_per_prompt=keep_per_prompt or None, dedupe=dedupe, canonical_only=canonical_only,
+      **kw)
   rejection.write_jsonl(records, out)
   log(f"{PROG}: kept {stats['n_kept']} of {stats['n_sampled']} completions "
       f"(acceptance {stats['acceptance']:.3f}) -> {out}")
@@ -120,7 +151,15 @@ def _define_flags() -> None:
   flags.DEFINE_string("from_workdir", None, "A launch.train or launch.grpo run directory.")
   flags.DEFINE_integer("step", None, "The run's checkpoint step (default: latest).")
   flags.DEFINE_string("out", None, "The .jsonl file to write (atomically).")
-  flags.DEFINE_integer("n_prompts", 500, "Train-split problems to sample for.")
+  flags.DEFINE_integer("n_prompts", None, "Train-split problems to sample for (default "
+                       "500), or the first N records of --prompt_files (default: all).")
+  flags.DEFINE_list("prompt_files", None, "Prompt files ({prompt, answer} records) instead "
+                    "of the task's problems.")
+  flags.DEFINE_string("verifier", "math", "With --prompt_files: math, choice, exact, regex.")
+  flags.DEFINE_string("chat_template", "auto", "With --prompt_files: auto, none, short, r1 "
+                      "or a jinja2 file.")
+  flags.DEFINE_bool("require_format", True, "With --prompt_files: also require GRPO's "
+                    "<think>/<answer> format.")
   flags.DEFINE_integer("k", 4, "Completions sampled per prompt.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy, with --k=1).")
   flags.DEFINE_integer("max_new_tokens", None, "Tokens per completion (default: the run's "
@@ -147,7 +186,9 @@ def main(argv):
                    temperature=f.temperature, max_new_tokens=f.max_new_tokens, seed=f.seed,
                    batch_size=f.batch_size, keep_per_prompt=f.keep_per_prompt,
                    dedupe=f.dedupe, canonical_only=f.canonical_only,
-                   max_digits=f.max_digits, task_kinds=f.task_kinds)
+                   max_digits=f.max_digits, task_kinds=f.task_kinds,
+                   prompt_files=f.prompt_files, verifier=f.verifier,
+                   chat_template=f.chat_template, require_format=f.require_format)
   except USER_ERRORS as e:
     sys.exit(f"{PROG}: error: {' '.join(str(e).split())}")
   print(json.dumps(stats))

@@ -71,6 +71,36 @@ def test_select_keeps_exactly_the_samples_that_pass_grpos_checks():
     rejection.select([p, q], samples[:7], k=4)
 
 
+def test_select_records_keeps_what_the_verifier_scores_one():
+  """Prompt-file records: kept exactly when the verifier says 1.0 (and, with
+  require_format, GRPO's format reward is 1); the record's prompt is the
+  rendered text; kinds default to "all"."""
+  from deepseek_jax.data.prompts import PromptFormat, PromptRecord
+  from deepseek_jax.rl import verifiers
+  recs = [PromptRecord("Half of 1?", "1/2", "frac"), PromptRecord("Pick: A) 1 B) 2", "B")]
+  fmt = PromptFormat("none")
+  texts = [fmt.text(r) for r in recs]
+  samples = ["<think>1/2</think> <answer>0.5</answer>", "<think>x</think> <answer>1/3</answer>",
+             "so \\boxed{\\frac12}", "<think>t</think> <answer>\\dfrac{1}{2}</answer>",
+             "<think>b</think> <answer>B</answer>", "<think>a</think> <answer>A</answer>",
+             "The answer is (B)", "<think>b</think> <answer>B</answer>"]
+  check = {0: verifiers.math, 1: verifiers.choice}
+  judge = lambda r, c: check[recs.index(r)](c, r.answer)  # noqa: E731
+  for require_format in (True, False):
+    kept, stats = rejection.select_records(
+        recs, texts, samples, k=4, check=lambda c, a: check[0 if a == "1/2" else 1](c, a),
+        require_format=require_format)
+    want = []
+    for i, r in enumerate(recs):
+      for c in samples[4 * i:4 * i + 4]:
+        ok = judge(r, c) == 1.0 and (not require_format or tasks.format_ok(c))
+        if ok and c not in [w["completion"] for w in want if w["prompt"] == texts[i]]:
+          want.append({"prompt": texts[i], "completion": c, "answer": r.answer,
+                       "kind": r.kind or "all"})
+    assert kept == want and len(want) >= 3
+    assert stats["n_duplicates"] == 1 and set(stats["by_kind"]) == {"frac", "all"}
+
+
 @pytest.mark.slow   # trains a tiny run (~40 s cold): CI's slow step
 def test_rejection_sample_is_the_sampler_filtered_by_the_task_checks(tiny_run):
   cfg, train_cfg, variables, _ = export.load_trained_run(tiny_run)

@@ -82,10 +82,45 @@ def select(problems: Sequence[tasks.Problem], completions: Sequence[str], *, k: 
   dedupe a text already kept for the same prompt is dropped, and at most
   keep_per_prompt (None = all) are kept per prompt.
   """
+  items = [(tasks.format_prompt(p, template), p.answer, tasks.kind_of(p)) for p in problems]
+  return _select(items, completions, lambda i, text: verdict(
+      text, problems[i], canonical_only=canonical_only), k=k, keep_per_prompt=keep_per_prompt,
+      dedupe=dedupe, has_special=has_special)
+
+
+def record_verdict(completion: str, answer: str, check, *, require_format: bool = True
+                   ) -> str | None:
+  """None when a completion of a prompt-file record passes, else the reason:
+  "format" (with require_format: GRPO's format reward is not 1), "answer"
+  (the verifier `check(completion, answer)` did not score 1.0)."""
+  if require_format and rewards.format_reward(completion, {"answer": answer}) != 1.0:
+    return "format"
+  return None if check(completion, answer) == 1.0 else "answer"
+
+
+def select_records(records: Sequence[Any], prompt_texts: Sequence[str],
+                   completions: Sequence[str], *, k: int, check,
+                   require_format: bool = True, keep_per_prompt: int | None = None,
+                   dedupe: bool = True, has_special: Sequence[bool] | None = None
+                   ) -> tuple[list[dict[str, str]], dict[str, Any]]:
+  """`select` for prompt-file records (data.prompts.PromptRecord): a completion
+  is kept when `record_verdict` passes it; each kept record's prompt is the
+  rendered prompt text (prompt_texts[i], what the model read)."""
+  items = [(t, r.answer, r.kind or "all") for r, t in zip(records, prompt_texts)]
+  return _select(items, completions, lambda i, text: record_verdict(
+      text, records[i].answer, check, require_format=require_format), k=k,
+      keep_per_prompt=keep_per_prompt, dedupe=dedupe, has_special=has_special)
+
+
+def _select(items: Sequence[tuple[str, str, str]], completions: Sequence[str], judge, *,
+            k: int, keep_per_prompt: int | None, dedupe: bool,
+            has_special: Sequence[bool] | None) -> tuple[list[dict[str, str]], dict[str, Any]]:
+  """items: (prompt text, answer, kind) per prompt; judge(i, text) -> None
+  (keep) or a rejection reason."""
   if k < 1:
     raise ValueError(f"k={k} must be >= 1.")
-  if len(completions) != len(problems) * k:
-    raise ValueError(f"{len(completions)} completions for {len(problems)} problems x k={k}.")
+  if len(completions) != len(items) * k:
+    raise ValueError(f"{len(completions)} completions for {len(items)} problems x k={k}.")
   if has_special is not None and len(has_special) != len(completions):
     raise ValueError(f"has_special has {len(has_special)} entries for {len(completions)} "
                      "completions.")
@@ -95,18 +130,16 @@ def select(problems: Sequence[tasks.Problem], completions: Sequence[str], *, k: 
   rejected = dict.fromkeys(REJECT_REASONS, 0)
   kinds: dict[str, dict[str, int]] = {}
   n_accepted = n_duplicates = n_over_cap = prompts_with_kept = 0
-  for i, problem in enumerate(problems):
-    kind = tasks.kind_of(problem)
+  for i, (prompt, answer, kind) in enumerate(items):
     per_kind = kinds.setdefault(kind, {"n_prompts": 0, "n_sampled": 0, "n_accepted": 0,
                                        "n_kept": 0, "prompts_with_kept": 0})
     per_kind["n_prompts"] += 1
-    prompt = tasks.format_prompt(problem, template)
     kept: list[str] = []
     for j in range(i * k, (i + 1) * k):
       text = completions[j]
       per_kind["n_sampled"] += 1
       reason = ("special_tokens" if has_special is not None and has_special[j]
-                else verdict(text, problem, canonical_only=canonical_only))
+                else judge(i, text))
       if reason is not None:
         rejected[reason] += 1
         continue
@@ -118,7 +151,7 @@ def select(problems: Sequence[tasks.Problem], completions: Sequence[str], *, k: 
         n_over_cap += 1
       else:
         kept.append(text)
-    records.extend({"prompt": prompt, "completion": c, "answer": problem.answer, "kind": kind}
+    records.extend({"prompt": prompt, "completion": c, "answer": answer, "kind": kind}
                    for c in kept)
     per_kind["n_kept"] += len(kept)
     per_kind["prompts_with_kept"] += bool(kept)
@@ -127,11 +160,11 @@ def select(problems: Sequence[tasks.Problem], completions: Sequence[str], *, k: 
   for per_kind in kinds.values():
     per_kind["acceptance"] = per_kind["n_accepted"] / per_kind["n_sampled"]
   stats = {
-      "n_prompts": len(problems), "k": k, "n_sampled": n_sampled,
+      "n_prompts": len(items), "k": k, "n_sampled": n_sampled,
       "n_accepted": n_accepted, "acceptance": n_accepted / n_sampled if n_sampled else 0.0,
       "n_kept": len(records), "n_duplicates": n_duplicates, "n_over_cap": n_over_cap,
       "prompts_with_kept": prompts_with_kept,
-      "prompts_with_kept_share": prompts_with_kept / len(problems) if problems else 0.0,
+      "prompts_with_kept_share": prompts_with_kept / len(items) if items else 0.0,
       "rejected": rejected,
       "by_kind": dict(sorted(kinds.items())),
   }
@@ -139,10 +172,11 @@ def select(problems: Sequence[tasks.Problem], completions: Sequence[str], *, k: 
 
 
 def rejection_sample(model_cfg: ModelConfig, variables: Any, tokenizer: Tokenizer,
-                     problems: Sequence[tasks.Problem], *, k: int, max_new_tokens: int,
+                     problems: Sequence[Any], *, k: int, max_new_tokens: int,
                      temperature: float = 1.0, template: str = "short", seed: int = 0,
                      batch_size: int = 64, keep_per_prompt: int | None = None,
-                     dedupe: bool = True, canonical_only: bool = True, mesh=None
+                     dedupe: bool = True, canonical_only: bool = True, mesh=None,
+                     prompt_format=None, check=None, require_format: bool = True
                      ) -> tuple[list[dict[str, str]], dict[str, Any]]:
   """Samples k completions per problem and keeps those that pass (`select`).
 
@@ -152,6 +186,12 @@ def rejection_sample(model_cfg: ModelConfig, variables: Any, tokenizer: Tokenize
   max_new_tokens (lowered so the longest prompt plus it fits the model's
   max_seq_len; stats["max_new_tokens"] is the value used). temperature 0 is
   greedy: then only k=1 makes sense. mesh: the mesh `variables` live on.
+
+  Prompt-file records instead of task problems: `problems` are
+  data.prompts.PromptRecords, `prompt_format` (a data.prompts.PromptFormat)
+  renders them, `check` is the verifier (completion, answer) -> score and a
+  completion is kept by `select_records` (require_format: also GRPO's format
+  reward).
 
   Returns (records, stats); stats as `select`'s plus temperature, seed and
   max_new_tokens. Raises ValueError for bad arguments before compiling.
@@ -170,17 +210,31 @@ def rejection_sample(model_cfg: ModelConfig, variables: Any, tokenizer: Tokenize
                      ">= 1.")
   if keep_per_prompt is not None and keep_per_prompt < 1:
     raise ValueError(f"keep_per_prompt={keep_per_prompt} must be >= 1 (or None: all).")
-  prompts = evaluate.encode_prompts(tokenizer, problems, template)
+  if prompt_format is not None:
+    if check is None:
+      raise ValueError("prompt-file records need check=<a verifier> (rl.verifiers.get(name)).")
+    from deepseek_jax.data import prompts as prompts_lib
+    texts = [prompt_format.text(r) for r in problems]
+    prompts = prompts_lib.encode_records(tokenizer, problems, prompt_format)
+  else:
+    prompts = evaluate.encode_prompts(tokenizer, problems, template)
   new = evaluate.eval_max_new_tokens(prompts, max_new_tokens, model_cfg.max_seq_len)
   repeated = [p for p in prompts for _ in range(k)]
   ids = evaluate.completions(model_cfg, variables, repeated, max_new_tokens=new,
                              eos_id=tokenizer.eos_id, batch_size=batch_size,
                              temperature=temperature, rng=jax.random.key(seed), mesh=mesh)
   special = special_ids(tokenizer)
-  records, stats = select(problems, [tokenizer.decode(s) for s in ids], k=k, template=template,
-                          keep_per_prompt=keep_per_prompt, dedupe=dedupe,
-                          canonical_only=canonical_only,
-                          has_special=[any(t in special for t in s) for s in ids])
+  decoded = [tokenizer.decode(s) for s in ids]
+  has_special = [any(t in special for t in s) for s in ids]
+  if prompt_format is not None:
+    records, stats = select_records(problems, texts, decoded, k=k, check=check,
+                                    require_format=require_format,
+                                    keep_per_prompt=keep_per_prompt, dedupe=dedupe,
+                                    has_special=has_special)
+  else:
+    records, stats = select(problems, decoded, k=k, template=template,
+                            keep_per_prompt=keep_per_prompt, dedupe=dedupe,
+                            canonical_only=canonical_only, has_special=has_special)
   stats.update(temperature=float(temperature), seed=seed, max_new_tokens=new)
   return records, stats
 
