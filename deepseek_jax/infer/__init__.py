@@ -10,9 +10,9 @@ log-probs without the whole [b, s, vocab] logits).
 """
 
 from deepseek_jax.infer.cache import bytes_per_token, init_cache
-from deepseek_jax.infer.decode import Generation, generate, stream
+from deepseek_jax.infer.decode import Generation, generate, rollout_routing, stream
 from deepseek_jax.infer.sampling import sampling_logprobs
 from deepseek_jax.infer.scoring import token_logprobs
 
-__all__ = ["Generation", "bytes_per_token", "generate", "init_cache", "sampling_logprobs",
-           "stream", "token_logprobs"]
+__all__ = ["Generation", "bytes_per_token", "generate", "init_cache", "rollout_routing",
+           "sampling_logprobs", "stream", "token_logprobs"]

@@ -17,6 +17,18 @@ jitted function per (batch, bucketed prompt length, max_new_tokens,
 stop_ids, speculative); the sampling settings are traced values. The loop
 ends when every row has stopped (a stop id, or max_new_tokens).
 
+Routing replay (`return_routing=True`): the MoE experts each token used,
+per main MoE layer, for the trainer to replay (`Transformer(routing=...)`,
+`rollout_routing`). gen.routing [batch, max_new_tokens, n_moe_layers, k]:
+entry j is the experts generated token j went to when it was fed to the
+model (to produce token j + 1); a row's last token is never fed, so its
+entry is -1 like every entry past it (-1 = no record: route normally; the
+last token's routing changes no log-prob of the completion).
+gen.prompt_routing [batch, P, n_moe_layers, k] (P the padded prompt
+length): the prompt tokens' experts in the prefill, -1 past each prompt.
+The MTP block's MoE is not recorded (generation runs MTP only when
+speculative, and speculative decoding does not record routing).
+
 `stream` runs the same prefill and step functions from Python, one jitted
 step at a time (cache donated), yielding each step's new tokens: what a
 terminal or a server shows while generating.
@@ -51,6 +63,10 @@ class Generation:
   steps: int                  # decode steps run (after the prefill's first token)
   drafted: int = 0            # speculative: draft tokens proposed by MTP
   accepted: int = 0           # ...and accepted by the main model
+  # return_routing=True: int32 [batch, max_new_tokens, n_moe_layers, k] and
+  # [batch, P, n_moe_layers, k] (module doc); None otherwise.
+  routing: np.ndarray | None = None
+  prompt_routing: np.ndarray | None = None
 
   @property
   def acceptance_rate(self) -> float:
@@ -131,14 +147,16 @@ def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.n
 # ---------------------------------------------------------------------------
 def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
             rng: jax.Array, settings: Sampling, *, max_new: int, stop_ids: tuple[int, ...],
-            speculative: bool) -> dict:
+            speculative: bool, record: bool = False) -> dict:
   """Runs the padded prompts [b, P], fills the cache, samples each row's
-  first token; returns the decode state."""
+  first token; returns the decode state. record: the state also holds
+  "prompt_routing" and "routing" (module doc; `step` then fills the latter)."""
   b, p = prompts.shape
   model = Transformer(cfg)
   seg = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
-  logits, h, entries = model.apply(variables, prompts, segment_ids=seg, mode="prefill",
-                                   logits_index=lengths - 1)
+  out = model.apply(variables, prompts, segment_ids=seg, mode="prefill",
+                    logits_index=lengths - 1, return_routing=record)
+  logits, h, entries = out[:3]
   cache = cache_lib.init_cache(cfg, b, p + max_new + 1, mtp=speculative)
   cache = cache_lib.write(cache, entries, jnp.zeros((b,), jnp.int32))
   rng, key = jax.random.split(rng)
@@ -149,6 +167,10 @@ def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
            "n_out": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
            "steps": jnp.zeros((), jnp.int32),
            "drafted": jnp.zeros((), jnp.int32), "accepted": jnp.zeros((), jnp.int32)}
+  if record:
+    chosen = out[3]                                               # [b, P, L, k]
+    state["prompt_routing"] = jnp.where(seg[:, :, None, None] != 0, chosen, -1)
+    state["routing"] = jnp.full((b, max_new) + chosen.shape[2:], -1, jnp.int32)
   state = emit(state, first[:, None], token_logprob(logits[:, 0], first)[:, None],
                jnp.ones((b,), jnp.int32), stop_ids, max_new)
   if speculative:
@@ -159,11 +181,18 @@ def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
 def step(cfg: ModelConfig, variables, state: dict, settings: Sampling, *, max_new: int,
          stop_ids: tuple[int, ...]) -> dict:
   """One decode step: every row's pending token through the absorbed path at
-  its position, written to the cache; the next token sampled and emitted."""
+  its position, written to the cache; the next token sampled and emitted.
+  With "routing" in the state, a running row's pending token (its output
+  n_out - 1) records the experts it went to."""
   b = state["cur"].shape[0]
-  logits, _, entries = Transformer(cfg).apply(
+  record = "routing" in state
+  out = Transformer(cfg).apply(
       variables, state["cur"][:, None], positions=state["pos"][:, None], mode="decode",
-      cache=state["cache"])
+      cache=state["cache"], return_routing=record)
+  logits, _, entries = out[:3]
+  if record:
+    state = {**state, "routing": record_routing(state["routing"], out[3][:, 0],
+                                                state["n_out"] - 1, ~state["done"])}
   cache = cache_lib.write(state["cache"], entries, state["pos"])
   rng, key = jax.random.split(state["rng"])
   nxt = next_token(key, logits[:, 0], *settings)
@@ -175,24 +204,38 @@ def step(cfg: ModelConfig, variables, state: dict, settings: Sampling, *, max_ne
           "steps": state["steps"] + 1}
 
 
-def _loop_fn(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool):
+def record_routing(routing: jax.Array, chosen: jax.Array, at: jax.Array,
+                   write: jax.Array) -> jax.Array:
+  """routing [b, max_new, L, k] with chosen [b, L, k] put at column at[b]
+  of the rows where write[b]."""
+  rows = jnp.arange(routing.shape[0])
+  at = jnp.clip(at, 0, routing.shape[1] - 1)
+  return routing.at[rows, at].set(jnp.where(write[:, None, None], chosen, routing[rows, at]))
+
+
+OUTPUTS = ("out", "out_logp", "n_out", "steps", "drafted", "accepted")
+ROUTING = ("routing", "prompt_routing")
+
+
+def _loop_fn(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool,
+             record: bool = False):
   step_fn = spec_lib.step if speculative else step
 
   def run(variables, prompts, lengths, rng, settings):
     state = prefill(cfg, variables, prompts, lengths, rng, settings, max_new=max_new,
-                    stop_ids=stop_ids, speculative=speculative)
+                    stop_ids=stop_ids, speculative=speculative, record=record)
     state = jax.lax.while_loop(
         lambda s: ~jnp.all(s["done"]) & (s["steps"] < max_new),
         lambda s: step_fn(cfg, variables, s, settings, max_new=max_new, stop_ids=stop_ids),
         state)
-    return {k: state[k] for k in ("out", "out_logp", "n_out", "steps", "drafted", "accepted")}
+    return {k: state[k] for k in OUTPUTS + (ROUTING if record else ())}
   return run
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool,
-              mesh) -> Any:
-  run = _loop_fn(cfg, max_new, stop_ids, speculative)
+              mesh, record: bool = False) -> Any:
+  run = _loop_fn(cfg, max_new, stop_ids, speculative, record)
   if mesh is None:
     return jax.jit(run)
   return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
@@ -213,18 +256,25 @@ def _prepare(cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, sto
 
 
 def _generation(out: dict) -> Generation:
-  out = jax.device_get({k: out[k] for k in ("out", "n_out", "out_logp", "steps", "drafted",
-                                            "accepted")})
+  out = jax.device_get({k: out[k] for k in OUTPUTS + ROUTING if k in out})
+  routing = {k: np.asarray(out[k]) for k in ROUTING if k in out}
   return Generation(np.asarray(out["out"]), np.asarray(out["n_out"]),
                     np.asarray(out["out_logp"]), int(out["steps"]), int(out["drafted"]),
-                    int(out["accepted"]))
+                    int(out["accepted"]), **routing)
+
+
+def _check_record(return_routing: bool, speculative: bool) -> bool:
+  if return_routing and speculative:
+    raise ValueError("return_routing=True records the experts of plain decoding; "
+                     "speculative=True is not supported with it.")
+  return bool(return_routing)
 
 
 def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
              rng: jax.Array | None = None, speculative: bool = False,
-             mesh=None) -> Generation:
+             mesh=None, return_routing: bool = False) -> Generation:
   """Generates up to max_new_tokens per prompt (module docstring).
 
   temperature 0 = greedy; top_k / top_p / min_p filter the sampling
@@ -234,28 +284,34 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   same forward (speculative.py); greedy output is unchanged, sampling keeps
   the same distribution. mesh: the mesh `variables` live on (possibly several
   processes): inputs are replicated over it and outputs come back replicated.
+  return_routing: also gen.routing [batch, max_new_tokens, n_moe_layers, k]
+  and gen.prompt_routing, the experts each token used in each main MoE layer
+  (the MTP block's not: it does not run), for routing replay (module doc,
+  `rollout_routing`); not with speculative.
   """
+  record = _check_record(return_routing, speculative)
   stop_ids, buf, lens, rng, settings = _prepare(
       cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
       speculative)
   if mesh is not None:
     buf, lens = distributed.replicate((buf, lens), mesh)
-  run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh)
+  run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record)
   return _generation(run(variables, buf, lens, rng, settings))
 
 
 def stream(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
            max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
-           rng: jax.Array | None = None, speculative: bool = False
-           ) -> Iterator[list[list[int]]]:
+           rng: jax.Array | None = None, speculative: bool = False,
+           return_routing: bool = False) -> Iterator[list[list[int]]]:
   """Like `generate`, one step at a time: yields each row's new tokens (a
   list per row, empty once it stopped) after the prefill and after every
   step; the generator's return value (StopIteration.value) is the Generation."""
+  record = _check_record(return_routing, speculative)
   stop_ids, buf, lens, rng, settings = _prepare(
       cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
       speculative)
-  first, step_fn = _stream_fns(cfg, int(max_new_tokens), stop_ids, bool(speculative))
+  first, step_fn = _stream_fns(cfg, int(max_new_tokens), stop_ids, bool(speculative), record)
   state = first(variables, buf, lens, rng, settings)
   seen = np.zeros(len(buf), np.int64)
   while True:
@@ -270,9 +326,39 @@ def stream(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
 
 
 @functools.lru_cache(maxsize=32)
-def _stream_fns(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool):
+def _stream_fns(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool,
+                record: bool = False):
   kw = dict(max_new=max_new, stop_ids=stop_ids)
-  first = jax.jit(functools.partial(prefill, cfg, speculative=speculative, **kw))
+  first = jax.jit(functools.partial(prefill, cfg, speculative=speculative, record=record,
+                                    **kw))
   step_fn = spec_lib.step if speculative else step
   nxt = jax.jit(lambda v, s, st: step_fn(cfg, v, s, st, **kw), donate_argnums=1)
   return first, nxt
+
+
+def rollout_routing(gen: Generation, prompt_lengths: Sequence[int], seq_len: int, *,
+                    prompt: bool = True) -> np.ndarray:
+  """The `routing=` array (Transformer, infer.token_logprobs) that replays a
+  rollout: int32 [batch, seq_len, n_moe_layers, k] for rows laid out as
+  prompt then completion, right-padded to seq_len (rl.trainer.rollout_batch's
+  tokens). Row i: positions [0, prompt_lengths[i]) hold gen.prompt_routing
+  (prompt=True; -1 = route normally when False), completion token j at
+  prompt_lengths[i] + j holds gen.routing[i, j], everything else -1 (the
+  last completion token, padding). gen from `generate(..., return_routing=True)`
+  on the same prompts in the same order."""
+  if gen.routing is None or (prompt and gen.prompt_routing is None):
+    raise ValueError("gen has no routing record: generate with return_routing=True.")
+  n, max_new, n_layers, k = gen.routing.shape
+  plen = np.asarray(prompt_lengths, np.int64)
+  if plen.shape != (n,):
+    raise ValueError(f"prompt_lengths must give one length per row ({n}); got {plen.shape}.")
+  if (plen + gen.lengths).max() > seq_len:
+    raise ValueError(f"seq_len={seq_len} is shorter than a row's prompt + completion "
+                     f"({int((plen + gen.lengths).max())}).")
+  out = np.full((n, seq_len, n_layers, k), -1, np.int32)
+  for i in range(n):
+    p, m = int(plen[i]), int(gen.lengths[i])
+    if prompt:
+      out[i, :p] = gen.prompt_routing[i, :p]
+    out[i, p:p + m] = gen.routing[i, :m]
+  return out

@@ -37,14 +37,17 @@ LOGP_FLOOR = -1e4
 def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.Array, *,
                    segment_ids=None, positions=None, chunk: int = 128,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   min_p: float = 0.0) -> jax.Array:
+                   min_p: float = 0.0, routing=None) -> jax.Array:
   """log p(targets) at every position, float32 [b, s] (see module docstring).
 
   temperature / top_k / top_p / min_p: score under the distribution the
   sampler draws from with those settings (infer.sampling: logits divided by
   the temperature, then the filters; what GRPO's ratio and KL need when
   rollouts are sampled that way), floored at LOGP_FLOOR. The defaults are
-  the model's own distribution (the unfiltered path, unchanged)."""
+  the model's own distribution (the unfiltered path, unchanged).
+  routing: int [b, s, n_moe_layers, k] experts to replay (routing replay:
+  `Transformer`'s `routing=`, entries < 0 route normally; built from a
+  rollout by infer.decode.rollout_routing); None routes normally."""
   if chunk < 1:
     raise ValueError(f"chunk={chunk} must be >= 1.")
   if not temperature > 0:
@@ -54,7 +57,7 @@ def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.
   if tuple(targets.shape) != tuple(tokens.shape):
     raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
   h = Transformer(cfg).apply(variables, tokens, segment_ids=segment_ids, positions=positions,
-                             return_hidden=True)
+                             return_hidden=True, routing=routing)
   b, s, d = h.shape
   c = min(chunk, s)
   n = -(-s // c)

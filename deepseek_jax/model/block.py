@@ -28,6 +28,10 @@ class Block(nn.Module):
   active (training; a bool scalar, None = on): off, the block passes x
   through and its aux is zero: a pipeline stage's padded slot
   (parallel/pipeline_layout.py) still computes, every rank running one program.
+  routing [batch, seq, k] int (MoE blocks; routing replay): the experts each
+  token uses, entries < 0 = route normally (moe.route). Outside training
+  aux["experts"] [batch, seq, k] holds the MoE's chosen experts (what the
+  sampler records for replay).
   """
   cfg: ModelConfig
   moe: bool
@@ -36,7 +40,7 @@ class Block(nn.Module):
   balance_max_devices: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, mask, valid, cache=None, active=None):
+  def __call__(self, x, positions, mask, valid, cache=None, active=None, routing=None):
     cfg = self.cfg
     attn = MLA(cfg, self.mode, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions,
                                             mask, cache)
@@ -46,7 +50,8 @@ class Block(nn.Module):
     h = x + attn
     y = RMSNorm(cfg, name="ffn_norm")(h)
     if self.moe:
-      out, aux = MoE(cfg, self.balance_devices, self.balance_max_devices, name="ffn")(y, valid)
+      out, aux = MoE(cfg, self.balance_devices, self.balance_max_devices,
+                     record=self.mode != "train", name="ffn")(y, valid, routing)
     else:
       out = MLP(cfg, cfg.inter_dim, name="ffn")(y)
       aux = {"balance_loss": jnp.zeros((), jnp.float32),

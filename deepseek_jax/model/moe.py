@@ -60,18 +60,24 @@ from deepseek_jax.config import ModelConfig, default_moe_block_size
 from deepseek_jax.model.grouped_matmul import gmm
 from deepseek_jax.model.layers import MLP, dtype_of, normal_init
 from deepseek_jax.parallel.expert import routed_experts, sort_by_group
-from deepseek_jax.parallel.rules import current_rules
+from deepseek_jax.parallel.rules import current_rules, mesh_axes_of
 
 
 # ---------------------------------------------------------------------------
 # Router
 # ---------------------------------------------------------------------------
-def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig
-          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig,
+          replay: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Group-limited top-k routing (official `Gate.forward`).
 
   logits: [tokens, E] float32; bias: [E] float32.
   Returns (gates [tokens, k] f32, experts [tokens, k] int32, scores [tokens, E]).
+  replay [tokens, k] int (routing replay, R3): a token whose k entries are all
+  >= 0 uses those experts instead of its top-k; its gates are recomputed from
+  the current scores over them (`expert_gates`, the normalisation and
+  route_scale of normal routing), so they stay differentiable in the router.
+  A token with any entry < 0 routes normally. None: normal routing only (the
+  same operations as without the argument).
   """
   n_tok, n_exp = logits.shape
   if cfg.score_func == "sigmoid":
@@ -91,10 +97,21 @@ def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig
         jnp.arange(n_tok)[:, None], keep].set(True)
     choice = jnp.where(jnp.repeat(group_ok, n_exp // g, axis=1), choice, -jnp.inf)
   _, experts = jax.lax.top_k(choice, cfg.n_activated_experts)          # [n, k]
+  experts = experts.astype(jnp.int32)
+  if replay is not None:
+    given = replay.astype(jnp.int32)
+    experts = jnp.where(jnp.all(given >= 0, axis=-1, keepdims=True), given, experts)
+  return expert_gates(scores, experts, cfg), experts, scores
+
+
+def expert_gates(scores: jax.Array, experts: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Gate weights [tokens, k] of the given experts [tokens, k] from the
+  un-biased scores [tokens, E]: normalised over the k (sigmoid router, V3
+  eq. 14), times route_scale."""
   gates = jnp.take_along_axis(scores, experts, axis=-1)
   if cfg.score_func == "sigmoid":
     gates = gates / gates.sum(-1, keepdims=True)
-  return gates * cfg.route_scale, experts.astype(jnp.int32), scores
+  return gates * cfg.route_scale
 
 
 def sequence_balance_loss(scores: jax.Array, experts: jax.Array,
@@ -312,7 +329,7 @@ def experts_dense(x, experts, gates, w1, w3, w2, fp8: bool = False):
 
 
 def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel, *,
-               balance_devices: int = 0, balance_max_devices: int = 0):
+               balance_devices: int = 0, balance_max_devices: int = 0, routing=None):
   """Route x [b, s, d] and run the routed experts with `kernel`.
 
   Returns (out [b, s, d], load [E] token counts, numerators, denominator):
@@ -324,13 +341,13 @@ def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel, *,
   counted once per token and device). The one routing code path: the MoE
   layer calls it on the whole batch without a mesh; under one it hands it to
   `parallel.expert.routed_experts`, which runs it on each device's rows (with
-  an exchanging kernel when experts are split over devices).
+  an exchanging kernel when experts are split over devices). routing
+  [b, s, k] int (optional): experts to replay (`route`'s `replay`).
   """
   b, s, d = x.shape
   n_exp = cfg.n_routed_experts
   tokens = x.reshape(b * s, d)
-  logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32), gate.astype(jnp.float32))
-  gates, experts, scores = route(logits, bias, cfg)
+  gates, experts, scores = router(tokens, gate, bias, cfg, routing)
   out = kernel(tokens, experts, gates, w1, w3, w2).reshape(b, s, d)
   experts_bsk = experts.reshape(b, s, -1)
   load = jnp.einsum("bske,bs->e", jax.nn.one_hot(experts_bsk, n_exp, dtype=jnp.float32),
@@ -349,6 +366,25 @@ def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel, *,
         b, s, balance_devices, n_exp // balance_devices).max(-1)
     nums["device_tokens"] = jnp.einsum("bsd,bs->d", sends, valid.astype(jnp.float32))
   return out, load, nums, den
+
+
+def router(tokens, gate, bias, cfg: ModelConfig, routing=None):
+  """`route` on tokens [n, d] with the router weight gate [d, E] (float32
+  logits); routing: experts to replay, [..., k] with n rows in all, or None."""
+  logits = jnp.einsum("nd,de->ne", tokens.astype(jnp.float32), gate.astype(jnp.float32))
+  replay = None if routing is None else routing.reshape(tokens.shape[0], -1)
+  return route(logits, bias, cfg, replay)
+
+
+def _local_rows(routing: jax.Array, n_local: int, rules) -> jax.Array:
+  """Inside `routed_experts`' shard_map: this device's rows of the whole
+  batch's routing [B, ...] (closed over, hence replicated), the rows its x
+  holds: x is split over the batch mesh axes in their order, so its block
+  is the linear index of this device along them (`axis_index`)."""
+  if routing.shape[0] == n_local:
+    return routing
+  axes = mesh_axes_of("batch", rules)
+  return jax.lax.dynamic_slice_in_dim(routing, jax.lax.axis_index(axes) * n_local, n_local)
 
 
 def resolve_moe_impl(cfg: ModelConfig, n_tokens: int | None = None) -> str:
@@ -373,14 +409,19 @@ class MoE(nn.Module):
   plus "v2_balance" {"expert", "device", "comm"} (DeepSeek-V2's losses,
   `v2_balance_losses`) and "device_tokens" [D] (per sequence: tokens that
   send to each device) when balance_devices D > 0, with M =
-  balance_max_devices: static, set by the trainer (0 = off)."""
+  balance_max_devices: static, set by the trainer (0 = off). record: also
+  "experts" [batch, seq, k] int32, each token's chosen experts (what the
+  sampler keeps for routing replay)."""
   cfg: ModelConfig
   balance_devices: int = 0
   balance_max_devices: int = 0
+  record: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, valid: jax.Array):
-    """x: [batch, seq, dim]; valid: [batch, seq] bool (False on padding)."""
+  def __call__(self, x: jax.Array, valid: jax.Array, routing: jax.Array | None = None):
+    """x: [batch, seq, dim]; valid: [batch, seq] bool (False on padding);
+    routing [batch, seq, k] int (routing replay): each token's experts to
+    use, entries < 0 = route normally (`route`)."""
     cfg = self.cfg
     d = x.shape[-1]
     n_exp, f = cfg.n_routed_experts, cfg.moe_inter_dim
@@ -425,12 +466,14 @@ class MoE(nn.Module):
       # Under a mesh: route and dispatch per device in shard_map (expert
       # parallelism when the rules split `exp`); loads summed over the mesh.
       def ffn(x, valid, gate, bias, w1, w3, w2, kernel):
-        return routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel, **v2)
+        local = None if routing is None else _local_rows(routing, x.shape[0], rules)
+        return routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel, routing=local,
+                          **v2)
       routed, load, bal = routed_experts(ffn, kernel, x.astype(dt), valid, gate, bias,
                                          w1, w3, w2, cfg=cfg, rules=rules)
     else:
       routed, load, nums, den = routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg, kernel,
-                                           **v2)
+                                           routing=routing, **v2)
       bal = {key: v / jnp.maximum(den, 1.0) for key, v in nums.items()}
     out = routed.astype(dt)
     if cfg.n_shared_experts:
@@ -438,4 +481,12 @@ class MoE(nn.Module):
     aux = {"balance_loss": bal.pop("balance"), "load": load}
     if bal:
       aux["v2_balance"] = bal
+    if self.record:
+      # The router again on the whole batch (outside the mesh's shard_map,
+      # which returns only the FFN's output): the same float32 computation,
+      # so the same choices; unused results are dropped by XLA.
+      b, s = x.shape[:2]
+      x_in = x if rules is None else x.astype(dt)      # what routed_ffn routed
+      chosen = router(x_in.reshape(b * s, d), gate, bias, cfg, routing)[1]
+      aux["experts"] = chosen.reshape(b, s, -1)
     return out, aux

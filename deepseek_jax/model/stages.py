@@ -58,7 +58,8 @@ def _remat(block_cls, cfg: ModelConfig):
 
 
 def block_stack(cfg: ModelConfig, moe: bool, length: int, name: str | None = None,
-                mode: str = "train", v2: tuple[int, int] = (0, 0), masked: bool = False):
+                mode: str = "train", v2: tuple[int, int] = (0, 0), masked: bool = False,
+                routed: bool = False):
   """`length` Blocks under nn.scan (params with a leading layer axis),
   rematerialised per cfg.remat_policy in training. Their inputs (positions,
   mask, valid) are broadcast to every layer; when decoding, each layer also
@@ -66,8 +67,13 @@ def block_stack(cfg: ModelConfig, moe: bool, length: int, name: str | None = Non
   but training returns the new tokens' cache entries stacked in
   aux["cache"]. v2: the blocks' (balance_devices, balance_max_devices).
   masked (training): called as (x, positions, mask, valid, None, active)
-  with active bool [length], one flag per block (Block's `active`)."""
+  with active bool [length], one flag per block (Block's `active`).
+  routed (training, MoE blocks): called as (x, positions, mask, valid, None,
+  active or None, routing) with routing [length, batch, seq, k], one slice
+  per block (Block's `routing`: routing replay)."""
   extra = (0,) if mode == "decode" else (nn.broadcast, 0) if masked else ()
+  if routed:
+    extra = (nn.broadcast, 0 if masked else nn.broadcast, 0)
   scanned = nn.scan(
       _remat(Block, cfg) if mode == "train" else Block,
       variable_axes={"params": 0, "router_bias": 0},
@@ -100,16 +106,20 @@ def run_embed(embed: Callable, tokens):
   return constrain(embed(tokens), ("batch", "seq", None))
 
 
-def run_blocks(stacks: dict[str, Callable], x, positions, mask, valid, active=None):
+def run_blocks(stacks: dict[str, Callable], x, positions, mask, valid, active=None,
+               routing=None):
   """The blocks of `stacks` ({stack key: block_stack callable}, either key
   may be absent) in forward order. active: {stack key: bool [slots]} for
-  masked stacks. Returns (x, aux): aux {"moe_layers": the MoE blocks' aux,
-  one row per block: balance_loss [n], load [n, E], v2_balance {key: [n]}}
-  when the MoE stack ran (a dense block's aux is zero)."""
+  masked stacks. routing [n_moe, b, s, k] (routing replay): passed to the
+  MoE stack, built `routed`. Returns (x, aux): aux {"moe_layers": the MoE
+  blocks' aux, one row per block: balance_loss [n], load [n, E], v2_balance
+  {key: [n]}} when the MoE stack ran (a dense block's aux is zero)."""
   aux = {}
   for name, moe in STACKS:
     if name in stacks:
       on = () if active is None else (None, active[name])
+      if moe and routing is not None:
+        on = (None, None if active is None else active[name], routing)
       x, stack_aux = stacks[name](x, positions, mask, valid, *on)
       if moe:
         aux[name] = stack_aux

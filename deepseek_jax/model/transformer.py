@@ -25,6 +25,15 @@ by the optimizer). `aux` carries what training needs beyond the logits:
 `Transformer(cfg, balance_devices=D, balance_max_devices=M)`: D devices,
 M = devices a token may reach (static; the trainer sets them from
 TrainConfig); the default 0 computes no V2 loss.
+Routing replay (R3: the experts the sampler chose, so that a router flip
+between rollout and training cannot change the tokens' computation):
+`routing=R` [b, s, n_moe_layers, k] int32 in training mode makes every token
+whose k entries are >= 0 use those experts in that main MoE layer, their
+gates recomputed from the current router (moe.route), differentiable; a
+token with entries < 0 (prompt, padding: no recorded choice) routes
+normally. The MTP blocks always route normally. The inference modes
+"prefill" / "decode" with return_routing=True also return each token's
+chosen experts, the same [b, s, n_moe_layers, k] layout (infer/decode.py).
 Blocks of each kind are stacked with `nn.scan` (params get a leading layer
 axis: `dense_layers` [n_dense, ...], `moe_layers` [n_moe, ...]) and wrapped
 in `nn.remat` according to `cfg.remat_policy`. The training forward is the
@@ -48,6 +57,30 @@ from deepseek_jax.model.mla import decode_bias
 from deepseek_jax.model.mtp import MTPModule
 from deepseek_jax.model.stages import (HeadLayers, block_stack, merge_aux, output_head,
                                        run_blocks, run_embed, run_head)
+
+
+def check_routing(cfg: ModelConfig, tokens, routing) -> None:
+  """routing must be int [b, s, n_moe_layers, k] (tokens [b, s]); when
+  concrete, its entries < n_routed_experts and a token's k experts (entries
+  >= 0) distinct."""
+  want = tuple(tokens.shape) + (cfg.n_moe_layers, cfg.n_activated_experts)
+  if tuple(routing.shape) != want:
+    raise ValueError(f"routing shape {tuple(routing.shape)} must be [batch, seq, "
+                     f"n_moe_layers, n_activated_experts] = {want}.")
+  if not jnp.issubdtype(routing.dtype, jnp.integer):
+    raise ValueError(f"routing must hold integer expert ids; got dtype {routing.dtype}.")
+  if not isinstance(routing, jax.core.Tracer):
+    r = np.asarray(routing)
+    if r.size and r.max() >= cfg.n_routed_experts:
+      where = tuple(int(i) for i in np.argwhere(r == r.max())[0])
+      raise ValueError(f"routing holds expert {int(r.max())} at [batch, pos, layer, j]="
+                       f"{where}, outside [0, n_routed_experts={cfg.n_routed_experts}).")
+    srt = np.sort(r, axis=-1)
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    if dup.any():
+      where = tuple(int(i) for i in np.argwhere(dup.any(-1))[0])
+      raise ValueError(f"routing repeats an expert for one token at [batch, pos, layer]="
+                       f"{where}: {r[where].tolist()}.")
 
 
 def check_inputs(cfg: ModelConfig, tokens, segment_ids=None, positions=None) -> None:
@@ -96,7 +129,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, *, segment_ids=None, positions=None, targets=None,
                return_aux: bool = False, mode: str = "train", cache=None,
-               mtp_hidden=None, logits_index=None, return_hidden: bool = False):
+               mtp_hidden=None, logits_index=None, return_hidden: bool = False,
+               routing=None, return_routing: bool = False):
     """tokens: int [batch, seq]. segment_ids: int [batch, seq], 0 = padding,
     attention stays within a segment (default: one document per row).
     positions: RoPE positions (default arange). targets: next tokens
@@ -117,6 +151,12 @@ class Transformer(nn.Module):
     place of aux["mtp_logits"]: the head is applied chunk by chunk elsewhere
     (train.losses.chunked_cross_entropy with stages.head_kernel;
     infer.scoring). The default returns logits, as always.
+    routing (training mode): experts to replay, int [b, s, n_moe_layers, k],
+    entries < 0 = route normally (module doc); None (default): normal
+    routing, the same computation as without the argument.
+    return_routing ("prefill" / "decode"): (logits, h, entries, experts)
+    with experts int32 [b, seq, n_moe_layers, k] each token's chosen experts
+    in each main MoE layer (the MTP block's not included).
     """
     cfg = self.cfg
     if mode not in MODES:
@@ -124,6 +164,12 @@ class Transformer(nn.Module):
     check_inputs(cfg, tokens, segment_ids, positions)
     if targets is not None:
       check_inputs(cfg, targets)
+    if routing is not None:
+      if mode != "train":
+        raise ValueError(f"routing= replays experts in the training forward; mode={mode!r}.")
+      check_routing(cfg, tokens, routing)
+    if return_routing and mode not in ("prefill", "decode"):
+      raise ValueError(f"return_routing=True needs mode 'prefill' or 'decode'; got {mode!r}.")
     b, s = tokens.shape
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
@@ -136,14 +182,18 @@ class Transformer(nn.Module):
     final_norm = RMSNorm(cfg, name="norm")
     if mode != "train":
       return self._infer(mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
-                         logits_index, embed, head, final_norm)
+                         logits_index, embed, head, final_norm, return_routing)
     # The composition of model/stages.py's pieces, on this module's submodules.
     mask = attention_mask(cfg, segment_ids)              # ids (+ [b, 1, s, s] bias)
     v2 = (self.balance_devices, self.balance_max_devices)
-    stacks = {name: block_stack(cfg, moe, length, name, v2=v2 if moe else (0, 0))
+    routed = routing is not None and cfg.n_moe_layers > 0
+    stacks = {name: block_stack(cfg, moe, length, name, v2=v2 if moe else (0, 0),
+                                routed=routed and moe)
               for name, moe, length in (("dense_layers", False, cfg.n_dense_layers),
                                         ("moe_layers", True, cfg.n_moe_layers)) if length}
-    x, blocks_aux = run_blocks(stacks, run_embed(embed, tokens), positions, mask, valid)
+    layer_routing = jnp.moveaxis(routing, 2, 0) if routed else None   # [n_moe, b, s, k]
+    x, blocks_aux = run_blocks(stacks, run_embed(embed, tokens), positions, mask, valid,
+                               routing=layer_routing)
     mtp = [MTPModule(cfg, cfg.n_moe_layers > 0, "train", *v2, name=f"mtp_{k}")
            for k in range(cfg.n_mtp_depth)]
     out, head_aux = run_head(cfg, HeadLayers(final_norm, head, embed, mtp), x,
@@ -154,7 +204,7 @@ class Transformer(nn.Module):
     return out, merge_aux(cfg, blocks_aux, head_aux)
 
   def _infer(self, mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
-             logits_index, embed, head, final_norm):
+             logits_index, embed, head, final_norm, return_routing=False):
     cfg = self.cfg
     decode = mode.endswith("decode")
     if decode:
@@ -163,7 +213,7 @@ class Transformer(nn.Module):
     else:
       mask = attention_mask(cfg, segment_ids)                 # ids (+ [b, 1, s, s] bias)
     block_mode = "decode" if decode else "prefill"
-    entries = {}
+    entries, chosen = {}, None
     if mode.startswith("mtp"):
       if not cfg.n_mtp_depth:
         raise ValueError("MTP drafting needs a model with n_mtp_depth >= 1.")
@@ -180,11 +230,17 @@ class Transformer(nn.Module):
           x, aux = block_stack(cfg, moe, length, name, block_mode)(x, positions, mask, valid,
                                                                   *args)
           entries[name] = aux["cache"]
+          if moe:
+            chosen = jnp.moveaxis(aux["experts"], 0, 2)           # [b, t, n_moe, k]
       h = final_norm(x)
     if logits_index is not None:
       h_out = jnp.take_along_axis(h, logits_index[:, None, None], axis=1)
     else:
       h_out = h
+    if return_routing:
+      if chosen is None:                                          # no MoE layers
+        chosen = jnp.zeros(tokens.shape + (0, cfg.n_activated_experts), jnp.int32)
+      return head(h_out), h, entries, chosen
     return head(h_out), h, entries
 
 
