@@ -42,6 +42,17 @@ def test_rollout_logprobs_equal_the_trainers_recomputed_logprobs(tiny_run):
   logp = np.asarray(jax.jit(lambda v, b: completion_logprobs(cfg, v, b))(variables, batch))
   np.testing.assert_allclose(logp[mask], gen.logprobs[mask], atol=1e-5, rtol=0)
   assert mask.sum() > 20
+  # Tempered and truncated: the sampler reports each token's log-prob in the
+  # distribution it drew from, which the trainer's scoring recomputes.
+  gen = generate(cfg, variables, prompts, max_new_tokens=12, temperature=0.7, top_p=0.9,
+                 stop_ids=(tok.eos_id,), rng=jax.random.key(4))
+  batch = rollout_batch(prompts, gen, tok.pad_id)
+  mask = np.arange(12)[None] < gen.lengths[:, None]
+  logp = np.asarray(jax.jit(lambda v, b: completion_logprobs(
+      cfg, v, b, temperature=0.7, top_p=0.9))(variables, batch))
+  np.testing.assert_allclose(logp[mask], gen.logprobs[mask], atol=1e-5, rtol=0)
+  plain = np.asarray(jax.jit(lambda v, b: completion_logprobs(cfg, v, b))(variables, batch))
+  assert np.abs(plain[mask] - gen.logprobs[mask]).max() > 0.05   # not the T=1 log-probs
 
 
 def test_grpo_raises_a_reward_and_a_broken_reward_function_does_not_stop_it(tiny_run, tmp_path):
@@ -414,3 +425,33 @@ def test_launch_evaluate_reports_pass_at_k_and_cons_at_k_per_kind(tiny_run, tmp_
     res = _cli("launch.evaluate", f"--workdir={tiny_run}", *args, timeout=120)
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "loaded" not in res.stderr
+
+
+def test_grpo_routing_replay_and_the_rollout_trainer_mismatch(tiny_run, tmp_path):
+  """routing_replay: pi_old from the training forward replays the rollout's
+  experts, so the sampler's log-probs (tempered, top-p) and the trainer's agree
+  to float rounding (logp_mismatch_max); tis_cap runs the truncated
+  importance-weighted loss (its weights ~1 here); without replay the metric is
+  still reported. Two steps each, beta > 0 (the reference routes itself)."""
+  kw = dict(init_from=tiny_run, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=10,
+            n_train_problems=40, n_eval_problems=0, max_digits=1, beta=0.04, lr=1e-3,
+            warmup_steps=0, fast_compile=True, log_every=100, temperature=0.8, top_p=0.95)
+  from deepseek_jax.rl import trainer
+  seen, token_logprobs = [], trainer.token_logprobs
+
+  def spy(*args, routing=None, **kwargs):     # traced once per compiled program
+    seen.append(None if routing is None else routing.shape)
+    return token_logprobs(*args, routing=routing, **kwargs)
+  trainer.token_logprobs = spy
+  try:
+    replay = train_grpo(GRPOConfig(**kw, routing_replay=True, tis_cap=2.0),
+                        str(tmp_path / "replay"), log=lambda s: None)["history"]
+  finally:
+    trainer.token_logprobs = token_logprobs
+  # pi_old and the update replay [N, S, n_moe_layers, k]; the reference does not
+  assert None in seen and any(r is not None and r[0] == 8 and r[2:] == (2, 2) for r in seen), seen
+  plain = train_grpo(GRPOConfig(**kw), str(tmp_path / "plain"), log=lambda s: None)["history"]
+  for h in replay + plain:
+    assert 0 <= h["logp_mismatch_mean"] <= h["logp_mismatch_max"] < 1e-3, h
+  assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in replay)
+  assert replay[0]["reward"] == plain[0]["reward"]    # same rollouts at step 1

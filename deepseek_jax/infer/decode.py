@@ -4,7 +4,9 @@
     gen.tokens    int32 [batch, max_new_tokens], -1 after a row stopped
     gen.lengths   int32 [batch], tokens generated (a stop token counts)
     gen.logprobs  float32 [batch, max_new_tokens], log p(token) under the
-                  temperature-1 model, 0 after the stop
+                  distribution it was sampled from (logits / temperature, then
+                  top_k / top_p / min_p; greedy: the temperature-1 model), 0
+                  after the stop
 
 Prompts of different lengths are right-padded to a bucketed length (a power
 of two, so nearby lengths share a compilation) and each keeps positions
@@ -49,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer import cache as cache_lib
 from deepseek_jax.infer import speculative as spec_lib
-from deepseek_jax.infer.sampling import next_token, token_logprob
+from deepseek_jax.infer.sampling import next_token_and_logprob
 from deepseek_jax.infer.state import emit
 from deepseek_jax.model import Transformer
 from deepseek_jax.parallel import distributed
@@ -160,7 +162,7 @@ def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
   cache = cache_lib.init_cache(cfg, b, p + max_new + 1, mtp=speculative)
   cache = cache_lib.write(cache, entries, jnp.zeros((b,), jnp.int32))
   rng, key = jax.random.split(rng)
-  first = next_token(key, logits[:, 0], *settings)
+  first, first_logp = next_token_and_logprob(key, logits[:, 0], *settings)
   state = {"cache": cache, "cur": first, "pos": lengths, "rng": rng,
            "out": jnp.full((b, max_new), -1, jnp.int32),
            "out_logp": jnp.zeros((b, max_new), jnp.float32),
@@ -171,7 +173,7 @@ def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
     chosen = out[3]                                               # [b, P, L, k]
     state["prompt_routing"] = jnp.where(seg[:, :, None, None] != 0, chosen, -1)
     state["routing"] = jnp.full((b, max_new) + chosen.shape[2:], -1, jnp.int32)
-  state = emit(state, first[:, None], token_logprob(logits[:, 0], first)[:, None],
+  state = emit(state, first[:, None], first_logp[:, None],
                jnp.ones((b,), jnp.int32), stop_ids, max_new)
   if speculative:
     state = spec_lib.draft_after_prefill(cfg, variables, state, prompts, seg, lengths, h)
@@ -195,10 +197,10 @@ def step(cfg: ModelConfig, variables, state: dict, settings: Sampling, *, max_ne
                                                 state["n_out"] - 1, ~state["done"])}
   cache = cache_lib.write(state["cache"], entries, state["pos"])
   rng, key = jax.random.split(state["rng"])
-  nxt = next_token(key, logits[:, 0], *settings)
+  nxt, nxt_logp = next_token_and_logprob(key, logits[:, 0], *settings)
   was_done = state["done"]
   state = emit({**state, "cache": cache, "rng": rng}, nxt[:, None],
-               token_logprob(logits[:, 0], nxt)[:, None], jnp.ones((b,), jnp.int32),
+               nxt_logp[:, None], jnp.ones((b,), jnp.int32),
                stop_ids, max_new)
   return {**state, "cur": nxt, "pos": jnp.where(was_done, state["pos"], state["pos"] + 1),
           "steps": state["steps"] + 1}

@@ -72,6 +72,35 @@ def next_token(rng: jax.Array, logits: jax.Array, temperature, top_k, top_p, min
       lambda: jnp.argmax(logits, -1).astype(jnp.int32))
 
 
+def next_token_and_logprob(rng: jax.Array, logits: jax.Array, temperature, top_k, top_p,
+                           min_p) -> tuple[jax.Array, jax.Array]:
+  """(`next_token`'s token [b], its log-prob [b] under the distribution it was
+  drawn from): at temperature > 0 the sampling distribution (logits / T, then
+  the filters: what GRPO's ratio compares), greedy the model's temperature-1
+  log-prob. The same tokens as next_token for the same key."""
+  def sampled():
+    logp = sampling_logprobs(logits, temperature, top_k, top_p, min_p)
+    token = sample(rng, logp)
+    return token, jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
+
+  def greedy():
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    return token, token_logprob(logits, token)
+
+  return jax.lax.cond(temperature > 0, sampled, greedy)
+
+
+def sampled_token_logprob(logits: jax.Array, tokens: jax.Array, temperature, top_k, top_p,
+                          min_p) -> jax.Array:
+  """log p(tokens) [b] under the distribution `next_token_and_logprob` drew
+  them from (for tokens chosen another way, e.g. speculative acceptance)."""
+  def sampled():
+    logp = sampling_logprobs(logits, temperature, top_k, top_p, min_p)
+    return jnp.take_along_axis(logp, tokens[:, None], -1)[:, 0]
+
+  return jax.lax.cond(temperature > 0, sampled, lambda: token_logprob(logits, tokens))
+
+
 def sample(rng: jax.Array, logprobs: jax.Array) -> jax.Array:
   """One token per row from log-probs [b, V] (int32 [b])."""
   return jax.random.categorical(rng, logprobs, axis=-1).astype(jnp.int32)

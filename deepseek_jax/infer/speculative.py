@@ -34,7 +34,8 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer import cache as cache_lib
-from deepseek_jax.infer.sampling import next_token, sample, sampling_logprobs, token_logprob
+from deepseek_jax.infer.sampling import (next_token, sample, sampled_token_logprob,
+                                         sampling_logprobs)
 from deepseek_jax.infer.state import emit
 from deepseek_jax.model import Transformer
 
@@ -79,7 +80,8 @@ def step(cfg: ModelConfig, variables, state: dict, settings, *, max_new: int,
   t2 = next_token(k2, logits[:, 1], *settings)
   was_done = state["done"]
   state = emit({**state, "cache": cache, "rng": rng}, jnp.stack([t1, t2], 1),
-               jnp.stack([token_logprob(logits[:, 0], t1), token_logprob(logits[:, 1], t2)], 1),
+               jnp.stack([sampled_token_logprob(logits[:, 0], t1, *settings),
+                          sampled_token_logprob(logits[:, 1], t2, *settings)], 1),
                1 + accept.astype(jnp.int32), stop_ids, max_new)
   mtp_logits, _, mtp_entries = model.apply(
       variables, jnp.stack([t1, t2], 1), positions=positions, mode="mtp_decode",

@@ -68,7 +68,7 @@ from deepseek_jax.data import prompts as prompts_lib
 from deepseek_jax.data import tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.files import atomic_json
-from deepseek_jax.infer import generate, token_logprobs
+from deepseek_jax.infer import generate, rollout_routing, token_logprobs
 from deepseek_jax.infer.decode import Generation, bucket_length
 from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
@@ -100,6 +100,13 @@ class GRPOConfig:
     (reward_errors/<fn>, reward_timeouts/<fn>).
     Rollout: prompts_per_step x group_size completions of at most
     max_new_tokens at temperature / top_p.
+  Rollout vs trainer: the sampler's log-probs (gen.logprobs, in the sampling
+    distribution) are compared with pi_old from the training forward
+    (logp_mismatch_mean / _max per step); tis_cap > 0 weights each token by
+    min(pi_old / pi_rollout, tis_cap) (truncated importance sampling, for
+    rollouts from another numerical path); routing_replay: the update and
+    pi_old use the experts each token was routed to in the rollout
+    (Transformer's routing=; the reference routes itself).
   Objective (grpo.py): loss_type, scale, eps_low / eps_high, beta,
     kl_estimator, kl_clamp; mu passes per rollout; ref_refresh_every (0 =
     the reference stays the starting policy); mask_truncated,
@@ -156,6 +163,8 @@ class GRPOConfig:
   mu: int = 1
   ref_refresh_every: int = 0
   mask_truncated: bool = False
+  routing_replay: bool = False
+  tis_cap: float | None = None
   skip_equal_groups: bool = False
   resample_rounds: int = 0
   # rewards
@@ -231,6 +240,8 @@ class GRPOConfig:
     if self.verifier not in verifiers.VERIFIERS:
       raise ValueError(f"verifier={self.verifier!r} must be one of "
                        f"{tuple(sorted(verifiers.VERIFIERS))}.")
+    if self.tis_cap is not None and not self.tis_cap > 0:
+      raise ValueError(f"tis_cap={self.tis_cap} must be > 0 (or None: no correction).")
     if not self.reward_timeout_s > 0:
       raise ValueError(f"reward_timeout_s={self.reward_timeout_s} must be > 0 seconds.")
     if self.eval_prompt_files and not self.prompt_files:
@@ -367,7 +378,7 @@ def completion_logprobs(cfg: ModelConfig, variables, batch: dict, *,
   distributions that drew the tokens."""
   full = token_logprobs(cfg, variables, batch["tokens"], batch["targets"],
                         segment_ids=batch["segment_ids"], positions=batch["positions"],
-                        temperature=temperature, top_p=top_p)
+                        temperature=temperature, top_p=top_p, routing=batch.get("routing"))
   return jnp.take_along_axis(full, batch["gather"], axis=1)
 
 
@@ -381,7 +392,8 @@ def grpo_loss_fn(cfg: ModelConfig, gcfg: GRPOConfig) -> Callable:
         logp, batch["old_logp"], batch["ref_logp"] if gcfg.beta > 0 else None,
         batch["advantages"][:, 0], batch["mask"], eps_low=gcfg.eps_low,
         eps_high=gcfg.eps_high, beta=gcfg.beta, loss_type=gcfg.loss_type,
-        kl_estimator=gcfg.kl_estimator, kl_clamp=gcfg.kl_clamp)
+        kl_estimator=gcfg.kl_estimator, kl_clamp=gcfg.kl_clamp,
+        rollout_logp=batch["rollout_logp"] if gcfg.tis_cap else None, tis_cap=gcfg.tis_cap)
     return loss, {"metrics": dict(m, loss=loss)}
   return loss_fn
 
@@ -470,11 +482,27 @@ def take_groups(roll: dict[str, Any], groups, group_size: int) -> dict[str, Any]
   return out
 
 
+def _widen(x: np.ndarray, width: int) -> np.ndarray:
+  """prompt_routing [n, P, ...] padded with -1 (route normally) to width P."""
+  return np.pad(x, ((0, 0), (0, width - x.shape[1])) + ((0, 0),) * (x.ndim - 2),
+                constant_values=-1)
+
+
 def concat(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-  """a's rows, then b's, of every per-completion field."""
-  return {k: ({f: np.concatenate([a[k][f], b[k][f]]) for f in a[k]} if k == "per_fn"
-              else a[k] + b[k] if isinstance(a[k], list) else np.concatenate([a[k], b[k]]))
-          for k in a}
+  """a's rows, then b's, of every per-completion field (prompt routing
+  records of two prompt buckets widened to the larger)."""
+  out = {}
+  for k in a:
+    if k == "per_fn":
+      out[k] = {f: np.concatenate([a[k][f], b[k][f]]) for f in a[k]}
+    elif isinstance(a[k], list):
+      out[k] = a[k] + b[k]
+    elif k == "prompt_routing":
+      width = max(a[k].shape[1], b[k].shape[1])
+      out[k] = np.concatenate([_widen(a[k], width), _widen(b[k], width)])
+    else:
+      out[k] = np.concatenate([a[k], b[k]])
+  return out
 
 
 def snapshot(state) -> dict[str, Any]:
@@ -553,7 +581,8 @@ class GRPO:
     key = jax.random.key(g.seed * 1_000_003 + step)
     gen = generate(self.model_cfg, policy, prompts, max_new_tokens=g.max_new_tokens,
                    temperature=g.temperature, top_p=g.top_p, stop_ids=(self.tok.eos_id,),
-                   rng=jax.random.fold_in(key, round_) if round_ else key, mesh=self.mesh)
+                   rng=jax.random.fold_in(key, round_) if round_ else key, mesh=self.mesh,
+                   return_routing=g.routing_replay)
     seqs = gen.sequences()
     eos = self.tok.eos_id
     texts = [self.tok.decode(s[:-1] if s and s[-1] == eos else s) for s in seqs]
@@ -565,7 +594,9 @@ class GRPO:
     return {"problems": problems, "prompts": prompts, "seqs": seqs, "texts": texts,
             "examples": examples, "total": total, "valid": valid,
             "per_fn": per_fn, "tokens": gen.tokens, "lengths": gen.lengths,
-            "logprobs": gen.logprobs}
+            "logprobs": gen.logprobs,
+            **({"routing": gen.routing, "prompt_routing": gen.prompt_routing}
+               if g.routing_replay else {})}
 
   def _dynamic_sampling(self, step: int, policy) -> tuple[dict[str, Any], float, int]:
     """(the step's rollout, the share of equal-reward groups of its first
@@ -609,18 +640,34 @@ class GRPO:
     longest = max(len(p) for p in roll["prompts"])
     batch = rollout_batch(roll["prompts"], gen, self.tok.pad_id,
                           prompt_len=bucket_length(longest, self.model_cfg, L))
+    if g.routing_replay:
+      record = dataclasses.replace(gen, routing=roll["routing"],
+                                   prompt_routing=roll["prompt_routing"])
+      batch["routing"] = rollout_routing(record, [len(p) for p in roll["prompts"]],
+                                         batch["tokens"].shape[1])
     batch.update(mask=mask.astype(np.float32),
                  advantages=np.repeat(adv[:, None], L, axis=1).astype(np.float32))
     # pi_old by the training forward, in the sampled distribution (the
-    # rollout's own log-probs are the temperature-1 decode path's).
+    # rollout's own log-probs come from the decode path: kept for the
+    # mismatch metric and the optional truncated importance weights).
     batch["old_logp"] = np.asarray(self._logprobs(policy, batch))
-    batch["ref_logp"] = (np.asarray(self._logprobs(self.ref, batch)) if g.beta > 0
+    ref_batch = {k: v for k, v in batch.items() if k != "routing"}   # the reference routes itself
+    batch["ref_logp"] = (np.asarray(self._logprobs(self.ref, ref_batch)) if g.beta > 0
                          else np.zeros_like(batch["old_logp"]))
-    return batch, self._stats(roll, mask, truncated, equal)
+    rollout_logp = np.asarray(roll["logprobs"], np.float32)
+    if g.tis_cap:
+      batch["rollout_logp"] = rollout_logp
+    stats = self._stats(roll, mask, truncated, equal)
+    # The sampler's log-probs (decode path, same distribution) against the
+    # training forward's pi_old, over the tokens the loss counts.
+    gap = np.abs(rollout_logp - batch["old_logp"])[mask]
+    stats.update(logp_mismatch_mean=_mean(gap), logp_mismatch_max=_mean(gap, np.max))
+    return batch, stats
 
   def _logprobs(self, variables, batch: dict[str, np.ndarray]) -> jax.Array:
     """completion_logprobs of `variables` (policy or reference) on the batch."""
-    batch = {k: v for k, v in batch.items() if k not in ("old_logp", "ref_logp")}
+    batch = {k: v for k, v in batch.items() if k not in ("old_logp", "ref_logp",
+                                                          "rollout_logp")}
     if self.mesh is None:
       return self._score(variables, batch)
     with parallel.activate(self.mesh, self.rules):   # on the policy's mesh
