@@ -169,12 +169,13 @@ def test_grpo_mesh_errors_name_the_field_before_compiling(tiny_run):
 @pytest.mark.slow   # three short GRPO runs (~1.5 min on 2 cores): CI's slow step
 def test_grpo_on_a_mesh_equals_one_device_and_resumes(tiny_run, tmp_path):
   """2 steps on data2 x fsdp2 x expert2 (stopped after step 1 and resumed)
-  give the one-device run's rollouts, rewards, loss, KL and gradient norm."""
+  give the one-device run's rollouts, rewards, loss, KL and gradient norm,
+  with routing replay on (the replayed experts sharded with the rows)."""
   from deepseek_jax.parallel import MeshConfig
   gcfg = GRPOConfig(init_from=tiny_run, steps=2, prompts_per_step=4, group_size=4,
                     max_new_tokens=10, n_train_problems=40, n_eval_problems=0, max_digits=1,
                     beta=0.04, lr=1e-3, warmup_steps=0, fast_compile=True, log_every=100,
-                    accuracy_weight=0.0, format_weight=0.0)
+                    accuracy_weight=0.0, format_weight=0.0, routing_replay=True)
   # A reward the tiny model earns from the start: with all rewards equal the
   # gradient is float noise, which Adam's first step blows up to lr-sized
   # updates that differ with the summation order.

@@ -361,6 +361,12 @@ def test_token_logprobs_score_the_tempered_top_p_distribution(tiny):
   assert np.abs(np.exp(got - plain)[inside] - 1).max() > 0.05
   with pytest.raises(ValueError, match="temperature=0"):
     token_logprobs(cfg, variables, tokens, jnp.asarray(targets), temperature=0.0)
+  # gather=: the head on chosen positions only (GRPO's completion tokens)
+  gather = jnp.asarray([[3, 4, 5, 11], [0, 7, 7, 2]], jnp.int32)
+  picked = np.asarray(token_logprobs(cfg, variables, tokens, jnp.asarray(targets), chunk=8,
+                                     temperature=0.7, top_p=0.9, gather=gather))
+  np.testing.assert_allclose(picked, np.take_along_axis(got, np.asarray(gather), 1),
+                             rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow   # 20-60 s on 2 cores: CI's slow step keeps the default suite under 15 min

@@ -37,7 +37,7 @@ LOGP_FLOOR = -1e4
 def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.Array, *,
                    segment_ids=None, positions=None, chunk: int = 128,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   min_p: float = 0.0, routing=None) -> jax.Array:
+                   min_p: float = 0.0, routing=None, gather=None) -> jax.Array:
   """log p(targets) at every position, float32 [b, s] (see module docstring).
 
   temperature / top_k / top_p / min_p: score under the distribution the
@@ -47,7 +47,10 @@ def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.
   the model's own distribution (the unfiltered path, unchanged).
   routing: int [b, s, n_moe_layers, k] experts to replay (routing replay:
   `Transformer`'s `routing=`, entries < 0 route normally; built from a
-  rollout by infer.decode.rollout_routing); None routes normally."""
+  rollout by infer.decode.rollout_routing); None routes normally.
+  gather: int [b, L] positions to score (e.g. a rollout's completion
+  tokens): the head and log-softmax then run on those L positions only and
+  the result is [b, L] (= the full result's take_along_axis(., gather))."""
   if chunk < 1:
     raise ValueError(f"chunk={chunk} must be >= 1.")
   if not temperature > 0:
@@ -58,6 +61,11 @@ def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.
     raise ValueError(f"targets shape {targets.shape} must equal tokens shape {tokens.shape}.")
   h = Transformer(cfg).apply(variables, tokens, segment_ids=segment_ids, positions=positions,
                              return_hidden=True, routing=routing)
+  if gather is not None:
+    if gather.ndim != 2 or gather.shape[0] != tokens.shape[0]:
+      raise ValueError(f"gather shape {gather.shape} must be [batch={tokens.shape[0]}, L].")
+    h = jnp.take_along_axis(h, gather[..., None], axis=1)
+    targets = jnp.take_along_axis(targets, gather, axis=1)
   b, s, d = h.shape
   c = min(chunk, s)
   n = -(-s // c)

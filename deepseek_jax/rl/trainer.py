@@ -376,10 +376,10 @@ def completion_logprobs(cfg: ModelConfig, variables, batch: dict, *,
   in the distribution the rollout sampled from (temperature, top_p: the
   sampler's, infer.sampling), so that pi/pi_old and the KL compare the
   distributions that drew the tokens."""
-  full = token_logprobs(cfg, variables, batch["tokens"], batch["targets"],
+  return token_logprobs(cfg, variables, batch["tokens"], batch["targets"],
                         segment_ids=batch["segment_ids"], positions=batch["positions"],
-                        temperature=temperature, top_p=top_p, routing=batch.get("routing"))
-  return jnp.take_along_axis(full, batch["gather"], axis=1)
+                        temperature=temperature, top_p=top_p, routing=batch.get("routing"),
+                        gather=batch["gather"])   # the head on completion positions only
 
 
 def grpo_loss_fn(cfg: ModelConfig, gcfg: GRPOConfig) -> Callable:
