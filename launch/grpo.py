@@ -20,7 +20,7 @@ Rerunning with the same --workdir resumes; SIGTERM / SIGINT checkpoint the
 step reached (of either stage) and exit 0. Config errors exit non-zero
 before compiling. `--config.mesh.<axis>=N` (data/fsdp/tensor/expert; the
 default fills `data` with every device) runs the GRPO stage on a device
-mesh; the SFT stage takes its own config's mesh.
+mesh, and the SFT stage too unless its own config sets a mesh.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv):
   from deepseek_jax.parallel import MeshConfig
   from deepseek_jax.rl.trainer import GRPOConfig, check_inputs, train_grpo
   from deepseek_jax.train.loop import train
-  from launch.configs import build_configs
+  from launch.configs import build_configs, build_mesh_config
   from launch.config_flag import ConfigFileParser
   t0 = time.time()
   values = dict(_CONFIG.value)
@@ -74,6 +74,11 @@ def main(argv):
       if init_from_hf:       # the SFT stage fine-tunes the published checkpoint
         sft.init_from_hf = init_from_hf
       model_cfg, train_cfg = build_configs(sft)
+      # The SFT stage runs on its own config's mesh when that sets one, else on
+      # the GRPO stage's (--config.mesh.*), so one set of flags shards both.
+      sft_mesh = build_mesh_config(sft)
+      if sft_mesh == MeshConfig():
+        sft_mesh = mesh_cfg
   except (ValueError, NotImplementedError, FileNotFoundError) as e:
     sys.exit(f"launch.grpo: config error: {e}")
   print("grpo config:", json.dumps(gcfg.to_dict()), flush=True)
@@ -81,7 +86,7 @@ def main(argv):
     if not gcfg.init_from:
       sft_dir = os.path.join(workdir, "sft")
       log(f"== stage 1: cold-start SFT ({sft_config}) into {sft_dir}")
-      if train(model_cfg, train_cfg, sft_dir, log=log)["stopped_by"]:
+      if train(model_cfg, train_cfg, sft_dir, mesh_cfg=sft_mesh, log=log)["stopped_by"]:
         return               # SIGTERM / SIGINT: checkpointed; a rerun resumes the SFT stage
       gcfg = GRPOConfig.from_dict({**gcfg.to_dict(), "init_from": sft_dir})
       log("== stage 2: GRPO")

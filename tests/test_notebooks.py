@@ -303,11 +303,12 @@ def test_grpo_notebook_runs_each_loss_type_and_its_rewards_recompute(tmp_path):
   nb = run_notebook(GRPO_NOTEBOOK, params, out=str(tmp_path / "executed.ipynb"), timeout=900)
   results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
              if line.startswith("RESULT ")]
-  assert [r["loss_type"] for r in results] == ["grpo", "dr_grpo", "dapo"]
+  assert [r["loss_type"] for r in results] == ["grpo", "dr_grpo", "dapo", "gspo"]
   for r in results:
     cfg = json.load(open(os.path.join(r["workdir"], "grpo_config.json")))
     assert cfg["loss_type"] == r["loss_type"]
     assert cfg["scale"] == ("none" if r["loss_type"] == "dr_grpo" else "group")
+    assert cfg["eps_high"] == (4e-4 if r["loss_type"] == "gspo" else 0.2)
     records = [json.loads(l) for l in open(os.path.join(r["workdir"], "metrics.jsonl"))]
     steps = [x for x in records if "reward" in x]
     assert r["steps"] == len(steps) == 2
