@@ -403,3 +403,38 @@ def test_chunked_token_logprobs_equal_the_full_logits_and_never_build_them(tiny)
             collect(inner)
   collect(jax.make_jaxpr(jax.grad(lambda v: chunked(v).sum()))(variables).jaxpr)
   assert (2, 20, cfg.vocab_size) not in shapes and (2, 8, cfg.vocab_size) in shapes
+
+
+def test_prefix_sharing_prefills_each_group_once_and_changes_nothing(tiny):
+  """generate(..., group_size=G) on runs of G equal prompts (GRPO's groups):
+  the same tokens, log-probs and routing record as prefilling every row, with
+  the prefill run on one row per group (its traced batch is b / G)."""
+  cfg, variables = tiny
+  prompts = [p for p in PROMPTS for _ in range(3)]
+  kw = dict(max_new_tokens=6, temperature=1.0, rng=jax.random.key(11), return_routing=True)
+  plain = generate(cfg, variables, prompts, **kw)
+  shared = generate(cfg, variables, prompts, group_size=3, **kw)
+  np.testing.assert_array_equal(shared.tokens, plain.tokens)
+  np.testing.assert_array_equal(shared.routing, plain.routing)
+  np.testing.assert_array_equal(shared.prompt_routing, plain.prompt_routing)
+  np.testing.assert_allclose(shared.logprobs, plain.logprobs, rtol=0, atol=1e-6)
+  assert len({tuple(r) for r in plain.tokens.tolist()}) > len(PROMPTS)   # rows sampled apart
+  from deepseek_jax.infer import decode
+  batches = []
+  apply = decode.Transformer.apply
+
+  def spy(self, variables, tokens, *args, **kwargs):
+    if kwargs.get("mode") == "prefill":
+      batches.append(tokens.shape[0])
+    return apply(self, variables, tokens, *args, **kwargs)
+  decode.Transformer.apply = spy
+  try:
+    decode._compiled.cache_clear()
+    generate(cfg, variables, prompts, group_size=3, max_new_tokens=6)
+  finally:
+    decode.Transformer.apply = apply
+  assert batches == [len(PROMPTS)]
+  with pytest.raises(ValueError, match="prompt 1 differs from prompt 0"):
+    generate(cfg, variables, PROMPTS[:2] * 2, group_size=2, max_new_tokens=4)
+  with pytest.raises(ValueError, match="must divide the 3 prompts"):
+    generate(cfg, variables, PROMPTS, group_size=2, max_new_tokens=4)

@@ -149,15 +149,20 @@ def pad_prompts(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.n
 # ---------------------------------------------------------------------------
 def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
             rng: jax.Array, settings: Sampling, *, max_new: int, stop_ids: tuple[int, ...],
-            speculative: bool, record: bool = False) -> dict:
+            speculative: bool, record: bool = False, group: int = 1) -> dict:
   """Runs the padded prompts [b, P], fills the cache, samples each row's
   first token; returns the decode state. record: the state also holds
-  "prompt_routing" and "routing" (module doc; `step` then fills the latter)."""
+  "prompt_routing" and "routing" (module doc; `step` then fills the latter).
+  group > 1: rows come in runs of `group` equal prompts; each run's first
+  row is prefilled and its results (logits, cache entries, routing) copied
+  to the run's other rows (prefix sharing: 1/group of the prefill's work)."""
   b, p = prompts.shape
   model = Transformer(cfg)
   seg = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
-  out = model.apply(variables, prompts, segment_ids=seg, mode="prefill",
-                    logits_index=lengths - 1, return_routing=record)
+  out = model.apply(variables, prompts[::group], segment_ids=seg[::group], mode="prefill",
+                    logits_index=lengths[::group] - 1, return_routing=record)
+  if group > 1:
+    out = _fork(out, group)
   logits, h, entries = out[:3]
   cache = cache_lib.init_cache(cfg, b, p + max_new + 1, mtp=speculative)
   cache = cache_lib.write(cache, entries, jnp.zeros((b,), jnp.int32))
@@ -178,6 +183,16 @@ def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
   if speculative:
     state = spec_lib.draft_after_prefill(cfg, variables, state, prompts, seg, lengths, h)
   return state
+
+
+def _fork(out: tuple, group: int) -> tuple:
+  """Each row of a prefill's outputs repeated `group` times (cache entries of
+  the layer stacks carry the rows on axis 1, everything else on axis 0)."""
+  logits, h, entries, *rest = out
+  rep = lambda x, axis=0: jnp.repeat(x, group, axis=axis)  # noqa: E731
+  entries = {name: jax.tree.map(lambda x: rep(x, 1 if name in cache_lib.STACKS else 0), e)
+             for name, e in entries.items()}
+  return (rep(logits), rep(h), entries, *[rep(x) for x in rest])
 
 
 def step(cfg: ModelConfig, variables, state: dict, settings: Sampling, *, max_new: int,
@@ -220,12 +235,12 @@ ROUTING = ("routing", "prompt_routing")
 
 
 def _loop_fn(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool,
-             record: bool = False):
+             record: bool = False, group: int = 1):
   step_fn = spec_lib.step if speculative else step
 
   def run(variables, prompts, lengths, rng, settings):
     state = prefill(cfg, variables, prompts, lengths, rng, settings, max_new=max_new,
-                    stop_ids=stop_ids, speculative=speculative, record=record)
+                    stop_ids=stop_ids, speculative=speculative, record=record, group=group)
     state = jax.lax.while_loop(
         lambda s: ~jnp.all(s["done"]) & (s["steps"] < max_new),
         lambda s: step_fn(cfg, variables, s, settings, max_new=max_new, stop_ids=stop_ids),
@@ -236,8 +251,8 @@ def _loop_fn(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculat
 
 @functools.lru_cache(maxsize=32)
 def _compiled(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool,
-              mesh, record: bool = False) -> Any:
-  run = _loop_fn(cfg, max_new, stop_ids, speculative, record)
+              mesh, record: bool = False, group: int = 1) -> Any:
+  run = _loop_fn(cfg, max_new, stop_ids, speculative, record, group)
   if mesh is None:
     return jax.jit(run)
   return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
@@ -265,6 +280,20 @@ def _generation(out: dict) -> Generation:
                     int(out["accepted"]), **routing)
 
 
+def _check_groups(prompts: Sequence[Sequence[int]], group_size: int) -> None:
+  if not (isinstance(group_size, (int, np.integer)) and group_size >= 1):
+    raise ValueError(f"group_size={group_size!r} must be an integer >= 1.")
+  if len(prompts) % group_size:
+    raise ValueError(f"group_size={group_size} must divide the {len(prompts)} prompts "
+                     "(consecutive runs of equal prompts).")
+  for start in range(0, len(prompts), group_size):
+    first = list(prompts[start])
+    for i in range(start + 1, start + group_size):
+      if list(prompts[i]) != first:
+        raise ValueError(f"group_size={group_size}: prompt {i} differs from prompt {start} "
+                         "of its run; prefix sharing needs runs of equal prompts.")
+
+
 def _check_record(return_routing: bool, speculative: bool) -> bool:
   if return_routing and speculative:
     raise ValueError("return_routing=True records the experts of plain decoding; "
@@ -276,7 +305,7 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
              rng: jax.Array | None = None, speculative: bool = False,
-             mesh=None, return_routing: bool = False) -> Generation:
+             mesh=None, return_routing: bool = False, group_size: int = 1) -> Generation:
   """Generates up to max_new_tokens per prompt (module docstring).
 
   temperature 0 = greedy; top_k / top_p / min_p filter the sampling
@@ -290,14 +319,20 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   and gen.prompt_routing, the experts each token used in each main MoE layer
   (the MTP block's not: it does not run), for routing replay (module doc,
   `rollout_routing`); not with speculative.
+  group_size > 1: the prompts come in consecutive runs of group_size equal
+  prompts (GRPO's G samples of one prompt); each run's prompt is prefilled
+  once and its cache forked to the run's rows (prefix sharing). The result
+  equals group_size=1's; ValueError when a run's prompts differ.
   """
   record = _check_record(return_routing, speculative)
+  _check_groups(prompts, group_size)
   stop_ids, buf, lens, rng, settings = _prepare(
       cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
       speculative)
   if mesh is not None:
     buf, lens = distributed.replicate((buf, lens), mesh)
-  run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record)
+  run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record,
+                  int(group_size))
   return _generation(run(variables, buf, lens, rng, settings))
 
 

@@ -4,7 +4,8 @@ Each step (DeepSeekMath sec. 4.1.2, DeepSeek-R1 sec. 2.2):
   1. draw `prompts_per_step` training problems (seeded by step: resumable);
   2. rollout: `infer.generate` samples `group_size` completions per prompt
      at `temperature` from the current policy (its key a function of the
-     step: resumable);
+     step: resumable), prefilling each prompt once for its group
+     (`generate(..., group_size=)`: prefix sharing);
   3. rewards (rewards.combine of the weighted rule-based functions) and
      group advantages (grpo.group_advantages); completions a reward
      function could not score are masked out, and optionally truncated
@@ -582,7 +583,7 @@ class GRPO:
     gen = generate(self.model_cfg, policy, prompts, max_new_tokens=g.max_new_tokens,
                    temperature=g.temperature, top_p=g.top_p, stop_ids=(self.tok.eos_id,),
                    rng=jax.random.fold_in(key, round_) if round_ else key, mesh=self.mesh,
-                   return_routing=g.routing_replay)
+                   return_routing=g.routing_replay, group_size=g.group_size)  # prefix sharing
     seqs = gen.sequences()
     eos = self.tok.eos_id
     texts = [self.tok.decode(s[:-1] if s and s[-1] == eos else s) for s in seqs]
