@@ -264,3 +264,27 @@ def test_bad_routing_is_refused_before_compiling(tiny, shape_fn, fill, match):
 def test_speculative_decoding_does_not_record(tiny):
   with pytest.raises(ValueError, match="speculative"):
     generate(CFG, tiny, PROMPTS, max_new_tokens=2, speculative=True, return_routing=True)
+
+
+def test_generate_with_rules_splits_rows_and_equals_one_device(tiny):
+  """generate(..., mesh=, rules=): rows split over the batch axes and the loop
+  run under activate (the expert-parallel dispatch, as in training) give one
+  device's tokens and routing record, log-probs to 1e-5; the program holds
+  the dispatch's all-to-all."""
+  from deepseek_jax.infer import decode
+  prompts = [p for p in PROMPTS + [[2, 3]] for _ in range(2)]          # 8 rows
+  kw = dict(max_new_tokens=6, temperature=1.0, rng=jax.random.key(9), return_routing=True,
+            group_size=2)
+  one = generate(CFG, tiny, prompts, **kw)
+  mesh, rules = setup(MeshConfig(data=2, expert=2, fsdp=2))
+  v = jax.device_put(tiny, tree_shardings(tiny, mesh, rules))
+  got = generate(CFG, v, prompts, mesh=mesh, rules=rules, **kw)
+  np.testing.assert_array_equal(got.tokens, one.tokens)
+  np.testing.assert_array_equal(got.routing, one.routing)
+  np.testing.assert_allclose(got.logprobs, one.logprobs, rtol=0, atol=1e-5)
+  assert decode._rows_split(mesh, 8) and not decode._rows_split(mesh, 6)
+  prompts = [p for p in prompts for _ in range(2)]     # 16 rows: the shared prefill splits
+  kw["group_size"] = 2                                 # 8 first rows: split
+  one, got = (generate(CFG, v, prompts, mesh=m, rules=r, **kw)
+              for m, r in ((None, None), (mesh, rules)))
+  np.testing.assert_array_equal(got.tokens, one.tokens)

@@ -55,6 +55,7 @@ from deepseek_jax.infer.sampling import next_token_and_logprob
 from deepseek_jax.infer.state import emit
 from deepseek_jax.model import Transformer
 from deepseek_jax.parallel import distributed
+from deepseek_jax.parallel import rules as parallel_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +252,9 @@ def _loop_fn(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculat
 
 @functools.lru_cache(maxsize=32)
 def _compiled(cfg: ModelConfig, max_new: int, stop_ids: tuple[int, ...], speculative: bool,
-              mesh, record: bool = False, group: int = 1) -> Any:
+              mesh, record: bool = False, group: int = 1, rules=None) -> Any:
+  """The jitted loop; `rules` only keys the cache (a program traced under
+  `parallel.activate(mesh, rules)` is that rule set's)."""
   run = _loop_fn(cfg, max_new, stop_ids, speculative, record, group)
   if mesh is None:
     return jax.jit(run)
@@ -305,7 +308,8 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
              rng: jax.Array | None = None, speculative: bool = False,
-             mesh=None, return_routing: bool = False, group_size: int = 1) -> Generation:
+             mesh=None, return_routing: bool = False, group_size: int = 1,
+             rules=None) -> Generation:
   """Generates up to max_new_tokens per prompt (module docstring).
 
   temperature 0 = greedy; top_k / top_p / min_p filter the sampling
@@ -315,6 +319,11 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   same forward (speculative.py); greedy output is unchanged, sampling keeps
   the same distribution. mesh: the mesh `variables` live on (possibly several
   processes): inputs are replicated over it and outputs come back replicated.
+  mesh + rules (a rule set, as training's): in one process, when the batch
+  axes divide the rows, the rows are split over the batch axes and the loop
+  runs under `parallel.activate(mesh, rules)` (the MoE's expert-parallel
+  dispatch, as in training; prefix sharing only when the groups' first rows
+  split too); otherwise replicated as above. Same output.
   return_routing: also gen.routing [batch, max_new_tokens, n_moe_layers, k]
   and gen.prompt_routing, the experts each token used in each main MoE layer
   (the MTP block's not: it does not run), for routing replay (module doc,
@@ -329,11 +338,29 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   stop_ids, buf, lens, rng, settings = _prepare(
       cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
       speculative)
+  if mesh is not None and rules is not None and _rows_split(mesh, len(buf)):
+    rules = parallel_rules.resolve(rules)
+    rows = parallel_rules.batch_sharding(mesh, rules)
+    buf = jax.device_put(buf, rows)
+    lens = jax.device_put(lens, NamedSharding(mesh, P(rows.spec[0])))
+    # the prefill of one row per group must split too; else every row is prefilled
+    group = int(group_size) if _rows_split(mesh, len(buf) // group_size) else 1
+    with parallel_rules.activate(mesh, rules):
+      run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record,
+                      group, rules)
+      return _generation(run(variables, buf, lens, rng, settings))
   if mesh is not None:
     buf, lens = distributed.replicate((buf, lens), mesh)
   run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record,
                   int(group_size))
   return _generation(run(variables, buf, lens, rng, settings))
+
+
+def _rows_split(mesh, n_rows: int) -> bool:
+  """Whether rows can be split over the mesh's batch axes here (one process,
+  a multiple of their size)."""
+  split = parallel_rules.axes_size(dict(mesh.shape), parallel_rules.BATCH_AXES)
+  return jax.process_count() == 1 and n_rows % split == 0
 
 
 def stream(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,

@@ -583,7 +583,8 @@ class GRPO:
     gen = generate(self.model_cfg, policy, prompts, max_new_tokens=g.max_new_tokens,
                    temperature=g.temperature, top_p=g.top_p, stop_ids=(self.tok.eos_id,),
                    rng=jax.random.fold_in(key, round_) if round_ else key, mesh=self.mesh,
-                   return_routing=g.routing_replay, group_size=g.group_size)  # prefix sharing
+                   return_routing=g.routing_replay, group_size=g.group_size,  # prefix sharing
+                   rules=self.rules)          # rows split over the batch axes, EP dispatch
     seqs = gen.sequences()
     eos = self.tok.eos_id
     texts = [self.tok.decode(s[:-1] if s and s[-1] == eos else s) for s in seqs]
