@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Sequence
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 
@@ -103,3 +103,15 @@ def parse_flags_or_exit(argv: list[str], prog: str) -> list[str]:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError) as e:
     sys.exit(f"{prog}: {flag_error_message(e)}")
+
+
+def begin_main(argv: Sequence[str], prog: str) -> None:
+  """The start every launch.* main shares: positional arguments are refused
+  naming them (every option is a --flag), and absl logging goes to WARNING
+  unless --verbosity was given (orbax logs each save and restore at INFO,
+  JAX the backends it could not start)."""
+  if len(argv) > 1:
+    sys.exit(f"{prog}: error: unexpected arguments {list(argv[1:])}; every option is a "
+             "--flag=value (see --help).")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

@@ -31,7 +31,9 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from launch.config_flag import begin_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training / GRPO run directory (its "
                                "latest checkpoint, or --step).")
@@ -121,10 +123,7 @@ def _plot(result: dict, samples: int, path: str) -> str | None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  begin_main(argv, "launch.evaluate")
   t0 = time.time()
   _check_flags()
   from deepseek_jax.data import prompts

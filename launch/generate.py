@@ -26,7 +26,9 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from launch.config_flag import begin_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run directory (latest "
                                "checkpoint, or --step).")
@@ -128,10 +130,7 @@ def _encode(prompts, tok, template):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  begin_main(argv, "launch.generate")
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     prompts += _read_prompts_file(_PROMPTS_FILE.value)

@@ -30,9 +30,9 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from launch.config_flag import DEFINE_config_file, parse_flags_or_exit
+from launch.config_flag import begin_main, DEFINE_config_file, parse_flags_or_exit
 
 _CONFIG = DEFINE_config_file(
     "config", "Config file with get_config(); override fields with --config.x=y.")
@@ -41,10 +41,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  begin_main(argv, "launch.grpo")
   from deepseek_jax.files import atomic_json
   from deepseek_jax.parallel import MeshConfig
   from deepseek_jax.rl.trainer import GRPOConfig, check_inputs, train_grpo

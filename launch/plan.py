@@ -50,7 +50,8 @@ import sys
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
+
+from launch.config_flag import begin_main
 
 from deepseek_jax.config import PRESETS, ModelConfig, get_preset
 from deepseek_jax.parallel import AXES, MeshConfig, setup
@@ -218,10 +219,7 @@ def print_compiled(r: dict) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:     # no "Unable to initialize backend 'tpu'"
-    absl_logging.set_verbosity(absl_logging.WARNING)
+  begin_main(argv, "launch.plan")             # no "Unable to initialize backend 'tpu'"
   try:
     sizes = mesh_sizes(parse_axis_sizes(_MESH.value, flag="--mesh"), _RULES.value,
                        _DEVICES.value)

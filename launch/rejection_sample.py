@@ -41,9 +41,9 @@ import math
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from launch.config_flag import parse_flags_or_exit
+from launch.config_flag import begin_main, parse_flags_or_exit
 
 PROG = "launch.rejection_sample"
 # A user's mistake: the messages name the flag, file or field and the fix.
@@ -175,12 +175,8 @@ def _define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"{PROG}: error: unexpected arguments {argv[1:]}; every option is a "
-             "--flag=value (see --help).")
+  begin_main(argv, PROG)
   f = flags.FLAGS
-  if not f["verbosity"].present:     # orbax logs every restore at INFO
-    logging.set_verbosity(logging.WARNING)
   try:
     stats = sample(f.from_workdir, f.out, step=f.step, n_prompts=f.n_prompts, k=f.k,
                    temperature=f.temperature, max_new_tokens=f.max_new_tokens, seed=f.seed,

@@ -33,11 +33,11 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from deepseek_jax.parallel import distributed
 from deepseek_jax.train.loop import train
-from launch.config_flag import DEFINE_config_file, parse_flags_or_exit
+from launch.config_flag import begin_main, DEFINE_config_file, parse_flags_or_exit
 from launch.configs import build_configs, build_mesh_config
 
 _CONFIG = DEFINE_config_file(
@@ -115,11 +115,7 @@ def error_line(prog: str, e: Exception) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"launch.train: error: unexpected arguments {argv[1:]}; every option is a "
-             "--flag=value (see --help).")
-  if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
-    logging.set_verbosity(logging.WARNING)
+  begin_main(argv, "launch.train")
   try:
     run(_CONFIG.value, _WORKDIR.value, preset=_PRESET.value,
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
