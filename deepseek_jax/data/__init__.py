@@ -17,6 +17,13 @@ from deepseek_jax.data.pipeline import (
     text_document,
     validate_batch,
 )
+from deepseek_jax.data.preferences import (
+    PreferenceRecord,
+    encode_pairs,
+    load_preference_files,
+    split_pairs,
+)
+from deepseek_jax.data.prompts import PromptFormat, PromptRecord, load_prompt_files
 from deepseek_jax.data.tasks import (
     ARITHMETIC_KINDS,
     DEFAULT_KINDS,

@@ -11,10 +11,21 @@ sub / mul), deterministically (seed 0), in the formats a user's own files use:
                        train split (launch.grpo --config.prompt_files=...)
   arith_eval.jsonl     100 prompt records of the held-out test split
                        (launch.evaluate --prompt_files=..., eval_prompt_files)
+  arith_prefs.jsonl    1000 preference records {"prompt", "chosen", "rejected",
+                       "kind", "answer"} (data/preferences.py) of train problems
+                       no other file uses: chosen = the worked solution,
+                       rejected = a subtly wrong one (`wrong_completion`)
+  arith_prefs_eval.jsonl  100 preference records of arith_eval.jsonl's
+                       held-out problems, for pairwise accuracy. The "answer"
+                       field is not part of a preference record (it is
+                       ignored there); it makes the files prompt files too.
 """
 
+import dataclasses
 import json
 import os
+
+import numpy as np
 
 from deepseek_jax.data import tasks
 
@@ -27,15 +38,59 @@ def _write(name, records):
     f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def main():
+def wrong_completion(problem: tasks.Problem, rng: np.random.Generator) -> str:
+  """The worked solution with one digit of the answer changed, and the same
+  digit of the last reasoning line's partial result (so the two agree and
+  only the arithmetic of that line, or its agreement with the line before,
+  gives it away). The digit and its new value are drawn from `rng`; a
+  leading digit never becomes 0 (the answer keeps its length)."""
+  answer = problem.answer
+  k = int(rng.integers(len(answer)))                     # digit index from the left
+  choices = [d for d in "0123456789" if d != answer[k] and not (d == "0" and k == 0
+                                                                  and len(answer) > 1)]
+  digit = choices[int(rng.integers(len(choices)))]
+  wrong = answer[:k] + digit + answer[k + 1:]
+  lines = problem.reasoning.split("\n")
+  head, partial = lines[-1].rsplit(" -> ", 1)
+  at = len(partial) - len(answer) + k                    # the same digit in the partial
+  assert partial.endswith(answer), (problem, partial)  # the answer is the last partial
+  lines[-1] = f"{head} -> {partial[:at]}{digit}{partial[at + 1:]}"
+  return tasks.format_completion(dataclasses.replace(problem, reasoning="\n".join(lines),
+                                                     answer=wrong))
+
+
+def preference_records(problems, seed: int) -> list[dict]:
+  """{"prompt", "chosen", "rejected", "kind", "answer"} per problem; the
+  rejected solutions are deterministic in `seed`."""
+  rng = np.random.default_rng(seed)
+  return [{"prompt": p.prompt, "chosen": tasks.format_completion(p),
+           "rejected": wrong_completion(p, rng), "kind": tasks.kind_of(p), "answer": p.answer}
+          for p in problems]
+
+
+def examples() -> dict[str, list[dict]]:
+  """File name -> its records, for every file this script writes."""
   train = tasks.mixed_problems(2600, seed=0, split="train", max_digits=2, kinds=KINDS,
                                kind_mix="distinct")
   test = tasks.generate_problems(100, seed=0, split="test", max_digits=2, kinds=KINDS)
-  _write("arith_sft.jsonl", [{"prompt": tasks.format_prompt(p, "short"),
-                              "completion": tasks.format_completion(p)} for p in train[:2000]])
   prompt = lambda p: {"prompt": p.prompt, "answer": p.answer, "kind": tasks.kind_of(p)}  # noqa
-  _write("arith_prompts.jsonl", [prompt(p) for p in train[2000:]])
-  _write("arith_eval.jsonl", [prompt(p) for p in test])
+  # The preference pairs' train problems continue the same draw past the 2600 above.
+  more = tasks.mixed_problems(3600, seed=0, split="train", max_digits=2, kinds=KINDS,
+                              kind_mix="distinct")
+  assert more[:2600] == train, "the train problems are a prefix of a longer draw"
+  return {
+      "arith_sft.jsonl": [{"prompt": tasks.format_prompt(p, "short"),
+                           "completion": tasks.format_completion(p)} for p in train[:2000]],
+      "arith_prompts.jsonl": [prompt(p) for p in train[2000:]],
+      "arith_eval.jsonl": [prompt(p) for p in test],
+      "arith_prefs.jsonl": preference_records(more[2600:], seed=1),
+      "arith_prefs_eval.jsonl": preference_records(test, seed=2),
+  }
+
+
+def main():
+  for name, records in examples().items():
+    _write(name, records)
 
 
 if __name__ == "__main__":
