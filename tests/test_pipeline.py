@@ -143,6 +143,35 @@ def test_layers_split_evenly_then_earlier_stages_take_the_remainder():
     split_layers(cfg, 3, (3, 3))
 
 
+def test_dualpipe_accumulates_each_block_of_a_rank_once():
+  """Rank r's chunks run stages r and PP-1-r: its weight-gradient
+  accumulators get one row per real block of those stages (not [2, slots],
+  every padded slot of both chunks), padded slots an out-of-range row whose
+  gradients are dropped. Oracle: the blocks each rank holds, listed here."""
+  from deepseek_jax.parallel.pipeline import _accumulator_rows
+  cfg = get_preset("tiny").replace(n_layers=4, n_dense_layers=1)
+  layout = split_layers(cfg, 2)            # stage 0: dense 0 + MoE 0; stage 1: MoE 1, 2
+  rows, n = _accumulator_rows(layout, 2, 2)
+  assert n == {"dense_layers": 1, "moe_layers": 3}   # V3 widths: 4 MoE slots -> 3 rows
+  holds = {0: [(0, 0), (1, 0), (1, 1)], 1: [(1, 0), (1, 1), (0, 0)]}   # (stage, moe slot)
+  for r in range(2):
+    table = rows["moe_layers"][r]           # [dirs, slots]
+    got = {}
+    for d in range(2):
+      stage = r if d == 0 else 1 - r
+      for i in range(2):
+        if layout.index(True)[1][stage, i]:
+          got[(stage, i)] = int(table[d, i])
+        else:
+          assert table[d, i] == n["moe_layers"]       # dropped
+    assert sorted(got) == sorted(holds[r]) and sorted(got.values()) == [0, 1, 2]
+    assert rows["dense_layers"][r, 0 if r == 0 else 1, 0] == 0     # stage 0's dense block
+  # One direction: the identity on real slots.
+  rows1, n1 = _accumulator_rows(layout, 2, 1)
+  np.testing.assert_array_equal(rows1["moe_layers"][:, 0], [[0, 2], [0, 1]])
+  assert n1 == {"dense_layers": 1, "moe_layers": 2}
+
+
 def test_stage_tree_and_unstage_tree_round_trip_any_state_pytree():
   """Params, router biases and optimizer moments alike (by their paths);
   padded slots are dropped on the way back: an exact inverse."""

@@ -45,9 +45,10 @@ in round q // C, slot q % C, with
               count `pmax`-ed over `expert`, so all devices of one all_to_all
               group take the same branch; groups along other axes decide on
               their own) runs a `lax.scan` over the m rounds, each of the
-              same [P, C, d] shape and skipped (cond) when busiest <= r C.
-              Checkpointed, with a checkpointed scan body: its residuals are
-              its inputs, and its backward replays one round at a time.
+              same [P, C, d] shape and skipped (cond) when busiest <= r C
+              (m = 1: the one round, no inner cond or scan). Checkpointed,
+              with a checkpointed scan body: its residuals are its inputs,
+              and its backward replays one round at a time.
 
 Empty slots carry the sentinel expert id E/P (out of range for the local
 experts): a kernel that skips such rows (the contract of the model's
@@ -153,6 +154,12 @@ def _overflow(busiest, *operands, rnd, rounds: int, cap: int):
   when the busiest destination of the expert group holds rows past r cap;
   returns the sum of their outputs [n, d]. The body is rematerialised, so a
   round's buffers live one round at a time, forward and backward."""
+  if rounds == 1:
+    # The caller's cond already says the one round is needed (busiest >
+    # cap) and checkpoints this function: no inner cond, whose linearization
+    # passed its operands (the expert weights among them) out of the branch
+    # as residuals, copies (5.25 GiB at V3 widths), and no one-step scan.
+    return rnd(1, *operands)
   zeros = jnp.zeros_like(operands[0])   # zeros_like keeps the varying mesh axes
 
   @jax.checkpoint

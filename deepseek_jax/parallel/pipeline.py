@@ -23,8 +23,11 @@ direction move the activation made this tick to the next stage and the
 input gradient to the previous one, and the receivers store them in the
 slots the table names. A switch takes and returns only what its op reads
 and makes: the backward half returns its weight gradients (zeros from I
-and idle ops) and the tick adds them to the accumulators in place, since
-XLA copies every array a conditional's branch passes through unchanged.
+and idle ops, made after the op's input gradient so that XLA does not hold
+them through its VJP) and the tick adds them to the accumulators in place,
+since XLA copies every array a conditional's branch passes through
+unchanged. The accumulators hold one row per block of the rank's chunks
+(`_accumulator_rows`), not one per slot and chunk: padded slots have none.
 
 Backward ops recompute their stage's forward from the held stage input and
 apply its VJP (per micro-batch VJPs, so that a schedule can put any op
@@ -32,13 +35,18 @@ anywhere; nothing is differentiated through the schedule): B takes the input
 and weight gradients, I only the input gradient, W only the weight gradients
 (ZeroBubble's split; the weight part of the VJP is dead code in I and XLA
 drops it, and vice versa). The price is one extra stage forward per
-micro-batch, as with full activation recomputation.
+micro-batch, as with full activation recomputation. An op with weight
+gradients takes the VJP in parts (`_Rank.weight_backward`): head and loss,
+then the blocks inside a `lax.cond`, so that the buffer the blocks' weight
+gradients fill exists only from the blocks' backward on.
 
 DualPipe holds two chunks per rank: rank r runs stage r for the micro-batches
 entering at rank 0 (direction 0) and stage PP-1-r for those entering at rank
 PP-1 (direction 1), so every stage's weights exist twice (the report's 2x
-parameters): the step gathers the reversed copy in, and adds its gradients
-back onto the stage's.
+parameters): the state stores each stage once (rank r: stage r), the step
+gathers the reversed copy in (one collective-permute of a stage's weights),
+and at its end each rank sends its chunk-1 gradients to the rank storing
+that stage (one ppermute), which adds them to its own.
 
 Loss. An unpipelined loss is a mean over the whole batch's target tokens
 (and a balance loss a mean over its non-empty sequences), so each
@@ -129,10 +137,12 @@ class _Rank:
   params squeezed to [slots, ...], table fields to [ticks])."""
 
   def __init__(self, fns: StageFns, pp: int, dirs: int, stacks, stacks_b, active, shared,
-               shared_b, mbs, totals, loss_args):
+               shared_b, mbs, totals, loss_args, rows, n_rows):
     rank = jax.lax.axis_index(PIPE)
     squeeze = lambda t: jax.tree.map(lambda a: a[0], t)          # noqa: E731
     self.fns, self.pp, self.dirs = fns, pp, dirs
+    # {stack key: [dirs, slots]}: each chunk slot's accumulator row (n_rows[key]: padded)
+    self.rows, self.n_rows = squeeze(rows), n_rows
     self.stacks = [squeeze(t) for t in stacks]
     self.stacks_b = [squeeze(t) for t in stacks_b]
     self.active = [squeeze(t) for t in active]
@@ -179,16 +189,54 @@ class _Rank:
     def f(stacks, shared, x):
       return self.stage(d, stacks, shared, x, mb)[:2]
     g_x, g_st, g_sh = None, self.zero_stacks(), self.zero_shared()
-    if want_weights and want_input:
-      g_st, g_sh, g_x = jax.vjp(f, self.stacks[d], self.shared, x_in)[1]((dy, one))
-    elif want_weights:
-      g_st, g_sh = jax.vjp(lambda st, sh: f(st, sh, x_in), self.stacks[d],
-                           self.shared)[1]((dy, one))
+    if want_weights:
+      g_x, g_st, g_sh = self.weight_backward(d, mb, x_in, dy, j >= 0)
+      g_x = g_x if want_input else None
     else:
       (g_x,) = jax.vjp(lambda x: f(self.stacks[d], self.shared, x), x_in)[1]((dy, one))
+      # The zero weight gradients of an I op, made after the input gradient
+      # (0 x a flag read from it; never NaN): a branch's results are the
+      # switch's result buffers, and zeros with no operand were scheduled
+      # first, so those buffers (a chunk's and the shared weights' f32
+      # gradients, 31.5 GiB at V3 widths) stayed live through the op's
+      # stage recompute and VJP.
+      dep = 0 * (g_x.reshape(-1)[0] == 0).astype(jnp.float32)
+      g_st, g_sh = jax.tree.map(lambda z: z + dep.astype(z.dtype), (g_st, g_sh))
     if g_x is not None:
       g_x = jnp.where(self.first[d], jnp.zeros_like(g_x), g_x)
     return g_x, g_st, g_sh
+
+  def weight_backward(self, d, mb, x_in, dy, gate):
+    """(input gradient, stage-weight gradients, shared-weight gradients) of
+    chunk d's stage, the VJP taken in parts: embedding, blocks, head and
+    loss; the blocks' backward inside a `lax.cond` on `gate` (true at run
+    time, unknown to XLA). XLA scheduled the zero-initialised buffer that
+    the blocks' transposed scan fills with the layers' weight gradients (a
+    chunk's f32 weights: 21 GiB at V3 widths on pipe=2 x expert=4) at the
+    start of the op, live through the head's and MTP's backward; inside the
+    cond it exists from the blocks' backward on."""
+    fns, totals = self.fns, self.totals
+
+    def embed(shared, x):
+      return jnp.where(self.first[d], fns.embed(shared, mb).astype(x.dtype), x)
+
+    def blocks(stacks, x):
+      return fns.blocks(stacks, self.stacks_b[d], x, mb, totals, self.active[d])
+
+    def tail(shared, y, layers):
+      head = jax.lax.cond(
+          self.last[d], lambda y: fns.head(shared, self.shared_b, y, mb, totals),
+          lambda y: _zeros(self.head_spec), y)
+      return fns.loss(layers, head, totals, self.loss_args)[0]
+    x, vjp_embed = jax.vjp(embed, self.shared, x_in)
+    (y, layers), vjp_blocks = jax.vjp(blocks, self.stacks[d], x)
+    g_sh, ct_y, ct_layers = jax.vjp(tail, self.shared, y, layers)[1](
+        jnp.ones((), jnp.float32))
+    ct_y = ct_y + dy.astype(ct_y.dtype)
+    g_st, g_x = jax.lax.cond(gate, lambda: vjp_blocks((ct_y, ct_layers)),
+                             lambda: (self.zero_stacks(), jnp.zeros_like(x)))
+    g_sh_embed, g_x = vjp_embed(g_x)
+    return g_x, g_st, jax.tree.map(jnp.add, g_sh, g_sh_embed)
 
   def zero_stacks(self):
     return jax.tree.map(jnp.zeros_like, self.stacks[0])
@@ -238,15 +286,41 @@ class _Rank:
     return ([make_f[int(c)] for c in present["f_op"]],
             [make_b[int(c)] for c in present["b_op"]])
 
+  def add_grads(self, grads, g_st, d):
+    """grads (one row per block of this rank's chunks) plus chunk d's stage
+    gradients g_st [slots, ...]: each slot into its block's row, padded
+    slots dropped (their gradients are zero)."""
+    def one(key):
+      rows = jax.lax.dynamic_index_in_dim(self.rows[key], d, keepdims=False)
+      return jax.tree.map(lambda a, v: a.at[rows].add(v, mode="drop"), grads[key], g_st[key])
+    return {key: one(key) for key in grads}
+
+  def stage_grads(self, grads):
+    """The rank's own stage's gradients [slots, ...] (padded slots zero) from
+    the accumulator rows: with two directions, chunk 1's (stage PP-1-r's)
+    go to rank PP-1-r, which stores that stage, and are added there."""
+    def take(d):
+      return {key: jax.tree.map(lambda a: jnp.take(a, self.rows[key][d], axis=0, mode="fill",
+                                                   fill_value=0), grads[key])
+              for key in grads}
+    own = take(0)
+    if self.dirs == 1:
+      return own
+    back = jax.lax.ppermute(take(1), PIPE, [(r, self.pp - 1 - r) for r in range(self.pp)])
+    return jax.tree.map(jnp.add, own, back)
+
   def run(self, table: Table, fields, present) -> dict:
-    """The tick loop; returns the final state (gradients stacked by direction
-    [dirs, slots, ...], accumulators)."""
+    """The tick loop; returns the final state (stage-weight gradients, one
+    row per block the rank's chunks hold (`_accumulator_rows`), shared
+    gradients, accumulators)."""
     pp, dirs = self.pp, self.dirs
     f_branches, b_branches = self.branches(present)
     buffers = jnp.zeros((table.n_slots + 1,) + self.x_spec.shape, self.x_spec.dtype)
     state = {
         "x": buffers, "g": buffers,
-        "grads": jax.tree.map(lambda a: jnp.zeros((dirs,) + a.shape, a.dtype), self.stacks[0]),
+        "grads": {key: jax.tree.map(lambda a: jnp.zeros((self.n_rows[key],) + a.shape[1:],
+                                                        a.dtype), self.stacks[0][key])
+                  for key in self.stacks[0]},
         "shared_grads": self.zero_shared(),
         "acc": {"layers": jax.tree.map(lambda s: jnp.zeros((dirs,) + s.shape, s.dtype),
                                        self.layers_spec),
@@ -261,10 +335,8 @@ class _Rank:
       acc, acts = jax.lax.switch(row["f_op"], f_branches, state["acc"], x[row["f_x"]], row)
       grads, g_st, g_sh = jax.lax.switch(row["b_op"], b_branches, x[row["b_x"]],
                                          g[row["b_g"]], row)
-      # In place: the backward op's direction's slice of the accumulators.
-      state = dict(state, acc=acc,
-                   grads=jax.tree.map(lambda a, v: a.at[row["b_dir"]].add(v),
-                                      state["grads"], g_st),
+      # In place: the backward op's chunk's rows of the accumulators.
+      state = dict(state, acc=acc, grads=self.add_grads(state["grads"], g_st, row["b_dir"]),
                    shared_grads=jax.tree.map(jnp.add, state["shared_grads"], g_sh))
       for d in range(dirs):
         x = x.at[row[f"ra{d}"]].set(jax.lax.ppermute(acts[d], PIPE, up if d == 0 else down))
@@ -282,7 +354,33 @@ def _split(tree: dict) -> tuple[dict, dict]:
           {k: v for k, v in tree.items() if k not in keys})
 
 
-def _program(fns: StageFns, table: Table, pp: int):
+def _accumulator_rows(layout: StageLayout, pp: int, dirs: int) -> tuple[dict, dict]:
+  """Where a rank accumulates its chunks' weight gradients: ({stack key:
+  int32 [PP, dirs, slots]}, {stack key: rows}). Rank r's chunk d runs stage
+  r (d = 0) or PP-1-r (d = 1); each real block of those stages gets one row
+  (a stage twice on a rank would share its rows), padded slots the row
+  `rows` (out of range: their zero gradients are dropped). So a rank's
+  accumulators hold its blocks once: not [dirs, slots], which stores every
+  padded slot of both chunks (at V3 widths on pipe=2, layers=4: one MoE
+  layer's float32 weights, 10.5 GiB per device)."""
+  table, sizes = {}, {}
+  for key, moe in STACKS:
+    if not layout.slots(moe):
+      continue
+    active = layout.index(moe)[1]
+    idx = np.full((pp, dirs, active.shape[1]), -1, np.int32)
+    for r in range(pp):
+      seen = {}
+      for d in range(dirs):
+        stage = r if d == 0 else pp - 1 - r
+        for i in np.flatnonzero(active[stage]):
+          idx[r, d, i] = seen.setdefault((stage, int(i)), len(seen))
+    sizes[key] = max(int(idx.max()) + 1, 1)
+    table[key] = np.where(idx < 0, sizes[key], idx).astype(np.int32)
+  return table, sizes
+
+
+def _program(fns: StageFns, table: Table, pp: int, n_rows: dict):
   """(the shard_map body, the table's fields it reads): one rank's ticks,
   then its outputs (stage gradients and per-layer sums split over pipe, the
   rest summed over it). Only the op codes the table uses become switch
@@ -296,12 +394,12 @@ def _program(fns: StageFns, table: Table, pp: int):
   base = bases[np.maximum(np.searchsorted(bases, codes, side="right") - 1, 0)]
   fields["b_dir"] = np.where(codes == NO_OP, 0, codes - base).astype(np.int32)
 
-  def body(stacks, stacks_b, active, shared, shared_b, mbs, totals, fields, loss_args):
+  def body(stacks, stacks_b, active, shared, shared_b, mbs, totals, fields, loss_args, rows):
     rank = _Rank(fns, pp, table.directions, stacks, stacks_b, active, shared, shared_b, mbs,
-                 totals, loss_args)
+                 totals, loss_args, rows, n_rows)
     state = rank.run(table, {k: v[:, 0] for k, v in fields.items()}, present)
     expand = lambda t: jax.tree.map(lambda a: a[None], t)        # noqa: E731
-    return (expand(state["grads"]),
+    return (expand(rank.stage_grads(state["grads"])),
             jax.lax.psum(state["shared_grads"], PIPE),
             jax.lax.psum(state["acc"]["head"], PIPE), expand(state["acc"]["layers"]))
   return body, fields
@@ -326,7 +424,8 @@ def pipeline_value_and_grad(fns: StageFns, mesh, layout: StageLayout, *, schedul
     raise ValueError(f"a layout of {layout.n_stages} stages on mesh.pipe={pp}; split the "
                      f"layers into pipe={pp} stages (split_layers).")
   table = build_table(schedule, pp, n_microbatches)
-  body, fields = _program(fns, table, pp)
+  acc_rows, n_rows = _accumulator_rows(layout, pp, table.directions)
+  body, fields = _program(fns, table, pp, n_rows)
   active = [layout.active()]
   if table.directions == 2:            # DualPipe: rank r also holds stage PP-1-r
     active.append(jax.tree.map(lambda a: a[::-1], active[0]))
@@ -349,22 +448,21 @@ def pipeline_value_and_grad(fns: StageFns, mesh, layout: StageLayout, *, schedul
     split = lambda t: jax.tree.map(lambda _: P(PIPE), t)         # noqa: E731
     rep = lambda t: jax.tree.map(lambda _: P(), t)               # noqa: E731
     args = (chunks, chunks_b, jax.tree.map(jnp.asarray, active), shared, shared_b, mbs,
-            totals, jax.tree.map(jnp.asarray, fields), loss_args)
+            totals, jax.tree.map(jnp.asarray, fields), loss_args,
+            jax.tree.map(jnp.asarray, acc_rows))
     fn = jax.shard_map(
         body, mesh=mesh, axis_names={PIPE}, check_vma=False,
         in_specs=(split(chunks), split(chunks_b), split(active), rep(shared), rep(shared_b),
                   rep(mbs), rep(totals), jax.tree.map(lambda _: P(None, PIPE), fields),
-                  rep(loss_args)),
+                  rep(loss_args), split(acc_rows)),
         out_specs=(split(stacks), rep(shared), P(), P(PIPE)))
     stage_grads, shared_grads, head, by_rank = fn(*args)
-    # [PP, directions, slots, ...] per rank -> per stage: direction 1 of rank
-    # r ran stage PP-1-r.
-    g_stage = jax.tree.map(lambda a: a[:, 0], stage_grads)
+    # Per-layer sums [PP, directions, slots, ...] per rank -> per stage:
+    # direction 1 of rank r ran stage PP-1-r.
     layers = jax.tree.map(lambda a: a[:, 0], by_rank)
     if table.directions == 2:
-      g_stage = jax.tree.map(lambda a, b: a + b[::-1, 1], g_stage, stage_grads)
       layers = jax.tree.map(lambda a, b: a + b[::-1, 1], layers, by_rank)
-    g_stage = zero_padded_slots(layout, g_stage)
+    g_stage = zero_padded_slots(layout, stage_grads)
     grads = dict(shared_grads, **(g_stage if staged else unstage_tree(layout, g_stage)))
     return fns.loss(unstage_tree(layout, layers), head, totals, loss_args), grads
 
