@@ -19,6 +19,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _SCORE_FUNCS = ("sigmoid", "softmax")
 _MOE_IMPLS = ("auto", "blocked", "ragged", "dense")
 _REMAT = ("none", "full", "dots_saveable")
+_ATTENTIONS = ("mla", "gqa")
+_ROPE_TYPES = ("default", "yarn", "llama3")
 FP8_LAYER_KINDS = ("attn", "mlp", "experts")
 
 
@@ -65,7 +67,7 @@ def default_moe_block_size(n_rows: int, n_experts: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """DeepSeek-V3-family model shape.
+  """DeepSeek-V3-family model shape, or a dense Llama-style decoder.
 
   Attributes (official names; HF `config.json` names in brackets):
     vocab_size: tokenizer size [vocab_size].
@@ -130,6 +132,32 @@ class ModelConfig:
       this runs blockwise in [block, block] tiles (model/attention.py:
       temporaries linear in the sequence); shorter ones, or all when 0, run
       the naive [seq, seq] form. A speed/memory knob, not a model property.
+    attention: "mla" (Multi-head Latent Attention, model/mla.py: the
+      DeepSeek-V2/V3 family) or "gqa" (grouped-query attention,
+      model/gqa.py: DeepSeek LLM, Llama, Qwen2). The MLA fields (q_lora_rank,
+      kv_lora_rank, qk_*_head_dim, v_head_dim) are unused under "gqa", and
+      the GQA ones (n_kv_heads, head_dim, attention_bias) under "mla". A
+      dense decoder is attention="gqa", n_dense_layers=n_layers (every block
+      the SwiGLU MLP of width inter_dim), n_mtp_depth=0. GQA blocks may also
+      carry MoE FFNs (the FFN does not depend on the attention).
+    n_kv_heads: GQA key/value heads, dividing n_heads; 0 = n_heads (plain
+      multi-head attention) [num_key_value_heads].
+    head_dim: GQA per-head width of q, k and v; 0 = dim // n_heads [head_dim].
+    attention_bias: GQA q/k/v projections carry biases (Qwen2); the output
+      projection never does [attention_bias; Qwen2 always].
+    tie_word_embeddings: the output head is the embedding matrix, transposed
+      (no `head` parameter) [tie_word_embeddings].
+    rope_type: RoPE frequency scaling [rope_scaling.rope_type]: "yarn"
+      (DeepSeek's YaRN with rope_factor, beta_fast, beta_slow, mscale; active
+      only when max_seq_len > original_seq_len, as in the official code),
+      "default" (plain RoPE) or "llama3" (Llama 3.1's band-wise scaling:
+      wavelengths above original_seq_len / llama3_low_freq_factor divided
+      by rope_factor, below original_seq_len / llama3_high_freq_factor kept,
+      a smooth ramp between; always on). RoPE rotates interleaved channel
+      pairs under "mla" (DeepSeek's layout) and the two halves of the head
+      (Llama's rotate_half) under "gqa".
+    llama3_low_freq_factor / llama3_high_freq_factor: the "llama3" bands
+      [rope_scaling.low_freq_factor / high_freq_factor].
   """
 
   vocab_size: int = 102400
@@ -170,6 +198,14 @@ class ModelConfig:
   fp8_layers: str = "attn,mlp,experts"
   remat_policy: str = "none"
   attn_block_size: int = 256
+  attention: str = "mla"
+  n_kv_heads: int = 0
+  head_dim: int = 0
+  attention_bias: bool = False
+  tie_word_embeddings: bool = False
+  rope_type: str = "yarn"
+  llama3_low_freq_factor: float = 1.0
+  llama3_high_freq_factor: float = 4.0
 
   def __post_init__(self):
     self.validate()
@@ -190,12 +226,32 @@ class ModelConfig:
   @property
   def use_yarn(self) -> bool:
     """YaRN is applied only past the original context (official model.py)."""
-    return self.max_seq_len > self.original_seq_len
+    return self.rope_type == "yarn" and self.max_seq_len > self.original_seq_len
+
+  @property
+  def is_gqa(self) -> bool:
+    return self.attention == "gqa"
+
+  @property
+  def kv_heads(self) -> int:
+    """GQA key/value heads (n_kv_heads, or n_heads when 0)."""
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def gqa_head_dim(self) -> int:
+    """GQA per-head width (head_dim, or dim // n_heads when 0)."""
+    return self.head_dim or self.dim // self.n_heads
+
+  @property
+  def rope_dim(self) -> int:
+    """Channels RoPE rotates per head: MLA's rotary part, GQA's whole head."""
+    return self.gqa_head_dim if self.is_gqa else self.qk_rope_head_dim
 
   @property
   def softmax_scale(self) -> float:
-    """(d_nope + d_rope)^-0.5, times mscale^2 under YaRN (V3 inference code)."""
-    scale = self.qk_head_dim ** -0.5
+    """(d_nope + d_rope)^-0.5 (MLA) or head_dim^-0.5 (GQA), times mscale^2
+    under YaRN (V3 inference code; HF's YaRN attention factor squared)."""
+    scale = (self.gqa_head_dim if self.is_gqa else self.qk_head_dim) ** -0.5
     if self.use_yarn and self.rope_factor > 1.0:
       m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
       scale *= m * m
@@ -224,6 +280,7 @@ class ModelConfig:
       raise ValueError(
           f"qk_rope_head_dim={self.qk_rope_head_dim} must be even: RoPE rotates "
           "pairs of channels.")
+    self._validate_attention()
     if self.n_moe_layers > 0:
       self._validate_moe()
     if self.score_func not in _SCORE_FUNCS:
@@ -263,6 +320,41 @@ class ModelConfig:
       raise ValueError(f"moe_impl={self.moe_impl!r} must be one of {_MOE_IMPLS}.")
     if self.remat_policy not in _REMAT:
       raise ValueError(f"remat_policy={self.remat_policy!r} must be one of {_REMAT}.")
+
+  def _validate_attention(self) -> None:
+    """The attention / RoPE-scaling fields (ModelConfig doc)."""
+    if self.attention not in _ATTENTIONS:
+      raise ValueError(f"attention={self.attention!r} must be one of {_ATTENTIONS}.")
+    if self.rope_type not in _ROPE_TYPES:
+      raise ValueError(f"rope_type={self.rope_type!r} must be one of {_ROPE_TYPES}.")
+    check_ints(self, non_negative=("n_kv_heads", "head_dim"))
+    for name in ("attention_bias", "tie_word_embeddings"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name}={getattr(self, name)!r} must be a bool.")
+    if self.rope_type == "llama3":
+      if not self.rope_factor >= 1.0:
+        raise ValueError(f"rope_factor={self.rope_factor} must be >= 1 with rope_type="
+                         "'llama3' (its rope_scaling.factor).")
+      if not self.llama3_high_freq_factor > self.llama3_low_freq_factor > 0:
+        raise ValueError(
+            f"llama3_low_freq_factor={self.llama3_low_freq_factor}, llama3_high_freq_factor="
+            f"{self.llama3_high_freq_factor}: rope_type='llama3' needs high > low > 0.")
+    if not self.is_gqa:
+      if self.attention_bias:
+        raise ValueError("attention_bias=True needs attention='gqa' (MLA's projections "
+                         "have no biases); set attention='gqa' or attention_bias=False.")
+      return
+    if self.n_heads % self.kv_heads:
+      raise ValueError(
+          f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}: "
+          "each key/value head serves n_heads / n_kv_heads query heads; pick n_kv_heads "
+          "dividing n_heads (0 = n_heads).")
+    if not self.head_dim and self.dim % self.n_heads:
+      raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}; set "
+                       "head_dim explicitly.")
+    if self.gqa_head_dim % 2:
+      raise ValueError(f"head_dim={self.gqa_head_dim} must be even: RoPE rotates the two "
+                       "halves of each head.")
 
   def _validate_moe(self) -> None:
     e, k = self.n_routed_experts, self.n_activated_experts
@@ -391,12 +483,82 @@ def _v3_671b() -> ModelConfig:
       param_dtype="float32", remat_policy="full")
 
 
+# Dense decoders (attention="gqa"): DeepSeek LLM and R1's distilled students,
+# their published config.json values (HF names in the ModelConfig doc).
+def _dense(**fields: Any) -> ModelConfig:
+  """A dense GQA decoder: every block the SwiGLU MLP, no MoE, no MTP."""
+  base = dict(attention="gqa", n_dense_layers=fields["n_layers"], n_mtp_depth=0,
+              n_routed_experts=0, n_shared_experts=0, n_activated_experts=0,
+              moe_inter_dim=0, rope_type="default", rms_norm_eps=1e-6, init_std=0.02,
+              dtype="bfloat16", param_dtype="float32", remat_policy="full")
+  return ModelConfig(**(base | fields))
+
+
+def _deepseek_llm_7b() -> ModelConfig:
+  # deepseek-llm-7b-base: Llama architecture, multi-head attention (kv = heads).
+  return _dense(vocab_size=102400, dim=4096, inter_dim=11008, n_layers=30, n_heads=32,
+                n_kv_heads=32, rope_theta=10000.0, original_seq_len=4096, max_seq_len=4096)
+
+
+def _deepseek_llm_67b() -> ModelConfig:
+  # deepseek-llm-67b-base: 95 layers, grouped-query attention with 8 kv heads.
+  return _dense(vocab_size=102400, dim=8192, inter_dim=22016, n_layers=95, n_heads=64,
+                n_kv_heads=8, rope_theta=10000.0, original_seq_len=4096, max_seq_len=4096)
+
+
+def _r1_distill_qwen_1_5b() -> ModelConfig:
+  # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2.5-Math-1.5B student): q/k/v biases,
+  # untied head (1.78B with it).
+  return _dense(vocab_size=151936, dim=1536, inter_dim=8960, n_layers=28, n_heads=12,
+                n_kv_heads=2, attention_bias=True, rope_theta=10000.0,
+                original_seq_len=131072, max_seq_len=131072)
+
+
+def _r1_distill_qwen_7b() -> ModelConfig:
+  # DeepSeek-R1-Distill-Qwen-7B (Qwen2.5-Math-7B student).
+  return _dense(vocab_size=152064, dim=3584, inter_dim=18944, n_layers=28, n_heads=28,
+                n_kv_heads=4, attention_bias=True, rope_theta=10000.0,
+                original_seq_len=131072, max_seq_len=131072)
+
+
+def _r1_distill_llama_8b() -> ModelConfig:
+  # DeepSeek-R1-Distill-Llama-8B (Llama-3.1-8B student): Llama-3 RoPE scaling
+  # x8 from 8K, rope_theta 500000, rms_norm_eps 1e-5.
+  return _dense(vocab_size=128256, dim=4096, inter_dim=14336, n_layers=32, n_heads=32,
+                n_kv_heads=8, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
+                llama3_low_freq_factor=1.0, llama3_high_freq_factor=4.0,
+                original_seq_len=8192, max_seq_len=131072, rms_norm_eps=1e-5)
+
+
+def _tiny_llama() -> ModelConfig:
+  # Tests: GQA (4 query heads on 2 kv heads), Llama-3 scaling whose three
+  # bands all hold some of the 8 frequencies, untied head.
+  return _dense(vocab_size=256, dim=64, inter_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                rope_type="llama3", rope_factor=8.0, original_seq_len=32, max_seq_len=128,
+                rms_norm_eps=1e-5, dtype="float32", remat_policy="none")
+
+
+def _tiny_qwen2() -> ModelConfig:
+  # Tests: q/k/v biases, tied embeddings, head_dim set apart from dim / n_heads.
+  return _dense(vocab_size=256, dim=64, inter_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                head_dim=24, attention_bias=True, tie_word_embeddings=True,
+                rope_theta=1000000.0, original_seq_len=128, max_seq_len=128,
+                dtype="float32", remat_policy="none")
+
+
 PRESETS = {
     "tiny": _tiny,
     "small": _small,
     "v2_lite_16b": _v2_lite_16b,
     "v2_236b": _v2_236b,
     "v3_671b": _v3_671b,
+    "deepseek_llm_7b": _deepseek_llm_7b,
+    "deepseek_llm_67b": _deepseek_llm_67b,
+    "r1_distill_qwen_1_5b": _r1_distill_qwen_1_5b,
+    "r1_distill_qwen_7b": _r1_distill_qwen_7b,
+    "r1_distill_llama_8b": _r1_distill_llama_8b,
+    "tiny_llama": _tiny_llama,
+    "tiny_qwen2": _tiny_qwen2,
 }
 
 

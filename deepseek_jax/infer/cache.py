@@ -1,4 +1,6 @@
-"""The inference cache: MLA's latent c_kv and rotary key k_R, nothing else.
+"""The inference cache: MLA's latent c_kv and rotary key k_R, nothing else
+(dense models, cfg.attention = "gqa": each layer's rotated keys and values
+per kv head, {"k", "v": [layers, b, T, n_kv_heads, head_dim]}).
 
     cache = init_cache(cfg, batch, length)        # zeros, preallocated
     {"dense_layers": {"c_kv": [n_dense, b, T, kv_lora_rank],
@@ -27,6 +29,9 @@ STACKS = ("dense_layers", "moe_layers")
 
 def _entry(cfg: ModelConfig, lead: tuple[int, ...], length: int) -> dict:
   dt = jnp.dtype(cfg.dtype)
+  if cfg.is_gqa:
+    shape = lead + (length, cfg.kv_heads, cfg.gqa_head_dim)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
   return {"c_kv": jnp.zeros(lead + (length, cfg.kv_lora_rank), dt),
           "k_rope": jnp.zeros(lead + (length, cfg.qk_rope_head_dim), dt)}
 
@@ -56,13 +61,18 @@ def write(cache: dict, entries: dict, start: jax.Array) -> dict:
 
 def bytes_per_token(cfg: ModelConfig) -> int:
   """Main-model cache bytes per token: (kv_lora_rank + qk_rope_head_dim) x
-  n_layers x bytes per element (MTP's drafting cache not included)."""
-  return ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.n_layers
-          * np.dtype(jnp.dtype(cfg.dtype)).itemsize)
+  n_layers x bytes per element (GQA: 2 n_kv_heads head_dim per layer; MTP's
+  drafting cache not included)."""
+  per_layer = (2 * cfg.kv_heads * cfg.gqa_head_dim if cfg.is_gqa
+               else cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+  return per_layer * cfg.n_layers * np.dtype(jnp.dtype(cfg.dtype)).itemsize
 
 
 def full_kv_bytes_per_token(cfg: ModelConfig) -> int:
   """What a per-head K/V cache of the same model would hold (the naive path's
   K [heads, nope + rope] and V [heads, v] per layer), for comparison."""
+  if cfg.is_gqa:
+    return 2 * cfg.n_heads * cfg.gqa_head_dim * cfg.n_layers * np.dtype(
+        jnp.dtype(cfg.dtype)).itemsize
   per_layer = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
   return per_layer * cfg.n_layers * np.dtype(jnp.dtype(cfg.dtype)).itemsize

@@ -15,17 +15,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer import sampling
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import Transformer, stages
 
 
-def _head_kernel(variables) -> jax.Array:
-  head = variables["params"]["head"]
-  if "kernel_scale" in head:                      # published FP8 blocks (keep_fp8)
-    return fp8.dequantize_weight(fp8.Quantized(head["kernel"], head["kernel_scale"]))
-  return head["kernel"].astype(jnp.float32)
+def _head_kernel(cfg: ModelConfig, variables) -> jax.Array:
+  """[dim, vocab] float32: the head (published FP8 blocks dequantized), or the
+  embedding table transposed when tie_word_embeddings (model.stages.head_kernel)."""
+  return stages.head_kernel(cfg, variables["params"])
 
 
 # log p of a target outside the sampling filter's support (the training
@@ -72,7 +70,7 @@ def token_logprobs(cfg: ModelConfig, variables, tokens: jax.Array, targets: jax.
   pad = n * c - s
   h = jnp.pad(h.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
   t = jnp.pad(targets, ((0, 0), (0, pad)))
-  w = _head_kernel(variables)
+  w = _head_kernel(cfg, variables)
 
   @jax.checkpoint
   def one(args):

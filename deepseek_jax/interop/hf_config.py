@@ -290,6 +290,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   Inactive YaRN fields (max_seq_len <= original_seq_len) are not written:
   they have no effect, and HF would apply YaRN at any length.
   """
+  if cfg.attention != "mla":
+    raise NotImplementedError(
+        f"attention={cfg.attention!r}: HF export of dense (Llama / Qwen2-style) models is "
+        "not implemented yet (issue 31, step 3); DeepSeek-V2/V3 (attention='mla') exports.")
   v2 = cfg.score_func == "softmax"
   if v2 and cfg.n_mtp_depth:
     raise NotImplementedError(

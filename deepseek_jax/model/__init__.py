@@ -1,4 +1,5 @@
-"""DeepSeek-V3 model: `Transformer(cfg).apply(variables, tokens)` -> logits.
+"""DeepSeek-V3 model: `Transformer(cfg).apply(variables, tokens)` -> logits
+(also the dense GQA decoders, cfg.attention = "gqa": model/gqa.py).
 
 `model.stages` is its training forward in pipeline-stage pieces (embedding,
 a slice of the blocks, head + MTP), the functions a pipeline runs."""

@@ -1,4 +1,5 @@
-"""One transformer block (DeepSeek-V3): pre-norm MLA, then a dense or MoE FFN."""
+"""One transformer block (DeepSeek-V3): pre-norm MLA, then a dense or MoE FFN.
+Dense decoders (cfg.attention = "gqa") run grouped-query attention instead."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.gqa import GQA
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE
@@ -14,7 +16,8 @@ from deepseek_jax.parallel.rules import constrain
 
 
 class Block(nn.Module):
-  """Pre-norm block: h = x + MLA(norm(x)); out = h + FFN(norm(h)).
+  """Pre-norm block: h = x + MLA(norm(x)); out = h + FFN(norm(h)) (GQA in
+  place of MLA when cfg.attention = "gqa": same modes and arguments).
 
   FFN is the dense SwiGLU MLP, or DeepSeekMoE when `moe` (then the aux dict
   carries its balance loss and expert loads; zeros otherwise). mode: MLA's
@@ -42,8 +45,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, valid, cache=None, active=None, routing=None):
     cfg = self.cfg
-    attn = MLA(cfg, self.mode, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions,
-                                            mask, cache)
+    attention = GQA if cfg.is_gqa else MLA
+    attn = attention(cfg, self.mode, name="attn")(RMSNorm(cfg, name="attn_norm")(x),
+                                                  positions, mask, cache)
     entries = None
     if self.mode != "train":
       attn, entries = attn

@@ -52,11 +52,16 @@ class Einsum(nn.Module):
   keep_fp8=True): float8 `kernel` plus `kernel_scale` [ceil(K/128),
   ceil(N/128)] for the [K = contracted dims, N = the rest] matrix. It is frozen
   (no gradient); fp8 layers use its blocks directly, others dequantize it.
+
+  bias: also a `bias` parameter over the kernel's output dims (zeros at
+  init), added to the projection in cfg.dtype (the dense models' q/k/v
+  biases, Qwen2); off, the layer and its parameters are as they always were.
   """
   cfg: ModelConfig
   shape: Sequence[int]
   equation: str
   fp8_kind: str | None = None
+  bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array | None, *, return_kernel: bool = False) -> jax.Array:
@@ -65,6 +70,16 @@ class Einsum(nn.Module):
     W_uk / W_uv out of it."""
     kernel = self.param("kernel", normal_init(self.cfg), tuple(self.shape),
                         dtype_of(self.cfg.param_dtype))
+    if self.bias and not return_kernel:
+      _, ks, out = _split_equation(self.equation, x.ndim)
+      free = [c for c in ks if c in out]
+      b = self.param("bias", nn.initializers.zeros, tuple(self.shape[ks.index(c)] for c in free),
+                     dtype_of(self.cfg.param_dtype))
+      return self._project(kernel, x, return_kernel) + _broadcast_to_output(b, free, out).astype(
+          self.cfg.dtype)
+    return self._project(kernel, x, return_kernel)
+
+  def _project(self, kernel, x, return_kernel):
     dt = dtype_of(self.cfg.dtype)
     use_fp8 = bool(self.fp8_kind) and self.cfg.fp8_for(self.fp8_kind) and not return_kernel
     if self.has_variable("params", "kernel_scale"):
@@ -80,6 +95,14 @@ class Einsum(nn.Module):
     if return_kernel:
       return kernel.astype(dt)
     return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
+
+
+def _broadcast_to_output(b: jax.Array, dims: Sequence[str], out: str) -> jax.Array:
+  """b over subscripts `dims` (each in `out`), transposed and expanded so it
+  broadcasts against an array with subscripts `out`."""
+  order = [c for c in out if c in dims]
+  b = jnp.transpose(b, [list(dims).index(c) for c in order])
+  return b.reshape(tuple(b.shape[order.index(c)] if c in order else 1 for c in out))
 
 
 def _split_equation(equation: str, x_ndim: int):
@@ -145,12 +168,15 @@ class MLP(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding table [vocab, dim]."""
+  """Token embedding table [vocab, dim]. return_table: the table itself
+  (tokens unused): the tied output head (cfg.tie_word_embeddings) reads it."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array | None, *, return_table: bool = False) -> jax.Array:
     table = self.param("embedding", normal_init(self.cfg),
                        (self.cfg.vocab_size, self.cfg.dim),
                        dtype_of(self.cfg.param_dtype))
+    if return_table:
+      return table
     return jnp.take(table, tokens, axis=0).astype(self.cfg.dtype)

@@ -84,9 +84,20 @@ def block_stack(cfg: ModelConfig, moe: bool, length: int, name: str | None = Non
 
 
 def output_head(cfg: ModelConfig, name: str | None = None) -> Einsum:
-  """The output projection [dim, vocab], computed in float32."""
+  """The output projection [dim, vocab], computed in float32 (untied models:
+  with cfg.tie_word_embeddings the head is `tied_head` on the embedding)."""
   return Einsum(cfg.replace(dtype="float32"), (cfg.dim, cfg.vocab_size), "bsd,dv->bsv",
                 name=name)
+
+
+def tied_head(embed: Callable) -> Callable:
+  """The output head of a model with tied embeddings: logits = h E^T in
+  float32, E the [vocab, dim] table of `embed` (a bound Embed or its apply),
+  so the embedding's gradient sums both uses."""
+  def head(h):
+    table = embed(None, return_table=True).astype(jnp.float32)
+    return jnp.einsum("bsd,vd->bsv", h.astype(jnp.float32), table)
+  return head
 
 
 class HeadLayers(NamedTuple):
@@ -211,10 +222,12 @@ def head(cfg: ModelConfig, params: dict, router_bias: dict, x, targets, segment_
   """The last stage: run_head with params["norm"], ["head"], ["embed"] and
   ["mtp_{k}"] (+ their router biases); hidden: see run_head."""
   moe = cfg.n_moe_layers > 0
+  embed_fn = _bound(Embed(cfg), params, router_bias, "embed")
   layers = HeadLayers(
       norm=_bound(RMSNorm(cfg), params, router_bias, "norm"),
-      head=_bound(output_head(cfg), params, router_bias, "head"),
-      embed=_bound(Embed(cfg), params, router_bias, "embed"),
+      head=(tied_head(embed_fn) if cfg.tie_word_embeddings
+            else _bound(output_head(cfg), params, router_bias, "head")),
+      embed=embed_fn,
       mtp=[_bound(MTPModule(cfg, moe, "train", *v2), params, router_bias, f"mtp_{k}")
            for k in range(cfg.n_mtp_depth)])
   return run_head(cfg, layers, x, targets, positions, attention_mask(cfg, segment_ids),
@@ -225,5 +238,9 @@ def head_kernel(cfg: ModelConfig, params: dict):
   """The output head's kernel [dim, vocab] in float32, as output_head
   multiplies by it (published FP8 blocks dequantized, frozen): what the
   chunked loss applies to the hidden path's states. The head never runs FP8
-  GEMMs (its Einsum has no fp8_kind), so this is the whole head."""
+  GEMMs (its Einsum has no fp8_kind), so this is the whole head. Tied
+  embeddings: the embedding table, transposed."""
+  if cfg.tie_word_embeddings:
+    return Embed(cfg).apply({"params": params["embed"]}, None,
+                            return_table=True).astype(jnp.float32).T
   return output_head(cfg).apply({"params": params["head"]}, None, return_kernel=True)

@@ -1,4 +1,7 @@
 """The DeepSeek-V3 transformer: embedding, dense blocks, MoE blocks, head, MTP.
+With cfg.attention = "gqa" and every block dense, the same module is a dense
+Llama-style decoder (DeepSeek LLM, R1's Qwen2 / Llama students: model/gqa.py);
+with cfg.tie_word_embeddings the head is the embedding, transposed (no `head`).
 
     logits = Transformer(cfg).apply(variables, tokens)            # [b, s, vocab] f32
     logits, aux = Transformer(cfg).apply(variables, tokens, targets=targets,
@@ -56,7 +59,7 @@ from deepseek_jax.model.attention import attention_mask
 from deepseek_jax.model.mla import decode_bias
 from deepseek_jax.model.mtp import MTPModule
 from deepseek_jax.model.stages import (HeadLayers, block_stack, merge_aux, output_head,
-                                       run_blocks, run_embed, run_head)
+                                       run_blocks, run_embed, run_head, tied_head)
 
 
 def check_routing(cfg: ModelConfig, tokens, routing) -> None:
@@ -139,7 +142,8 @@ class Transformer(nn.Module):
     Inference modes (deepseek_jax/infer drives them; a row's cache column is
     its token position, prompts right-padded) return (logits, h, entries):
     h the normalised final hidden state [b, seq, dim] (what MTP reads) and
-    entries the new tokens' cache entries {stack: {"c_kv", "k_rope"}}:
+    entries the new tokens' cache entries {stack: {"c_kv", "k_rope"}} (GQA:
+    {"k", "v"}, per kv head; infer/cache.py):
       prefill      the naive forward over padded prompts (segment_ids);
       decode       absorbed MLA over `cache` for tokens at `positions`;
       mtp_prefill, mtp_decode   MTP module 1 alone on (mtp_hidden = h^0 at
@@ -178,7 +182,7 @@ class Transformer(nn.Module):
     valid = segment_ids != 0
 
     embed = Embed(cfg, name="embed")
-    head = output_head(cfg, name="head")
+    head = tied_head(embed) if cfg.tie_word_embeddings else output_head(cfg, name="head")
     final_norm = RMSNorm(cfg, name="norm")
     if mode != "train":
       return self._infer(mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
@@ -208,7 +212,7 @@ class Transformer(nn.Module):
     cfg = self.cfg
     decode = mode.endswith("decode")
     if decode:
-      cache_len = jax.tree.leaves(cache)[0].shape[-2]
+      cache_len = jax.tree.leaves(cache)[0].shape[-3 if cfg.is_gqa else -2]   # T
       mask = decode_bias(positions, cache_len)                # [b, 1, t, T]
     else:
       mask = attention_mask(cfg, segment_ids)                 # ids (+ [b, 1, s, s] bias)

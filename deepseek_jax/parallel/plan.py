@@ -271,6 +271,8 @@ def _transient_terms(cfg: ModelConfig, sizes: dict[str, int], rules, *, seqs: in
   ep = axes_size(sizes, mesh_axes_of("exp", rules))
   heads = max(cfg.n_heads // tensor, 1)
   dqk, dv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+  if cfg.attention == "gqa":                             # dense models: one head width
+    dqk = dv = cfg.gqa_head_dim
   if 0 < cfg.attn_block_size < seq_len:                  # blockwise: linear in seq
     attention = seqs * heads * seq_len * (4 * (4 * dqk + 2 * dv) + b * (2 * dqk + 3 * dv))
   else:                                                  # naive: scores, probs, grad

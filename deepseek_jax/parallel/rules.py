@@ -6,6 +6,7 @@ Each weight dimension has a logical name (MaxText's vocabulary):
   embed           the model width `dim` (FSDP shards it)
   vocab           the vocabulary (tensor-parallel head and embedding)
   heads, head_dim attention heads and their per-head widths
+  kv_heads        grouped-query attention's key/value heads (dense models)
   q_lora, kv_lora the MLA compression ranks (`kv_lora_rope`: W_dkv's output,
                   c_kv and the shared rope key, never split)
   mlp             hidden units of dense MLPs and shared experts
@@ -59,8 +60,8 @@ _FSDP = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"))
 LEFTOVER = "*"
 # Names a leftover axis never joins: the scan axis, activations, small vectors.
 _NO_LEFTOVER = {None, "stages", "layers", "batch", "seq", "norm", "router", "exp_bias"}
-_TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("mlp_moe", "tensor"),
-           ("vocab", "tensor"))
+_TENSOR = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+           ("mlp_moe", "tensor"), ("vocab", "tensor"))
 
 RULE_SETS: dict[str, Rules] = {
     # Data parallelism: the batch split, every weight whole on every device
@@ -88,6 +89,12 @@ _PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("wkv_a", "kernel"): ("embed", "kv_lora_rope"),
     ("wkv_b", "kernel"): ("kv_lora", "heads", "head_dim"),
     ("wo", "kernel"): ("heads", "head_dim", "embed"),
+    # Grouped-query attention (model/gqa.py; its wq / wo reuse the entries above).
+    ("wk", "kernel"): ("embed", "kv_heads", "head_dim"),
+    ("wv", "kernel"): ("embed", "kv_heads", "head_dim"),
+    ("wq", "bias"): ("heads", "head_dim"),
+    ("wk", "bias"): ("kv_heads", "head_dim"),
+    ("wv", "bias"): ("kv_heads", "head_dim"),
     ("w1", "kernel"): ("embed", "mlp"),
     ("w3", "kernel"): ("embed", "mlp"),
     ("w2", "kernel"): ("mlp", "embed"),

@@ -8,6 +8,8 @@ experts, Fe = moe_inter_dim, Fs = n_shared_experts * Fe, F = inter_dim:
   attention projections (per layer)
     2 * [d*q + q*H*(dn+dr)   (or d*H*(dn+dr) without q LoRA)
          + d*(r+dr) + r*H*(dn+dv) + H*dv*d]
+    GQA (attention="gqa", KV kv heads of width hd): 2 * (2*d*H*hd + 2*d*KV*hd),
+    core 2 * 2*H*hd * (S+1)/2; a tied head still counts 2 * d*V
   attention core (per layer, causal: a token attends to (S+1)/2 positions
   on average)
     2 * H*(dn+dr) * (S+1)/2  +  2 * H*dv * (S+1)/2
@@ -35,6 +37,9 @@ from deepseek_jax.config import ModelConfig
 
 def attention_projection_flops(cfg: ModelConfig) -> int:
   d, h = cfg.dim, cfg.n_heads
+  if cfg.attention == "gqa":     # q, k, v, o: 2 * (d*H*hd + 2*d*KV*hd + H*hd*d)
+    hd, kv = cfg.gqa_head_dim, cfg.kv_heads
+    return 2 * (2 * d * h * hd + 2 * d * kv * hd)
   qk, dv, r = cfg.qk_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
   q = (d * cfg.q_lora_rank + cfg.q_lora_rank * h * qk) if cfg.use_q_lora else d * h * qk
   return 2 * (q + d * (r + cfg.qk_rope_head_dim) + r * h * (cfg.qk_nope_head_dim + dv)
@@ -43,6 +48,8 @@ def attention_projection_flops(cfg: ModelConfig) -> int:
 
 def attention_core_flops(cfg: ModelConfig, seq_len: int) -> float:
   ctx = (seq_len + 1) / 2
+  if cfg.attention == "gqa":     # scores and values over head_dim each
+    return 2 * cfg.n_heads * 2 * cfg.gqa_head_dim * ctx
   return 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * ctx
 
 
