@@ -57,8 +57,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from deepseek_jax.data.pipeline import _json_lines, _open_parquet, _parquet_strings, data_format
-from deepseek_jax.data.prompts import PromptFormat, PromptRecord
+from deepseek_jax.data.pipeline import _open_parquet, _parquet_strings
+from deepseek_jax.data.prompts import PromptFormat, PromptRecord, read_record_files
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "kind", "system")
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
@@ -131,30 +131,12 @@ def _parquet_records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     yield f"{path}: row {row} (0-based)", {f: c[row] for f, c in columns.items()}
 
 
-def load_preference_file(path: str | os.PathLike) -> list[PreferenceRecord]:
-  """The records of one preference file (.jsonl / .json / .parquet)."""
-  path = os.fspath(path)
-  if data_format(path) == "text":
-    raise ValueError(f"{path}: a preference file is .jsonl / .json or .parquet (records "
-                     "with 'prompt', 'chosen' and 'rejected'), not plain text")
-  if data_format(path) == "jsonl":
-    rows = ((f"{path}:{i}", r) for i, r in _json_lines(path))
-  else:
-    rows = _parquet_records(path)
-  return [_preference_record(where, record) for where, record in rows]
-
-
 def load_preference_files(paths: str | os.PathLike | Sequence[str | os.PathLike]
                           ) -> list[PreferenceRecord]:
   """The records of every file, in order; ValueError when there are none."""
-  paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-  if not paths:
-    raise ValueError("no preference files given")
-  out = [r for p in paths for r in load_preference_file(p)]
-  if not out:
-    raise ValueError(f"the preference files {[os.fspath(p) for p in paths]} hold no "
-                     "records")
-  return out
+  return read_record_files(paths, what="preference",
+                           fields="'prompt', 'chosen' and 'rejected'",
+                           parquet_rows=_parquet_records, make=_preference_record)
 
 
 # ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from deepseek_jax.data import tasks
 from deepseek_jax.data.pipeline import _json_lines, _open_parquet, _parquet_strings, data_format
@@ -106,30 +106,35 @@ def _parquet_records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     yield f"{path}: row {row} (0-based)", {f: c[row] for f, c in columns.items()}
 
 
-def load_prompt_file(path: str | os.PathLike) -> list[PromptRecord]:
-  """The records of one prompt file (.jsonl / .json / .parquet)."""
-  path = os.fspath(path)
-  kind = data_format(path)
-  if kind == "text":
-    raise ValueError(f"{path}: a prompt file is .jsonl / .json or .parquet (records with "
-                     "'prompt' and 'answer'), not plain text")
-  if kind == "jsonl":
-    rows = ((f"{path}:{i}", r) for i, r in _json_lines(path))
-  else:
-    rows = _parquet_records(path)
-  return [_prompt_record(where, record) for where, record in rows]
+def read_record_files(paths: str | os.PathLike | Sequence[str | os.PathLike], *, what: str,
+                      fields: str, parquet_rows: Callable[[str], Iterator[tuple[str, Any]]],
+                      make: Callable[[str, Any], Any]) -> list:
+  """make(where, record) for every record of every file (JSON lines, or
+  parquet rows from parquet_rows(path)), in order; `where` is "file:line" or
+  "file: row N". ValueError naming the files when there are none, and for a
+  plain-text file (what: "prompt", "preference"; fields: what a record holds)."""
+  paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  if not paths:
+    raise ValueError(f"no {what} files given")
+  out = []
+  for path in map(os.fspath, paths):
+    kind = data_format(path)
+    if kind == "text":
+      raise ValueError(f"{path}: a {what} file is .jsonl / .json or .parquet (records with "
+                       f"{fields}), not plain text")
+    rows = (((f"{path}:{i}", r) for i, r in _json_lines(path)) if kind == "jsonl"
+            else parquet_rows(path))
+    out.extend(make(where, record) for where, record in rows)
+  if not out:
+    raise ValueError(f"the {what} files {[os.fspath(p) for p in paths]} hold no records")
+  return out
 
 
 def load_prompt_files(paths: str | os.PathLike | Sequence[str | os.PathLike]
                       ) -> list[PromptRecord]:
   """The records of every file, in order; ValueError when there are none."""
-  paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-  if not paths:
-    raise ValueError("no prompt files given")
-  out = [r for p in paths for r in load_prompt_file(p)]
-  if not out:
-    raise ValueError(f"the prompt files {[os.fspath(p) for p in paths]} hold no records")
-  return out
+  return read_record_files(paths, what="prompt", fields="'prompt' and 'answer'",
+                           parquet_rows=_parquet_records, make=_prompt_record)
 
 
 # ----------------------------------------------------------------------------
