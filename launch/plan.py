@@ -61,6 +61,7 @@ from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
 from deepseek_jax.parallel.schedules import SCHEDULES
 from deepseek_jax.train.compile_report import compile_report
 from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.scaling import non_embedding_flops_per_token, optimal
 from deepseek_jax.train.step import abstract_train_state
 
 _PRESET = flags.DEFINE_enum("preset", "v3_671b", sorted(PRESETS), "Model preset.")
@@ -82,6 +83,9 @@ _COMPILE = flags.DEFINE_bool("compile", False, "Also compile the train step on f
                              "devices and print XLA's per-device memory and FLOPs.")
 _FAST = flags.DEFINE_bool("fast_compile", False, "With --compile: compile as the trainer "
                           "does with fast_compile (XLA backend optimisation level 0).")
+_COMPUTE = flags.DEFINE_float("compute", None, "A compute budget in FLOPs: print DeepSeek "
+                              "LLM's scaling-law optima (batch tokens, learning rate, model "
+                              "and data scale) instead of a memory plan.")
 _DEVICE_GIB = flags.DEFINE_float("device_memory_gib", None, "With --compile: memory of one "
                                  "device in GiB; the JSON line gets fits = total <= it.")
 
@@ -218,8 +222,32 @@ def print_compiled(r: dict) -> None:
         "counted once)")
 
 
+def scaling(compute: float) -> dict:
+  """--compute: the scaling-law optima (train/scaling.py) and, for a dense
+  preset, its own M and the tokens the budget buys it."""
+  out = optimal(compute)
+  cfg = get_preset(_PRESET.value)
+  print(f"compute {compute:.3g} FLOPs (DeepSeek LLM scaling laws):")
+  print(f"  batch size       {out['batch_tokens_opt']:.4g} tokens "
+        f"({out['batch_tokens_opt'] / _SEQ.value:.0f} sequences of {_SEQ.value})")
+  print(f"  learning rate    {out['lr_opt']:.4g}")
+  print(f"  model scale M    {out['model_flops_per_token_opt']:.4g} non-embedding FLOPs/token")
+  print(f"  data scale D     {out['tokens_opt']:.4g} tokens")
+  if cfg.attention == "gqa" and not cfg.n_moe_layers:
+    m = non_embedding_flops_per_token(cfg.n_layers, cfg.dim, _SEQ.value)
+    out.update(preset=_PRESET.value, preset_model_flops_per_token=m, preset_tokens=compute / m)
+    print(f"  {_PRESET.value}: M = {m:.4g}, so the budget trains it on {compute / m:.4g} tokens")
+  return out
+
+
 def main(argv):
   begin_main(argv, "launch.plan")             # no "Unable to initialize backend 'tpu'"
+  if _COMPUTE.value is not None:
+    try:
+      print(json.dumps(scaling(_COMPUTE.value)), flush=True)
+    except ValueError as e:
+      sys.exit(f"launch.plan: error: {e}")
+    return
   try:
     sizes = mesh_sizes(parse_axis_sizes(_MESH.value, flag="--mesh"), _RULES.value,
                        _DEVICES.value)

@@ -206,3 +206,28 @@ def test_plan_cli_plans_deepseek_v3s_own_layout():
   bad = subprocess.run(cmd[:5], cwd=root, env=env, capture_output=True, text=True,
                        timeout=120)
   assert bad.returncode != 0 and "pipe=16 needs a pipeline_schedule" in bad.stderr
+
+
+def test_scaling_laws_give_deepseek_llms_own_hyperparameters():
+  """DeepSeek LLM's fits (train/scaling.py) at its own models' budgets (7B:
+  30 layers x 4096, 67B: 95 x 8192, 2T tokens of 4096) against the batch
+  sizes and learning rates they were trained with (2304 / 4608 sequences of
+  4096; 4.2e-4 / 3.2e-4): within 10%; the model/data split multiplies back
+  to C; launch.plan --compute prints them as one JSON line."""
+  from deepseek_jax.train import scaling
+  for (layers, dim), batch, lr in (((30, 4096), 2304, 4.2e-4), ((95, 8192), 4608, 3.2e-4)):
+    c = scaling.non_embedding_flops_per_token(layers, dim, 4096) * 2e12
+    got = scaling.optimal(c)
+    assert abs(got["batch_tokens_opt"] / (batch * 4096) - 1) < 0.10, got
+    assert abs(got["lr_opt"] / lr - 1) < 0.10, got
+    assert abs(got["model_flops_per_token_opt"] * got["tokens_opt"] / c - 1) < 0.01
+  with pytest.raises(ValueError, match="compute=0"):
+    scaling.optimal(0)
+  res = subprocess.run([sys.executable, "-m", "launch.plan", "--compute=1e21",
+                        "--preset=deepseek_llm_7b"], capture_output=True, text=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert res.returncode == 0, res.stderr[-2000:]
+  line = json.loads(res.stdout.strip().splitlines()[-1])
+  assert line["batch_tokens_opt"] == pytest.approx(scaling.optimal(1e21)["batch_tokens_opt"])
+  assert line["preset_model_flops_per_token"] == scaling.non_embedding_flops_per_token(30, 4096,
+                                                                                       4096)
