@@ -324,14 +324,19 @@ def task_score(completion: str, record: prompts_lib.PromptRecord) -> float:
   return float(tasks.is_correct(completion, tasks.Problem(record.prompt, "", record.answer)))
 
 
+def accuracy_reward(gcfg: GRPOConfig) -> rewards.RewardFn:
+  """The accuracy reward: the `verifier` on prompt files, the task's check
+  (number equivalence, Countdown verified) on the built-in task."""
+  return verifier_reward(gcfg.verifier) if gcfg.prompt_files else rewards.accuracy
+
+
 def reward_functions(gcfg: GRPOConfig, extra: dict[str, tuple[rewards.RewardFn, float]] | None
                      = None) -> dict[str, tuple[rewards.RewardFn, float]]:
-  """{name: (fn(completion, example), weight)}: accuracy (the task's check,
-  or the `verifier` on prompt files), format and language at their weights
-  (0 = off), each of `reward_fns` (weight 1, a TimedReward), and `extra`."""
-  accuracy = verifier_reward(gcfg.verifier) if gcfg.prompt_files else rewards.accuracy
+  """{name: (fn(completion, example), weight)}: accuracy (`accuracy_reward`),
+  format and language at their weights (0 = off), each of `reward_fns`
+  (weight 1, a TimedReward), and `extra`."""
   fns = {name: (fn, w) for name, fn, w in
-         (("accuracy", accuracy, gcfg.accuracy_weight),
+         (("accuracy", accuracy_reward(gcfg), gcfg.accuracy_weight),
           ("format", rewards.format_reward, gcfg.format_weight),
           ("language", rewards.language, gcfg.language_weight)) if w > 0}
   for path in gcfg.reward_fns:
@@ -457,6 +462,11 @@ def _mean(values: np.ndarray, reduce=np.mean) -> float:
   return float(reduce(values)) if values.size else float("nan")
 
 
+def _finite_mean(values: np.ndarray) -> float:
+  """The mean of the scored (finite) values; nan when there are none."""
+  return _mean(values[np.isfinite(values)])
+
+
 def equal_groups(total: np.ndarray, group_size: int, scored: np.ndarray | None = None
                  ) -> np.ndarray:
   """[groups] bool: all scored rewards of the group equal (no gradient
@@ -539,8 +549,7 @@ class GRPO:
     self.problems, self.prompt_ids = prompts.train, prompts.train_ids
     self.reward_fns, self.mesh, self.rules, self.ref, self.log = reward_fns, mesh, rules, ref, log
     self.accuracy_fn = (reward_fns["accuracy"][0] if "accuracy" in reward_fns
-                        else verifier_reward(gcfg.verifier) if gcfg.prompt_files
-                        else rewards.accuracy)
+                        else accuracy_reward(gcfg))
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.update_fn = make_update_step(model_cfg, opt_cfg, grpo_loss_fn(model_cfg, gcfg), mesh,
                                       rules, skip_nonfinite=gcfg.max_bad_steps > 0)
@@ -626,7 +635,8 @@ class GRPO:
     """(the update's batch, the rollout's scalars) of a scored rollout."""
     g, G, eos = self.gcfg, self.gcfg.group_size, self.tok.eos_id
     gen = Generation(tokens=roll["tokens"], lengths=roll["lengths"],
-                     logprobs=roll["logprobs"], steps=0)
+                     logprobs=roll["logprobs"], steps=0, routing=roll.get("routing"),
+                     prompt_routing=roll.get("prompt_routing"))
     truncated = np.array([not (s and s[-1] == eos) for s in roll["seqs"]])
     adv = np.asarray(grpo.group_advantages(roll["total"], G, g.scale, scored=roll["valid"]))
     if step in g.nan_steps:      # the NaN policy's test hook
@@ -643,9 +653,7 @@ class GRPO:
     batch = rollout_batch(roll["prompts"], gen, self.tok.pad_id,
                           prompt_len=bucket_length(longest, self.model_cfg, L))
     if g.routing_replay:
-      record = dataclasses.replace(gen, routing=roll["routing"],
-                                   prompt_routing=roll["prompt_routing"])
-      batch["routing"] = rollout_routing(record, [len(p) for p in roll["prompts"]],
+      batch["routing"] = rollout_routing(gen, [len(p) for p in roll["prompts"]],
                                          batch["tokens"].shape[1])
     batch.update(mask=mask.astype(np.float32),
                  advantages=np.repeat(adv[:, None], L, axis=1).astype(np.float32))
@@ -680,8 +688,7 @@ class GRPO:
     per_fn, texts, total = roll["per_fn"], roll["texts"], roll["total"]
     lengths = roll["lengths"].astype(np.float64)
     if "accuracy" in per_fn:
-      accuracy = float(np.nanmean(per_fn["accuracy"])) if np.isfinite(per_fn["accuracy"]).any() \
-          else float("nan")
+      accuracy = _finite_mean(per_fn["accuracy"])
     else:
       scored = [self.accuracy_fn(t, e) for t, e in zip(texts, roll["examples"])]
       accuracy = _mean(np.array([v for v in scored if v is not None], np.float64))
@@ -696,8 +703,7 @@ class GRPO:
     return {**errors,
         # Over the scored rows (an unscored row's total is a placeholder 0).
         "reward": _mean(total[roll["valid"]]), "reward_std": _mean(total[roll["valid"]], np.std),
-        **{f"reward/{k}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-           for k, v in per_fn.items()},
+        **{f"reward/{k}": _finite_mean(v) for k, v in per_fn.items()},
         "accuracy": accuracy, "format": float(np.mean([tasks.format_ok(t) for t in texts])),
         "zero_std_groups": float(equal.reshape(-1, self.gcfg.group_size)[:, 0].mean()),
         "completion_len": float(lengths.mean()), "completion_len_max": float(lengths.max()),
