@@ -38,6 +38,7 @@ terminal or a server shows while generating.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -338,22 +339,23 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   stop_ids, buf, lens, rng, settings = _prepare(
       cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
       speculative)
+  group, context = int(group_size), contextlib.nullcontext()
   if mesh is not None and rules is not None and _rows_split(mesh, len(buf)):
     rules = parallel_rules.resolve(rules)
     rows = parallel_rules.batch_sharding(mesh, rules)
     buf = jax.device_put(buf, rows)
     lens = jax.device_put(lens, NamedSharding(mesh, P(rows.spec[0])))
     # the prefill of one row per group must split too; else every row is prefilled
-    group = int(group_size) if _rows_split(mesh, len(buf) // group_size) else 1
-    with parallel_rules.activate(mesh, rules):
-      run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record,
-                      group, rules)
-      return _generation(run(variables, buf, lens, rng, settings))
-  if mesh is not None:
-    buf, lens = distributed.replicate((buf, lens), mesh)
-  run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record,
-                  int(group_size))
-  return _generation(run(variables, buf, lens, rng, settings))
+    group = group if _rows_split(mesh, len(buf) // group) else 1
+    context = parallel_rules.activate(mesh, rules)
+  else:
+    rules = None
+    if mesh is not None:
+      buf, lens = distributed.replicate((buf, lens), mesh)
+  with context:          # traced and run under the mesh's rules when rows are split
+    run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record,
+                    group, rules)
+    return _generation(run(variables, buf, lens, rng, settings))
 
 
 def _rows_split(mesh, n_rows: int) -> bool:
