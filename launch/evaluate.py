@@ -33,14 +33,10 @@ import time
 
 from absl import app, flags
 
+from launch.checkpoint_flags import define_checkpoint_flags
 from launch.config_flag import begin_main
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training / GRPO run directory (its "
-                               "latest checkpoint, or --step).")
-_STEP = flags.DEFINE_integer("step", None, "With --workdir: this checkpoint step.")
-_FROM_HF = flags.DEFINE_string("from_hf", None, "An HF DeepSeek-V3 checkpoint directory.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "A tokenizer.json (default: the run's, "
-                                 "or DIR/tokenizer.json with --from_hf).")
+_CHECKPOINT = define_checkpoint_flags()
 _FILES = flags.DEFINE_list("prompt_files", None, "Prompt files (.jsonl / .parquet), comma "
                            "separated: records with prompt and answer.")
 _VERIFIER = flags.DEFINE_string("verifier", "math", "How answers are checked: math, choice, "
@@ -65,8 +61,6 @@ def _fail(msg: str):
 
 def _check_flags() -> None:
   from deepseek_jax.rl import verifiers
-  if bool(_WORKDIR.value) == bool(_FROM_HF.value):
-    _fail("pass exactly one of --workdir (a training run) and --from_hf (an HF directory).")
   if _VERIFIER.value not in verifiers.VERIFIERS:
     _fail(f"--verifier={_VERIFIER.value!r} must be one of {sorted(verifiers.VERIFIERS)}.")
   for flag, ok, want in ((_SAMPLES, _SAMPLES.value >= 0, ">= 0"),
@@ -82,23 +76,10 @@ def _check_flags() -> None:
 
 def _load():
   """(cfg, variables, tokenizer, tokenizer path, template) of the checkpoint."""
-  from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
-  if _WORKDIR.value:
-    from deepseek_jax.train.export import load_trained_run, require_run
-    require_run(_WORKDIR.value, "--workdir")
-    cfg, train_cfg, variables, step = load_trained_run(_WORKDIR.value, _STEP.value)
-    path = _TOKENIZER.value or train_cfg.tokenizer_path
-    print(f"loaded {_WORKDIR.value} step {step}", file=sys.stderr)
-    return cfg, variables, load_tokenizer(path) if path else default_tokenizer(), path, \
-        train_cfg.template
-  from deepseek_jax.interop import load_hf_checkpoint
-  path = _TOKENIZER.value or os.path.join(_FROM_HF.value, "tokenizer.json")
-  if not os.path.isfile(path):
-    _fail(f"{path!r} does not exist: an HF checkpoint needs its tokenizer.json, or pass "
-          "--tokenizer=PATH.")
-  tok = load_tokenizer(path)
-  cfg, variables = load_hf_checkpoint(_FROM_HF.value)
-  return cfg, variables, tok, path, "none"
+  cfg, variables, tok, path, template = _CHECKPOINT.load()
+  if tok is None:
+    _fail(f"{_CHECKPOINT.from_hf.value!r} has no tokenizer.json: pass --tokenizer=PATH.")
+  return cfg, variables, tok, path, template
 
 
 def _plot(result: dict, samples: int, path: str) -> str | None:
@@ -151,7 +132,8 @@ def main(argv):
       samples=_SAMPLES.value, greedy=_GREEDY.value, temperature=_TEMPERATURE.value,
       top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value,
       rng=jax.random.key(_SEED.value))
-  out = _OUT.value or (os.path.join(_WORKDIR.value, "eval") if _WORKDIR.value else "eval")
+  workdir = _CHECKPOINT.workdir.value
+  out = _OUT.value or (os.path.join(workdir, "eval") if workdir else "eval")
   os.makedirs(out, exist_ok=True)
   completions = result.pop("completions")
   atomic_text("".join(json.dumps(c) + "\n" for c in completions),
@@ -159,9 +141,11 @@ def main(argv):
   summary = {**result, "prompt_files": _FILES.value, "verifier": _VERIFIER.value,
              "samples": _SAMPLES.value, "temperature": _TEMPERATURE.value, "top_p": _TOP_P.value,
              "max_new_tokens": _MAX_NEW.value, "prompt_format": fmt.describe(),
-             "checkpoint": _WORKDIR.value or _FROM_HF.value, "wall_s": round(time.time() - t0, 1)}
+             "checkpoint": workdir or _CHECKPOINT.from_hf.value,
+             "wall_s": round(time.time() - t0, 1)}
   atomic_json(summary, os.path.join(out, "eval.json"))
-  plot = _plot(result, _SAMPLES.value, os.path.join(out, "pass_at_k.png")) if _SAMPLES.value else None
+  plot = (_plot(result, _SAMPLES.value, os.path.join(out, "pass_at_k.png")) if _SAMPLES.value
+          else None)
   for name, figures in [("all", result["overall"])] + sorted(result["by_kind"].items()):
     print(f"{name:>12s}: " + ", ".join(f"{k} {v:.3f}" if k != "n" else f"n {int(v)}"
                                        for k, v in figures.items()), file=sys.stderr)

@@ -28,14 +28,10 @@ import time
 
 from absl import app, flags
 
+from launch.checkpoint_flags import define_checkpoint_flags
 from launch.config_flag import begin_main
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train run directory (latest "
-                               "checkpoint, or --step).")
-_STEP = flags.DEFINE_integer("step", None, "With --workdir: this checkpoint step.")
-_FROM_HF = flags.DEFINE_string("from_hf", None, "An HF DeepSeek-V3 checkpoint directory.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "A tokenizer.json (default: the run's "
-                                 "tokenizer, or DIR/tokenizer.json with --from_hf).")
+_CHECKPOINT = define_checkpoint_flags()
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for a batch).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL: {\"prompt\": text} or "
                                     "{\"tokens\": [ids]} per line.")
@@ -85,22 +81,7 @@ def _read_prompts_file(path: str) -> list:
 
 def _load():
   """(cfg, variables, tokenizer, template) from --workdir or --from_hf."""
-  from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
-  if bool(_WORKDIR.value) == bool(_FROM_HF.value):
-    _fail("pass exactly one of --workdir (a training run) and --from_hf (an HF directory).")
-  if _WORKDIR.value:
-    from deepseek_jax.train.export import load_trained_run
-    cfg, train_cfg, variables, step = load_trained_run(_WORKDIR.value, _STEP.value)
-    path = _TOKENIZER.value or train_cfg.tokenizer_path
-    tok = load_tokenizer(path) if path else default_tokenizer()
-    template = train_cfg.template
-    print(f"loaded {_WORKDIR.value} step {step}", file=sys.stderr)
-  else:
-    from deepseek_jax.interop import load_hf_checkpoint
-    cfg, variables = load_hf_checkpoint(_FROM_HF.value)
-    path = _TOKENIZER.value or os.path.join(_FROM_HF.value, "tokenizer.json")
-    tok = load_tokenizer(path) if os.path.exists(path) or _TOKENIZER.value else None
-    template = "none"
+  cfg, variables, tok, _, template = _CHECKPOINT.load()
   changes = {k: f.value for k, f in (("max_seq_len", _MAX_SEQ_LEN), ("rope_factor", _ROPE_FACTOR))
              if f.value is not None}
   if changes:
