@@ -220,6 +220,10 @@ def print_compiled(r: dict) -> None:
           "each conditional's " + name.split(", ")[1] + " branch)")
   print(f"  ({r['while_loops']} loop runs, {r['unknown_trip_loops']} of unknown trip count "
         "counted once)")
+  all_trips = r["hlo_flops_all_trips"]
+  print(f"  {'HLO FLOPs, all trips':24s}{all_trips:10.4g}   ({all_trips / model:.2f}x model; "
+        f"dearest, the {r['hinted_trip_loops']} hinted loop runs of unknown count x their "
+        "hints: the expert kernel's full buffer)")
 
 
 def scaling(compute: float) -> dict:

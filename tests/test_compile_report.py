@@ -107,8 +107,35 @@ backend_config={"known_trip_count":{"n":"3"}}
 
 
 def test_hlo_flops_of_a_gpu_gemm_custom_call():
-  assert hlo_flops(GEMM_HLO) == {"flops": 3 * 2 * 16 * 8 * 32, "flops_cheapest_branch":
-                                 3 * 2 * 16 * 8 * 32, "while_loops": 1, "unknown_trip_loops": 0}
+  assert hlo_flops(GEMM_HLO) == {
+      "flops": 3 * 2 * 16 * 8 * 32, "flops_cheapest_branch": 3 * 2 * 16 * 8 * 32,
+      "flops_all_trips": 3 * 2 * 16 * 8 * 32, "while_loops": 1, "unknown_trip_loops": 0,
+      "hinted_trip_loops": 0}
+
+
+def test_hlo_flops_all_trips_counts_the_expert_kernels_loops_by_their_hints(monkeypatch):
+  """gmm's chunk loops have data-dependent trip counts (the blocks the routing
+  used): hlo_flops counts each once, flops_all_trips by its `loop_trips` hint
+  (the static buffer's blocks). Oracle: with every block of the buffer used,
+  forward + dx + dw are 3 x 2 * rows * K * N."""
+  from deepseek_jax.model import grouped_matmul as gm
+  n_blocks, bs, k, n, groups = 8, 4, 16, 8, 4
+  monkeypatch.setattr(gm, "GATHER_BUDGET_BYTES", 2 * k * n * 4)     # chunks of 2 blocks
+  block_group = jnp.repeat(jnp.arange(groups), n_blocks // groups)
+
+  def f(x, w, used):                     # the blocks used: data, as routing makes it
+    return gm.gmm(x, w, block_group, used.astype(jnp.int32)).sum()
+
+  one_pass = 2 * n_blocks * bs * k * n
+  counted = hlo_flops(_compiled_text(f, (n_blocks * bs, k), (groups, k, n), ()))
+  assert counted["flops_all_trips"] == one_pass
+  assert counted["flops"] == one_pass // 4 and counted["hinted_trip_loops"] == 1
+  counted = hlo_flops(_compiled_text(jax.value_and_grad(f, argnums=(0, 1)),
+                                     (n_blocks * bs, k), (groups, k, n), ()))
+  # forward 4 trips, dx 4 trips, dw 4 groups x 1 trip (2 blocks each) of 2 blocks
+  assert counted["flops_all_trips"] == 3 * one_pass
+  assert counted["hinted_trip_loops"] == 1 + 1 + groups
+  assert counted["flops"] < counted["flops_all_trips"]
 
 
 def _shard_bytes(tree, mesh) -> int:

@@ -61,6 +61,15 @@ import jax.numpy as jnp
 
 from deepseek_jax import fp8 as fp8_lib
 
+def loop_trips(n: int):
+  """A named scope marking the while loop traced inside it as running about
+  `n` times per entry (its trip count is data). It changes nothing in the
+  program; the compile report (train/compile_report.py, `flops_all_trips`)
+  reads it from the loop's op_name to count the loop's FLOPs n times, where
+  XLA's own count and `hlo_flops` count a loop of unknown trips once."""
+  return jax.named_scope(f"dsj_trips={max(int(n), 1)}")
+
+
 # Upper bound on the bytes of the weights one chunk gathers ([chunk, K, N]);
 # at least one block per chunk whatever its size.
 GATHER_BUDGET_BYTES = 64 * 2**20
@@ -137,7 +146,8 @@ def _forward(fp8, x, w, block_group, n_used):
                  jnp.zeros((n_blocks * bs, n_out), out_dtype))
   if c == n_blocks:
     return one(0, y)
-  return jax.lax.fori_loop(0, (n_used + c - 1) // c, one, y)
+  with loop_trips(-(-n_blocks // c)):
+    return jax.lax.fori_loop(0, (n_used + c - 1) // c, one, y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -189,8 +199,10 @@ def _loop_dx(fp8, x, w, block_group, n_used, dy, c):
     return jax.lax.dynamic_update_slice_in_dim(dx, dxc.reshape(c * bs, -1), s * bs, axis=0)
 
   dx = _vary_like(_varying(x) | _varying(dy) | _varying(_weight_array(w)), jnp.zeros_like(x))
-  return one(0, dx) if c == n_blocks else jax.lax.fori_loop(
-      0, (n_used + c - 1) // c, one, dx)
+  if c == n_blocks:
+    return one(0, dx)
+  with loop_trips(-(-n_blocks // c)):
+    return jax.lax.fori_loop(0, (n_used + c - 1) // c, one, dx)
 
 
 def _loop_dw(fp8, x, w, block_group, n_used, dy, c):
@@ -223,8 +235,9 @@ def _loop_dw(fp8, x, w, block_group, n_used, dy, c):
       return acc + _dw_chunk(xc.reshape(c, bs, -1), jax.lax.dynamic_index_in_dim(
           w, g, keepdims=False), dyc, fp8)
 
-    acc = jax.lax.fori_loop(0, (hi[g] - lo[g] + c - 1) // c, one,
-                            _vary_like(axes, jnp.zeros(w.shape[1:], jnp.float32)))
+    with loop_trips(_mean_group_trips(n_blocks, n_groups, c)):
+      acc = jax.lax.fori_loop(0, (hi[g] - lo[g] + c - 1) // c, one,
+                              _vary_like(axes, jnp.zeros(w.shape[1:], jnp.float32)))
     return jax.lax.dynamic_update_index_in_dim(dw, acc.astype(dw.dtype), g, axis=0)
 
   return jax.lax.fori_loop(0, n_groups, group, _vary_like(axes, jnp.zeros(w.shape, w.dtype)))
@@ -277,7 +290,14 @@ def _group_blocks(g, lo, hi, n_blocks: int, c: int, body, carry):
     s = jnp.clip(jnp.minimum(first, hi[g] - c), 0, n_blocks - c)
     blk = s + jnp.arange(c)
     return body(s, (blk >= first) & (blk < hi[g]), carry)
-  return jax.lax.fori_loop(0, (hi[g] - lo[g] + c - 1) // c, one, carry)
+  with loop_trips(_mean_group_trips(n_blocks, hi.shape[0], c)):
+    return jax.lax.fori_loop(0, (hi[g] - lo[g] + c - 1) // c, one, carry)
+
+
+def _mean_group_trips(n_blocks: int, n_groups: int, c: int) -> int:
+  """A group loop's hint (`loop_trips`): the static buffer's blocks spread
+  evenly over the groups, c per trip, rounded up (each group's last chunk)."""
+  return -(-n_blocks // (n_groups * c)) if n_blocks >= n_groups * c else 1
 
 
 def _gathered_sizes(x, w, block_group, axes, dim) -> tuple[int, int, int, int]:

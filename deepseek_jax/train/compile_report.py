@@ -23,7 +23,12 @@ loop or a blocked kernel's loop are undercounted by their trip counts.
 FLOPs are multiplied by the trip counts of the while loops around it (XLA
 writes `backend_config={..."known_trip_count":{"n":"5"}}` on a while whose
 count it proved; a loop without one counts once and is reported in
-`unknown_trip_loops`). Per instruction it counts only
+`unknown_trip_loops`). Loops whose count is data (the expert kernel's chunk
+loops: how many blocks the routing filled) can carry a hint, the named scope
+`model.grouped_matmul.loop_trips(n)` around them; `flops_all_trips` counts
+each such loop n times: the kernel's hint is its static buffer's blocks
+(every block used: an upper bound for any routing, within about one block
+of padding per expert of a balanced one). Per instruction it counts only
   dot           2 * (elements of the output) * (product of the lhs
                 contracting dimensions): a multiply-add is 2 FLOPs
   convolution   2 * (elements of the output) * (kernel elements / output
@@ -44,8 +49,10 @@ the figure is matmul FLOPs, the quantity `train.flops` models.
 model_flops: `train_flops_per_token(cfg, seq_len) * batch * seq_len /
 devices` (train/flops.py: 3 x the forward matmuls, causal attention at
 (S+1)/2 positions; with a pipeline, the average over the devices).
+hlo_flops_all_trips (and _over_model): `flops_all_trips`, the figure to
+compare steps whose kernels loop differently (expert parallelism or not).
 Also: xla_cost_analysis_flops (XLA's own figure: every op, loop bodies
-once), while_loops / unknown_trip_loops (`hlo_flops`), devices, mesh,
+once), while_loops / unknown_trip_loops / hinted_trip_loops (`hlo_flops`), devices, mesh,
 batch_size, seq_len, lower_seconds and compile_seconds.
 
 hlo_flops / model_flops above 1 is recomputation (`remat_policy="full"`
@@ -79,6 +86,9 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?" + _NAME + r"\s*=\s*(.*)$")
 _SHAPE = re.compile(r"^[a-z][a-z0-9]*\[([\d,]*)\]")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _METADATA = re.compile(r"metadata=\{[^}]*\}")
+# A while loop's trip-count hint (model/grouped_matmul.py `loop_trips`): the
+# named scope `dsj_trips=N` directly around the loop, in its op_name.
+_HINT = re.compile(r'op_name="[^"]*' + "dsj_trips" + r'=(\d+)\)*/while"')
 
 
 def _dims(shape: str) -> list[int] | None:
@@ -139,7 +149,9 @@ def _parse(text: str) -> tuple[dict[str, list[tuple]], str]:
     if "(" not in call:
       continue
     operands, attrs = _operands(call)
-    cur.append((m.group(1), shape, opcode, operands, _METADATA.sub("", attrs)))
+    hint = _HINT.search(attrs) if opcode == "while" else None
+    attrs = _METADATA.sub("", attrs) + (f" dsj_trips={hint.group(1)}" if hint else "")
+    cur.append((m.group(1), shape, opcode, operands, attrs))
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
   return comps, entry
@@ -195,45 +207,50 @@ def _callees(opcode: str, attrs: str) -> tuple[list[str], str]:
 
 def hlo_flops(text: str) -> dict[str, int]:
   """Matmul FLOPs of an HLO module's text with while bodies counted once per
-  trip (module doc): {"flops", "flops_cheapest_branch", "while_loops",
-  "unknown_trip_loops"}. flops takes every conditional's dearest branch (an
-  upper bound), flops_cheapest_branch its cheapest (a lower bound: e.g. an
-  exchange's common path, or a pipeline rank's idle tick); loops are
-  counted as often as they run (a loop in a 4-trip loop counts 4), along
-  the dearest branches."""
+  trip (module doc): {"flops", "flops_cheapest_branch", "flops_all_trips",
+  "while_loops", "unknown_trip_loops", "hinted_trip_loops"}. flops takes
+  every conditional's dearest branch (an upper bound), flops_cheapest_branch
+  its cheapest (a lower bound: e.g. an exchange's common path, or a pipeline
+  rank's idle tick); loops are counted as often as they run (a loop in a
+  4-trip loop counts 4), along the dearest branches. A loop of unknown trip
+  count counts once in both, and its hinted trips (`loop_trips`) in
+  flops_all_trips (dearest branches)."""
   comps, entry = _parse(text)
   memo: dict[str, tuple[int, ...]] = {}
 
   def walk(name: str) -> tuple[int, ...]:
     if name in memo:
       return memo[name]
-    memo[name] = (0, 0, 0, 0)              # a cycle (none in valid HLO) counts 0
+    memo[name] = (0,) * 6                  # a cycle (none in valid HLO) counts 0
     instrs = comps.get(name, [])
     shapes = {n: _dims(s) for n, s, *_ in instrs}
-    total = [0, 0, 0, 0]                   # dearest, cheapest, loops, unknown loops
+    # dearest, cheapest, loops, unknown loops, dearest with hinted trips, hinted loops
+    total = [0] * 6
     for _, shape, opcode, operands, attrs in instrs:
       own = _own_flops(shape, opcode, operands, attrs, shapes)
-      total[0], total[1] = total[0] + own, total[1] + own
+      total[0], total[1], total[4] = total[0] + own, total[1] + own, total[4] + own
       callees, how = _callees(opcode, attrs)
       inner = [walk(c) for c in callees]
       if how == "branches" and inner:
         dear, cheap = max(inner), min(inner, key=lambda t: t[1])
         total = [total[0] + dear[0], total[1] + cheap[1], total[2] + dear[2],
-                 total[3] + dear[3]]
+                 total[3] + dear[3], total[4] + max(t[4] for t in inner), total[5] + dear[5]]
         continue
-      trips = 1
+      trips = hinted = 1
       if how == "while":
-        m = _TRIP.search(attrs)
+        m, h = _TRIP.search(attrs), re.search(r"dsj_trips=(\d+)", attrs)
         trips = int(m.group(1)) if m else 1
+        hinted = trips if m else (int(h.group(1)) if h else 1)
         total[2], total[3] = total[2] + 1, total[3] + (m is None)
+        total[5] += m is None and h is not None
       for t in inner:
-        total = [a + trips * b for a, b in zip(total, t)]
+        total = [a + (hinted if i == 4 else trips) * b for i, (a, b) in enumerate(zip(total, t))]
     memo[name] = tuple(total)
     return memo[name]
 
-  dear, cheap, loops, unknown = walk(entry)
-  return {"flops": dear, "flops_cheapest_branch": cheap, "while_loops": loops,
-          "unknown_trip_loops": unknown}
+  dear, cheap, loops, unknown, all_trips, hinted = walk(entry)
+  return {"flops": dear, "flops_cheapest_branch": cheap, "flops_all_trips": all_trips,
+          "while_loops": loops, "unknown_trip_loops": unknown, "hinted_trip_loops": hinted}
 
 
 def abstract_batch(train_cfg: TrainConfig, mesh: Mesh | None, rules: Rules | None) -> dict:
@@ -275,9 +292,11 @@ def compile_report(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None,
   report.update(
       hlo_flops=counted["flops"], hlo_flops_cheapest_branch=counted["flops_cheapest_branch"],
       model_flops=model, hlo_flops_over_model=counted["flops"] / model,
+      hlo_flops_all_trips=counted["flops_all_trips"],
+      hlo_flops_all_trips_over_model=counted["flops_all_trips"] / model,
       xla_cost_analysis_flops=float((cost or {}).get("flops", 0.0)),
       while_loops=counted["while_loops"], unknown_trip_loops=counted["unknown_trip_loops"],
-      devices=devices, mesh={} if mesh is None else dict(mesh.shape),
+      hinted_trip_loops=counted["hinted_trip_loops"], devices=devices, mesh={} if mesh is None else dict(mesh.shape),
       batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len,
       lower_seconds=round(t1 - t0, 2), compile_seconds=round(t2 - t1, 2))
   if plan is not None:
