@@ -22,7 +22,11 @@ None when it cannot judge; `example` is a dict holding at least "answer"
 `combine(completions, examples, functions)` applies several weighted
 functions; one that raises or returns None (or a non-finite value) for a
 completion is logged and that completion marked invalid, excluded from the
-update: a broken reward function never stops a run.
+update: a broken reward function never stops a run. A function may carry
+`kinds` (it scores only examples of those prompt kinds: R1's fourth stage
+routes reasoning prompts to rules and general ones to reward models) and
+`score_batch(completions, examples)` (one call for the whole rollout: a
+reward model or a judge scores in batches; rl/model_rewards.py).
 """
 
 from __future__ import annotations
@@ -109,14 +113,48 @@ BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy, "format": format_reward,
                                 "language": language}
 
 
+def applies(fn: Any, example: Mapping[str, Any]) -> bool:
+  """Whether reward `fn` scores this example: a function with a `kinds`
+  attribute (a set of prompt kinds; R1's fourth stage routes each kind of
+  prompt to its own rewards) scores only examples of those kinds."""
+  kinds = getattr(fn, "kinds", None)
+  return kinds is None or example.get("kind") in kinds
+
+
+def _scores(fn: Any, completions: list[str], examples: list[Mapping[str, Any]]
+            ) -> tuple[list[Any], str | None]:
+  """fn's raw scores of the completions and its first error message: one
+  `score_batch(completions, examples)` call for a batched function (a model
+  scoring many at once), else fn(c, ex) per completion."""
+  if hasattr(fn, "score_batch"):
+    try:
+      out = list(fn.score_batch(completions, examples))
+      if len(out) != len(completions):
+        raise ValueError(f"score_batch returned {len(out)} scores for {len(completions)}")
+      return out, None
+    except Exception as e:  # noqa: BLE001 (a reward model may fail; the run goes on)
+      return [None] * len(completions), f"{type(e).__name__}: {e}"
+  out, first_error = [], None
+  for c, ex in zip(completions, examples):
+    try:
+      out.append(fn(c, ex))
+    except Exception as e:  # noqa: BLE001 (any user function may fail; the run goes on)
+      out.append(None)
+      first_error = first_error or f"{type(e).__name__}: {e}"
+  return out, first_error
+
+
 def combine(completions: Sequence[str], examples: Sequence[Mapping[str, Any]],
             functions: Mapping[str, tuple[RewardFn, float]]
             ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-  """(total [N], per-function values [N] each (nan where it failed), valid [N]).
+  """(total [N], per-function values [N] each (nan where it failed or does
+  not apply), valid [N]).
 
-  total = sum of weight x value over the functions; a completion for which
-  any function raised, returned None or a non-finite value is invalid (its
-  total 0), and each failure is logged once per function and call.
+  total = sum of weight x value over the functions that apply to the
+  example (`applies`: kind routing); a completion for which any applying
+  function raised, returned None or a non-finite value is invalid (its total
+  0), and each failure is logged once per function and call. A function
+  with `score_batch` is called once with every completion it applies to.
   """
   if len(completions) != len(examples):
     raise ValueError(f"{len(completions)} completions but {len(examples)} examples.")
@@ -126,20 +164,22 @@ def combine(completions: Sequence[str], examples: Sequence[Mapping[str, Any]],
   per = {name: np.full(n, np.nan) for name in functions}
   valid = np.ones(n, bool)
   for name, (fn, _) in functions.items():
-    first_error = None
-    for i, (c, ex) in enumerate(zip(completions, examples)):
+    rows = [i for i in range(n) if applies(fn, examples[i])]
+    values, first_error = _scores(fn, [completions[i] for i in rows],
+                                  [examples[i] for i in rows])
+    failed = 0
+    for i, v in zip(rows, values):
       try:
-        v = fn(c, ex)
         v = None if v is None else float(v)
-      except Exception as e:  # noqa: BLE001 (any user function may fail; the run goes on)
+      except (TypeError, ValueError) as e:
         v, first_error = None, first_error or f"{type(e).__name__}: {e}"
       if v is None or not math.isfinite(v):
-        valid[i] = False
+        valid[i], failed = False, failed + 1
       else:
         per[name][i] = v
-    if first_error or np.isnan(per[name]).any():
+    if first_error or failed:
       log.warning("reward %r could not score %d of %d completions%s; they are excluded",
-                  name, int(np.isnan(per[name]).sum()), n,
+                  name, failed, len(rows),
                   f" (first error: {first_error})" if first_error else "")
   total = np.zeros(n)
   for name, (_, weight) in functions.items():

@@ -57,7 +57,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,7 @@ from deepseek_jax.infer import generate, rollout_routing, token_logprobs
 from deepseek_jax.infer.decode import Generation, bucket_length
 from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.parallel.rules import BATCH_AXES, axes_size
-from deepseek_jax.rl import evaluation, grpo, rewards, verifiers
+from deepseek_jax.rl import evaluation, grpo, model_rewards, rewards, verifiers
 from deepseek_jax.train import export, metrics, runner
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.start import describe_mesh, mesh_for, with_variables
@@ -99,6 +99,16 @@ class GRPOConfig:
     weight 1), each call limited to reward_timeout_s; errors and timeouts
     score None and are counted per function in metrics
     (reward_errors/<fn>, reward_timeouts/<fn>).
+    judges: LLM judges ('NAME=PATH[@on]': a training run or an HF directory,
+    greedy through our generate, prompted with judge_rubric (a file; default
+    model_rewards.DEFAULT_RUBRIC), the first number of the output over 10 is
+    the score; on "summary" (default: the text after </think>) or
+    "response"); unparsable outputs score None, counted per step
+    (reward_unparsable/<name>). reward_weights: 'NAME=W' for reward_fns and
+    judges (default 1). kind_rewards: 'KIND=NAME+NAME' routes prompt kinds to
+    rewards (R1's fourth stage: 'math=accuracy+format', 'general=judge');
+    a reward no entry names scores every kind; per-kind mean rewards are
+    logged as reward_kind/<kind>.
     Rollout: prompts_per_step x group_size completions of at most
     max_new_tokens at temperature / top_p.
   Rollout vs trainer: the sampler's log-probs (gen.logprobs, in the sampling
@@ -147,6 +157,12 @@ class GRPOConfig:
   verifier: str = "math"
   reward_fns: tuple[str, ...] = ()
   reward_timeout_s: float = 10.0
+  # model rewards (rl/model_rewards.py) and R1 stage 4's routing by prompt kind
+  judges: tuple[str, ...] = ()
+  judge_rubric: str = ""
+  judge_max_new_tokens: int = 8
+  reward_weights: tuple[str, ...] = ()
+  kind_rewards: tuple[str, ...] = ()
   # rollout
   prompts_per_step: int = 16
   group_size: int = 8
@@ -196,7 +212,8 @@ class GRPOConfig:
   def __post_init__(self):
     object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
     object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
-    for name in ("prompt_files", "eval_prompt_files", "reward_fns"):
+    for name in ("prompt_files", "eval_prompt_files", "reward_fns", "judges",
+                 "reward_weights", "kind_rewards"):
       object.__setattr__(self, name, split_names(getattr(self, name)))
     self.validate()
 
@@ -243,6 +260,18 @@ class GRPOConfig:
                        f"{tuple(sorted(verifiers.VERIFIERS))}.")
     if self.tis_cap is not None and not self.tis_cap > 0:
       raise ValueError(f"tis_cap={self.tis_cap} must be > 0 (or None: no correction).")
+    check_ints(self, positive=("judge_max_new_tokens",))
+    for spec in self.judges:
+      model_rewards.parse_spec(spec, "judges")
+    for entry in self.reward_weights:
+      name, eq, w = entry.partition("=")
+      try:
+        ok = eq and float(w) >= 0
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ValueError(f"reward_weights entry {entry!r} must read NAME=WEIGHT with a "
+                         "weight >= 0 (e.g. 'judge=0.5').")
     if not self.reward_timeout_s > 0:
       raise ValueError(f"reward_timeout_s={self.reward_timeout_s} must be > 0 seconds.")
     if self.eval_prompt_files and not self.prompt_files:
@@ -339,14 +368,47 @@ def reward_functions(gcfg: GRPOConfig, extra: dict[str, tuple[rewards.RewardFn, 
          (("accuracy", accuracy_reward(gcfg), gcfg.accuracy_weight),
           ("format", rewards.format_reward, gcfg.format_weight),
           ("language", rewards.language, gcfg.language_weight)) if w > 0}
+  weights = {n.strip(): float(w) for n, _, w in (e.partition("=") for e in gcfg.reward_weights)}
   for path in gcfg.reward_fns:
-    fns[path] = (TimedReward(verifiers.load_reward_fn(path), gcfg.reward_timeout_s, path), 1.0)
+    fns[path] = (TimedReward(verifiers.load_reward_fn(path), gcfg.reward_timeout_s, path),
+                 weights.get(path, 1.0))
+  judges = model_rewards.load_judges(gcfg.judges, rubric_file=gcfg.judge_rubric,
+                                     max_new_tokens=gcfg.judge_max_new_tokens)
+  fns.update({name: (judge, weights.get(name, 1.0)) for name, judge in judges.items()})
   fns.update(extra or {})
+  unknown = sorted(set(weights) - set(fns))
+  if unknown:
+    raise ValueError(f"reward_weights names {unknown}, which are not rewards of this run "
+                     f"({sorted(fns)}).")
   if not fns:
     raise ValueError("every reward weight is 0 and no reward_fns are given: set "
                      "accuracy_weight, format_weight or language_weight > 0, or name "
                      "reward_fns=('package.module:function',).")
-  return fns
+  return _route_kinds(fns, gcfg.kind_rewards)
+
+
+class _Routed:
+  """A reward function restricted to some prompt kinds (rewards.applies):
+  the function's calls, batching and counters, with a `kinds` set."""
+
+  def __init__(self, fn, kinds: frozenset):
+    self.fn, self.kinds = fn, kinds
+    self.__name__ = getattr(fn, "__name__", "reward")
+    if hasattr(fn, "score_batch"):
+      self.score_batch = fn.score_batch
+    if hasattr(fn, "take_counts"):
+      self.take_counts = fn.take_counts
+
+  def __call__(self, completion: str, example: dict[str, Any]):
+    return self.fn(completion, example)
+
+
+def _route_kinds(fns: dict[str, tuple[rewards.RewardFn, float]], entries: Sequence[str]
+                 ) -> dict[str, tuple[rewards.RewardFn, float]]:
+  """fns with each reward that `kind_rewards` names restricted to its kinds."""
+  kinds = model_rewards.parse_kind_rewards(entries, list(fns))
+  return {name: ((_Routed(fn, kinds[name]), w) if name in kinds else (fn, w))
+          for name, (fn, w) in fns.items()}
 
 
 def rollout_batch(prompts: list[list[int]], gen, pad_id: int, *,
@@ -568,7 +630,8 @@ class GRPO:
     G, samples = self.gcfg.group_size, []
     if step % self.gcfg.sample_every == 0 or step == self.first:
       samples = [{"step": step, "prompt": roll["problems"][i].prompt,
-                  "answer": roll["problems"][i].answer, "completion": roll["texts"][i],
+                  "answer": roll["problems"][i].answer, "kind": roll["problems"][i].kind,
+                  "completion": roll["texts"][i],
                   "reward": float(roll["total"][i])} for i in range(0, len(roll["texts"]), G)[:4]]
     return Rollout(step, arrays, stats, samples, t0)
 
@@ -694,12 +757,16 @@ class GRPO:
       accuracy = _mean(np.array([v for v in scored if v is not None], np.float64))
     errors = {}
     for name, (fn, _) in self.reward_fns.items():
-      if isinstance(fn, TimedReward):
+      if hasattr(fn, "take_counts"):        # user functions, judges: their failures
         counts, first = fn.take_counts()
         errors.update({f"reward_{k}/{name}": v for k, v in counts.items()})
         if first:
-          self.log(f"reward {name}: {int(counts['errors'])} errors, "
-                   f"{int(counts['timeouts'])} timeouts this step (first: {first})")
+          said = ", ".join(f"{int(v)} {k}" for k, v in counts.items())
+          self.log(f"reward {name}: {said} this step (first: {first})")
+    kinds = np.array([str(ex.get("kind") or "") for ex in roll["examples"]])
+    if len(set(kinds.tolist())) > 1:        # per-kind curves of a mixed run
+      errors.update({f"reward_kind/{k}": _mean(total[roll["valid"] & (kinds == k)])
+                     for k in sorted(set(kinds.tolist()))})
     return {**errors,
         # Over the scored rows (an unscored row's total is a placeholder 0).
         "reward": _mean(total[roll["valid"]]), "reward_std": _mean(total[roll["valid"]], np.std),
@@ -780,6 +847,20 @@ def check_inputs(gcfg: GRPOConfig) -> None:
       prompts_lib.load_prompt_files(files)
   for path in gcfg.reward_fns:
     verifiers.load_reward_fn(path)
+  for spec in gcfg.judges:
+    name, path, _ = model_rewards.parse_spec(spec, "judges")
+    if not (os.path.isdir(os.path.join(path, "checkpoints"))
+            or os.path.isfile(os.path.join(path, "config.json"))):
+      raise ValueError(f"judges ({name}): {path!r} is neither a training run directory (with "
+                       "checkpoints/) nor an HF checkpoint directory (with config.json).")
+  if gcfg.judge_rubric:
+    with open(gcfg.judge_rubric) as f:       # FileNotFoundError names the file
+      model_rewards.JudgeReward(lambda texts: texts, rubric=f.read())
+  builtin = [n for n, w in (("accuracy", gcfg.accuracy_weight), ("format", gcfg.format_weight),
+                            ("language", gcfg.language_weight)) if w > 0]
+  judges = [model_rewards.parse_spec(s, "judges")[0] for s in gcfg.judges]
+  model_rewards.parse_kind_rewards(gcfg.kind_rewards,
+                                   builtin + list(gcfg.reward_fns) + judges)
   if gcfg.chat_template not in prompts_lib.CHAT_CHOICES:
     prompts_lib.resolve_format(gcfg.chat_template, "", "none")
 
