@@ -58,6 +58,8 @@ def sample(from_workdir: str, out: str, *, step: int | None = None,
            max_digits: int | None = None, task_kinds: str | None = None,
            prompt_files: list[str] | None = None, verifier: str = "math",
            chat_template: str = "auto", require_format: bool = True,
+           judge: str | None = None, judge_rubric: str | None = None,
+           judge_threshold: float = 0.5,
            log=lambda line: print(line, file=sys.stderr)) -> dict:
   """Samples and writes `out`; returns the stats (module docstring). None
   for max_new_tokens / max_digits / task_kinds (comma-separated) = the run's;
@@ -78,6 +80,10 @@ def sample(from_workdir: str, out: str, *, step: int | None = None,
       raise app.UsageError(f"--{name}={value} must be >= {low}.")
   if not (math.isfinite(temperature) and temperature >= 0):
     raise app.UsageError(f"--temperature={temperature} must be a finite number >= 0.")
+  if not 0 <= judge_threshold <= 1:
+    raise app.UsageError(f"--judge_threshold={judge_threshold} must lie in [0, 1].")
+  if judge_rubric and not judge:
+    raise app.UsageError("--judge_rubric needs --judge=RUN_OR_HF_DIR (the judge model).")
   if temperature == 0 and k > 1:
     raise app.UsageError(f"--temperature=0 (greedy) gives k={k} identical completions per "
                          "prompt; sample with --temperature > 0, or use --k=1.")
@@ -101,6 +107,11 @@ def sample(from_workdir: str, out: str, *, step: int | None = None,
   from deepseek_jax.train import export
 
   export.require_run(from_workdir, "--from_workdir")
+  judge_fn = None
+  if judge:
+    from deepseek_jax.rl import model_rewards
+    judge_fn = model_rewards.load_judges([f"judge={judge}"], rubric_file=judge_rubric or "")[
+        "judge"]
   model_cfg, train_cfg, variables, run_step = export.load_trained_run(from_workdir, step)
   tok = (load_tokenizer(train_cfg.tokenizer_path) if train_cfg.tokenizer_path
          else default_tokenizer())
@@ -132,8 +143,11 @@ def sample(from_workdir: str, out: str, *, step: int | None = None,
       model_cfg, variables, tok, problems, k=k, max_new_tokens=new, temperature=temperature,
       template=train_cfg.template, seed=seed, batch_size=min(batch_size, len(problems) * k),
       keep_per_prompt=keep_per_prompt or None, dedupe=dedupe, canonical_only=canonical_only,
-      **kw)
+      judge=judge_fn, judge_threshold=judge_threshold, **kw)
   rejection.write_jsonl(records, out)
+  if judge:
+    log(f"{PROG}: the judge ({judge}) rejected {stats['judge_rejected']} of the accepted "
+        f"samples ({stats['judge_unparsable']} verdicts unparsable)")
   log(f"{PROG}: kept {stats['n_kept']} of {stats['n_sampled']} completions "
       f"(acceptance {stats['acceptance']:.3f}) -> {out}")
   if not records:
@@ -170,6 +184,11 @@ def _define_flags() -> None:
   flags.DEFINE_bool("dedupe", True, "Drop a completion already kept for the same prompt.")
   flags.DEFINE_bool("canonical_only", True, "Keep only answers written exactly as the "
                     "reference ('7', not '007' or '7.0', which the accuracy reward accepts).")
+  flags.DEFINE_string("judge", None, "Also keep only samples this judge model (a run "
+                      "directory or an HF directory) scores >= --judge_threshold.")
+  flags.DEFINE_string("judge_rubric", None, "The judge's prompt: a text file with {prompt} "
+                      "and {response} (default: rl.model_rewards.DEFAULT_RUBRIC).")
+  flags.DEFINE_float("judge_threshold", 0.5, "The judge's lowest accepted score (0..1).")
   flags.DEFINE_integer("max_digits", None, "Problem difficulty (default: the run's).")
   flags.DEFINE_string("task_kinds", None, "Comma-separated problem kinds (default: the run's).")
 
@@ -184,7 +203,9 @@ def main(argv):
                    dedupe=f.dedupe, canonical_only=f.canonical_only,
                    max_digits=f.max_digits, task_kinds=f.task_kinds,
                    prompt_files=f.prompt_files, verifier=f.verifier,
-                   chat_template=f.chat_template, require_format=f.require_format)
+                   chat_template=f.chat_template, require_format=f.require_format,
+                   judge=f.judge, judge_rubric=f.judge_rubric,
+                   judge_threshold=f.judge_threshold)
   except USER_ERRORS as e:
     sys.exit(f"{PROG}: error: {' '.join(str(e).split())}")
   print(json.dumps(stats))

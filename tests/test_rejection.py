@@ -194,10 +194,34 @@ def test_sample_then_sft_from_the_run_with_held_out_eval(tiny_run, tmp_path):
     assert train_cfg.data_files == ("x.jsonl",) and train_cfg.eval_task
 
 
+def test_judge_keeps_what_it_scores_at_or_above_the_threshold():
+  """judge_records with an LLM judge whose 'model' is a lookup: the kept
+  records are exactly those scored >= the threshold; unparsable verdicts
+  reject and are counted."""
+  from deepseek_jax.rl import model_rewards
+  verdicts = {"good": "9", "fine": "5", "bad": "2", "weird": "no score"}
+
+  def complete(texts):
+    return [verdicts[t.split("Answer: ")[1].split("\n")[0]] for t in texts]
+
+  judge = model_rewards.JudgeReward(complete, on="response")
+  records = [{"prompt": f"p{i}", "completion": c, "answer": ""}
+             for i, c in enumerate(["good", "bad", "fine", "weird", "good"])]
+  kept, stats = rejection.judge_records(records, judge, threshold=0.5)
+  assert kept == [records[0], records[2], records[4]]
+  assert stats == {"judge_rejected": 2, "judge_unparsable": 1,
+                   "judge_mean_score": pytest.approx((0.9 + 0.2 + 0.5 + 0.9) / 4)}
+  assert rejection.judge_records(records, judge, threshold=0.95)[0] == []
+  with pytest.raises(ValueError, match="threshold=2"):
+    rejection.judge_records(records, judge, threshold=2)
+
+
 def test_cli_bad_requests_exit_with_one_line(tmp_path):
   for kwargs, match in (({"k": 0}, "--k=0 must be >= 1"),
                         ({"temperature": 0.0}, "identical completions"),
-                        ({"out": "x.txt"}, "must end in .jsonl")):
+                        ({"out": "x.txt"}, "must end in .jsonl"),
+                        ({"judge_threshold": 1.5}, "--judge_threshold=1.5"),
+                        ({"judge_rubric": "r.txt"}, "--judge_rubric needs --judge")):
     with pytest.raises(cli.USER_ERRORS, match=match):
       cli.sample(str(tmp_path), **{"out": str(tmp_path / "x.jsonl"), **kwargs})
   out = tmp_path / "samples.jsonl"

@@ -23,6 +23,10 @@ SFT records and encodes a kept sample as `<bos> prompt completion <eos>`,
 the same ids as the task's own documents (pipeline.encode_problem) when the
 sample equals the worked solution.
 
+With a judge (an LLM judge, rl.model_rewards.JudgeReward: DeepSeek-V3 uses
+the model itself as a judge), only the samples it scores >= a threshold are
+kept (`judge_records`).
+
 Sampling is evaluate.completions (infer.generate in batches): deterministic
 in `seed`. `launch/rejection_sample.py` is the command line.
 """
@@ -176,7 +180,8 @@ def rejection_sample(model_cfg: ModelConfig, variables: Any, tokenizer: Tokenize
                      temperature: float = 1.0, template: str = "short", seed: int = 0,
                      batch_size: int = 64, keep_per_prompt: int | None = None,
                      dedupe: bool = True, canonical_only: bool = True, mesh=None,
-                     prompt_format=None, check=None, require_format: bool = True
+                     prompt_format=None, check=None, require_format: bool = True,
+                     judge=None, judge_threshold: float = 0.5
                      ) -> tuple[list[dict[str, str]], dict[str, Any]]:
   """Samples k completions per problem and keeps those that pass (`select`).
 
@@ -192,6 +197,10 @@ def rejection_sample(model_cfg: ModelConfig, variables: Any, tokenizer: Tokenize
   renders them, `check` is the verifier (completion, answer) -> score and a
   completion is kept by `select_records` (require_format: also GRPO's format
   reward).
+
+  judge: also keep only what the judge accepts (`judge_records`, scores >=
+  judge_threshold), after the checks above; stats gain its counts and
+  n_kept counts the records the judge kept.
 
   Returns (records, stats); stats as `select`'s plus temperature, seed and
   max_new_tokens. Raises ValueError for bad arguments before compiling.
@@ -210,6 +219,8 @@ def rejection_sample(model_cfg: ModelConfig, variables: Any, tokenizer: Tokenize
                      ">= 1.")
   if keep_per_prompt is not None and keep_per_prompt < 1:
     raise ValueError(f"keep_per_prompt={keep_per_prompt} must be >= 1 (or None: all).")
+  if not 0 <= judge_threshold <= 1:
+    raise ValueError(f"judge_threshold={judge_threshold} must lie in [0, 1].")
   if prompt_format is not None:
     if check is None:
       raise ValueError("prompt-file records need check=<a verifier> (rl.verifiers.get(name)).")
@@ -236,7 +247,32 @@ def rejection_sample(model_cfg: ModelConfig, variables: Any, tokenizer: Tokenize
                             keep_per_prompt=keep_per_prompt, dedupe=dedupe,
                             canonical_only=canonical_only, has_special=has_special)
   stats.update(temperature=float(temperature), seed=seed, max_new_tokens=new)
+  if judge is not None:
+    records, judged = judge_records(records, judge, judge_threshold)
+    stats.update(judged, n_kept=len(records))
   return records, stats
+
+
+def judge_records(records: list[dict[str, str]], judge, threshold: float = 0.5
+                  ) -> tuple[list[dict[str, str]], dict[str, Any]]:
+  """The records a judge accepts (DeepSeek-V3 uses the model as a judge in
+  rejection sampling): `judge` (rl.model_rewards.JudgeReward or any
+  score_batch(completions, examples)) scores every kept record at once; a
+  record stays when its score is >= threshold. An unparsable verdict
+  (None) rejects the record and is counted. Returns (kept, stats:
+  judge_rejected, judge_unparsable, judge_mean_score over the parsed ones)."""
+  if not 0 <= threshold <= 1:
+    raise ValueError(f"judge threshold={threshold} must lie in [0, 1] (scores are 0..1).")
+  if not records:
+    return [], {"judge_rejected": 0, "judge_unparsable": 0, "judge_mean_score": None}
+  scores = judge.score_batch([r["completion"] for r in records],
+                             [{"prompt": r["prompt"], "answer": r.get("answer", "")}
+                              for r in records])
+  kept = [r for r, v in zip(records, scores) if v is not None and v >= threshold]
+  parsed = [v for v in scores if v is not None]
+  return kept, {"judge_rejected": len(records) - len(kept),
+                "judge_unparsable": sum(v is None for v in scores),
+                "judge_mean_score": sum(parsed) / len(parsed) if parsed else None}
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> int:
