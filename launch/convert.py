@@ -1,4 +1,4 @@
-"""Convert checkpoints between Hugging Face DeepSeek-V3 / V2 and deepseek_jax.
+"""Convert checkpoints between Hugging Face (DeepSeek-V3 / V2, Llama, Qwen2) and deepseek_jax.
 
   # HF directory (config.json + *.safetensors, FP8 or bf16) -> deepseek_jax
   python -m launch.convert --from_hf /ckpt/DeepSeek-V3 --to_jax /ckpt/v3_jax
@@ -10,9 +10,15 @@
   # run's tokenizer.json) or deepseek_jax
   python -m launch.convert --from_workdir runs/demo --to_hf runs/demo_hf [--step N]
 
+  # a dense model: DeepSeek LLM / R1-Distill-Llama (LlamaForCausalLM) or
+  # R1-Distill-Qwen (Qwen2ForCausalLM), both ways
+  python -m launch.convert --from_hf /ckpt/DeepSeek-R1-Distill-Qwen-1.5B --to_jax /ckpt/q15_jax
+
 Both DeepSeek families: V3 / R1 (DeepseekV3ForCausalLM) and V2 / V2-Lite /
 V2.5 / Coder-V2 (DeepseekV2ForCausalLM); a model with softmax routing is
-written as V2, one with sigmoid routing as V3.
+written as V2, one with sigmoid routing as V3. Dense decoders
+(attention="gqa"): LlamaForCausalLM, and Qwen2ForCausalLM for a model with
+q/k/v biases; a tied model's head is the embedding (no lm_head.weight).
 
 The deepseek_jax format is `model_config.json` + `variables.safetensors`
 (see `deepseek_jax.interop.jax_format`). `--dtype` casts the written weights

@@ -64,7 +64,7 @@ def test_missing_or_incomplete_checkpoints_fail_before_compiling(v3_ckpt, tmp_pa
   with pytest.raises(FileNotFoundError, match="missing from"):
     finetune_model_config(broken)
   with open(os.path.join(broken, "config.json"), "w") as f:
-    json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, f)
+    json.dump({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}, f)
   with pytest.raises(ValueError, match="unknown architecture"):
     finetune_model_config(broken)
 

@@ -182,8 +182,8 @@ def test_config_round_trips_and_transformers_agrees_on_rope(name, changes):
 
 
 @pytest.mark.parametrize("change,error,match", [
-    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, ValueError,
-     "unknown architecture"),
+    ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}, ValueError,
+     "unknown architecture"),     # (Llama / Qwen2 load as dense models: test_hf_dense.py)
     ({"tie_word_embeddings": True}, ValueError, "tie_word_embeddings"),
     ({"rope_scaling": {**PUBLISHED_V3["rope_scaling"], "mscale": 0.707}},
      NotImplementedError, "mscale == mscale_all_dim"),

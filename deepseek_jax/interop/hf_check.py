@@ -21,7 +21,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8.published import BLOCK, block_scale_shape
 from deepseek_jax.interop.hf_config import (CONFIG_NAME, config_from_hf, hf_model_type,
                                             read_hf_config)
-from deepseek_jax.interop.hf_keys import Slot, key_map, mtp_duplicates
+from deepseek_jax.interop.hf_keys import Slot, ignored_tensors, key_map
 from deepseek_jax.interop.safetensors_io import (FLOAT8_DTYPES, TensorInfo, checkpoint_files,
                                                  list_tensors)
 from deepseek_jax.interop.variables import keys_error, param_dtype
@@ -81,12 +81,13 @@ def open_checkpoint(path: str, param_dtype_name: str) -> Checkpoint:
   if quant and quant.get("quant_method", "fp8") != "fp8":
     raise NotImplementedError(f"{config_path}: quantization {quant.get('quant_method')!r}: "
                               "only DeepSeek's block FP8 checkpoints are supported.")
-  _check_tensors(path, slots, infos, block, mtp_duplicates(cfg))
+  _check_tensors(path, slots, infos, block, ignored_tensors(cfg), cfg.is_gqa)
   return Checkpoint(cfg, files, infos, slots, block)
 
 
 def _check_tensors(path: str, slots: list[Slot], infos: dict[str, TensorInfo],
-                   block: tuple[int, int], extra: dict[str, tuple[int, ...]]) -> None:
+                   block: tuple[int, int], extra: dict[str, tuple[int, ...]],
+                   dense: bool = False) -> None:
   """Every tensor of `slots` (and the block scales of FP8 ones) is in `infos`
   with its shape, and nothing else is but `extra` and ignorable keys."""
   expected = {s.key: s.shape for s in slots}
@@ -101,16 +102,19 @@ def _check_tensors(path: str, slots: list[Slot], infos: dict[str, TensorInfo],
                if k.endswith("rotary_emb.inv_freq") or (0 in v.shape and ".shared_experts." in k)}
   missing = set(expected) - set(infos) - ignorable
   missing |= set(scales) - set(infos)
+  fields = (("num_hidden_layers", "tie_word_embeddings", "model_type (Qwen2 has q/k/v "
+             "biases, Llama none)") if dense else
+            ("num_hidden_layers", "first_k_dense_replace", "q_lora_rank", "n_routed_experts",
+             "n_shared_experts", "num_nextn_predict_layers"))
   if missing:
     raise keys_error(path, "missing", missing,
-                     "check that config.json matches the weights (num_hidden_layers, "
-                     "first_k_dense_replace, q_lora_rank, n_routed_experts, "
-                     "num_nextn_predict_layers) and that every shard is present.")
+                     f"check that config.json matches the weights ({', '.join(fields)}) "
+                     "and that every shard is present.")
   unexpected = set(infos) - set(expected) - set(scales) - set(extra) - ignorable
   if unexpected:
     raise keys_error(path, "unexpected", unexpected,
-                     "config.json does not describe these weights (check num_hidden_layers, "
-                     "num_nextn_predict_layers, q_lora_rank, n_shared_experts).")
+                     f"config.json does not describe these weights (check "
+                     f"{', '.join(fields)}).")
   for key, shape in list(expected.items()) + list(scales.items()) + list(extra.items()):
     if key in infos and infos[key].shape != shape:
       raise ValueError(f"{key} in {infos[key].file}: expected shape {shape} from "

@@ -1,6 +1,9 @@
-"""Hugging Face `config.json` <-> ModelConfig, for the DeepSeek-V3 and V2 families.
+"""Hugging Face `config.json` <-> ModelConfig: DeepSeek-V3 / V2, and dense Llama / Qwen2.
 
-Two families are read and written: DeepSeek-V3 / R1 (`DeepseekV3ForCausalLM`,
+Four families are read and written. The dense decoders (`LlamaForCausalLM`:
+DeepSeek LLM, R1-Distill-Llama; `Qwen2ForCausalLM`: R1-Distill-Qwen) map
+onto attention="gqa" in hf_dense.py; this module dispatches on model_type.
+Two are DeepSeek's MoE families: DeepSeek-V3 / R1 (`DeepseekV3ForCausalLM`,
 model_type `deepseek_v3`) and DeepSeek-V2 / V2-Lite / V2.5 / Coder-V2
 (`DeepseekV2ForCausalLM`, `deepseek_v2`). Their tensors share one key layout
 (hf_keys.py); V2 has no router bias (`e_score_correction_bias`) and no MTP
@@ -22,12 +25,15 @@ import os
 from typing import Any, Callable, Mapping
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.interop.hf_dense import (DENSE_FAMILIES, dense_config_from_hf,
+                                           dense_config_to_hf)
 
 HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
 HF_MODEL_TYPE = "deepseek_v3"
 HF_V2_ARCHITECTURE = "DeepseekV2ForCausalLM"
 HF_V2_MODEL_TYPE = "deepseek_v2"
-HF_FAMILIES = {HF_MODEL_TYPE: HF_ARCHITECTURE, HF_V2_MODEL_TYPE: HF_V2_ARCHITECTURE}
+HF_FAMILIES = {HF_MODEL_TYPE: HF_ARCHITECTURE, HF_V2_MODEL_TYPE: HF_V2_ARCHITECTURE,
+               **DENSE_FAMILIES}
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 CONFIG_NAME = "config.json"
 
@@ -78,8 +84,8 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 
 def hf_model_type(hf_config: Mapping[str, Any]) -> str:
-  """"deepseek_v3" or "deepseek_v2" for a config.json dict; ValueError naming
-  what it found for any other architecture."""
+  """"deepseek_v3", "deepseek_v2", "llama" or "qwen2" for a config.json dict;
+  ValueError naming what it found for any other architecture."""
   archs = hf_config.get("architectures") or []
   model_type = hf_config.get("model_type")
   if model_type in HF_FAMILIES and (not archs or HF_FAMILIES[model_type] in archs):
@@ -91,11 +97,14 @@ def hf_model_type(hf_config: Mapping[str, Any]) -> str:
   raise ValueError(
       f"unknown architecture {archs or None} / model_type {model_type!r}: expected "
       f"{HF_ARCHITECTURE} / {HF_MODEL_TYPE!r} (DeepSeek-V3 / R1) or {HF_V2_ARCHITECTURE} / "
-      f"{HF_V2_MODEL_TYPE!r} (DeepSeek-V2 / V2-Lite / V2.5 / Coder-V2).{hint}")
+      f"{HF_V2_MODEL_TYPE!r} (DeepSeek-V2 / V2-Lite / V2.5 / Coder-V2), LlamaForCausalLM / "
+      f"'llama' (DeepSeek LLM, R1-Distill-Llama) or Qwen2ForCausalLM / 'qwen2' "
+      f"(R1-Distill-Qwen).{hint}")
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """ModelConfig from an HF DeepSeek-V3 or DeepSeek-V2 `config.json` dict.
+  """ModelConfig from an HF DeepSeek-V3, DeepSeek-V2, Llama or Qwen2
+  `config.json` dict (the dense two: hf_dense.py).
 
   `overrides` set ModelConfig fields HF configs do not carry (dtype,
   moe_impl, remat_policy, ...). Keys a config.json omits take transformers'
@@ -110,7 +119,10 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfi
   device-limited routing: groups = devices).
   """
   hf = dict(hf_config)
-  v2 = hf_model_type(hf) == HF_V2_MODEL_TYPE
+  model_type = hf_model_type(hf)
+  if model_type in DENSE_FAMILIES:
+    return dense_config_from_hf(hf, model_type, **overrides)
+  v2 = model_type == HF_V2_MODEL_TYPE
   defaults = _HF_V2_DEFAULTS if v2 else _HF_DEFAULTS
   missing = [k for k in _HF_REQUIRED if k not in hf]
   if missing:
@@ -285,15 +297,19 @@ def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """HF `config.json` dict for `cfg`: DeepseekV3ForCausalLM for a sigmoid
-  router, DeepseekV2ForCausalLM for a softmax one (V2-shaped: no MTP).
+  router, DeepseekV2ForCausalLM for a softmax one (V2-shaped: no MTP); a
+  dense GQA model as Qwen2ForCausalLM (q/k/v biases) or LlamaForCausalLM
+  (hf_dense.py).
 
   Inactive YaRN fields (max_seq_len <= original_seq_len) are not written:
   they have no effect, and HF would apply YaRN at any length.
   """
-  if cfg.attention != "mla":
-    raise NotImplementedError(
-        f"attention={cfg.attention!r}: HF export of dense (Llama / Qwen2-style) models is "
-        "not implemented yet (issue 31, step 3); DeepSeek-V2/V3 (attention='mla') exports.")
+  if cfg.is_gqa:
+    return dense_config_to_hf(cfg)
+  if cfg.tie_word_embeddings or cfg.rope_type == "llama3":
+    field = "tie_word_embeddings=True" if cfg.tie_word_embeddings else "rope_type='llama3'"
+    raise NotImplementedError(f"{field} with attention='mla': DeepSeek-V2/V3 checkpoints "
+                              "have neither (separate lm_head, YaRN or plain RoPE).")
   v2 = cfg.score_func == "softmax"
   if v2 and cfg.n_mtp_depth:
     raise NotImplementedError(

@@ -39,7 +39,19 @@ block is `params/dense_layers` [L] for L < first_k_dense_replace, else
   M.shared_head.norm.weight                  params/mtp_k/norm/scale
   M.<block keys above>                       params/mtp_k/block/..., router_bias/mtp_k/block/...
 
-with M. = "model.layers.{num_hidden_layers + k}.". An MTP layer's own
+with M. = "model.layers.{num_hidden_layers + k}.". Dense Llama / Qwen2
+checkpoints (attention="gqa", every block in `params/dense_layers`) have
+the same norms, MLP, embedding and head keys, and the GQA projections
+
+  L.self_attn.{q,k,v}_proj.weight [heads*hd, dim]   <block>/attn/w{q,k,v}/kernel [dim, heads, hd]
+  L.self_attn.{q,k,v}_proj.bias (Qwen2) [heads*hd]  <block>/attn/w{q,k,v}/bias [heads, hd]
+  L.self_attn.o_proj.weight [dim, heads*hd]         <block>/attn/wo/kernel [heads, hd, dim]
+
+(heads = num_key_value_heads for k and v). With tie_word_embeddings there
+is no lm_head.weight (our head is the embedding, transposed); a tied
+checkpoint that stores one anyway has it ignored, as transformers does.
+
+An MTP layer's own
 `embed_tokens` / `shared_head.head` are copies of the shared embedding and
 head (`mtp_duplicates`): accepted on load, ignored, never written.
 
@@ -85,14 +97,34 @@ def _linear(key, leaf, index, in_shape, out_shape) -> Slot:
               lambda k: k.reshape(n_in, n_out).T)
 
 
+def _bias(key, leaf, index, shape) -> Slot:
+  """torch Linear bias [prod(shape)] <-> our per-head bias [*shape]."""
+  n = math.prod(shape)
+  return Slot(key, (n,), leaf, index, lambda b: b.reshape(shape), lambda b: b.reshape(n))
+
+
+def _gqa_slots(cfg: ModelConfig, a: str, o: str, idx: tuple) -> list[Slot]:
+  """GQA projections (and Qwen2's q/k/v biases) of one block."""
+  d, hd = cfg.dim, cfg.gqa_head_dim
+  heads = {"q": cfg.n_heads, "k": cfg.kv_heads, "v": cfg.kv_heads}
+  s = [_linear(f"{a}.{x}_proj.weight", f"{o}/w{x}/kernel", idx, (d,), (n, hd))
+       for x, n in heads.items()]
+  s.append(_linear(f"{a}.o_proj.weight", f"{o}/wo/kernel", idx, (cfg.n_heads, hd), (d,)))
+  if cfg.attention_bias:
+    s += [_bias(f"{a}.{x}_proj.bias", f"{o}/w{x}/bias", idx, (n, hd)) for x, n in heads.items()]
+  return s
+
+
 def _attention_slots(cfg: ModelConfig, hf: str, ours: str, idx: tuple) -> list[Slot]:
-  """Norms and MLA projections of one block (see _block_slots)."""
+  """Norms and MLA (or GQA) projections of one block (see _block_slots)."""
   d, h = cfg.dim, cfg.n_heads
   nope, rope, v, r = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                       cfg.kv_lora_rank)
   p, a, o = f"params/{ours}", f"{hf}.self_attn", f"params/{ours}/attn"
   s = [_copy(f"{hf}.input_layernorm.weight", f"{p}/attn_norm/scale", idx, (d,)),
        _copy(f"{hf}.post_attention_layernorm.weight", f"{p}/ffn_norm/scale", idx, (d,))]
+  if cfg.is_gqa:
+    return s + _gqa_slots(cfg, a, o, idx)
   if cfg.use_q_lora:
     q = cfg.q_lora_rank
     s += [_linear(f"{a}.q_a_proj.weight", f"{o}/wq_a/kernel", idx, (d,), (q,)),
@@ -153,8 +185,9 @@ def key_map(cfg: ModelConfig, fused_layers: frozenset[int] = frozenset()) -> lis
   `fused_layers`: HF layer ids stored with the fused expert layout."""
   d = cfg.dim
   s = [_copy("model.embed_tokens.weight", "params/embed/embedding", (), (cfg.vocab_size, d)),
-       _copy("model.norm.weight", "params/norm/scale", (), (d,)),
-       _linear("lm_head.weight", "params/head/kernel", (), (d,), (cfg.vocab_size,))]
+       _copy("model.norm.weight", "params/norm/scale", (), (d,))]
+  if not cfg.tie_word_embeddings:
+    s.append(_linear("lm_head.weight", "params/head/kernel", (), (d,), (cfg.vocab_size,)))
   for layer in range(cfg.n_layers):
     moe = layer >= cfg.n_dense_layers
     ours, idx = (("moe_layers", (layer - cfg.n_dense_layers,)) if moe
@@ -179,6 +212,16 @@ def mtp_duplicates(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   for k in range(cfg.n_mtp_depth):
     out[f"model.layers.{cfg.n_layers + k}.embed_tokens.weight"] = shape
     out[f"model.layers.{cfg.n_layers + k}.shared_head.head.weight"] = shape
+  return out
+
+
+def ignored_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Tensors a checkpoint may hold that loading ignores (shapes still checked):
+  the MTP layers' copies of embedding and head, and a tied model's
+  lm_head.weight (transformers ties it to the embedding on load)."""
+  out = mtp_duplicates(cfg)
+  if cfg.tie_word_embeddings:
+    out["lm_head.weight"] = (cfg.vocab_size, cfg.dim)
   return out
 
 

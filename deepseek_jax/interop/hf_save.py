@@ -1,5 +1,7 @@
-"""Writing our variables as an HF DeepSeek checkpoint: config.json, shards, index.
+"""Writing our variables as an HF checkpoint: config.json, shards, index.
 
+DeepSeek-V3 / V2 for the MLA models, Llama / Qwen2 for the dense GQA ones
+(a tied model writes no lm_head.weight: transformers ties it on load).
 What transformers' `from_pretrained` (and vLLM) read: per-expert keys as
 published (hf_keys.py), MTP module k at layer num_hidden_layers + k,
 `model-0000i-of-0000n.safetensors` shards of at most max_shard_bytes and the
@@ -36,8 +38,9 @@ DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str, *,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                        dtype=None) -> None:
-  """Writes an HF DeepSeek checkpoint (config.json, shards, index): V3 for a
-  sigmoid router, V2 for a softmax one (config_to_hf; its router bias must be 0).
+  """Writes an HF checkpoint (config.json, shards, index): DeepSeek-V3 for a
+  sigmoid router, V2 for a softmax one (its router bias must be 0), Qwen2 /
+  Llama for a dense GQA model with / without q/k/v biases (config_to_hf).
 
   Per-expert keys as published; MTP module k at layer num_hidden_layers + k.
   Tensors keep their dtype unless `dtype` is given (the router bias stays
