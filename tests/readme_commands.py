@@ -49,7 +49,8 @@ ABSL_FLAGS = {"help", "helpfull", "helpshort", "verbosity", "v", "logtostderr",
 SHARED_FLAG_FILES = ("launch/checkpoint_flags.py", "launch/config_flag.py")
 # --run: flags appended to each module's commands (the last value wins).
 SHORTEN = {
-    "launch.train": ["--config.steps=6", "--config.eval_every=0", "--config.n_eval_problems=8"],
+    "launch.train": ["--config.steps=6", "--config.warmup_steps=2", "--config.eval_every=0",
+                     "--config.n_eval_problems=8"],
     # (a GRPO config's SFT stage runs its own config file in full)
     "launch.grpo": ["--config.steps=2", "--config.eval_every=0", "--config.n_eval_problems=8",
                     "--config.prompts_per_step=4", "--config.group_size=2"],
