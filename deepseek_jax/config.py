@@ -21,6 +21,7 @@ _MOE_IMPLS = ("auto", "blocked", "ragged", "dense")
 _REMAT = ("none", "full", "dots_saveable")
 _ATTENTIONS = ("mla", "gqa")
 _ROPE_TYPES = ("default", "yarn", "llama3")
+_DSA_STAGES = ("off", "warmup", "sparse")
 FP8_LAYER_KINDS = ("attn", "mlp", "experts")
 
 
@@ -158,6 +159,21 @@ class ModelConfig:
       (Llama's rotate_half) under "gqa".
     llama3_low_freq_factor / llama3_high_freq_factor: the "llama3" bands
       [rope_scaling.low_freq_factor / high_freq_factor].
+    index_topk: DeepSeek Sparse Attention (V3.2, model/dsa.py): each query
+      attends only to the `index_topk` earlier tokens its lightning indexer
+      scores highest [index_topk]; 0 or None = dense MLA (V3), and no
+      indexer parameters exist. Needs attention="mla" with a query LoRA.
+    index_n_heads / index_head_dim: the indexer's query heads and their
+      width (one shared key of index_head_dim; its first qk_rope_head_dim
+      channels carry RoPE) [index_n_heads / index_head_dim].
+    dsa_stage: how a DSA model trains its indexer (the V3.2 report's
+      continued pre-training; not a model property, the trainer sets it):
+      "off" (no indexer loss;
+      the indexer gets no gradient), "warmup" (dense attention, the
+      indexer's KL to the heads' summed attention over all earlier tokens
+      in each block's aux), "sparse" (sparse attention, that KL over the
+      selected tokens). In both loss stages the indexer's inputs are
+      detached, so the KL trains only the indexer.
   """
 
   vocab_size: int = 102400
@@ -206,6 +222,10 @@ class ModelConfig:
   rope_type: str = "yarn"
   llama3_low_freq_factor: float = 1.0
   llama3_high_freq_factor: float = 4.0
+  index_n_heads: int = 0
+  index_head_dim: int = 0
+  index_topk: int | None = 0
+  dsa_stage: str = "off"
 
   def __post_init__(self):
     self.validate()
@@ -227,6 +247,11 @@ class ModelConfig:
   def use_yarn(self) -> bool:
     """YaRN is applied only past the original context (official model.py)."""
     return self.rope_type == "yarn" and self.max_seq_len > self.original_seq_len
+
+  @property
+  def use_dsa(self) -> bool:
+    """DeepSeek Sparse Attention on (index_topk > 0): MLA has an indexer."""
+    return bool(self.index_topk)
 
   @property
   def is_gqa(self) -> bool:
@@ -281,6 +306,7 @@ class ModelConfig:
           f"qk_rope_head_dim={self.qk_rope_head_dim} must be even: RoPE rotates "
           "pairs of channels.")
     self._validate_attention()
+    self._validate_dsa()
     if self.n_moe_layers > 0:
       self._validate_moe()
     if self.score_func not in _SCORE_FUNCS:
@@ -355,6 +381,38 @@ class ModelConfig:
     if self.gqa_head_dim % 2:
       raise ValueError(f"head_dim={self.gqa_head_dim} must be even: RoPE rotates the two "
                        "halves of each head.")
+
+  def _validate_dsa(self) -> None:
+    """The DeepSeek Sparse Attention fields (ModelConfig doc)."""
+    if self.index_topk is not None and (not isinstance(self.index_topk, int)
+                                        or isinstance(self.index_topk, bool)
+                                        or self.index_topk < 0):
+      raise ValueError(f"index_topk={self.index_topk!r} must be a non-negative integer "
+                       "(0 or None = dense attention).")
+    check_ints(self, non_negative=("index_n_heads", "index_head_dim"))
+    if self.dsa_stage not in _DSA_STAGES:
+      raise ValueError(f"dsa_stage={self.dsa_stage!r} must be one of {_DSA_STAGES}.")
+    if not self.use_dsa:
+      if self.dsa_stage != "off":
+        raise ValueError(f"dsa_stage={self.dsa_stage!r} trains a DSA indexer; set "
+                         "index_topk > 0 or dsa_stage='off'.")
+      return
+    if self.is_gqa:
+      raise ValueError(f"index_topk={self.index_topk} (DeepSeek Sparse Attention) needs "
+                       "attention='mla'; set index_topk=0 for attention='gqa'.")
+    if not self.use_q_lora:
+      raise ValueError(f"index_topk={self.index_topk}: the DSA indexer projects MLA's query "
+                       "latent; set q_lora_rank > 0 or index_topk=0.")
+    if self.index_topk > self.max_seq_len:
+      raise ValueError(f"index_topk={self.index_topk} exceeds max_seq_len={self.max_seq_len}; "
+                       "lower index_topk (or 0 for dense attention).")
+    if self.index_n_heads < 1:
+      raise ValueError(f"index_n_heads={self.index_n_heads} must be >= 1 with index_topk="
+                       f"{self.index_topk}.")
+    if self.index_head_dim < self.qk_rope_head_dim:
+      raise ValueError(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                       f"{self.qk_rope_head_dim}: the indexer's first qk_rope_head_dim "
+                       "channels carry RoPE.")
 
   def _validate_moe(self) -> None:
     e, k = self.n_routed_experts, self.n_activated_experts
@@ -483,6 +541,18 @@ def _v3_671b() -> ModelConfig:
       param_dtype="float32", remat_policy="full")
 
 
+def _v32_671b() -> ModelConfig:
+  # DeepSeek-V3.2 (-Exp): V3's shape plus DeepSeek Sparse Attention's lightning
+  # indexer (64 heads x 128, top-2048), published max_position_embeddings.
+  return _v3_671b().replace(index_n_heads=64, index_head_dim=128, index_topk=2048,
+                            max_seq_len=163840)
+
+
+def _tiny_v32() -> ModelConfig:
+  # Tests: tiny plus an indexer whose top-k (8) is shorter than test sequences.
+  return _tiny().replace(index_n_heads=4, index_head_dim=16, index_topk=8)
+
+
 # Dense decoders (attention="gqa"): DeepSeek LLM and R1's distilled students,
 # their published config.json values (HF names in the ModelConfig doc).
 def _dense(**fields: Any) -> ModelConfig:
@@ -552,6 +622,7 @@ PRESETS = {
     "v2_lite_16b": _v2_lite_16b,
     "v2_236b": _v2_236b,
     "v3_671b": _v3_671b,
+    "v32_671b": _v32_671b,
     "deepseek_llm_7b": _deepseek_llm_7b,
     "deepseek_llm_67b": _deepseek_llm_67b,
     "r1_distill_qwen_1_5b": _r1_distill_qwen_1_5b,
@@ -559,6 +630,7 @@ PRESETS = {
     "r1_distill_llama_8b": _r1_distill_llama_8b,
     "tiny_llama": _tiny_llama,
     "tiny_qwen2": _tiny_qwen2,
+    "tiny_v32": _tiny_v32,
 }
 
 

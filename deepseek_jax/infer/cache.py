@@ -1,6 +1,9 @@
 """The inference cache: MLA's latent c_kv and rotary key k_R, nothing else
-(dense models, cfg.attention = "gqa": each layer's rotated keys and values
-per kv head, {"k", "v": [layers, b, T, n_kv_heads, head_dim]}).
+(DeepSeek Sparse Attention, cfg.index_topk > 0: also the lightning indexer's
+key per token, "k_index" [..., T, index_head_dim], from which each decode
+step selects its top-k columns; dense models, cfg.attention = "gqa": each
+layer's rotated keys and values per kv head, {"k", "v": [layers, b, T,
+n_kv_heads, head_dim]}).
 
     cache = init_cache(cfg, batch, length)        # zeros, preallocated
     {"dense_layers": {"c_kv": [n_dense, b, T, kv_lora_rank],
@@ -32,8 +35,11 @@ def _entry(cfg: ModelConfig, lead: tuple[int, ...], length: int) -> dict:
   if cfg.is_gqa:
     shape = lead + (length, cfg.kv_heads, cfg.gqa_head_dim)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-  return {"c_kv": jnp.zeros(lead + (length, cfg.kv_lora_rank), dt),
-          "k_rope": jnp.zeros(lead + (length, cfg.qk_rope_head_dim), dt)}
+  entry = {"c_kv": jnp.zeros(lead + (length, cfg.kv_lora_rank), dt),
+           "k_rope": jnp.zeros(lead + (length, cfg.qk_rope_head_dim), dt)}
+  if cfg.use_dsa:     # DeepSeek Sparse Attention: the indexer's shared key per token
+    entry["k_index"] = jnp.zeros(lead + (length, cfg.index_head_dim), dt)
+  return entry
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, *, mtp: bool = False) -> dict:
@@ -60,11 +66,12 @@ def write(cache: dict, entries: dict, start: jax.Array) -> dict:
 
 
 def bytes_per_token(cfg: ModelConfig) -> int:
-  """Main-model cache bytes per token: (kv_lora_rank + qk_rope_head_dim) x
-  n_layers x bytes per element (GQA: 2 n_kv_heads head_dim per layer; MTP's
-  drafting cache not included)."""
+  """Main-model cache bytes per token: (kv_lora_rank + qk_rope_head_dim
+  (+ index_head_dim with DSA)) x n_layers x bytes per element (GQA:
+  2 n_kv_heads head_dim per layer; MTP's drafting cache not included)."""
   per_layer = (2 * cfg.kv_heads * cfg.gqa_head_dim if cfg.is_gqa
-               else cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+               else cfg.kv_lora_rank + cfg.qk_rope_head_dim
+               + (cfg.index_head_dim if cfg.use_dsa else 0))
   return per_layer * cfg.n_layers * np.dtype(jnp.dtype(cfg.dtype)).itemsize
 
 

@@ -93,14 +93,18 @@ def attention_mask(cfg: ModelConfig, segment_ids: jax.Array) -> AttentionMask:
   return AttentionMask(segment_ids, None if blockwise else attention_bias(segment_ids))
 
 
-def causal_attention(cfg: ModelConfig, q, k, v, mask: AttentionMask) -> jax.Array:
+def causal_attention(cfg: ModelConfig, q, k, v, mask: AttentionMask,
+                     keep: jax.Array | None = None) -> jax.Array:
   """q [b, h, s, dk] (scaled), k [b, h, s, dk], v [b, h, s, dv] -> [b, h, s, dv]:
-  the naive path when `mask` carries a bias, else the blockwise one."""
+  the naive path when `mask` carries a bias, else the blockwise one. keep
+  (bool [b, s, s], DeepSeek Sparse Attention's selection): only those keys
+  besides, on either path."""
   if mask.bias is not None:
-    return naive_attention(q, k, v, mask.bias, cfg.dtype)
+    bias = mask.bias if keep is None else jnp.where(keep[:, None], mask.bias, NEG_INF)
+    return naive_attention(q, k, v, bias, cfg.dtype)
   block = cfg.attn_block_size
   return blockwise_attention(q, k, v, mask.segment_ids, mask.segment_ids,
-                             block_q=block, block_k=block)
+                             block_q=block, block_k=block, keep=keep)
 
 
 def naive_attention(q, k, v, bias, dtype) -> jax.Array:
@@ -139,14 +143,26 @@ def _put(x, block, i, size: int):
   return jax.lax.dynamic_update_slice_in_dim(x, block.astype(x.dtype), i * size, axis=2)
 
 
-def _tile_mask(i, j, seg_q, seg_k, block_q: int, block_k: int, t: int):
+def _tile_mask(i, j, seg_q, seg_k, block_q: int, block_k: int, t: int, keep=None):
   """bool [b, 1, block_q, block_k]: key j*bk + c allowed for query i*bq + r.
   Padded keys (index >= t) never are; padded query rows (segment -1) see
-  nothing."""
+  nothing. keep: the padded [b, s_pad, t_pad] selection (DSA), or None."""
   rows = i * block_q + jnp.arange(block_q)[:, None]
   cols = j * block_k + jnp.arange(block_k)[None, :]
   allowed = (cols <= rows) & (cols < t)
-  return allowed[None, None] & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+  mask = allowed[None, None] & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+  if keep is None:
+    return mask
+  tile = jax.lax.dynamic_slice(keep, (0, i * block_q, j * block_k),
+                               (keep.shape[0], block_q, block_k))
+  return mask & tile[:, None]
+
+
+def _pad_keep(keep, block_q: int, block_k: int):
+  """keep [b, s, t] padded with False to whole blocks (None stays None)."""
+  if keep is None:
+    return None
+  return jnp.pad(keep, ((0, 0), (0, -keep.shape[1] % block_q), (0, -keep.shape[2] % block_k)))
 
 
 def _scores(q_i, k_j, mask):
@@ -154,10 +170,11 @@ def _scores(q_i, k_j, mask):
   return jnp.where(mask, s, NEG_INF)
 
 
-def _forward(q, k, v, seg_q, seg_k, block_q: int, block_k: int):
+def _forward(q, k, v, seg_q, seg_k, keep, block_q: int, block_k: int):
   """(o [b, h, s_pad, dv] in q's dtype, lse [b, h, s_pad] f32), the sequence
   padded to whole blocks (padded rows: o = 0)."""
   t = k.shape[2]
+  keep = _pad_keep(keep, block_q, block_k)
   q, seg_q = _pad(q, block_q), _pad(seg_q, block_q, -1)
   k, v, seg_k = _pad(k, block_k), _pad(v, block_k), _pad(seg_k, block_k, -1)
   (b, h, s_pad, _), d_v = q.shape, v.shape[-1]
@@ -168,7 +185,7 @@ def _forward(q, k, v, seg_q, seg_k, block_q: int, block_k: int):
 
     def key_block(j, carry):
       m, l, acc = carry
-      mask = _tile_mask(i, j, sq_i, _block(seg_k, j, block_k), block_q, block_k, t)
+      mask = _tile_mask(i, j, sq_i, _block(seg_k, j, block_k), block_q, block_k, t, keep)
       s = _scores(q_i, _block(k, j, block_k), mask)              # [b, h, bq, bk]
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -191,20 +208,21 @@ def _forward(q, k, v, seg_q, seg_k, block_q: int, block_k: int):
   return jax.lax.fori_loop(0, s_pad // block_q, query_block, out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise(q, k, v, seg_q, seg_k, block_q, block_k):
-  o, _ = _forward(q, k, v, seg_q, seg_k, block_q, block_k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _blockwise(q, k, v, seg_q, seg_k, keep, block_q, block_k):
+  o, _ = _forward(q, k, v, seg_q, seg_k, keep, block_q, block_k)
   return o[:, :, :q.shape[2]]
 
 
-def _blockwise_fwd(q, k, v, seg_q, seg_k, block_q, block_k):
-  o, lse = _forward(q, k, v, seg_q, seg_k, block_q, block_k)
-  return o[:, :, :q.shape[2]], (q, k, v, seg_q, seg_k, o, lse)
+def _blockwise_fwd(q, k, v, seg_q, seg_k, keep, block_q, block_k):
+  o, lse = _forward(q, k, v, seg_q, seg_k, keep, block_q, block_k)
+  return o[:, :, :q.shape[2]], (q, k, v, seg_q, seg_k, keep, o, lse)
 
 
 def _blockwise_bwd(block_q, block_k, res, g):
-  q0, k0, v0, seg_q, seg_k, o, lse = res
+  q0, k0, v0, seg_q, seg_k, keep, o, lse = res
   s, t = q0.shape[2], k0.shape[2]
+  keep = _pad_keep(keep, block_q, block_k)
   q, do, seg_q = _pad(q0, block_q), _pad(g, block_q), _pad(seg_q, block_q, -1)
   k, v, seg_k = _pad(k0, block_k), _pad(v0, block_k), _pad(seg_k, block_k, -1)
   d = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)     # [b, h, s_pad]
@@ -216,7 +234,7 @@ def _blockwise_bwd(block_q, block_k, res, g):
     def query_block(i, carry):
       dq, dk_j, dv_j = carry
       q_i, do_i = _block(q, i, block_q), _block(do, i, block_q)
-      mask = _tile_mask(i, j, _block(seg_q, i, block_q), sk_j, block_q, block_k, t)
+      mask = _tile_mask(i, j, _block(seg_q, i, block_q), sk_j, block_q, block_k, t, keep)
       p = jnp.exp(_scores(q_i, k_j, mask) - _block(lse, i, block_q)[..., None])
       p = jnp.where(mask, p, 0.0)                                 # [b, h, bq, bk]
       dv_j = dv_j + jnp.einsum("bhqk,bhqd->bhkd", p.astype(do_i.dtype), do_i,
@@ -237,22 +255,24 @@ def _blockwise_bwd(block_q, block_k, res, g):
   grads = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, k.dtype),
            jnp.zeros(v.shape, v.dtype))
   dq, dk, dv = jax.lax.fori_loop(0, k.shape[2] // block_k, key_block, grads)
-  return (dq[:, :, :s].astype(q.dtype), dk[:, :, :t], dv[:, :, :t], None, None)
+  return (dq[:, :, :s].astype(q.dtype), dk[:, :, :t], dv[:, :, :t], None, None, None)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def blockwise_attention(q, k, v, segment_ids_q, segment_ids_k, *, block_q: int = 256,
-                        block_k: int = 256) -> jax.Array:
+                        block_k: int = 256, keep: jax.Array | None = None) -> jax.Array:
   """Causal same-segment attention in [block_q, block_k] tiles (module doc).
 
   q [b, h, s, dk] (already scaled), k [b, h, t, dk], v [b, h, t, dv];
   segment_ids_q [b, s], segment_ids_k [b, t] (>= 0; 0 = padding, matched
-  like any id). Key j is allowed for query i iff j <= i and the ids agree.
-  s and t need not be multiples of the blocks. Returns [b, h, s, dv] in
-  q's dtype."""
+  like any id). Key j is allowed for query i iff j <= i and the ids agree
+  (and keep[b, i, j], when keep, bool [b, s, t], is given: DeepSeek Sparse
+  Attention's selection, read one tile at a time; a row keeping no key
+  gives 0). s and t need not be multiples of the blocks. Returns
+  [b, h, s, dv] in q's dtype."""
   if min(block_q, block_k) < 1:
     raise ValueError(f"block_q={block_q}, block_k={block_k} must be >= 1.")
   block_q, block_k = min(block_q, q.shape[2]), min(block_k, k.shape[2])   # no padding
-  return _blockwise(q, k, v, segment_ids_q, segment_ids_k, block_q, block_k)
+  return _blockwise(q, k, v, segment_ids_q, segment_ids_k, keep, block_q, block_k)

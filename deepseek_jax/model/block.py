@@ -34,7 +34,9 @@ class Block(nn.Module):
   routing [batch, seq, k] int (MoE blocks; routing replay): the experts each
   token uses, entries < 0 = route normally (moe.route). Outside training
   aux["experts"] [batch, seq, k] holds the MoE's chosen experts (what the
-  sampler records for replay).
+  sampler records for replay). A DSA model training its indexer
+  (cfg.dsa_stage != "off", model/dsa.py) adds aux["indexer_loss"], the
+  layer's indexer KL (a float32 scalar).
   """
   cfg: ModelConfig
   moe: bool
@@ -48,9 +50,11 @@ class Block(nn.Module):
     attention = GQA if cfg.is_gqa else MLA
     attn = attention(cfg, self.mode, name="attn")(RMSNorm(cfg, name="attn_norm")(x),
                                                   positions, mask, cache)
-    entries = None
+    entries = index_loss = None
     if self.mode != "train":
       attn, entries = attn
+    elif cfg.use_dsa and cfg.dsa_stage != "off":
+      attn, index_loss = attn
     h = x + attn
     y = RMSNorm(cfg, name="ffn_norm")(h)
     if self.moe:
@@ -62,6 +66,8 @@ class Block(nn.Module):
              "load": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32)}
     if entries is not None:
       aux = {**aux, "cache": entries}
+    if index_loss is not None:
+      aux = {**aux, "indexer_loss": index_loss}
     out = constrain(h + out, ("batch", "seq", None))
     if active is not None:
       out = jnp.where(active, out, x)

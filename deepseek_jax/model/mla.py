@@ -49,6 +49,14 @@ Two paths compute the same attention (DESIGN.md §3):
 `mode="prefill"` runs the naive path (either softmax) and also returns the
 new tokens' c_kv and k_R for the cache; `mode="decode"` returns them too (the
 caller writes them into its cache, see deepseek_jax/infer/cache.py).
+
+DeepSeek Sparse Attention (V3.2, cfg.index_topk > 0; model/dsa.py): an
+`indexer` submodule scores the allowed keys of each query from h and c_q
+(both detached: the selection is not differentiable, and the indexer's own
+loss must not train the rest) and every path keeps only its top-k, as a
+mask on the scores (naive, blockwise or absorbed; the cache also keeps the
+indexer's key per token, "k_index"). With cfg.dsa_stage "warmup" / "sparse"
+the training forward returns (output, the indexer's KL loss for the layer).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import dsa
 from deepseek_jax.model.attention import NEG_INF, AttentionMask, causal_attention
 from deepseek_jax.model.layers import Einsum, RMSNorm
 from deepseek_jax.model.rope import apply_rope
@@ -90,10 +99,12 @@ class MLA(nn.Module):
     """x: [batch, seq, dim]; positions: [batch, seq]; mask: train/prefill an
     `AttentionMask` (attention.attention_mask), decode the additive
     [batch, 1, seq, T] `decode_bias`; cache (decode):
-    {"c_kv": [b, T, kv_lora_rank], "k_rope": [b, T, d_rope]}.
+    {"c_kv": [b, T, kv_lora_rank], "k_rope": [b, T, d_rope]} (+ "k_index"
+    [b, T, index_head_dim] with DSA).
 
     Returns the output [b, seq, dim]; in prefill/decode mode (output,
-    {"c_kv", "k_rope"} of the new tokens)."""
+    {"c_kv", "k_rope"(, "k_index")} of the new tokens); in training with
+    cfg.dsa_stage != "off" (output, the indexer loss, a float32 scalar)."""
     cfg = self.cfg
     h, d_nope, d_rope, d_v = (cfg.n_heads, cfg.qk_nope_head_dim,
                               cfg.qk_rope_head_dim, cfg.v_head_dim)
@@ -118,7 +129,13 @@ class MLA(nn.Module):
                    "attn", name="wkv_b")
     wo = Einsum(cfg, (h, d_v, cfg.dim), "bhsk,hkd->bsd", "attn", name="wo")
     new_entries = {"c_kv": c_kv, "k_rope": k_rope}
+    if cfg.use_dsa:
+      indexed = dsa.Indexer(cfg, name="indexer")(
+          jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), positions)
+      new_entries["k_index"] = indexed[1]
     if self.mode == "decode":
+      if cfg.use_dsa:
+        mask = self._decode_selection(indexed, mask, cache, positions)
       return wo(self._absorbed(q, wkv_b, mask, cache, new_entries, positions)), new_entries
     kv = wkv_b(c_kv)
     k_nope, v = kv[..., :d_nope], kv[..., d_nope:]               # [b, h, s, *]
@@ -126,10 +143,41 @@ class MLA(nn.Module):
     k = jnp.concatenate(
         [k_nope, jnp.broadcast_to(k_rope[:, None], k_nope.shape[:3] + (d_rope,))], -1)
 
-    o = causal_attention(cfg, q, k, v, mask)                     # [b, h, s, d_v]
+    if cfg.use_dsa:
+      o, loss = self._sparse(q, k, v, indexed, mask)
+    else:
+      o, loss = causal_attention(cfg, q, k, v, mask), None       # [b, h, s, d_v]
     if self.mode == "prefill":
       return wo(o), new_entries
-    return wo(o)
+    return wo(o) if loss is None else (wo(o), loss)
+
+  def _sparse(self, q, k, v, indexed, mask: AttentionMask):
+    """DSA's training / prefill attention (module doc): (o [b, h, s, d_v],
+    the indexer loss when training with cfg.dsa_stage != "off", else None).
+    Without the loss, the selection is a mask on MLA's usual path (naive or
+    blockwise, as `mask` says); the loss stages run the naive one."""
+    cfg = self.cfg
+    allowed = dsa.allowed_keys(mask.segment_ids)                 # causal, same segment
+    stage = cfg.dsa_stage if self.mode == "train" else "off"
+    if stage == "off":
+      block = 0 if mask.bias is not None else cfg.attn_block_size
+      selected = dsa.select(cfg, indexed, allowed, block)
+      return causal_attention(cfg, q, k, v, mask, keep=selected), None
+    scores = dsa.index_scores(cfg, *indexed)                     # [b, s, t]
+    selected = dsa.select_topk(scores, allowed, cfg.index_topk)
+    keep = allowed if stage == "warmup" else selected
+    o, probs = dsa.attention_with_probs(q, k, v, dsa.selection_bias(keep), cfg.dtype)
+    kl = dsa.indexer_kl(scores, probs, keep)
+    return o, dsa.indexer_loss(kl, mask.segment_ids != 0)
+
+  def _decode_selection(self, indexed, bias, cache, positions):
+    """decode_bias [b, 1, t, T] restricted to the indexer's top-k of the
+    cached keys (the new tokens' keys written at their columns first)."""
+    q_i, k_new, w = indexed
+    keys = write_rows(cache["k_index"], k_new, positions[:, 0])   # [b, T, D]
+    scores = dsa.index_scores(self.cfg, q_i, keys, w)             # [b, t, T]
+    selected = dsa.select_topk(scores, bias[:, 0] == 0.0, self.cfg.index_topk)
+    return dsa.selection_bias(selected)
 
   def _absorbed(self, q, wkv_b, bias, cache, new, positions):
     """Attention over the latent cache; q [b, h, t, nope + rope] (scaled)."""

@@ -142,8 +142,8 @@ class Transformer(nn.Module):
     Inference modes (deepseek_jax/infer drives them; a row's cache column is
     its token position, prompts right-padded) return (logits, h, entries):
     h the normalised final hidden state [b, seq, dim] (what MTP reads) and
-    entries the new tokens' cache entries {stack: {"c_kv", "k_rope"}} (GQA:
-    {"k", "v"}, per kv head; infer/cache.py):
+    entries the new tokens' cache entries {stack: {"c_kv", "k_rope"}} (DSA:
+    also "k_index"; GQA: {"k", "v"}, per kv head; infer/cache.py):
       prefill      the naive forward over padded prompts (segment_ids);
       decode       absorbed MLA over `cache` for tokens at `positions`;
       mtp_prefill, mtp_decode   MTP module 1 alone on (mtp_hidden = h^0 at
