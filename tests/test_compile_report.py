@@ -257,3 +257,27 @@ def test_cli_compile_prints_one_json_line_equal_to_the_report(expert_run):
                                                        / plan["total_bytes_per_device"])
   assert out["fits"] is True                               # a few MiB in 1 GiB
   assert "temporaries" in text and "HLO FLOPs, dearest" in text
+
+
+def test_hlo_flops_all_trips_counts_causal_attention_blocks_exactly():
+  """The blockwise attention's key loop runs i + 1 trips for query block i
+  (causal): hinted with the mean, flops_all_trips counts the lower triangle of
+  tiles, n (n + 1) / 2, where the once-per-loop count sees n; the backward's
+  query loops likewise (dq, dk, dv, and the recomputed scores)."""
+  from deepseek_jax.model.attention import blockwise_attention
+  b, h, n, blk, dk, dv = 1, 2, 7, 4, 8, 6            # 7 blocks: mean trips 4, exact
+  s = n * blk
+
+  def f(q, k, v):
+    seg = jnp.ones((b, s), jnp.int32)
+    return blockwise_attention(q, k, v, seg, seg, block_q=blk, block_k=blk).sum()
+
+  shapes = ((b, h, s, dk), (b, h, s, dk), (b, h, s, dv))
+  tile = 2 * b * h * blk * blk                        # one [blk, blk] product per unit depth
+  tiles = n * (n + 1) // 2
+  counted = hlo_flops(_compiled_text(f, *shapes))
+  assert counted["flops_all_trips"] == tiles * tile * (dk + dv)       # q k^T, p v
+  assert counted["flops"] == n * tile * (dk + dv)
+  counted = hlo_flops(_compiled_text(jax.value_and_grad(f, argnums=(0, 1, 2)), *shapes))
+  # backward per tile: q k^T again, dv += p^T do, dp = do v^T, dk += ds^T q, dq += ds k
+  assert counted["flops_all_trips"] == tiles * tile * ((dk + dv) + (dk + dv + dv + dk + dk))

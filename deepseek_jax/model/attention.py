@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.grouped_matmul import loop_trips
 
 # Masked logits: large and finite, so exp() of a masked logit minus any row
 # max is exactly 0 and no row can turn into NaN.
@@ -165,6 +166,12 @@ def _pad_keep(keep, block_q: int, block_k: int):
   return jnp.pad(keep, ((0, 0), (0, -keep.shape[1] % block_q), (0, -keep.shape[2] % block_k)))
 
 
+def _mean_trips(trips: list[int]) -> int:
+  """A causal loop's `loop_trips` hint: its trip count averaged over the
+  outer loop's trips (the FLOPs counter multiplies by it)."""
+  return max(1, round(sum(trips) / max(len(trips), 1)))
+
+
 def _scores(q_i, k_j, mask):
   s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
   return jnp.where(mask, s, NEG_INF)
@@ -199,7 +206,9 @@ def _forward(q, k, v, seg_q, seg_k, keep, block_q: int, block_k: int):
             jnp.zeros((b, h, block_q, d_v), jnp.float32))
     # Key blocks holding an index <= the last row of this query block.
     n_seen = jnp.minimum(n_k, ((i + 1) * block_q + block_k - 1) // block_k)
-    m, l, acc = jax.lax.fori_loop(0, n_seen, key_block, init)
+    with loop_trips(_mean_trips([min(n_k, -(-(r + 1) * block_q // block_k))
+                                 for r in range(s_pad // block_q)])):
+      m, l, acc = jax.lax.fori_loop(0, n_seen, key_block, init)
     l = jnp.where(l == 0.0, 1.0, l)          # rows that see no key: o = 0, no NaN
     o, lse = out
     return _put(o, acc / l[..., None], i, block_q), _put(lse, m + jnp.log(l), i, block_q)
@@ -249,7 +258,9 @@ def _blockwise_bwd(block_q, block_k, res, g):
     # Query blocks holding a row >= the first key of block j (the rest are its past).
     first = (j * block_k) // block_q
     init = (dq, jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
-    dq, dk_j, dv_j = jax.lax.fori_loop(first, n_q, query_block, init)
+    with loop_trips(_mean_trips([n_q - (c * block_k) // block_q
+                                 for c in range(k.shape[2] // block_k)])):
+      dq, dk_j, dv_j = jax.lax.fori_loop(first, n_q, query_block, init)
     return dq, _put(dk, dk_j, j, block_k), _put(dv, dv_j, j, block_k)
 
   grads = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, k.dtype),
