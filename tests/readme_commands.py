@@ -3,6 +3,7 @@
   python tests/readme_commands.py                 # list them and what --run does to each
   python tests/readme_commands.py --run DIR       # run them in order in the scratch DIR
   python tests/readme_commands.py --run DIR --full   # ... without shortening the runs
+  python tests/readme_commands.py --run DIR --from_line 90   # resume: skip earlier commands
 
 A user copies the README's commands one after another; this does the same.
 `extract` reads every indented or fenced shell block of README.md (a line
@@ -188,7 +189,7 @@ def prepared(cmd: Command, scratch: str, full: bool = False) -> str:
   return f"{text} {extra}"
 
 
-def run_all(scratch: str, full: bool = False) -> int:
+def run_all(scratch: str, full: bool = False, from_line: int = 0) -> int:
   """Run every runnable command in order in `scratch` (module doc); the
   number that failed."""
   os.makedirs(os.path.join(scratch, "tmp"), exist_ok=True)
@@ -197,6 +198,8 @@ def run_all(scratch: str, full: bool = False) -> int:
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   failed = 0
   for cmd in filter(runnable, extract()):
+    if cmd.line < from_line:
+      continue
     text = prepared(cmd, scratch, full)
     t0 = time.time()
     proc = subprocess.run(["bash", "-c", text], cwd=scratch, env=env,
@@ -213,9 +216,11 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--run", metavar="DIR", help="run the commands in this scratch dir")
   parser.add_argument("--full", action="store_true", help="with --run: do not shorten")
+  parser.add_argument("--from_line", type=int, default=0,
+                      help="with --run: start at this README line (earlier outputs in DIR)")
   args = parser.parse_args()
   if args.run:
-    return min(run_all(os.path.abspath(args.run), args.full), 1)
+    return min(run_all(os.path.abspath(args.run), args.full, args.from_line), 1)
   for cmd in extract():
     mark = "run  " if runnable(cmd) else "skip "
     print(f"{mark}README:{cmd.line}: {cmd.text}")
