@@ -16,8 +16,8 @@ get_config(). tests/test_readme_commands.py runs `check` over all of them
 in the default suite (a renamed flag or field fails there).
 
 `--run DIR` executes them in order with `bash -c` in DIR (a `launch`
-symlink to the repository's, PYTHONPATH at the repository, /tmp/ paths moved
-under DIR), appending `SHORTEN[module]` to each so the journey takes
+symlink to the repository's, PYTHONPATH at the repository; the README's
+/tmp/ paths are used as printed, since config files name them too), appending `SHORTEN[module]` to each so the journey takes
 minutes, not hours: training runs keep a few steps, except the README
 demo's first run (runs/demo), which the later commands sample and
 fine-tune from and therefore trains in full. It prints one JSON line per
@@ -154,7 +154,7 @@ def check(cmd: Command) -> list[str]:
     return [f"no module {module}"]
   flags = _defined_flags(module)
   config = None
-  for arg in shlex.split(_main_part(cmd.text).replace("; done; wait", "")):
+  for arg in shlex.split(_main_part(cmd.text).replace("& done; wait", "")):
     m = re.match(r"--(no)?([\w.]+)(=(.*))?$", arg)
     if m is None:
       continue
@@ -178,13 +178,13 @@ def check(cmd: Command) -> list[str]:
 
 def prepared(cmd: Command, scratch: str, full: bool = False) -> str:
   """The command `--run` executes in `scratch` (module doc)."""
-  text = _main_part(cmd.text).replace("/tmp/", scratch.rstrip("/") + "/tmp/")
+  text = _main_part(cmd.text)     # /tmp/ paths stay: config files name them too
   if full or any(f in text for f in FULL_LENGTH):
     return text
   extra = " ".join(SHORTEN.get(cmd.module, []))
   if not extra:
     return text
-  if text.endswith("; done; wait"):        # the two-host loop: each launch gets them
+  if text.endswith(" & done; wait"):       # the two-host loop: each launch gets them
     return text.replace(" & done; wait", f" {extra} & done; wait")
   return f"{text} {extra}"
 
