@@ -469,19 +469,22 @@ def test_pipeline_schedules_notebook_matches_the_simulator_and_table2(tmp_path):
     assert json.load(f) == results
   formula = {"gpipe": lambda pp: (pp - 1) * (F + B), "1f1b": lambda pp: (pp - 1) * (F + B),
              "zb1p": lambda pp: (pp - 1) * (F + B - 2 * W),
-             "dualpipe": lambda pp: (pp / 2 - 1) * (FB + B - 3 * W)}
+             "dualpipe": lambda pp: (pp / 2 - 1) * (FB + B - 3 * W),
+             "dualpipev": lambda pp: (pp - 1) * (FB + B - 3 * W)}   # 2 PP chunks on PP ranks
   gantt = {r["schedule"]: r for r in results if r["part"] == "gantt"}
-  assert list(gantt) == ["gpipe", "1f1b", "zb1p", "dualpipe"]
+  assert list(gantt) == ["gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev"]
   for name, r in gantt.items():
     sim = simulate(name, 4, 8, F=F, B=B, W=W, FB=FB)
     assert r["makespan"] == sim["makespan"] and r["idle"] == sim["idle"]
     assert r["bubble"] == max(r["idle"]) == formula[name](4) == r["table2_bubble"]
-    assert r["n_transfers"] == 2 * 8 * 3      # an activation and a gradient per boundary
-  assert [r["peak_activations"] for r in gantt.values()] == [8, 4, 4, 5]   # M, PP, PP, PP+1
-  assert [r["param_copies"] for r in gantt.values()] == [1, 1, 1, 2]
+    # an activation and a gradient per boundary between ranks (DualPipeV: 2 PP chunks,
+    # its turn at rank PP-1 is local: 2 (PP-1) boundaries)
+    assert r["n_transfers"] == 2 * 8 * (6 if name == "dualpipev" else 3)
+  assert [r["peak_activations"] for r in gantt.values()] == [8, 4, 4, 5, 9]   # ..., 2PP+1
+  assert [r["param_copies"] for r in gantt.values()] == [1, 1, 1, 2, 2]
   assert gantt["1f1b"]["makespan"] == (8 + 4 - 1) * (F + B)
   parts = [r["part"] for r in results]
-  assert parts.count("sweep_pp") == parts.count("sweep_m") == 4 and parts.count("regime") == 2
+  assert parts.count("sweep_pp") == parts.count("sweep_m") == 5 and parts.count("regime") == 2
   for r in results:
     if r["part"] == "sweep_pp":
       assert r["n_stages"] == [2, 4]

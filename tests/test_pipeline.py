@@ -11,6 +11,7 @@ checks every op reads the activation / gradient it needs, in the order the
 simulator's timeline lists.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -26,6 +27,7 @@ from deepseek_jax.parallel.pipeline_layout import (layout_from_sizes, layout_siz
                                                    split_layers, stage_tree, state_layout,
                                                    unstage_tree)
 from deepseek_jax.parallel.pipeline_table import build_table
+from deepseek_jax.parallel.schedules import chunk_rank
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import FAST_COMPILE, pipelined_pretraining_grad, pretraining_loss
 
@@ -45,7 +47,12 @@ def _interpret(table, pp, m):
   peak = {"a": 0, "g": 0}
   executed = [[] for _ in range(pp)]
   done_f, done_i = set(), set()
-  chunk_of = lambda r, d: r if d == 0 else pp - 1 - r          # noqa: E731
+  n = 2 * pp if table.v else pp                  # chunks per micro-batch
+  chunk_of = lambda r, d: (r if d == 0 else (n - 1 - r))          # noqa: E731
+  rank_of = lambda c, d: chunk_rank(c, d, pp, table.v)            # noqa: E731
+
+  def channel(src, dst, d):                       # DualPipeV's turn: "h", no message
+    return "h" if src == dst else d
   direction = {}
   for t in range(table.n_ticks):
     sends = []
@@ -65,19 +72,21 @@ def _interpret(table, pp, m):
           if c > 0:
             assert held[r].get(("a", int(f["f_x"][t, r]))) == ("x", mb, c), (t, r, name)
           done_f.add((mb, c))
-          if c < pp - 1:
-            sends.append((r + 1 if d == 0 else r - 1, d, "a", ("x", mb, c + 1)))
+          if c < n - 1:
+            dst = rank_of(c + 1, int(c + 1 >= pp) if table.v else d)
+            sends.append((dst, channel(r, dst, d), "a", ("x", mb, c + 1)))
         else:
           mb = int(f["b_mb"][t, r])
           assert (mb, c) in done_f
           if c > 0:
             assert held[r].get(("a", int(f["b_x"][t, r]))) == ("x", mb, c), (t, r, name)
-          if c < pp - 1:
+          if c < n - 1:
             assert held[r].get(("g", int(f["b_g"][t, r]))) == ("g", mb, c), (t, r, name)
           if kind in ("B", "I"):
             done_i.add((mb, c))
             if c > 0:
-              sends.append((r - 1 if d == 0 else r + 1, d, "g", ("g", mb, c - 1)))
+              dst = rank_of(c - 1, int(c - 1 >= pp) if table.v else d)
+              sends.append((dst, channel(r, dst, d), "g", ("g", mb, c - 1)))
           if kind == "W":
             assert (mb, c) in done_i
           if kind in ("B", "W"):     # the last read of this stage input and gradient
@@ -85,7 +94,7 @@ def _interpret(table, pp, m):
         executed[r].append((kind, mb, d))
     # Messages land after every rank's op of this tick, in the named slots.
     for r in range(pp):
-      for d in range(table.directions):
+      for d in list(range(table.directions)) + ["h"]:
         for what in ("a", "g"):
           slot = int(f[f"r{what}{d}"][t, r])
           got = [v for dst, dd, w, v in sends if dst == r and dd == d and w == what]
@@ -98,14 +107,15 @@ def _interpret(table, pp, m):
             assert slot == trash, (t, r, what, d)
       for what in ("a", "g"):
         peak[what] = max(peak[what], sum(k[0] == what for k in held[r]))
-  assert len(done_f) == len(done_i) == pp * m
+  assert len(done_f) == len(done_i) == n * m
   assert not any(held), "values left unread"
   return executed, max(peak.values())
 
 
 @pytest.mark.parametrize("schedule,pp,m", [
     ("gpipe", 4, 3), ("1f1b", 4, 6), ("1f1b", 3, 2), ("zb1p", 4, 8), ("zb1p", 2, 1),
-    ("dualpipe", 4, 8), ("dualpipe", 2, 6), ("dualpipe", 6, 12)])
+    ("dualpipe", 4, 8), ("dualpipe", 2, 6), ("dualpipe", 6, 12), ("dualpipev", 2, 4),
+    ("dualpipev", 2, 5), ("dualpipev", 4, 8), ("dualpipev", 3, 9)])
 def test_tick_table_runs_the_simulated_order_and_every_op_reads_its_inputs(schedule, pp, m):
   table = build_table(schedule, pp, m)
   executed, peak = _interpret(table, pp, m)
@@ -191,6 +201,84 @@ def test_stage_tree_and_unstage_tree_round_trip_any_state_pytree():
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_dualpipev_stores_chunks_r_and_2pp_minus_1_minus_r_and_round_trips():
+  """DualPipeV's layout on pipe=3 of 7 blocks (1 dense + 6 MoE): 6 chunks of
+  2, 1, 1, 1, 1, 1 blocks; stage r stores chunk r, then chunk 5-r, slots
+  chunk-major (each chunk position its own slot count). Oracle: the blocks
+  listed by hand; stage_tree / unstage_tree exact; the checkpoint meta
+  ([[chunk r, chunk 5-r] per stage]) rebuilds the layout; the executor's
+  accumulator rows are the rank's own slots."""
+  from deepseek_jax.parallel.pipeline import _accumulator_rows_v, _parts_v
+  from deepseek_jax.parallel.pipeline_layout import split_layers_v
+  cfg = get_preset("tiny").replace(n_layers=7, n_dense_layers=1)
+  layout = split_layers_v(cfg, 3)
+  assert layout.chunks == (((0, 1), (6,)), ((2,), (5,)), ((3,), (4,)))
+  assert layout.layers == ((0, 1, 6), (2, 5), (3, 4))
+  assert layout.part_slots(False) == [1, 0] and layout.part_slots(True) == [1, 1]
+  idx, on = layout.index(True)                     # MoE ids = block - 1
+  np.testing.assert_array_equal(idx, [[0, 5], [1, 4], [2, 3]])
+  assert on.all()
+  assert layout_sizes(layout) == [[2, 1], [1, 1], [1, 1]]
+  assert layout_from_sizes(cfg, [[2, 1], [1, 1], [1, 1]]) == layout
+  assert "stage 0: blocks 0-1 + block 6 (1 dense, 2 MoE) + embedding, norm, head" in (
+      layout.describe())
+  tree = {"moe_layers": {"w": jnp.arange(6.0)[:, None] * jnp.ones((6, 2))},
+          "dense_layers": {"w": jnp.ones((1, 2))}}
+  staged = stage_tree(layout, tree)
+  np.testing.assert_array_equal(staged["moe_layers"]["w"][:, :, 0], [[0, 5], [1, 4], [2, 3]])
+  assert staged["dense_layers"]["w"].shape == (3, 1, 2)
+  for x, y in zip(jax.tree.leaves(unstage_tree(layout, staged)), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(x, y)
+  assert _parts_v(layout) == [{"dense_layers": (0, 1), "moe_layers": (0, 1)},
+                              {"moe_layers": (1, 1)}]
+  rows, n = _accumulator_rows_v(layout, 3)
+  assert n == {"dense_layers": 1, "moe_layers": 2}
+  np.testing.assert_array_equal(rows["moe_layers"][:, :, 0], [[0, 1]] * 3)
+  np.testing.assert_array_equal(rows["dense_layers"][:, 0, 0], [0, 1, 1])   # 1: dropped
+  assert state_layout(cfg, None, "dualpipev") is None
+  with pytest.raises(ValueError, match=r"7 blocks cannot be cut into the 2 \* pipe = 8"):
+    split_layers_v(cfg, 4)
+
+
+def test_dualpipev_train_state_checkpoints_and_resumes_in_its_layout(tmp_path):
+  """A dualpipev run's state on pipe=2 x data=4 is stored in DualPipeV's
+  layout (rank r: chunks r and 3-r); its checkpoint records it, resumes
+  without conversion under dualpipev, converted under dualpipe (contiguous
+  stages) and on one device, the parameters equal throughout. (No train
+  step: the numbers are the equivalence test's; this checks the state.)"""
+  from deepseek_jax.train import checkpoint
+  from deepseek_jax.train.start import resume_or_start
+  from deepseek_jax.train.step import init_train_state, model_variables
+  cfg = get_preset("tiny").replace(n_layers=4)     # 1 dense + 3 MoE: chunks of 1
+  train_cfg = TrainConfig(pipeline_schedule="dualpipev", num_microbatches=4, fast_compile=True)
+  mesh, rules = setup(MeshConfig(pipe=2, data=4))
+  state = init_train_state(cfg, train_cfg, jax.random.key(0), mesh, rules)
+  ref = init_train_state(cfg, train_cfg, jax.random.key(0))
+  w = state.params["moe_layers"]["ffn"]["w1"]
+  assert w.shape[:2] == (2, 2) and w.sharding.spec[0] == "pipe"
+  # rank 0: [padded, MoE 2 (block 3)], rank 1: [MoE 0 (block 1), MoE 1 (block 2)]
+  want = ref.params["moe_layers"]["ffn"]["w1"]
+  np.testing.assert_array_equal(w[0, 1], want[2])
+  np.testing.assert_array_equal(w[1], want[:2])
+  assert _max_diff(model_variables(cfg, state, mesh, "dualpipev"),
+                   {"params": ref.params, "router_bias": ref.router_bias}) == 0
+  ckpts = checkpoint.Checkpoints(str(tmp_path), cfg, train_cfg.to_dict(), async_save=False)
+  ckpts.pipeline_stages = layout_sizes(state_layout(cfg, mesh, "dualpipev"))
+  ckpts.save(1, state, {"step": 1}, force=True)
+  assert ckpts.saved_meta()["pipeline_stages"] == [[1, 1], [1, 1]]
+  logs = []
+  for sched, m, run_mesh, converted in (("dualpipev", 4, mesh, False),
+                                        ("dualpipe", 4, mesh, True), ("1f1b", 0, None, True)):
+    cfg_t = dataclasses.replace(train_cfg, pipeline_schedule=sched, num_microbatches=m)
+    logs.clear()
+    back, _, step = resume_or_start(ckpts, cfg, cfg_t, run_mesh, rules if run_mesh else None,
+                                    fresh=None, log=logs.append)
+    assert step == 1 and any("converted" in line for line in logs) == converted, logs
+    got = model_variables(cfg, back, run_mesh, sched if run_mesh else None)
+    assert _max_diff(got["params"], ref.params) == 0, sched
+  ckpts.close()
 
 
 def test_train_state_on_a_pipe_mesh_is_split_by_stage_and_steps_like_one_device(tmp_path):
@@ -342,6 +430,9 @@ def test_zb1p_on_pipe2_expert2_data2_with_v2_balance_equals_the_unpipelined_mode
 @pytest.mark.parametrize("schedule,mesh,m,n_layers,rows,stage_layers,remat,v2", [
     ("dualpipe", dict(pipe=2, expert=2, data=2), 4, 4, 16, None, "none", False),
     ("dualpipe", dict(pipe=4, data=2), 8, 5, 16, None, "none", True),     # uneven: 2,1,1,1
+    # DualPipeV: 2 PP chunks, rank r holds chunks r and 2PP-1-r, the turn at rank PP-1
+    ("dualpipev", dict(pipe=2, expert=2, data=2), 4, 4, 16, None, "none", False),
+    ("dualpipev", dict(pipe=4, data=2), 8, 9, 16, None, "none", True),    # chunks 2,1,...,1
     ("gpipe", dict(pipe=4, data=2), 4, 5, 8, None, "none", False),
     ("zb1p", dict(pipe=4, data=2), 6, 4, 12, None, "full", False),        # remat inside stages
     ("gpipe", dict(pipe=2, expert=2, data=2), 2, 4, 8, (1, 3), "none", False),   # uneven, given

@@ -55,16 +55,19 @@ def _branch_operand_copies(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 @pytest.mark.slow   # one DualPipe compile (~2 min on 2 cores, cold)
-def test_dualpipe_ticks_copy_no_layer_stack_through_a_switch():
-  """DualPipe on pipe=2 x expert=2 x data=2: weight gradients for both
-  chunks, the MTP block and input gradients (I ops). Looks for the arrays a
-  rank holds per layer stack ([slots, ...], the accumulators' and the
-  weights' shape) among the copies; the previous executor made 30 such
-  copies in this program."""
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_dualpipe_ticks_copy_no_layer_stack_through_a_switch(schedule):
+  """DualPipe / DualPipeV on pipe=2 x expert=2 x data=2: weight gradients for
+  both chunks, the MTP block and input gradients (I ops). Looks for the
+  arrays a rank holds per layer stack ([slots, ...], the accumulators' and
+  the weights' shape) among the copies; the previous executor made 30 such
+  copies in this program. DualPipeV stores both of a rank's chunks: no
+  collective-permute moves a stack-shaped array (DualPipe gathers its
+  reversed chunk and sends its gradients home)."""
   cfg = get_preset("tiny").replace(n_layers=4)
   v = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
   mesh, rules = setup(MeshConfig(pipe=2, expert=2, data=2))
-  fn = pipelined_pretraining_grad(cfg, TrainConfig(), mesh, rules, schedule="dualpipe",
+  fn = pipelined_pretraining_grad(cfg, TrainConfig(), mesh, rules, schedule=schedule,
                                   n_microbatches=4)
   batch = {k: jax.ShapeDtypeStruct((16, 16), np.int32)
            for k in ("tokens", "targets", "segment_ids", "positions")}
@@ -80,3 +83,7 @@ def test_dualpipe_ticks_copy_no_layer_stack_through_a_switch():
   tails = {a.shape[-2:] for a in jax.tree.leaves(v["params"]["moe_layers"]) if a.ndim >= 3}
   stacked = [(c, d) for c, d in copies if len(d) >= 3 and d[0] == slots and d[-2:] in tails]
   assert not stacked, stacked[:10]
+  moved = [tuple(int(x) for x in d.split(",")) for d in
+           re.findall(r"= \w+\[([\d,]+)\]\S* collective-permute(?:-start)?\(", hlo)]
+  moved = [d for d in moved if len(d) >= 3 and d[0] == slots and d[-2:] in tails]
+  assert bool(moved) == (schedule == "dualpipe"), moved[:10]

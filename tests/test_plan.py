@@ -146,6 +146,31 @@ def test_activations_are_chunks_in_flight_times_one_microbatch_chunk():
   assert plan["activation_bytes_per_device"] == max(dual)
 
 
+def test_dualpipev_holds_one_copy_in_two_half_chunks_and_2pp_plus_1_of_them_in_flight():
+  """DualPipeV on 4 ranks: the 8 layers in 8 chunks of one, rank r holds
+  chunks r and 7-r (one parameter copy: the ranks add up to the pipe-free
+  plan; rank 0 holds the embedding and the head); activations: 2 PP + 1
+  chunks of one layer, one working set (the executor runs an F&B tick's two
+  halves one after the other), the head's on rank 0."""
+  pp, m, rows = 4, 8, 2
+  kw = dict(batch_size=rows * m, seq_len=SEQ, num_microbatches=m)
+  v = memory_plan(MOE8, _sizes(pp), "dp", pipeline_schedule="dualpipev", **kw)
+  per_layer = _hand_stage_params(MOE8, 8)          # 8 stages of one layer: the 8 chunks
+  assert v["params_bytes_per_rank"] == [per_layer[r] + per_layer[7 - r] for r in range(pp)]
+  whole = memory_plan(MOE8, _sizes(), "dp", batch_size=rows, seq_len=SEQ)
+  assert sum(v["params_bytes_per_rank"]) == whole["params_bytes_per_device"]
+  assert v["layers_per_stage"] == [1] * 8 and v["layers_per_rank"] == [2] * pp
+  assert v["peak_activations"] == 2 * pp + 1 and v["param_copies"] == 2
+  terms = whole["activation_terms_bytes"]
+  logits, update = terms["head"], terms["update"]
+  x = whole["activation_bytes_per_device"] - terms["layer_inputs"] - logits - update
+  one = SEQ * MOE8.dim * np.dtype(MOE8.dtype).itemsize      # one layer, one micro-batch
+  assert v["activation_bytes_per_rank"] == [
+      (2 * pp + 1) * one + x + update + (logits if r == 0 else 0) for r in range(pp)]
+  with pytest.raises(ValueError, match=r"cannot be cut into the 2 \* pipe = 8 chunks"):
+    memory_plan(CFG, _sizes(4), "dp", pipeline_schedule="dualpipev", **kw)
+
+
 @pytest.mark.parametrize("sizes,kwargs,match", [
     (_sizes(2), {}, r"pipe=2 needs a pipeline_schedule"),
     (_sizes(), dict(pipeline_schedule="1f1b"), r"pipeline_schedule='1f1b' needs a pipeline"),
@@ -157,6 +182,8 @@ def test_activations_are_chunks_in_flight_times_one_microbatch_chunk():
      r"'interleaved' is not a known pipeline schedule"),
     (_sizes(2), dict(pipeline_schedule="dualpipe", num_microbatches=2), r"n_microbatches >= 2"),
     (_sizes(3), dict(pipeline_schedule="dualpipe", num_microbatches=6), r"even number of stages"),
+    (_sizes(2), dict(pipeline_schedule="dualpipev", num_microbatches=3),
+     r"3 blocks cannot be cut into the 2 \* pipe = 4 chunks .* DualPipeV"),
     (_sizes(2), dict(pipeline_schedule="1f1b", num_microbatches=3),
      r"batch_size=4 does not split into num_microbatches=3 .* multiple of 3 \* 2 = 6"),
 ])

@@ -19,8 +19,18 @@ import pytest
 from deepseek_jax.parallel.schedules import SCHEDULES, plot_timeline, simulate, table2
 
 
-def _holder(pp, direction, chunk):
+def _holder(pp, direction, chunk, v=False):
+  """The rank of a chunk; DualPipeV (v): chunks 0..2PP-1, chunk c on rank c,
+  then 2PP-1-c."""
+  if v:
+    return chunk if chunk < pp else 2 * pp - 1 - chunk
   return chunk if direction == 0 else pp - 1 - chunk
+
+
+def _chunks(result):
+  """(chunks a micro-batch runs, DualPipeV?)."""
+  v = result["schedule"] == "dualpipev"
+  return (2 if v else 1) * result["n_stages"], v
 
 
 def _duration(result, kind):
@@ -41,6 +51,7 @@ def _inputs(task, pp):
 def check_timeline(result):
   """All structural and timing invariants of one simulate() result."""
   pp, m = result["n_stages"], result["n_microbatches"]
+  n, v = _chunks(result)
   timeline = result["timeline"]
   assert len(timeline) == pp
   ends = {}                                    # (kind, mb, chunk) -> end time
@@ -58,13 +69,13 @@ def check_timeline(result):
       else:
         assert [t.kind for t in op.tasks] == [op.kind], op
       for t in op.tasks:
-        assert _holder(pp, t.direction, t.chunk) == r, f"{t} does not belong on rank {r}"
+        assert _holder(pp, t.direction, t.chunk, v) == r, f"{t} does not belong on rank {r}"
         key = (t.kind, t.mb, t.chunk)
         assert key not in ends, f"{key} runs twice"
         ends[key] = op.end
         seen.setdefault((t.mb, t.chunk), []).append(t.kind)
   # every micro-batch: F and (B or I + W) exactly once on every chunk
-  assert sorted(seen) == sorted(itertools.product(range(m), range(pp)))
+  assert sorted(seen) == sorted(itertools.product(range(m), range(n)))
   for key, kinds in seen.items():
     assert sorted(kinds) in (["B", "F"], ["F", "I", "W"]), (key, kinds)
   # dependencies, and each op starts exactly when the later of its inputs and
@@ -74,7 +85,7 @@ def check_timeline(result):
     for op in ops:
       ready = prev_end
       for t in op.tasks:
-        for kinds, mb, chunk in _inputs(t, pp):
+        for kinds, mb, chunk in _inputs(t, n):
           done = min(ends[(k, mb, chunk)] for k in kinds if (k, mb, chunk) in ends)
           assert op.start >= done - 1e-9, f"{op} starts before its input {kinds, mb, chunk}"
           ready = max(ready, done)
@@ -106,14 +117,15 @@ def _peak_activations(ops):
 
 def _check_transfers(result):
   pp, m = result["n_stages"], result["n_microbatches"]
+  n, v = _chunks(result)
   timeline = result["timeline"]
   got = set()
   for x in result["transfers"]:
     src_op, dst_op = timeline[x.src][x.src_op], timeline[x.dst][x.dst_op]
     assert x.time == src_op.end <= dst_op.start + 1e-9
     step = 1 if x.what == "activation" else -1
-    assert x.src == _holder(pp, x.direction, x.chunk)
-    assert x.dst == _holder(pp, x.direction, x.chunk + step) and abs(x.src - x.dst) == 1
+    assert x.src == _holder(pp, x.direction, x.chunk, v)
+    assert x.dst == _holder(pp, x.direction, x.chunk + step, v) and abs(x.src - x.dst) == 1
     made = {t.kind for t in src_op.tasks if t.mb == x.mb and t.chunk == x.chunk}
     used = {t.kind for t in dst_op.tasks if t.mb == x.mb and t.chunk == x.chunk + step}
     if x.what == "activation":
@@ -122,8 +134,10 @@ def _check_transfers(result):
       assert made <= {"B", "I"} and len(made) == 1 and used <= {"B", "I"} and len(used) == 1
     got.add((x.what, x.mb, x.chunk))
   # one activation out of every chunk but the last, one gradient out of every chunk but the first
-  want = {("activation", mb, c) for mb in range(m) for c in range(pp - 1)}
-  want |= {("gradient", mb, c) for mb in range(m) for c in range(1, pp)}
+  # (DualPipeV: but across its turn at rank PP-1, chunks PP-1 <-> PP, no message)
+  want = {("activation", mb, c) for mb in range(m) for c in range(n - 1)
+          if not (v and c == pp - 1)}
+  want |= {("gradient", mb, c) for mb in range(m) for c in range(1, n) if not (v and c == pp)}
   assert got == want and len(result["transfers"]) == len(want)
   times = [x.time for x in result["transfers"]]
   assert times == sorted(times)
@@ -142,7 +156,8 @@ def _retime_by_ticks(result):
       if pos[r] == len(ops) or free_at[r] > t:
         continue
       op = ops[pos[r]]
-      needs = [(kinds, mb, c) for task in op.tasks for kinds, mb, c in _inputs(task, pp)]
+      needs = [(kinds, mb, c) for task in op.tasks
+               for kinds, mb, c in _inputs(task, _chunks(result)[0])]
       if all(any(finished.get((k, mb, c), math.inf) <= t for k in kinds)
              for kinds, mb, c in needs):
         end = t + int(_duration(result, op.kind))
@@ -157,7 +172,9 @@ def _retime_by_ticks(result):
 
 CASES = [("gpipe", 4, 6), ("gpipe", 3, 2), ("1f1b", 4, 8), ("1f1b", 5, 3), ("1f1b", 1, 3),
          ("zb1p", 4, 8), ("zb1p", 6, 6), ("zb1p", 4, 2), ("dualpipe", 2, 4),
-         ("dualpipe", 4, 8), ("dualpipe", 6, 14), ("dualpipe", 8, 16)]
+         ("dualpipe", 4, 8), ("dualpipe", 6, 14), ("dualpipe", 8, 16), ("dualpipev", 1, 2),
+         ("dualpipev", 2, 4), ("dualpipev", 2, 5), ("dualpipev", 3, 7), ("dualpipev", 4, 8),
+         ("dualpipev", 8, 20)]
 
 
 @pytest.mark.parametrize("schedule,pp,m", CASES)
@@ -307,6 +324,42 @@ def test_dualpipe_formula_is_an_idealisation_outside_that_regime():
   assert (r["table2"]["bubble"], r["bubble"]) == (0, 3)
 
 
+@pytest.mark.parametrize("pp,m", [(1, 2), (2, 4), (2, 5), (3, 6), (3, 7), (4, 8), (4, 11),
+                                  (6, 12), (8, 16), (8, 20)])
+def test_dualpipev_meets_its_published_bubble_when_f_equals_the_input_gradient_part(pp, m):
+  """DeepSeek's DualPipeV row, (PP'/2 - 1)(F&B + B - 3W) with PP' = 2 pp chunk
+  stages on pp ranks, PP' + 1 chunk activations, 2 chunks of parameters, in
+  the regime where DualPipe's row holds (M even or odd)."""
+  for f, b, w, fb in _dualpipe_times():
+    r = simulate("dualpipev", pp, m, F=f, B=b, W=w, FB=fb)
+    assert r["bubble"] == pytest.approx((pp - 1) * (fb + b - 3 * w)), (f, b, w, fb)
+    assert r["bubble"] == pytest.approx(r["table2"]["bubble"])
+    assert r["activations"] == [2 * pp + 1] * pp
+    assert r["param_copies"] == 2
+
+
+def test_dualpipev_rank_orders_follow_its_eight_steps():
+  """PP = 4, M = 10: the op counts per step as DualPipeV's schedule gives them
+  (2(PP-r-1) F0, r+1 F0F1, PP-r-1 B1W1F1, M-2PP+r+1 F0B1F1B0 pairs, ...),
+  counted here from the timeline, and the turn at rank PP-1."""
+  pp, m = 4, 10
+  r = simulate("dualpipev", pp, m, F=1, B=2, W=1, FB=2.5)
+  check_timeline(r)
+  for k, ops in enumerate(r["timeline"]):
+    opening = [(op.kind, op.tasks[0].direction) for op in ops[:2 * (pp - k - 1) + 2]]
+    assert opening == [("F", 0)] * (2 * (pp - k - 1) + 1) + [("F", 1)]
+    n_fb = sum(op.kind == "FB" for op in ops)
+    # step 4: 2 per iteration (1 on rank PP-1's first), step 5: 1 per iteration
+    assert n_fb == 2 * (m - 2 * pp + k + 1) - (k == pp - 1) + (pp - k - 1), k
+    kinds = [op.kind for op in ops]
+    assert kinds.count("W") == kinds.count("I") == (pp - k - 1) * 2 + k + 1
+    assert all(t.chunk in (k, 2 * pp - 1 - k) for op in ops for t in op.tasks)
+  # micro-batch 0 turns at rank PP-1: its chunk PP forward follows chunk PP-1's there
+  last = [(t.kind, t.chunk) for op in r["timeline"][pp - 1] for t in op.tasks if t.mb == 0]
+  assert last[:2] == [("F", pp - 1), ("F", pp)]
+  assert not [x for x in r["transfers"] if x.src == x.dst]
+
+
 def test_table2_rows():
   kw = dict(F=1, B=2, W=1, FB=2.5)
   assert table2("gpipe", 4, 8, **kw) == {"bubble": 9, "activations": 8, "param_copies": 1}
@@ -314,6 +367,8 @@ def test_table2_rows():
   assert table2("zb1p", 4, 8, **kw) == {"bubble": 3, "activations": 4, "param_copies": 1}
   assert table2("dualpipe", 4, 8, **kw) == {"bubble": 1.5, "activations": 5,
                                             "param_copies": 2}
+  assert table2("dualpipev", 2, 4, **kw) == {"bubble": 1.5, "activations": 5,
+                                             "param_copies": 2}
   # FB defaults to F + B (no overlap)
   assert simulate("dualpipe", 4, 8, F=1, B=2, W=1)["times"]["FB"] == 3
 
@@ -322,7 +377,8 @@ def test_table2_rows():
 # errors
 
 @pytest.mark.parametrize("args,kwargs,match", [
-    (("pipedream", 4, 8), {}, r"schedule='pipedream'.*'gpipe', '1f1b', 'zb1p', 'dualpipe'"),
+    (("pipedream", 4, 8), {}, r"schedule='pipedream'.*'gpipe', '1f1b', 'zb1p', 'dualpipe', "
+                               r"'dualpipev'"),
     (("1f1b", 0, 8), {}, r"n_stages=0 must be a positive integer"),
     (("1f1b", 4.0, 8), {}, r"n_stages=4.0 must be a positive integer"),
     (("1f1b", 4, True), {}, r"n_microbatches=True must be a positive integer"),
@@ -334,6 +390,7 @@ def test_table2_rows():
     (("1f1b", 4, 8), {"B": -1}, r"B=-1: pass a positive"),
     (("zb1p", 4, 8), {"W": float("nan")}, r"W=nan: pass a positive"),
     (("dualpipe", 4, 8), {"FB": 0.0}, r"FB=0.0: pass a positive.*F&B"),
+    (("dualpipev", 4, 7), {}, r"n_microbatches=7 with n_stages=4: DualPipeV.*>= 2 \* n_stages = 8"),
     (("zb1p", 4, 8), {"B": 2, "W": 2}, r"W=2 must be smaller than B=2"),
 ])
 def test_bad_arguments_say_what_to_change(args, kwargs, match):
@@ -344,7 +401,7 @@ def test_bad_arguments_say_what_to_change(args, kwargs, match):
 
 
 def test_schedule_names():
-  assert SCHEDULES == ("gpipe", "1f1b", "zb1p", "dualpipe")
+  assert SCHEDULES == ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 
 
 # ---------------------------------------------------------------------------

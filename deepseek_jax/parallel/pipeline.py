@@ -48,6 +48,21 @@ gathers the reversed copy in (one collective-permute of a stage's weights),
 and at its end each rank sends its chunk-1 gradients to the rank storing
 that stage (one ppermute), which adds them to its own.
 
+DualPipeV (schedule "dualpipev", the layout of pipeline_layout.split_layers_v)
+cuts the blocks into 2 PP chunks and rank r stores chunks r and 2PP-1-r as
+its own stage (one parameter copy; nothing gathered, nothing sent home):
+direction 0 runs chunk r (the embedding on rank 0), direction 1 chunk
+2PP-1-r (the head, MTP and loss on rank 0); at rank PP-1 a micro-batch
+turns from chunk PP-1 to chunk PP locally (the table's rah / rgh slots, no
+message). A chunk's blocks are run one slot at a time from the rank's stack
+(`_Rank.blocks`: a dynamic slice per slot, as the model's own scan takes,
+no copy of the chunk). A backward op runs in two switches per tick
+(`_Rank.v_tail`, `_Rank.v_blocks`): the head's and loss's VJP first (its
+shared-weight gradients added to the accumulators between the two), then
+the blocks one slot at a time from the slot inputs the first kept, their
+weight gradients filling only the chunk's slots; the accumulators are the
+rank's own stack.
+
 Loss. An unpipelined loss is a mean over the whole batch's target tokens
 (and a balance loss a mean over its non-empty sequences), so each
 micro-batch contributes its sums divided by the whole batch's counts
@@ -80,8 +95,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.parallel import schedules as sched
-from deepseek_jax.parallel.pipeline_layout import (PIPE, STACKS, StageLayout, stage_tree,
-                                                   unstage_tree, zero_padded_slots)
+from deepseek_jax.parallel.pipeline_layout import (PIPE, STACKS, StageLayout, layout_sizes,
+                                                   stage_tree, unstage_tree, zero_padded_slots)
 from deepseek_jax.parallel.pipeline_table import B_CODES, CHECK_TIMES, NO_OP, Table, build_table
 
 
@@ -137,7 +152,7 @@ class _Rank:
   params squeezed to [slots, ...], table fields to [ticks])."""
 
   def __init__(self, fns: StageFns, pp: int, dirs: int, stacks, stacks_b, active, shared,
-               shared_b, mbs, totals, loss_args, rows, n_rows):
+               shared_b, mbs, totals, loss_args, rows, n_rows, parts=None):
     rank = jax.lax.axis_index(PIPE)
     squeeze = lambda t: jax.tree.map(lambda a: a[0], t)          # noqa: E731
     self.fns, self.pp, self.dirs = fns, pp, dirs
@@ -148,33 +163,207 @@ class _Rank:
     self.active = [squeeze(t) for t in active]
     self.shared, self.shared_b, self.mbs = shared, shared_b, mbs
     self.totals, self.loss_args = totals, loss_args
-    chunk = [rank, pp - 1 - rank]
-    self.first = [chunk[d] == 0 for d in range(dirs)]
-    self.last = [chunk[d] == pp - 1 for d in range(dirs)]
+    # DualPipeV (parts: per direction {stack key: (first slot, slots)} of the
+    # rank's one stack): chunk r (d = 0) starts at the embedding, chunk
+    # 2PP-1-r (d = 1) ends at rank 0 with the head; a static False skips them.
+    self.parts = parts
+    if parts is not None:
+      self.stacks, self.stacks_b = self.stacks * dirs, self.stacks_b * dirs
+      self.first, self.last = [rank == 0, False], [False, rank == 0]
+    else:
+      chunk = [rank, pp - 1 - rank]
+      self.first = [chunk[d] == 0 for d in range(dirs)]
+      self.last = [chunk[d] == pp - 1 for d in range(dirs)]
     mb = self.micro(0)
     self.x_spec = jax.eval_shape(fns.embed, shared, mb)
     self.head_spec = jax.eval_shape(fns.head, shared, shared_b, self.x_spec, mb, totals)
+    on = (self.active[0] if parts is None else
+          {k: jnp.ones(jax.tree.leaves(v)[0].shape[:1], bool)
+           for k, v in self.stacks[0].items()})
     self.layers_spec = jax.eval_shape(fns.blocks, self.stacks[0], self.stacks_b[0],
-                                      self.x_spec, mb, totals, self.active[0])[1]
+                                      self.x_spec, mb, totals, on)[1]
 
   def micro(self, j):
     return {k: jax.lax.dynamic_index_in_dim(v, j, axis=1, keepdims=False)
             for k, v in self.mbs.items()}
 
+  def embed(self, d, shared, x_in, mb):
+    """Chunk d's input: the embedding on the first chunk, else x_in."""
+    if self.first[d] is False:
+      return x_in
+    return jnp.where(self.first[d], self.fns.embed(shared, mb).astype(x_in.dtype), x_in)
+
+  def head(self, d, shared, y, mb):
+    """The head's outputs after the model's last chunk, zeros elsewhere."""
+    def zeros(y):
+      return _zeros(self.head_spec)
+    if self.last[d] is False:
+      return zeros(y)
+    return jax.lax.cond(
+        self.last[d], lambda y: self.fns.head(shared, self.shared_b, y, mb, self.totals),
+        zeros, y)
+
+  def blocks(self, d, stacks, x, mb):
+    """(y, layers) of chunk d's blocks: its stage's slots, or (DualPipeV) the
+    chunk's slots of the rank's stack one at a time (`_slot`: no copy of
+    the chunk's weights), layers [slots of chunk d, ...]."""
+    if self.parts is None:
+      return self.fns.blocks(stacks, self.stacks_b[d], x, mb, self.totals, self.active[d])
+    layers = {}
+    for key, (off, n) in self.parts[d].items():
+      def body(x, i, key=key, off=off):
+        return self._slot(d, key, off, i, stacks[key], x, mb)
+      x, lay = jax.lax.scan(body, x, jnp.arange(n))
+      if lay is not None:
+        layers[key] = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), lay)
+    return x, layers
+
+  def _slot(self, d, key, off, i, stack, x, mb):
+    """(y, layers [1, ...] or None) of slot i of chunk d's `key` stack, its
+    weights `stack`'s row off + i."""
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, off + i, 1)   # noqa: E731
+    bias = {k: jax.tree.map(take, v) for k, v in self.stacks_b[d].items() if k == key}
+    on = {key: jax.lax.dynamic_slice_in_dim(self.active[d][key], i, 1)}
+    w = stack if jax.tree.leaves(stack)[0].shape[0] == 1 else jax.tree.map(take, stack)
+    y, lay = self.fns.blocks({key: w}, bias, x, mb, self.totals, on)
+    return y, lay.get(key)
+
+  # --- DualPipeV's backward: two switches per tick -----------------------------
+  # An op's backward runs as a tail phase (chunk forward, keeping each slot's
+  # input; the head's / loss's VJP: the shared-weight gradients and the
+  # blocks' output cotangent) and, in a second switch after the tick has
+  # added the shared gradients, a blocks phase (one slot at a time, newest
+  # first: recompute and VJP; weight gradients into the chunk's rows; the
+  # embedding's VJP on the first chunk). So the shared weights' gradient
+  # buffer (head, MTP, embedding) and the blocks' weight gradients are never
+  # live together.
+
+  def _n_max(self):
+    """{stack key: the most slots a chunk of this rank has}."""
+    return {k: max(p.get(k, (0, 0))[1] for p in self.parts) for k in self.stacks[0]}
+
+  def v_tail(self, d, j, x_in, dy, want_weights):
+    """(carry, shared-weight gradients) of chunk d's op on micro-batch j;
+    carry: the blocks' output cotangent, the layers' cotangents and the slot
+    inputs, each padded to the most slots a chunk has."""
+    mb, stacks, n_max = self.micro(j), self.stacks[d], self._n_max()
+    dy = dy if self.last[d] is False else jnp.where(self.last[d], jnp.zeros_like(x_in), dy)
+    x = self.embed(d, self.shared, x_in, mb)
+    inputs, layers = {}, {}
+    for key, (off, n) in self.parts[d].items():
+      def fwd(x, i, key=key, off=off):
+        y, lay = self._slot(d, key, off, i, stacks[key], x, mb)
+        return y, (x, lay)
+      x, (inputs[key], lay) = jax.lax.scan(fwd, x, jnp.arange(n))
+      if lay is not None:
+        layers[key] = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), lay)
+
+    def tail(shared, y, layers):
+      head = self.head(d, shared, y, mb)
+      return self.fns.loss(self._full_layers(d, layers), head, self.totals, self.loss_args)[0]
+    one = jnp.ones((), jnp.float32)
+    if want_weights:
+      g_sh, ct_y, ct_layers = jax.vjp(tail, self.shared, x, layers)[1](one)
+    else:
+      ct_y, ct_layers = jax.vjp(lambda y, l: tail(self.shared, y, l), x, layers)[1](one)
+      g_sh = self.zero_shared()
+    ct_y = ct_y + dy.astype(ct_y.dtype)
+
+    def pad(a, n):
+      return jnp.zeros((n,) + a.shape[1:], a.dtype).at[:a.shape[0]].set(a)
+    x_spec = jnp.zeros((1,) + x_in.shape, x_in.dtype)
+    carry = {"ct": ct_y,
+             "inputs": {k: pad(inputs.get(k, x_spec[:0]), n) for k, n in n_max.items()},
+             "layers": {k: jax.tree.map(
+                 lambda s, k=k: pad(jnp.zeros((0,) + s.shape[1:], s.dtype), n_max[k]), spec)
+                 for k, spec in self.layers_spec.items()}}
+    for k, ct in ct_layers.items():
+      carry["layers"][k] = jax.tree.map(lambda c, z: z.at[:c.shape[0]].set(c.astype(z.dtype)),
+                                        ct, carry["layers"][k])
+    return carry, g_sh
+
+  def v_blocks(self, d, j, carry, want_input, want_weights):
+    """(input gradient or None, chunk d's stage-weight gradients (zeros
+    without weights), the embedding's gradients [used shared leaves]) from
+    v_tail's carry."""
+    mb, stacks = self.micro(j), self.stacks[d]
+    ct, grads = carry["ct"], self.zero_stacks()
+    for key, (off, n) in reversed(list(self.parts[d].items())):
+      cl = carry["layers"].get(key)
+      cl = None if cl is None else jax.tree.map(lambda a: a[:n, None], cl)
+
+      def bwd(ct, xs, key=key, off=off):
+        i, x_i, cl_i = xs
+        if not want_weights:
+          out, f_vjp = jax.vjp(lambda x: self._slot(d, key, off, i, stacks[key], x, mb), x_i)
+          return f_vjp((ct, cl_i if out[1] is not None else None))[0], None
+        w = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, off + i, 1), stacks[key])
+        out, f_vjp = jax.vjp(lambda w, x: self._slot(d, key, off, i, w, x, mb), w, x_i)
+        g_w, g_x = f_vjp((ct, cl_i if out[1] is not None else None))
+        return g_x, g_w
+      ct, g = jax.lax.scan(bwd, ct, (jnp.arange(n), carry["inputs"][key][:n], cl),
+                           reverse=True)
+      if want_weights:
+        g = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), g)
+        grads[key] = jax.tree.map(lambda z, a: z.at[:n].set(a.astype(z.dtype)), grads[key], g)
+    used = self._embed_leaves()
+    leaves = jax.tree.leaves(self.shared)
+    g_emb = [jnp.zeros_like(leaves[i]) for i in used]
+    if self.first[d] is not False and want_weights:
+      tdef = jax.tree.structure(self.shared)
+
+      def emb(part):
+        full = list(leaves)
+        for i, a in zip(used, part):
+          full[i] = a
+        return self.fns.embed(jax.tree.unflatten(tdef, full), mb).astype(ct.dtype)
+      (g_emb,) = jax.vjp(emb, [leaves[i] for i in used])[1](
+          jnp.where(self.first[d], ct, jnp.zeros_like(ct)))
+    g_x = None
+    if want_input:
+      g_x = jnp.where(self.first[d], jnp.zeros_like(ct), ct) if self.first[d] is not False else ct
+    return g_x, grads, g_emb
+
+  def _embed_leaves(self) -> list[int]:
+    """Indices (flattened) of the shared leaves the embedding reads (traced
+    once)."""
+    if getattr(self, "_embed_idx", None) is not None:
+      return self._embed_idx
+    leaves, tdef = jax.tree.flatten(self.shared)
+    closed = jax.make_jaxpr(lambda *a: self.fns.embed(jax.tree.unflatten(tdef, a),
+                                                      self.micro(0)))(*leaves)
+    read = {id(v) for e in closed.jaxpr.eqns for v in e.invars}
+    read |= {id(v) for v in closed.jaxpr.outvars}
+    self._embed_idx = [i for i, v in enumerate(closed.jaxpr.invars) if id(v) in read]
+    return self._embed_idx
+
   def stage(self, d, stacks, shared, x_in, mb):
     """(y, the stage's part of the loss, layers, head) of chunk d."""
-    fns, totals = self.fns, self.totals
-    x = jnp.where(self.first[d], fns.embed(shared, mb).astype(x_in.dtype), x_in)
-    y, layers = fns.blocks(stacks, self.stacks_b[d], x, mb, totals, self.active[d])
-    head = jax.lax.cond(
-        self.last[d], lambda y: fns.head(shared, self.shared_b, y, mb, totals),
-        lambda y: _zeros(self.head_spec), y)
-    loss, _ = fns.loss(layers, head, totals, self.loss_args)
+    x = self.embed(d, shared, x_in, mb)
+    y, layers = self.blocks(d, stacks, x, mb)
+    head = self.head(d, shared, y, mb)
+    loss, _ = self.fns.loss(self._full_layers(d, layers), head, self.totals, self.loss_args)
     return y, loss, layers, head
+
+  def _full_layers(self, d, layers):
+    """Chunk d's layers in the accumulator's shape (DualPipeV: the rank's
+    slots, chunk d's at its offset; zeros elsewhere)."""
+    if self.parts is None:
+      return layers
+    def place(key, spec):
+      z = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+      if key not in layers:
+        return z
+      off, _ = self.parts[d][key]
+      return jax.tree.map(lambda a, v: jax.lax.dynamic_update_slice_in_dim(
+          a, v.astype(a.dtype), off, 0), z, layers[key])
+    return {key: place(key, spec) for key, spec in self.layers_spec.items()}
 
   def forward(self, acc, d, j, x_in):
     """(acc plus chunk d's per-layer sums and head of micro-batch j, its y)."""
     y, _, layers, head = self.stage(d, self.stacks[d], self.shared, x_in, self.micro(j))
+    if self.parts is not None:   # the rank's slots: chunk d's rows
+      layers, d = self._full_layers(d, layers), 0
     acc = {"layers": jax.tree.map(lambda a, v: a.at[d].add(v), acc["layers"], layers),
            "head": jax.tree.map(jnp.add, acc["head"], head)}
     return acc, y
@@ -183,7 +372,7 @@ class _Rank:
     """(input gradient or None, stage-weight gradients, shared-weight
     gradients; zeros where not wanted) of chunk d's VJP on micro-batch j."""
     mb = self.micro(j)
-    dy = jnp.where(self.last[d], jnp.zeros_like(x_in), dy)
+    dy = dy if self.last[d] is False else jnp.where(self.last[d], jnp.zeros_like(x_in), dy)
     one = jnp.ones((), jnp.float32)
 
     def f(stacks, shared, x):
@@ -202,7 +391,7 @@ class _Rank:
       # stage recompute and VJP.
       dep = 0 * (g_x.reshape(-1)[0] == 0).astype(jnp.float32)
       g_st, g_sh = jax.tree.map(lambda z: z + dep.astype(z.dtype), (g_st, g_sh))
-    if g_x is not None:
+    if g_x is not None and self.first[d] is not False:
       g_x = jnp.where(self.first[d], jnp.zeros_like(g_x), g_x)
     return g_x, g_st, g_sh
 
@@ -215,21 +404,12 @@ class _Rank:
     chunk's f32 weights: 21 GiB at V3 widths on pipe=2 x expert=4) at the
     start of the op, live through the head's and MTP's backward; inside the
     cond it exists from the blocks' backward on."""
-    fns, totals = self.fns, self.totals
-
-    def embed(shared, x):
-      return jnp.where(self.first[d], fns.embed(shared, mb).astype(x.dtype), x)
-
-    def blocks(stacks, x):
-      return fns.blocks(stacks, self.stacks_b[d], x, mb, totals, self.active[d])
-
     def tail(shared, y, layers):
-      head = jax.lax.cond(
-          self.last[d], lambda y: fns.head(shared, self.shared_b, y, mb, totals),
-          lambda y: _zeros(self.head_spec), y)
-      return fns.loss(layers, head, totals, self.loss_args)[0]
-    x, vjp_embed = jax.vjp(embed, self.shared, x_in)
-    (y, layers), vjp_blocks = jax.vjp(blocks, self.stacks[d], x)
+      head = self.head(d, shared, y, mb)
+      return self.fns.loss(self._full_layers(d, layers), head, self.totals, self.loss_args)[0]
+    x, vjp_embed = jax.vjp(lambda sh, x: self.embed(d, sh, x, mb), self.shared, x_in)
+    (y, layers), vjp_blocks = jax.vjp(lambda st, x: self.blocks(d, st, x, mb), self.stacks[d],
+                                      x)
     g_sh, ct_y, ct_layers = jax.vjp(tail, self.shared, y, layers)[1](
         jnp.ones((), jnp.float32))
     ct_y = ct_y + dy.astype(ct_y.dtype)
@@ -239,7 +419,13 @@ class _Rank:
     return g_x, g_st, jax.tree.map(jnp.add, g_sh, g_sh_embed)
 
   def zero_stacks(self):
-    return jax.tree.map(jnp.zeros_like, self.stacks[0])
+    """Zero stage-weight gradients of one op: [slots, ...] per stack, or
+    (DualPipeV) [the most slots a chunk has, ...]."""
+    if self.parts is None:
+      return jax.tree.map(jnp.zeros_like, self.stacks[0])
+    n = self._n_max()
+    return {k: jax.tree.map(lambda a: jnp.zeros((n[k],) + a.shape[1:], a.dtype), v)
+            for k, v in self.stacks[0].items()}
 
   def zero_shared(self):
     return jax.tree.map(jnp.zeros_like, self.shared)
@@ -279,12 +465,67 @@ class _Rank:
       return run_op
 
     make_f = {NO_OP: no_op_f, 1: op_f(0), 2: op_f(min(1, dirs - 1))}
+    if self.parts is not None:
+      return [make_f[int(c)] for c in present["f_op"]], self.v_branches(present)
     make_b = {NO_OP: no_op_b}
     for kind, (wi, ww) in (("B", (True, True)), ("I", (True, False)), ("W", (False, True))):
       for d in range(dirs):
         make_b[B_CODES[kind] + d] = op_b(d, wi, ww)
     return ([make_f[int(c)] for c in present["f_op"]],
             [make_b[int(c)] for c in present["b_op"]])
+
+  def _zero_carry(self):
+    n_max, x = self._n_max(), self.x_spec
+    return {"ct": jnp.zeros(x.shape, x.dtype),
+            "inputs": {k: jnp.zeros((n,) + x.shape, x.dtype) for k, n in n_max.items()},
+            "layers": {k: jax.tree.map(lambda s, k=k: jnp.zeros((n_max[k],) + s.shape[1:],
+                                                                s.dtype), spec)
+                       for k, spec in self.layers_spec.items()}}
+
+  def v_branches(self, present):
+    """DualPipeV's two backward switches' branches (tail, then blocks: see
+    v_tail), for the op codes the table uses."""
+    zeros_x = jnp.zeros(self.x_spec.shape, self.x_spec.dtype)
+    leaves = jax.tree.leaves(self.shared)
+
+    def no_tail(x_in, dy, row):
+      return self._zero_carry(), self.zero_shared()
+
+    def no_blocks(carry, row):
+      return ([zeros_x] * self.dirs, self.zero_stacks(),
+              [jnp.zeros_like(leaves[i]) for i in self._embed_leaves()])
+
+    def tail(d, want_weights):
+      return lambda x_in, dy, row: self.v_tail(d, row["b_mb"], x_in, dy, want_weights)
+
+    def blocks(d, want_input, want_weights):
+      def run_op(carry, row):
+        g, g_st, g_emb = self.v_blocks(d, row["b_mb"], carry, want_input, want_weights)
+        out = [zeros_x] * self.dirs
+        if g is not None:
+          out[d] = g.astype(zeros_x.dtype)
+        return out, g_st, g_emb
+      return run_op
+    make = {NO_OP: (no_tail, no_blocks)}
+    for kind, (wi, ww) in (("B", (True, True)), ("I", (True, False)), ("W", (False, True))):
+      for d in range(self.dirs):
+        make[B_CODES[kind] + d] = (tail(d, ww), blocks(d, wi, ww))
+    return ([make[int(c)][0] for c in present["b_op"]],
+            [make[int(c)][1] for c in present["b_op"]])
+
+  def v_backward(self, state, b_branches, row):
+    """The tick's backward half on DualPipeV: (state with the op's weight
+    gradients added, its input gradients [dirs])."""
+    tails, blocks = b_branches
+    x, g = state["x"], state["g"]
+    carry, g_sh = jax.lax.switch(row["b_op"], tails, x[row["b_x"]], g[row["b_g"]], row)
+    shared = jax.tree.map(jnp.add, state["shared_grads"], g_sh)
+    out, g_st, g_emb = jax.lax.switch(row["b_op"], blocks, carry, row)
+    flat, tdef = jax.tree.flatten(shared)
+    for i, a in zip(self._embed_leaves(), g_emb):
+      flat[i] = flat[i] + a
+    return dict(state, grads=self.add_grads(state["grads"], g_st, row["b_dir"]),
+                shared_grads=jax.tree.unflatten(tdef, flat)), out
 
   def add_grads(self, grads, g_st, d):
     """grads (one row per block of this rank's chunks) plus chunk d's stage
@@ -303,6 +544,8 @@ class _Rank:
       return {key: jax.tree.map(lambda a: jnp.take(a, self.rows[key][d], axis=0, mode="fill",
                                                    fill_value=0), grads[key])
               for key in grads}
+    if self.parts is not None:   # DualPipeV: one row per slot of the rank's own stack
+      return grads
     own = take(0)
     if self.dirs == 1:
       return own
@@ -322,8 +565,9 @@ class _Rank:
                                                         a.dtype), self.stacks[0][key])
                   for key in self.stacks[0]},
         "shared_grads": self.zero_shared(),
-        "acc": {"layers": jax.tree.map(lambda s: jnp.zeros((dirs,) + s.shape, s.dtype),
-                                       self.layers_spec),
+        "acc": {"layers": jax.tree.map(
+                    lambda s: jnp.zeros((1 if table.v else dirs,) + s.shape, s.dtype),
+                    self.layers_spec),
                 "head": _zeros(self.head_spec)}}
     # Direction 0 moves activations up the ranks and gradients down;
     # direction 1 the other way round.
@@ -333,14 +577,20 @@ class _Rank:
     def tick(state, row):
       x, g = state["x"], state["g"]
       acc, acts = jax.lax.switch(row["f_op"], f_branches, state["acc"], x[row["f_x"]], row)
-      grads, g_st, g_sh = jax.lax.switch(row["b_op"], b_branches, x[row["b_x"]],
-                                         g[row["b_g"]], row)
-      # In place: the backward op's chunk's rows of the accumulators.
-      state = dict(state, acc=acc, grads=self.add_grads(state["grads"], g_st, row["b_dir"]),
-                   shared_grads=jax.tree.map(jnp.add, state["shared_grads"], g_sh))
+      if self.parts is not None:
+        state, grads = self.v_backward(dict(state, acc=acc), b_branches, row)
+      else:
+        grads, g_st, g_sh = jax.lax.switch(row["b_op"], b_branches, x[row["b_x"]],
+                                           g[row["b_g"]], row)
+        # In place: the backward op's chunk's rows of the accumulators.
+        state = dict(state, acc=acc, grads=self.add_grads(state["grads"], g_st, row["b_dir"]),
+                     shared_grads=jax.tree.map(jnp.add, state["shared_grads"], g_sh))
       for d in range(dirs):
         x = x.at[row[f"ra{d}"]].set(jax.lax.ppermute(acts[d], PIPE, up if d == 0 else down))
         g = g.at[row[f"rg{d}"]].set(jax.lax.ppermute(grads[d], PIPE, down if d == 0 else up))
+      if table.v:       # DualPipeV's turn at rank PP-1: chunk PP-1 <-> PP, no message
+        x = x.at[row["rah"]].set(acts[0])
+        g = g.at[row["rgh"]].set(grads[1])
       return dict(state, x=x, g=g), None
 
     state, _ = jax.lax.scan(tick, state, fields)
@@ -380,7 +630,39 @@ def _accumulator_rows(layout: StageLayout, pp: int, dirs: int) -> tuple[dict, di
   return table, sizes
 
 
-def _program(fns: StageFns, table: Table, pp: int, n_rows: dict):
+def _parts_v(layout: StageLayout) -> list[dict[str, tuple[int, int]]]:
+  """DualPipeV: per direction d (chunk position d of every rank), {stack key:
+  (first slot, slots)} of the chunk in the rank's stack (keys with slots)."""
+  parts = [{}, {}]
+  for key, moe in STACKS:
+    per = layout.part_slots(moe)
+    for d in range(2):
+      if per[d]:
+        parts[d][key] = (sum(per[:d]), per[d])
+  return parts
+
+
+def _accumulator_rows_v(layout: StageLayout, pp: int) -> tuple[dict, dict]:
+  """DualPipeV's `_accumulator_rows`: the rank's stack is its two chunks, so
+  its rows are its slots; chunk d's slot i adds into row (first slot of d)
+  + i, padded slots into the dropped row `slots`. [PP, 2, the most slots a
+  chunk has]."""
+  table, sizes = {}, {}
+  for key, moe in STACKS:
+    if not layout.slots(moe):
+      continue
+    per, active = layout.part_slots(moe), layout.index(moe)[1]
+    n = layout.slots(moe)
+    idx = np.full((pp, 2, max(per)), n, np.int32)
+    for d in range(2):
+      off = sum(per[:d])
+      for i in range(per[d]):
+        idx[:, d, i] = np.where(active[:, off + i], off + i, n)
+    table[key], sizes[key] = idx, n
+  return table, sizes
+
+
+def _program(fns: StageFns, table: Table, pp: int, n_rows: dict, parts=None):
   """(the shard_map body, the table's fields it reads): one rank's ticks,
   then its outputs (stage gradients and per-layer sums split over pipe, the
   rest summed over it). Only the op codes the table uses become switch
@@ -396,7 +678,7 @@ def _program(fns: StageFns, table: Table, pp: int, n_rows: dict):
 
   def body(stacks, stacks_b, active, shared, shared_b, mbs, totals, fields, loss_args, rows):
     rank = _Rank(fns, pp, table.directions, stacks, stacks_b, active, shared, shared_b, mbs,
-                 totals, loss_args, rows, n_rows)
+                 totals, loss_args, rows, n_rows, parts)
     state = rank.run(table, {k: v[:, 0] for k, v in fields.items()}, present)
     expand = lambda t: jax.tree.map(lambda a: a[None], t)        # noqa: E731
     return (expand(rank.stage_grads(state["grads"])),
@@ -424,11 +706,23 @@ def pipeline_value_and_grad(fns: StageFns, mesh, layout: StageLayout, *, schedul
     raise ValueError(f"a layout of {layout.n_stages} stages on mesh.pipe={pp}; split the "
                      f"layers into pipe={pp} stages (split_layers).")
   table = build_table(schedule, pp, n_microbatches)
-  acc_rows, n_rows = _accumulator_rows(layout, pp, table.directions)
-  body, fields = _program(fns, table, pp, n_rows)
-  active = [layout.active()]
-  if table.directions == 2:            # DualPipe: rank r also holds stage PP-1-r
+  if (layout.chunks is not None) != table.v:
+    raise ValueError(f"pipeline_schedule={schedule!r} runs on "
+                     f"{'split_layers_v' if table.v else 'split_layers'}'s layout; got "
+                     f"{layout_sizes(layout)} (use pipeline_layout.layout_for).")
+  parts = None
+  if table.v:                          # DualPipeV: both chunks in the rank's own stack
+    parts = _parts_v(layout)
+    acc_rows, n_rows = _accumulator_rows_v(layout, pp)
+    full = layout.active()
+    active = [{k: full[k][:, off:off + n] for k, (off, n) in parts[d].items()}
+              for d in range(2)]
+  else:
+    acc_rows, n_rows = _accumulator_rows(layout, pp, table.directions)
+    active = [layout.active()]
+  if table.directions == 2 and not table.v:   # DualPipe: rank r also holds stage PP-1-r
     active.append(jax.tree.map(lambda a: a[::-1], active[0]))
+  body, fields = _program(fns, table, pp, n_rows, parts)
 
   def run(params, router_bias, batch, loss_args=None):
     rows = batch["tokens"].shape[0]
@@ -442,7 +736,7 @@ def pipeline_value_and_grad(fns: StageFns, mesh, layout: StageLayout, *, schedul
     mbs = {k: v.reshape((rows // n_microbatches, n_microbatches) + v.shape[1:])
            for k, v in batch.items()}
     chunks, chunks_b = [stacks], [stacks_b]
-    if table.directions == 2:
+    if table.directions == 2 and not table.v:
       chunks.append(jax.tree.map(lambda a: a[::-1], stacks))
       chunks_b.append(jax.tree.map(lambda a: a[::-1], stacks_b))
     split = lambda t: jax.tree.map(lambda _: P(PIPE), t)         # noqa: E731
@@ -460,7 +754,7 @@ def pipeline_value_and_grad(fns: StageFns, mesh, layout: StageLayout, *, schedul
     # Per-layer sums [PP, directions, slots, ...] per rank -> per stage:
     # direction 1 of rank r ran stage PP-1-r.
     layers = jax.tree.map(lambda a: a[:, 0], by_rank)
-    if table.directions == 2:
+    if table.directions == 2 and not table.v:
       layers = jax.tree.map(lambda a, b: a + b[::-1, 1], layers, by_rank)
     g_stage = zero_padded_slots(layout, stage_grads)
     grads = dict(shared_grads, **(g_stage if staged else unstage_tree(layout, g_stage)))

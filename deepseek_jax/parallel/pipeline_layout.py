@@ -23,6 +23,14 @@ the executor then takes them as they are (`staged=True`). Checkpoints
 record the layout (`layout_sizes`, read back by `layout_from_sizes`);
 `unstage_tree` converts back to the model's layout (export, evaluation, a
 resume on another pipe count).
+
+DualPipeV (`split_layers_v`, schedule "dualpipev") cuts the blocks into 2 PP
+contiguous chunks and stage r stores two of them, chunk r then chunk
+2PP-1-r (`StageLayout.chunks`): its block ids are not contiguous, and its
+slots are chunk-major (each chunk position has its own slot count, the same
+on every stage), so the executor finds chunk d of a rank at a fixed slot
+offset. Stage 0 then holds the embedding and the head. The checkpoint meta
+records it as [[blocks of chunk r, blocks of chunk 2PP-1-r] per stage].
 """
 
 from __future__ import annotations
@@ -44,33 +52,51 @@ STACKS = (("dense_layers", False), ("moe_layers", True))
 @dataclasses.dataclass(frozen=True)
 class StageLayout:
   """Which blocks each pipeline stage runs. `layers[s]`: global block ids of
-  stage s (0..L-1, the n_dense dense blocks first, as the model stacks them)."""
+  stage s (0..L-1, the n_dense dense blocks first, as the model stacks them).
+  `chunks[s]` (DualPipeV; None: one chunk per stage, `layers[s]`): the
+  stage's chunks, each a tuple of contiguous block ids, in stored order."""
   layers: tuple[tuple[int, ...], ...]
   n_dense: int
+  chunks: tuple[tuple[tuple[int, ...], ...], ...] | None = None
 
   @property
   def n_stages(self) -> int:
     return len(self.layers)
 
+  def parts(self, stage: int) -> tuple[tuple[int, ...], ...]:
+    """Stage s's chunks (block ids each), in stored order."""
+    return self.chunks[stage] if self.chunks is not None else (self.layers[stage],)
+
+  def _kind(self, ids, moe: bool) -> list[int]:
+    if moe:
+      return [i - self.n_dense for i in ids if i >= self.n_dense]
+    return [i for i in ids if i < self.n_dense]
+
   def ids(self, stage: int, moe: bool) -> list[int]:
     """Indices into the `moe_layers` (moe) or `dense_layers` stack of stage s."""
-    if moe:
-      return [i - self.n_dense for i in self.layers[stage] if i >= self.n_dense]
-    return [i for i in self.layers[stage] if i < self.n_dense]
+    return [i for part in self.parts(stage) for i in self._kind(part, moe)]
+
+  def part_slots(self, moe: bool) -> list[int]:
+    """Slots of each chunk position (the most blocks of this kind any stage's
+    chunk at that position has): chunk p's slots start at sum(earlier)."""
+    n = len(self.parts(0))
+    return [max(len(self._kind(self.parts(s)[p], moe)) for s in range(self.n_stages))
+            for p in range(n)]
 
   def slots(self, moe: bool) -> int:
-    return max(len(self.ids(s, moe)) for s in range(self.n_stages))
+    return sum(self.part_slots(moe))
 
   def index(self, moe: bool) -> tuple[np.ndarray, np.ndarray]:
     """([PP, slots] stack index, [PP, slots] active): padded slots point at
-    block 0 of the stack and are inactive."""
-    n = self.slots(moe)
-    idx = np.zeros((self.n_stages, n), np.int32)
-    active = np.zeros((self.n_stages, n), bool)
+    block 0 of the stack and are inactive; chunk-major slots."""
+    per = self.part_slots(moe)
+    idx = np.zeros((self.n_stages, sum(per)), np.int32)
+    active = np.zeros((self.n_stages, sum(per)), bool)
     for s in range(self.n_stages):
-      ids = self.ids(s, moe)
-      idx[s, :len(ids)] = ids
-      active[s, :len(ids)] = True
+      for p, part in enumerate(self.parts(s)):
+        ids, off = self._kind(part, moe), sum(per[:p])
+        idx[s, off:off + len(ids)] = ids
+        active[s, off:off + len(ids)] = True
     return idx, active
 
   def active(self) -> dict[str, np.ndarray]:
@@ -80,16 +106,19 @@ class StageLayout:
 
   def describe(self) -> str:
     """One line per stage: its blocks, embedding / head when it has them."""
+    total = sum(len(ids) for ids in self.layers)
     lines = []
     for s, ids in enumerate(self.layers):
       extra = []
-      if s == 0:
+      if 0 in ids:
         extra.append("embedding")
-      if s == self.n_stages - 1:
+      if total - 1 in ids:
         extra.append("norm, head, MTP, loss")
-      span = f"blocks {ids[0]}-{ids[-1]}" if len(ids) > 1 else f"block {ids[0]}"
+      spans = [f"blocks {p[0]}-{p[-1]}" if len(p) > 1 else f"block {p[0]}"
+               for p in self.parts(s)]
       kinds = (f"{len(self.ids(s, False))} dense, {len(self.ids(s, True))} MoE")
-      lines.append(f"stage {s}: {span} ({kinds})" + (f" + {', '.join(extra)}" if extra else ""))
+      lines.append(f"stage {s}: {' + '.join(spans)} ({kinds})"
+                   + (f" + {', '.join(extra)}" if extra else ""))
     sizes = sorted({len(ids) for ids in self.layers})
     if len(sizes) > 1:
       lines.append(f"uneven split: stages hold {sizes[0]} to {sizes[-1]} blocks; each stage "
@@ -177,22 +206,61 @@ def zero_padded_slots(layout: StageLayout, tree):
   return _map_stacks(layout, tree, zero)
 
 
-def state_layout(cfg: ModelConfig, mesh) -> StageLayout | None:
+def split_layers_v(cfg: ModelConfig, n_stages: int,
+                   chunk_layers: tuple[int, ...] | None = None) -> StageLayout:
+  """DualPipeV's layout: the blocks cut into 2 PP contiguous chunks (as
+  even as possible, earlier chunks taking the remainder, or the sizes you
+  give); stage r stores chunk r, then chunk 2PP-1-r."""
+  total = cfg.n_dense_layers + cfg.n_moe_layers
+  if chunk_layers is None and total < 2 * n_stages:
+    raise ValueError(
+        f"the model's {total} blocks cannot be cut into the 2 * pipe = {2 * n_stages} chunks "
+        "of at least one block DualPipeV runs; lower mesh.pipe, add layers or use another "
+        "pipeline_schedule.")
+  cut = split_layers(cfg, 2 * n_stages, chunk_layers)      # the 2 PP chunks
+  chunks = tuple((cut.layers[r], cut.layers[2 * n_stages - 1 - r]) for r in range(n_stages))
+  return StageLayout(tuple(a + b for a, b in chunks), cfg.n_dense_layers, chunks)
+
+
+def layout_for(cfg: ModelConfig, n_stages: int, schedule: str | None = None,
+               stage_layers=None) -> StageLayout:
+  """The stage layout `schedule` runs on pipe = n_stages: DualPipeV's
+  (`split_layers_v`; stage_layers then gives the 2 PP chunk sizes) or
+  contiguous stages (`split_layers`)."""
+  if schedule == "dualpipev":
+    return split_layers_v(cfg, n_stages, stage_layers)
+  return split_layers(cfg, n_stages, stage_layers)
+
+
+def state_layout(cfg: ModelConfig, mesh, schedule: str | None = None) -> StageLayout | None:
   """The stage layout of a train state on `mesh` (None without a pipe axis
-  > 1: the model's own layout)."""
+  > 1: the model's own layout); schedule: the run's pipeline_schedule
+  (DualPipeV stores its chunks differently)."""
   pp = dict(mesh.shape).get(PIPE, 1) if mesh is not None else 1
-  return split_layers(cfg, pp) if pp > 1 else None
+  return layout_for(cfg, pp, schedule) if pp > 1 else None
 
 
 def layout_from_sizes(cfg: ModelConfig, sizes) -> StageLayout | None:
   """The layout saved in a checkpoint's meta (`pipeline_stages`: blocks per
-  stage, or None for the model's own layout)."""
-  return split_layers(cfg, len(sizes), tuple(sizes)) if sizes else None
+  stage, or per stage [chunk r, chunk 2PP-1-r] for DualPipeV; None for the
+  model's own layout)."""
+  if not sizes:
+    return None
+  if isinstance(sizes[0], (list, tuple)):
+    pp = len(sizes)
+    chunk_layers = [sizes[c][0] if c < pp else sizes[2 * pp - 1 - c][1] for c in range(2 * pp)]
+    return split_layers_v(cfg, pp, tuple(chunk_layers))
+  return split_layers(cfg, len(sizes), tuple(sizes))
 
 
-def layout_sizes(layout: StageLayout | None) -> list[int] | None:
-  return [len(ids) for ids in layout.layers] if layout is not None else None
+def layout_sizes(layout: StageLayout | None) -> list | None:
+  if layout is None:
+    return None
+  if layout.chunks is not None:
+    return [[len(part) for part in parts] for parts in layout.chunks]
+  return [len(ids) for ids in layout.layers]
 
 
-__all__ = ["PIPE", "STACKS", "StageLayout", "split_layers", "stage_tree", "unstage_tree",
+__all__ = ["PIPE", "STACKS", "StageLayout", "split_layers", "split_layers_v", "layout_for",
+           "stage_tree", "unstage_tree",
            "zero_padded_slots", "state_layout", "layout_from_sizes", "layout_sizes"]

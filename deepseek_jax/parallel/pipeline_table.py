@@ -11,8 +11,11 @@ activation and the gradient arriving that tick are stored. The executor
 Slots are allocated from the timeline (a micro-batch's stage input is held
 from its arrival until its backward (B, or W when split) ends), so the
 activation memory per rank is what the schedule holds in flight: bounded by
-PP for 1F1B / ZB1P, PP+1 for DualPipe, M for GPipe. tests/test_pipeline.py
-checks a table against a message-passing interpreter.
+PP for 1F1B / ZB1P, PP+1 for DualPipe, 2PP+1 (half-size chunks) for
+DualPipeV, M for GPipe. DualPipeV's turn at rank PP-1 (chunk PP-1's output
+is chunk PP's input on the same rank, and back for the gradient) is stored
+from the rank's own op through the rah / rgh fields, not sent.
+tests/test_pipeline.py checks a table against a message-passing interpreter.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from deepseek_jax.parallel import schedules as sched
 NO_OP = 0
 F_CODES = {"F": 1}
 B_CODES = {"B": 1, "I": 3, "W": 5}
-_FIELDS = ("f_op", "f_mb", "f_x", "b_op", "b_mb", "b_x", "b_g", "ra0", "ra1", "rg0", "rg1")
+_FIELDS = ("f_op", "f_mb", "f_x", "b_op", "b_mb", "b_x", "b_g", "ra0", "ra1", "rg0", "rg1",
+           "rah", "rgh")
 # The simulator's durations for argument checks (any valid ones do).
 CHECK_TIMES = {"F": 1.0, "B": 2.0, "W": 1.0, "FB": 1.0}
 
@@ -41,16 +45,16 @@ class Table:
   b_op / b_mb / b_x / b_g (backward half: code, micro-batch, slots of its
   input and of its output gradient), ra{d} / rg{d} (slot storing the
   activation / gradient arriving this tick on direction d's channel; the
-  trash slot when none).
-  n_slots: activation slots per rank (+1 trash slot in the buffers)."""
+  trash slot when none), rah / rgh (DualPipeV's turn at rank PP-1: slot
+  storing this tick's own direction-0 activation / direction-1 input
+  gradient, handed to the other chunk without a message).
+  n_slots: activation slots per rank (+1 trash slot in the buffers).
+  v: DualPipeV (direction d of rank r is its chunk r (d = 0) or 2PP-1-r)."""
   fields: dict[str, np.ndarray]
   n_slots: int
   n_ticks: int
   directions: int
-
-
-def _chunk_rank(chunk: int, direction: int, pp: int) -> int:
-  return chunk if direction == 0 else pp - 1 - chunk
+  v: bool = False
 
 
 class Slots:
@@ -72,35 +76,40 @@ class Slots:
 def _ticks(timeline) -> tuple[dict, dict, dict, dict]:
   """When each (mb, chunk) is made / read: its forward's tick, its input
   gradient's tick, the tick of the op that last reads its held input; and
-  each micro-batch's direction."""
-  f_tick, i_tick, last_read = {}, {}, {}
+  each (mb, chunk)'s direction."""
+  f_tick, i_tick, last_read, direction = {}, {}, {}, {}
   for ops in timeline:
     for op in ops:
       for t in op.tasks:
         key = (t.mb, t.chunk)
+        direction[key] = t.direction
         if t.kind == "F":
           f_tick[key] = int(op.start)
         if t.kind in ("B", "I"):
           i_tick[key] = int(op.start)
         if t.kind in ("B", "W"):
           last_read[key] = int(op.start)
-  direction = {t.mb: t.direction for ops in timeline for op in ops for t in op.tasks}
   return f_tick, i_tick, last_read, direction
 
 
-def _arrivals(timeline, pp: int):
-  """Every arrival (tick, "x" | "g", mb, chunk, rank, slot) with its slot,
-  and the number of slots per rank."""
+def _arrivals(timeline, pp: int, n: int, v: bool):
+  """Every arrival (tick, "x" | "g", mb, chunk, rank, slot, channel) with its
+  slot, and the number of slots per rank. n: chunks per micro-batch; v:
+  DualPipeV's chunk numbering. channel: the sender's direction, or "h" for
+  DualPipeV's turn at rank PP-1 (chunk PP-1 to PP and back: same rank, no
+  message)."""
   f_tick, i_tick, last_read, direction = _ticks(timeline)
   # Arrivals in tick order, so that the greedy allocation sees them in time.
-  arrivals = [(t, "x", mb, chunk + 1) for (mb, chunk), t in f_tick.items() if chunk < pp - 1]
-  arrivals += [(t, "g", mb, chunk - 1) for (mb, chunk), t in i_tick.items() if chunk > 0]
+  arrivals = [(t, "x", mb, chunk + 1, chunk) for (mb, chunk), t in f_tick.items()
+              if chunk < n - 1]
+  arrivals += [(t, "g", mb, chunk - 1, chunk) for (mb, chunk), t in i_tick.items() if chunk > 0]
   slots = {"x": [Slots() for _ in range(pp)], "g": [Slots() for _ in range(pp)]}
   placed = []
-  for tick, what, mb, chunk in sorted(arrivals):
-    rank = _chunk_rank(chunk, direction[mb], pp)
+  for tick, what, mb, chunk, src in sorted(arrivals):
+    rank = sched.chunk_rank(chunk, direction[(mb, chunk)], pp, v)
     slot = slots[what][rank].take(tick, last_read[(mb, chunk)])
-    placed.append((tick, what, mb, chunk, rank, slot, direction[mb]))
+    local = rank == sched.chunk_rank(src, direction[(mb, src)], pp, v)
+    placed.append((tick, what, mb, chunk, rank, slot, "h" if local else direction[(mb, src)]))
   n_slots = max([len(s.free_at) for pool in slots.values() for s in pool] + [1])
   return placed, n_slots
 
@@ -110,9 +119,10 @@ def build_table(schedule: str, n_stages: int, n_microbatches: int) -> Table:
   pp, m = n_stages, n_microbatches
   sched._check_args(schedule, pp, m, CHECK_TIMES)
   plans = sched._PLANS[schedule](pp, m)
-  timeline, _ = sched._time_plans(plans, pp, {k: 1.0 for k in sched.KINDS})
+  n = sched.n_chunks(schedule, pp)
+  timeline, _ = sched._time_plans(plans, n, {k: 1.0 for k in sched.KINDS})
   n_ticks = int(max(ops[-1].end for ops in timeline if ops))
-  placed, n_slots = _arrivals(timeline, pp)
+  placed, n_slots = _arrivals(timeline, pp, n, schedule == "dualpipev")
   x_slot = {(mb, c): slot for _, what, mb, c, _, slot, _ in placed if what == "x"}
   g_slot = {(mb, c): slot for _, what, mb, c, _, slot, _ in placed if what == "g"}
   trash = n_slots
@@ -137,7 +147,8 @@ def build_table(schedule: str, n_stages: int, n_microbatches: int) -> Table:
         fields["b_mb"][t, r] = b.mb
         fields["b_x"][t, r] = x_slot.get((b.mb, b.chunk), trash)
         fields["b_g"][t, r] = g_slot.get((b.mb, b.chunk), trash)
-  return Table(fields, n_slots, n_ticks, 2 if schedule == "dualpipe" else 1)
+  return Table(fields, n_slots, n_ticks, 2 if schedule in ("dualpipe", "dualpipev") else 1,
+               schedule == "dualpipev")
 
 
 __all__ = ["NO_OP", "F_CODES", "B_CODES", "CHECK_TIMES", "Table", "Slots", "build_table"]

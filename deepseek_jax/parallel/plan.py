@@ -85,7 +85,15 @@ embedding lookup is left to stage 0: no second copy is counted).
 Rank r holds chunk r; DualPipe's rank r holds chunk r (direction 0) AND chunk
 PP-1-r (direction 1): two copies of the model across the pipeline
 (param_copies = 2, V3 Table 2), 2 L / PP layers per rank, and ranks 0 and
-PP-1 hold the embedding and the head + MTP both. Per rank r:
+PP-1 hold the embedding and the head + MTP both. DualPipeV cuts the blocks
+into 2 PP chunks (`split_layers` into 2 PP; `layers_per_stage` then lists
+the 2 PP chunks) and rank r holds chunks r and 2PP-1-r: one copy of the
+model, rank 0 holding the embedding and the head + MTP; its activations
+count chunks of L / 2PP layers (peak 2 PP + 1) and one working set X: the
+executor runs an F&B tick's forward and backward one after the other (the
+compiled V3-width step, 4 layers, pipe=2 x expert=4, M=4, batch 16 x 4096:
+161.48 GiB, 1.05x this plan's 154.44; DualPipe keeps V3's two working sets
+here). Per rank r:
 
   params_r  = sum over its chunks c of  dense_c * P_dense + moe_c * P_moe
               + [c = 0] P_embed + [c = PP-1] P_last
@@ -128,7 +136,7 @@ import numpy as np
 
 from deepseek_jax.config import VOCAB_CHUNK, ModelConfig, default_moe_block_size
 from deepseek_jax.parallel.expert import exchange_capacity
-from deepseek_jax.parallel.pipeline_layout import StageLayout, split_layers
+from deepseek_jax.parallel.pipeline_layout import StageLayout, split_layers, split_layers_v
 from deepseek_jax.parallel.rules import (BATCH_AXES, axes_size, check_divisible,
                                          logical_axes, mesh_axes_of, resolve, spec_for)
 from deepseek_jax.parallel.schedules import SCHEDULES, simulate
@@ -212,7 +220,11 @@ def _check_pipeline(cfg: ModelConfig, pp: int, schedule: str | None,
   if num_microbatches is None:
     raise ValueError(f"mesh pipe={pp} with pipeline_schedule={schedule!r} needs "
                      "num_microbatches (launch.plan: --num_microbatches), the micro-batches "
-                     f"per step (dualpipe: even and >= 2 * pipe = {2 * pp}).")
+                     f"per step (dualpipe: even and >= 2 * pipe = {2 * pp}; dualpipev: "
+                     f">= {2 * pp}).")
+  if schedule == "dualpipev":       # its 2 PP chunks, as split_layers_v cuts them
+    split_layers_v(cfg, pp)
+    return split_layers(cfg, 2 * pp)
   return split_layers(cfg, pp)
 
 
@@ -338,15 +350,20 @@ def memory_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, *, state: A
     peak, copies = 1, 1
   else:
     layers = [len(ids) for ids in layout.layers]
-    dual = pipeline_schedule == "dualpipe"
-    held = [(r, pp - 1 - r) if dual else (r,) for r in range(pp)]
+    dual = pipeline_schedule in ("dualpipe", "dualpipev")
+    if pipeline_schedule == "dualpipev":      # layout: the 2 PP chunks
+      held = [(r, 2 * pp - 1 - r) for r in range(pp)]
+    else:
+      held = [(r, pp - 1 - r) if dual else (r,) for r in range(pp)]
+    last = layout.n_stages - 1
     p_per = _stage_bytes(state.params, sizes, rule_set)
     o_per = _stage_bytes(state.opt_state, sizes, rule_set)
     p_chunk, o_chunk = _chunk_bytes(p_per, layout), _chunk_bytes(o_per, layout)
     params = [p_per["every"] + sum(p_chunk[c] for c in cs) for cs in held]
     opt = [o_per["every"] + sum(o_chunk[c] for c in cs) for cs in held]
     activations = [sim["activations"][r] * max(layers[c] for c in cs) * layer_in
-                   + transient * (2 if dual else 1) + (logits if pp - 1 in cs else 0) + update
+                   + transient * (2 if pipeline_schedule == "dualpipe" else 1)
+                   + (logits if last in cs else 0) + update
                    for r, cs in enumerate(held)]
     peak, copies = sim["peak_activations"], sim["param_copies"]
   totals = [2 * p + o + a for p, o, a in zip(params, opt, activations)]

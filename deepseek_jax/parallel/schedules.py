@@ -65,6 +65,20 @@ Schedules
             empty on the outer ranks otherwise), M even. That implementation
             posts some sends only after the next op; here, as everywhere, a
             result is usable the moment its op ends.
+  dualpipev DeepSeek's DualPipeV ("cut-in-half" DualPipe, deepseek-ai/DualPipe):
+            the model is cut into 2 PP chunks 0..2PP-1 (Task.chunk is the
+            global chunk; direction 0 for chunks < PP, 1 for the others);
+            rank r holds chunks r and 2PP-1-r (one parameter copy, 2 chunks
+            of half a stage), every micro-batch runs chunks 0..PP-1 on ranks
+            0..PP-1, turns at rank PP-1 (locally) and runs PP..2PP-1 back
+            down to rank 0, where the loss is. Rank r runs, with "phase 0"
+            chunk r and "phase 1" chunk 2PP-1-r, micro-batches 0..M-1 each:
+              1. 2(PP-r-1) F0;  2. r+1 F0, F1;  3. PP-r-1 I1, W, F1;
+              4. M-2PP+r+1 FB(F0,B1), FB(F1,B0) (the first pair as F0 then
+                 B1 on rank PP-1);  5. PP-r-1 B1, FB(F1,B0);
+              6. r+1 B1, B0 (the last r+1 of these as I);
+              7. PP-r-1 W, I0;  8. r+1 W.
+            Needs M >= 2 PP. Times F, B, W, FB are per chunk (L / 2PP layers).
 
 Measures (the columns of the V3 report's Table 2)
 -------------------------------------------------
@@ -80,7 +94,8 @@ Measures (the columns of the V3 report's Table 2)
                     forward's and its backward's micro-batch count, which is
                     where DualPipe's "+1" comes from.
   param_copies      parameter copies per rank in units of one chunk: 2 for
-                    DualPipe, 1 otherwise.
+                    DualPipe and DualPipeV (whose chunks are half a stage:
+                    together one copy of the model), 1 otherwise.
 
 Table 2 against the timelines (`table2` gives the formulas; tests/test_schedules.py
 checks where they hold). The formulas are idealised counts; the timelines meet
@@ -104,6 +119,11 @@ the formula can even go negative when W is large):
                one pair fewer and idles (F+B-FB) less. On the middle ranks the
                idle is their late start ((PP/2-1) F) plus short waits during
                the cool-down.
+  dualpipev    DualPipeV's published row with its PP = 2 n_stages chunk
+               stages: (n_stages-1)(F&B+B-3W); activations 2 n_stages + 1
+               chunks; 2 chunks of parameters: exactly, on every grid point
+               tests/test_schedules.py tries with F = B-W, W <= F,
+               max(F, B) <= FB <= F+B and M >= 2 n_stages (even or odd).
 """
 
 from __future__ import annotations
@@ -112,7 +132,7 @@ import dataclasses
 import math
 from typing import Any
 
-SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe")
+SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 KINDS = ("F", "B", "I", "W", "FB")
 
 
@@ -281,21 +301,97 @@ def _dualpipe_rank(pp: int, m: int, r: int) -> list[tuple[str, tuple[Task, ...]]
   return ops
 
 
+def _plan_dualpipev(pp: int, m: int):
+  return [_dualpipev_rank(pp, m, r) for r in range(pp)]
+
+
+def _dualpipev_rank(pp: int, m: int, r: int) -> list[tuple[str, tuple[Task, ...]]]:
+  """Rank r's DualPipeV order (module doc): phase 0 is chunk r (direction
+  0), phase 1 chunk 2PP-1-r (direction 1); every micro-batch 0..M-1 runs
+  both, in order."""
+  chunk = (r, 2 * pp - 1 - r)
+  next_f, next_b = [0, 0], [0, 0]
+  deferred: list[Task] = []
+  ops: list[tuple[str, tuple[Task, ...]]] = []
+
+  def fwd(p):
+    k, next_f[p] = next_f[p], next_f[p] + 1
+    return Task("F", k, p, chunk[p])
+
+  def bwd(p, split=False):
+    k, next_b[p] = next_b[p], next_b[p] + 1
+    t = Task("I" if split else "B", k, p, chunk[p])
+    if split:
+      deferred.append(t)
+    return t
+
+  def single(t):
+    ops.append((t.kind, (t,)))
+
+  def weight():
+    t = deferred.pop(0)
+    single(Task("W", t.mb, t.direction, t.chunk))
+
+  for _ in range(2 * (pp - r - 1)):                            # 1: nF0
+    single(fwd(0))
+  for _ in range(r + 1):                                       # 2: nF0F1
+    single(fwd(0))
+    single(fwd(1))
+  for _ in range(pp - r - 1):                                  # 3: nB1W1F1
+    single(bwd(1, split=True))
+    weight()
+    single(fwd(1))
+  for i in range(m - 2 * pp + r + 1):                          # 4: nF0B1F1B0
+    if i == 0 and r == pp - 1:
+      single(fwd(0))
+      single(bwd(1))
+    else:
+      ops.append(("FB", (fwd(0), bwd(1))))
+    ops.append(("FB", (fwd(1), bwd(0))))
+  for _ in range(pp - r - 1):                                  # 5: nB1F1B0
+    single(bwd(1))
+    ops.append(("FB", (fwd(1), bwd(0))))
+  n6 = 2 * (r + 1)                                             # 6: nB1B0, 2nd half split
+  for j in range(n6):
+    single(bwd(1 if j % 2 == 0 else 0, split=j >= n6 - (r + 1)))
+  for _ in range(pp - r - 1):                                  # 7: nWB0
+    weight()
+    single(bwd(0, split=True))
+  for _ in range(r + 1):                                       # 8: nW
+    weight()
+  assert not deferred and next_f == next_b == [m, m], (r, next_f, next_b)
+  return ops
+
+
 _PLANS = {"gpipe": _plan_gpipe, "1f1b": _plan_1f1b, "zb1p": _plan_zb1p,
-          "dualpipe": _plan_dualpipe}
+          "dualpipe": _plan_dualpipe, "dualpipev": _plan_dualpipev}
+
+
+def n_chunks(schedule: str, n_stages: int) -> int:
+  """Layer chunks a micro-batch runs: 2 PP for DualPipeV, PP otherwise."""
+  return 2 * n_stages if schedule == "dualpipev" else n_stages
+
+
+def chunk_rank(chunk: int, direction: int, n_stages: int, v: bool = False) -> int:
+  """The rank running `chunk` of `direction`: DualPipeV (v) numbers its 2 PP
+  chunks 0..2PP-1 (chunk c on rank c, then 2PP-1-c); DualPipe's direction 1
+  runs its chunk c on rank PP-1-c; otherwise chunk c is on rank c."""
+  if v:
+    return chunk if chunk < n_stages else 2 * n_stages - 1 - chunk
+  return chunk if direction == 0 else n_stages - 1 - chunk
 
 
 # ---------------------------------------------------------------------------
 # Timing: earliest start of every op under the dependencies.
 
-def _deps(t: Task, pp: int) -> list[tuple[str, int, int]]:
+def _deps(t: Task, n: int) -> list[tuple[str, int, int]]:
   """Keys (what, mb, chunk) the task waits for: "F" = forward done, "I" = input
-  gradient done (by B, I or an FB's B)."""
+  gradient done (by B, I or an FB's B); n: the chunks a micro-batch runs."""
   if t.kind == "F":
     return [("F", t.mb, t.chunk - 1)] if t.chunk > 0 else []
   if t.kind in ("B", "I"):
     deps = [("F", t.mb, t.chunk)]
-    return deps + ([("I", t.mb, t.chunk + 1)] if t.chunk < pp - 1 else [])
+    return deps + ([("I", t.mb, t.chunk + 1)] if t.chunk < n - 1 else [])
   return [("I", t.mb, t.chunk)]
 
 
@@ -305,9 +401,10 @@ def _provides(t: Task) -> list[tuple[str, int, int]]:
           "I": [("I", t.mb, t.chunk)], "W": []}[t.kind]
 
 
-def _time_plans(plans, pp: int, durations: dict[str, float]):
-  """Places every op at max(end of the rank's previous op, end of its inputs).
-  Returns (timeline, transfers)."""
+def _time_plans(plans, n: int, durations: dict[str, float]):
+  """Places every op at max(end of the rank's previous op, end of its inputs);
+  n: the chunks a micro-batch runs (`n_chunks`). Returns (timeline,
+  transfers)."""
   done: dict[tuple[str, int, int], tuple[int, int, float]] = {}   # key -> (rank, op, end)
   timeline: list[list[Op]] = [[] for _ in plans]
   clock = [0.0] * len(plans)
@@ -319,7 +416,7 @@ def _time_plans(plans, pp: int, durations: dict[str, float]):
     for r, plan in enumerate(plans):
       while pos[r] < len(plan):
         kind, tasks = plan[pos[r]]
-        deps = [d for t in tasks for d in _deps(t, pp)]
+        deps = [d for t in tasks for d in _deps(t, n)]
         if any(d not in done for d in deps):
           break
         start = max([clock[r]] + [done[d][2] for d in deps])
@@ -327,7 +424,7 @@ def _time_plans(plans, pp: int, durations: dict[str, float]):
         op = Op(kind, r, pos[r], tasks, start, end)
         timeline[r].append(op)
         for t in tasks:
-          for d in _deps(t, pp):
+          for d in _deps(t, n):
             src, src_op, ready = done[d]
             if src != r:                         # same-rank inputs need no message
               transfers.append(Transfer("activation" if d[0] == "F" else "gradient", t.mb,
@@ -378,6 +475,13 @@ def _check_args(schedule, n_stages, n_microbatches, times) -> None:
           f"n_microbatches >= 2 * n_stages = {2 * n_stages}.")
 
 
+  if schedule == "dualpipev" and n_microbatches < 2 * n_stages:
+    raise ValueError(
+        f"n_microbatches={n_microbatches} with n_stages={n_stages}: DualPipeV's steady phase "
+        "(FB pairs) exists on every rank only with at least 2 PP micro-batches, so it needs "
+        f"n_microbatches >= 2 * n_stages = {2 * n_stages}.")
+
+
 _TIME_MEANING = {"F": "forward", "B": "whole backward (input + weight gradients)",
                  "W": "weight-gradient backward",
                  "FB": "forward and whole backward overlapped (DualPipe's F&B)"}
@@ -408,7 +512,7 @@ def simulate(schedule: str, n_stages: int, n_microbatches: int, *, F: float = 1.
   _check_args(schedule, n_stages, n_microbatches, times)
   durations = {**times, "I": B - W}
   plans = _PLANS[schedule](n_stages, n_microbatches)
-  timeline, transfers = _time_plans(plans, n_stages, durations)
+  timeline, transfers = _time_plans(plans, n_chunks(schedule, n_stages), durations)
   makespan = max(ops[-1].end for ops in timeline if ops)
   busy = [sum(op.duration for op in ops) for ops in timeline]
   activations = []
@@ -425,7 +529,7 @@ def simulate(schedule: str, n_stages: int, n_microbatches: int, *, F: float = 1.
           "times": durations, "timeline": timeline, "transfers": transfers,
           "makespan": makespan, "busy": busy, "idle": idle, "bubble": max(idle),
           "activations": activations, "peak_activations": max(activations),
-          "param_copies": 2 if schedule == "dualpipe" else 1,
+          "param_copies": 2 if schedule in ("dualpipe", "dualpipev") else 1,
           "table2": table2(schedule, n_stages, n_microbatches, F=F, B=B, W=W, FB=FB)}
 
 
@@ -438,6 +542,7 @@ def table2(schedule: str, n_stages: int, n_microbatches: int, *, F: float = 1.0,
     1f1b      (PP-1)(F+B)            PP     1
     zb1p      (PP-1)(F+B-2W)         PP     1
     dualpipe  (PP/2-1)(F&B+B-3W)     PP+1   2
+    dualpipev (PP-1)(F&B+B-3W)       2PP+1  2   (chunks of L / 2PP layers)
 
   Idealised counts: see the module doc for when the simulated timelines meet
   them exactly.
@@ -451,6 +556,9 @@ def table2(schedule: str, n_stages: int, n_microbatches: int, *, F: float = 1.0,
     return {"bubble": (pp - 1) * (F + B), "activations": pp, "param_copies": 1}
   if schedule == "zb1p":
     return {"bubble": (pp - 1) * (F + B - 2 * W), "activations": pp, "param_copies": 1}
+  if schedule == "dualpipev":
+    return {"bubble": (pp - 1) * (FB + B - 3 * W), "activations": 2 * pp + 1,
+            "param_copies": 2}
   return {"bubble": (pp // 2 - 1) * (FB + B - 3 * W), "activations": pp + 1,
           "param_copies": 2}
 

@@ -102,7 +102,7 @@ def init_state_from_hf(cfg: ModelConfig, train_cfg: TrainConfig, path: str, mesh
   tx, _ = make_tx(train_cfg)
 
   kept.setdefault("router_bias", {})
-  layout = state_layout(cfg, mesh)
+  layout = state_layout(cfg, mesh, train_cfg.pipeline_schedule)
   sh = state_shardings(cfg, train_cfg, mesh, rules) if mesh is not None else None
   if layout is not None:     # a pipe mesh: each stage's blocks on its ranks (one copy)
     kept = jax.jit(partial(stage_tree, layout),

@@ -253,7 +253,8 @@ class Run:
     self.ckpts, diff = checkpoint.open_checkpoints(
         workdir, model_cfg, config, every=settings.ckpt_every, keep=settings.keep_ckpts,
         keep_every=settings.keep_every, async_save=settings.async_checkpoints)
-    # On a pipe mesh the state stores each stage's blocks on its own ranks.
+    # On a pipe mesh the state stores each stage's blocks on its own ranks
+    # (`start` sets the layout of the run's pipeline schedule).
     self.ckpts.pipeline_stages = layout_sizes(state_layout(model_cfg, mesh))
     self.stop: StopSignals | None = None
     self.writer: metrics.MetricsWriter | None = None
@@ -305,6 +306,8 @@ class Run:
             fresh: Callable[[], Any]) -> Any:
     """The state to train from: the latest checkpoint's (its data position and
     bad-step counters kept for `train`), or `fresh()` when there is none."""
+    self.ckpts.pipeline_stages = layout_sizes(
+        state_layout(model_cfg, self.mesh, train_cfg.pipeline_schedule))
     state, self.saved, self.resumed_from = resume_or_start(
         self.ckpts, model_cfg, train_cfg, self.mesh, rules, fresh=fresh, log=self.log)
     return state

@@ -26,7 +26,7 @@ from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.parallel.pipeline import check_pipeline
-from deepseek_jax.parallel.pipeline_layout import (layout_from_sizes, layout_sizes, split_layers,
+from deepseek_jax.parallel.pipeline_layout import (layout_for, layout_from_sizes, layout_sizes,
                                                    stage_tree, state_layout, unstage_tree)
 from deepseek_jax.train import checkpoint, export, hf_init
 from deepseek_jax.train.config import TrainConfig, schedule_changes
@@ -57,7 +57,7 @@ def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig, model_cfg=None
     m = num_microbatches(train_cfg, mesh_cfg.pipe)
     check_pipeline(mesh_cfg.pipe, train_cfg.pipeline_schedule, m)
     if model_cfg is not None:
-      split_layers(model_cfg, mesh_cfg.pipe)
+      layout_for(model_cfg, mesh_cfg.pipe, train_cfg.pipeline_schedule)
     if train_cfg.batch_size % (m * rows):
       raise ValueError(
           f"batch_size={train_cfg.batch_size} must be a multiple of num_microbatches x the "
@@ -122,7 +122,8 @@ def fresh_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, rules,
   init = load_init_from(model_cfg, train_cfg.init_from) if train_cfg.init_from else None
   state = init_train_state(model_cfg, train_cfg, jax.random.key(train_cfg.seed), mesh, rules)
   if init is not None:
-    state = with_variables(state, init[0], state_layout(model_cfg, mesh))
+    state = with_variables(state, init[0],
+                           state_layout(model_cfg, mesh, train_cfg.pipeline_schedule))
     log(f"initialised from {train_cfg.init_from} (step {init[1]}): parameters and "
         "router biases; optimizer and data start fresh")
   return state
@@ -169,7 +170,7 @@ def resume_or_start(ckpts: checkpoint.Checkpoints, model_cfg: ModelConfig,
         f"({'; '.join(changed)}): resuming would bend it mid-run. Keep the saved values "
         "(with decay_steps=0 the cosine runs to `steps`: to extend a run, set decay_steps "
         "to the saved resolved value), or start a new workdir with init_from.")
-  layout = state_layout(model_cfg, mesh)
+  layout = state_layout(model_cfg, mesh, train_cfg.pipeline_schedule)
   saved_stages = meta.get("pipeline_stages")
   if saved_stages == layout_sizes(layout):
     state, saved = ckpts.restore(abstract_train_state(model_cfg, train_cfg, mesh, rules))

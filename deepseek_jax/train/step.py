@@ -46,7 +46,7 @@ from deepseek_jax import parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer, init_variables, stages
 from deepseek_jax.parallel.pipeline import StageFns, check_pipeline, pipeline_value_and_grad
-from deepseek_jax.parallel.pipeline_layout import (split_layers, stage_tree, state_layout,
+from deepseek_jax.parallel.pipeline_layout import (layout_for, stage_tree, state_layout,
                                                    unstage_tree)
 from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 from deepseek_jax.train import losses
@@ -112,7 +112,8 @@ def init_train_state(cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array,
   (`state_layout`): each pipeline rank holds only its stage's blocks and
   their optimizer moments.
   """
-  init = _init_state_fn(cfg, train_cfg, state_layout(cfg, mesh))
+  init = _init_state_fn(cfg, train_cfg,
+                        state_layout(cfg, mesh, train_cfg.pipeline_schedule))
   if mesh is None:
     return jax.jit(init, compiler_options=FAST_COMPILE)(rng)
   # The init traces the model on a dummy batch of one row: it runs outside
@@ -129,7 +130,7 @@ def abstract_train_state(cfg: ModelConfig, train_cfg: TrainConfig,
   layout: the stage layout (parallel.pipeline.StageLayout, or None for the
   model's own); by default the one `init_train_state` uses on `mesh`."""
   if layout == _FROM_MESH:
-    layout = state_layout(cfg, mesh)
+    layout = state_layout(cfg, mesh, train_cfg.pipeline_schedule)
   abstract = jax.eval_shape(_init_state_fn(cfg, train_cfg, layout), jax.random.key(0))
   if mesh is None:
     return abstract
@@ -145,11 +146,13 @@ def state_shardings(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
                       abstract_train_state(cfg, train_cfg, mesh, rules))
 
 
-def model_variables(cfg: ModelConfig, state: TrainState, mesh: Mesh | None = None) -> dict:
+def model_variables(cfg: ModelConfig, state: TrainState, mesh: Mesh | None = None,
+                    schedule: str | None = None) -> dict:
   """{"params", "router_bias"} of `state` in the model's layout (what
-  `Transformer.apply` takes), whatever the state's layout on `mesh`."""
+  `Transformer.apply` takes), whatever the state's layout on `mesh`
+  (schedule: the run's pipeline_schedule; DualPipeV stores its own)."""
   variables = {"params": state.params, "router_bias": state.router_bias}
-  layout = state_layout(cfg, mesh)
+  layout = state_layout(cfg, mesh, schedule)
   return variables if layout is None else jax.jit(partial(unstage_tree, layout))(variables)
 
 
@@ -341,7 +344,7 @@ def pipelined_pretraining_grad(cfg: ModelConfig, train_cfg: TrainConfig, mesh: M
   up to float summation order (tests/test_pipeline.py)."""
   pp = dict(mesh.shape)["pipe"]
   check_pipeline(pp, schedule, n_microbatches)     # the schedule's errors first
-  layout = split_layers(cfg, pp, stage_layers)
+  layout = layout_for(cfg, pp, schedule, stage_layers)
   return pipeline_value_and_grad(pretraining_stages(cfg, train_cfg, mesh, rules), mesh, layout,
                                  schedule=schedule, n_microbatches=n_microbatches,
                                  staged=staged)
@@ -427,7 +430,7 @@ def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
         f"mesh.pipe={dict(mesh.shape)['pipe']}: this loss has no pipelined gradient (the "
         "pipeline runs the pretraining loss: make_train_step); use mesh.pipe=1.")
   tx, schedule = make_tx(train_cfg)
-  layout = state_layout(cfg, mesh)
+  layout = state_layout(cfg, mesh, train_cfg.pipeline_schedule)
   if grad_fn is None:
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     grad_fn = lambda params, router_bias, batch, count: value_and_grad(  # noqa: E731
