@@ -15,6 +15,12 @@
   # on SLURM (srun, one task per host): JAX reads the job's environment
   srun python -m launch.train ... --multihost
 
+  # preference learning from an SFT run (--config.objective picks the trainer)
+  python -m launch.train --config=launch/configs/reward_model.py --workdir=runs/rm \
+      --config.init_from=runs/own_sft
+  python -m launch.train --config=launch/configs/dpo.py --workdir=runs/dpo \
+      --config.init_from=runs/own_sft
+
   # fine-tune a published checkpoint (DeepSeek-V2-Lite, V3, ...) on your data
   python -m launch.train --config=launch/configs/finetune.py --workdir=runs/ft \
       --config.init_from_hf=/ckpt/DeepSeek-V2-Lite --config.data_files='("data.jsonl",)'
@@ -36,6 +42,7 @@ import sys
 from absl import app, flags
 
 from deepseek_jax.parallel import distributed
+from deepseek_jax.rl.preference_trainer import train_preferences
 from deepseek_jax.train.loop import train
 from launch.config_flag import begin_main, DEFINE_config_file, parse_flags_or_exit
 from launch.configs import build_configs, build_mesh_config
@@ -60,6 +67,15 @@ _SHUTDOWN = flags.DEFINE_integer(
     "shutdown_timeout_s", distributed.DEFAULT_SHUTDOWN_TIMEOUT_S,
     "Multi-process: how long a finished process waits for its peers to finish.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+# TrainConfig.objective -> its trainer, each called as
+# trainer(model_cfg, train_cfg, workdir, mesh_cfg=, log=) -> summary.
+TRAINERS = {
+    "lm": train,                        # next-token prediction: pretraining, SFT
+    "reward_model": train_preferences,  # Bradley-Terry on preference pairs
+    "dpo": train_preferences,           # DPO / IPO against the start weights
+}
 
 
 # A user's mistake (a config field, a data file, a workdir, a checkpoint): the
@@ -105,7 +121,8 @@ def run(config, workdir: str, *, preset: str | None = None,
   if distributed.is_primary():
     log("model config: " + json.dumps(model_cfg.to_dict()))
     log("train config: " + json.dumps(train_cfg.to_dict()))
-  return train(model_cfg, train_cfg, workdir, mesh_cfg=mesh_cfg, log=log)
+  return TRAINERS[train_cfg.objective](model_cfg, train_cfg, workdir, mesh_cfg=mesh_cfg,
+                                       log=log)
 
 
 def error_line(prog: str, e: Exception) -> str:

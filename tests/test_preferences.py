@@ -168,6 +168,23 @@ def test_encode_pairs_with_a_chat_template_and_the_length_limit(tmp_path):
     preferences.split_pairs(np.zeros((3, 2)))
 
 
+def test_encode_responses_rows_are_encode_pairs_rows():
+  """One row per (prompt, response): the rows encode_pairs makes for the same
+  texts (what a reward model scores), and the counts checked."""
+  tok, records, fmt = default_tokenizer(), _records(), PromptFormat("short")
+  pairs = preferences.encode_pairs(tok, records, fmt, seq_len=40)
+  prompts = [r.prompt_record() for r in records]
+  for which in (0, 1):
+    got = preferences.encode_responses(
+        tok, prompts, [(r.chosen, r.rejected)[which] for r in records], fmt, seq_len=40)
+    for key in preferences.PAIR_DTYPES:
+      np.testing.assert_array_equal(got[key], pairs[key][which::2], err_msg=key)
+  with pytest.raises(ValueError, match="2 responses for 3 prompts; expected 1 per prompt"):
+    preferences.encode_responses(tok, prompts, ["a", "b"], fmt, seq_len=40)
+  with pytest.raises(ValueError, match="f:2: <bos> prompt response <eos> is"):
+    preferences.encode_responses(tok, prompts[1:2], ["x" * 50], fmt, seq_len=40)
+
+
 # ----------------------------------------------------------------------------- losses
 
 

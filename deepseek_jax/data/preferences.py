@@ -23,7 +23,11 @@ one), exactly as prompt files are.
 
 `encode_pairs(tok, records, fmt, seq_len=...)` turns n records into 2n rows,
 interleaved: row 2i is pair i's chosen response, row 2i+1 its rejected one
-(`split_pairs` undoes it), so both halves of a pair stay on one data shard.
+(`split_pairs` undoes it), so both halves of a pair stay on one data shard
+(a shard of the rows holds whole pairs when the pairs per batch are a
+multiple of the shards). `encode_responses(tok, prompts, responses, fmt,
+seq_len=...)` makes the same rows for single (prompt, response) documents:
+what a trained reward model scores (rl/preference_trainer.py).
 Each row is the document `<bos> prompt response <eos>` (no <bos> when the
 chat template writes it) in a row of seq_len + 1 ids, right-padded, split
 like data/pipeline.py's packed rows into inputs and next-token targets.
@@ -151,27 +155,43 @@ def encode_pairs(tok, records: Sequence[PreferenceRecord], fmt: PromptFormat, *,
   is an error naming its record and the seq_len it needs."""
   if not records:
     raise ValueError("encode_pairs needs at least one preference record")
+  prompts = [r.prompt_record() for r in records]
+  return encode_responses(tok, prompts, [t for r in records for t in (r.chosen, r.rejected)],
+                          fmt, seq_len=seq_len, pad_id=pad_id, repeat=2)
+
+
+def encode_responses(tok, prompts: Sequence[PromptRecord], responses: Sequence[str],
+                     fmt: PromptFormat, *, seq_len: int, pad_id: int | None = None,
+                     repeat: int = 1) -> dict[str, np.ndarray]:
+  """Rows of (prompt, response) documents in the module docstring's layout,
+  [len(responses), seq_len]: row j is prompts[j // repeat] followed by
+  responses[j] (repeat=2: encode_pairs' chosen / rejected rows). What a
+  reward model scores (rl/reward_model.py). A document longer than
+  seq_len + 1 ids is an error naming its record and the seq_len it needs."""
+  if not responses:
+    raise ValueError("encode_responses needs at least one response")
+  if len(responses) != repeat * len(prompts):
+    raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts; expected "
+                     f"{repeat} per prompt")
   if seq_len < 1:
     raise ValueError(f"seq_len={seq_len} must be >= 1")
   pad_id = tok.pad_id if pad_id is None else pad_id
-  prompts = tok.encode_batch([fmt.text(r.prompt_record()) for r in records],
-                             add_bos=not fmt.adds_bos)
-  responses = tok.encode_batch([t for r in records for t in (r.chosen, r.rejected)],
-                               add_eos=True)
-  n, cap = 2 * len(records), seq_len + 1
+  prompt_ids = tok.encode_batch([fmt.text(p) for p in prompts], add_bos=not fmt.adds_bos)
+  completions = tok.encode_batch(list(responses), add_eos=True)
+  n, cap = len(responses), seq_len + 1
   ids = np.full((n, cap), pad_id, np.int32)
   seg = np.zeros((n, cap), np.int32)
   pos = np.zeros((n, cap), np.int32)
   response = np.zeros((n, cap), np.float32)          # per id: 1 on response and <eos>
-  for row, completion in enumerate(responses):
-    record, prompt = records[row // 2], prompts[row // 2]
+  for row, completion in enumerate(completions):
+    record, prompt = prompts[row // repeat], prompt_ids[row // repeat]
     length = len(prompt) + len(completion)
     if length > cap:
-      which = ("chosen", "rejected")[row % 2]
+      which = ("chosen", "rejected")[row % 2] if repeat == 2 else "response"
       raise ValueError(
-          f"{record.where or f'record {row // 2}'}: <bos> prompt {which} <eos> is {length} "
-          f"tokens ({len(prompt)} prompt + {len(completion)} response) but a row holds "
-          f"seq_len+1={cap}; raise seq_len to >= {length - 1} or drop the record")
+          f"{record.where or f'record {row // repeat}'}: <bos> prompt {which} <eos> is "
+          f"{length} tokens ({len(prompt)} prompt + {len(completion)} response) but a row "
+          f"holds seq_len+1={cap}; raise seq_len to >= {length - 1} or drop the record")
     ids[row, :length] = prompt + completion
     seg[row, :length] = 1
     pos[row, :length] = np.arange(length)

@@ -104,6 +104,13 @@ _PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("ffn", "w2"): ("exp", "mlp_moe", "embed"),
     ("ffn", "bias"): ("exp_bias",),
     ("eh_proj", "kernel"): ("mtp_concat", "embed"),
+    # V3.2's lightning indexer (model/dsa.py; its wq_b reuses the entry above).
+    ("wk_index", "kernel"): ("embed", "head_dim"),
+    ("k_norm", "bias"): ("norm",),
+    ("weights_proj", "kernel"): ("embed", "heads"),
+    # A reward model's value head (rl/reward_model.py), beside the model's
+    # parameters: [dim] read against the final hidden state; its bias is a scalar.
+    ("value_head", "kernel"): ("embed",),
 }
 
 

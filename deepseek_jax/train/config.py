@@ -11,11 +11,19 @@ model's configuration is `deepseek_jax.config.ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from deepseek_jax.config import check_field_names, check_ints, split_names
 from deepseek_jax.data import tasks
 from deepseek_jax.train.optimizer import MOMENT_DTYPES
+
+# What a run trains (TrainConfig.objective); launch.train's TRAINERS table maps
+# each to its trainer. "lm": next-token prediction (loop.train); "dpo",
+# "reward_model": preference pairs (rl/preference_trainer.py).
+OBJECTIVES = ("lm", "dpo", "reward_model")
+PREFERENCE_OBJECTIVES = ("dpo", "reward_model")
+DPO_LOSS_TYPES = ("sigmoid", "ipo")        # rl.dpo.LOSS_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +121,17 @@ class TrainConfig:
   fast_compile: compile the step and the decoder at XLA backend optimisation
     level 0 (on CPU ~2.5x faster compiles, ~1.6x slower steps): for tests and
     short runs.
+  objective: "lm" (the above: next-token prediction on the task or
+    data_files), or a preference objective on preference_files (jsonl /
+    parquet {prompt, chosen, rejected} records, data/preferences.py;
+    eval_preference_files held out, evaluated every eval_every steps and at
+    the start and end), trained by rl/preference_trainer.py (launch.train
+    dispatches on objective): "reward_model" (a scalar value head on the last
+    response token, Bradley-Terry loss with margin rm_margin) or "dpo" (the
+    policy against the frozen start weights, beta, dpo_loss_type "sigmoid" =
+    DPO or "ipo"). For them batch_size counts pairs (2 x batch_size rows of
+    seq_len), prompts are rendered by `template` (or the chat template beside
+    tokenizer_path), and the start is init_from / init_from_hf as for SFT.
   """
 
   steps: int = 1000
@@ -178,11 +197,20 @@ class TrainConfig:
   num_microbatches: int = 0
   # compilation
   fast_compile: bool = False
+  # objective (preference objectives: rl/preference_trainer.py)
+  objective: str = "lm"
+  preference_files: tuple[str, ...] = ()
+  eval_preference_files: tuple[str, ...] = ()
+  beta: float = 0.1
+  dpo_loss_type: str = "sigmoid"
+  rm_margin: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "data_files", tuple(self.data_files))
     object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
     object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
+    for name in ("preference_files", "eval_preference_files"):
+      object.__setattr__(self, name, split_names(getattr(self, name)))
     self.validate()
 
   def validate(self) -> None:
@@ -246,6 +274,36 @@ class TrainConfig:
     if bad or not self.task_kinds:
       raise ValueError(f"task_kinds={self.task_kinds} must be a non-empty subset of "
                        f"{tasks.KINDS}.")
+    self._validate_objective()
+
+  def _validate_objective(self) -> None:
+    """The objective's fields: one-line errors naming the field and the fix."""
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"objective={self.objective!r} must be one of {OBJECTIVES}.")
+    preference = self.objective in PREFERENCE_OBJECTIVES
+    if preference and not self.preference_files:
+      raise ValueError(f"objective={self.objective!r} trains on preference pairs: set "
+                       "preference_files=('pairs.jsonl',) ({prompt, chosen, rejected} "
+                       "records).")
+    if not preference and (self.preference_files or self.eval_preference_files):
+      raise ValueError(f"preference_files / eval_preference_files are read by objective "
+                       f"'dpo' or 'reward_model', not objective={self.objective!r}; set "
+                       "objective or drop them.")
+    if preference and self.data_files:
+      raise ValueError(f"data_files={self.data_files} are documents for objective='lm'; "
+                       f"objective={self.objective!r} reads preference_files: drop "
+                       "data_files.")
+    if preference and self.nan_steps:
+      raise ValueError(f"nan_steps={self.nan_steps!r} is a test hook of objective='lm'; "
+                       "drop it.")
+    if not (math.isfinite(self.beta) and self.beta > 0):
+      raise ValueError(f"beta={self.beta} must be a finite number > 0 (DPO's usual 0.1).")
+    if self.dpo_loss_type not in DPO_LOSS_TYPES:
+      raise ValueError(f"dpo_loss_type={self.dpo_loss_type!r} must be one of "
+                       f"{DPO_LOSS_TYPES}.")
+    if not (math.isfinite(self.rm_margin) and self.rm_margin >= 0):
+      raise ValueError(f"rm_margin={self.rm_margin} must be a finite number >= 0 (0 = plain "
+                       "Bradley-Terry).")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

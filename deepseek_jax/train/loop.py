@@ -180,8 +180,8 @@ class Reading:
     t = time.time()
     tc, problems = self.train_cfg, self.data.eval_problems
     result = evaluate.exact_match(
-        model_variables(self.model_cfg, state, self.mesh), self.data.tokenizer, problems,
-        self.model_cfg, max_new_tokens=tc.max_new_tokens,
+        model_variables(self.model_cfg, state, self.mesh, tc.pipeline_schedule),
+        self.data.tokenizer, problems, self.model_cfg, max_new_tokens=tc.max_new_tokens,
         batch_size=min(tc.eval_batch_size, len(problems)), template=tc.template,
         mesh=self.mesh)
     self.samples[:] = result["samples"][:5]
@@ -196,9 +196,10 @@ class Reading:
             "eval_n": result["n"], **{f"eval_accuracy_{k}": v for k, v in kinds.items()}}
 
 
-def _describe_start(run: runner.Run, model_cfg: ModelConfig, train_cfg: TrainConfig,
+def describe_start(run: runner.Run, model_cfg: ModelConfig, train_cfg: TrainConfig,
                     mesh_cfg: MeshConfig | None) -> float:
-  """Logs the model and MFU basis and writes config.json; returns mfu_scale."""
+  """Logs the model and MFU basis and writes config.json (the resolved
+  configs); returns mfu_scale. Every trainer of a TrainConfig calls it."""
   n_params = count_params(abstract_variables(model_cfg)["params"])   # without stage padding
   run.log(f"model: {n_params:,} parameters; training steps {run.start_step} -> "
           f"{run.settings.end} of {train_cfg.steps}")
@@ -273,6 +274,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
   last good checkpoint stays the latest one), ValueError on bad configs or
   data.
   """
+  if train_cfg.objective != "lm":
+    raise ValueError(f"objective={train_cfg.objective!r} is not next-token prediction: "
+                     "loop.train trains objective='lm'; launch.train sends each objective "
+                     "to its trainer (preference objectives: "
+                     "rl.preference_trainer.train_preferences).")
   check_compatible(model_cfg, train_cfg)
   mesh, rules = start.mesh_for(mesh_cfg, train_cfg, model_cfg)
   settings = runner.Settings.of(train_cfg, stop_after=stop_after)
@@ -297,7 +303,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
     task = runner.Task(step=step, batches=Rows(data, train_cfg, mesh, rules), line=reading.line,
                        scalars=reading.scalars,
                        evaluate=reading.evaluate if data.eval_problems else None,
-                       mfu_scale=_describe_start(run, model_cfg, train_cfg, mesh_cfg))
+                       mfu_scale=describe_start(run, model_cfg, train_cfg, mesh_cfg))
     result = run.train(task, state)
     plot = metrics.plot_losses(workdir) if run.primary else None
     evals, last = result.evals, result.last
