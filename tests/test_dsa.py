@@ -2,12 +2,14 @@
 DeepseekV32ForCausalLM and NumPy float64 transcriptions.
 
 A tiny random DeepseekV32 model (every weight random, the indexer's
-LayerNorm and the router bias included) is mapped into our variables here:
-the V3 tensors by interop's key map, the indexer's by this file's own slots.
-The top-k (6) is shorter than the sequences, so the selection changes the
-logits; the indexer's scores and selection are checked against float64
-NumPy, greedy generation against transformers' `generate`, packed rows
-against each document run alone, and the indexer's KL loss against NumPy.
+LayerNorm and the router bias included) is saved by transformers and read
+by `load_hf_checkpoint` (the key map: interop/hf_keys.py; its own tests:
+test_hf_v32.py). The top-k (6) is shorter than the sequences, so the
+selection changes the logits; the indexer's scores and selection are
+checked against float64 NumPy, greedy generation against transformers'
+`generate`, packed rows against each document run alone, the indexer's KL
+loss against NumPy, and the pipeline's stage functions (model/stages.py)
+against the whole model, indexer loss included.
 """
 
 import jax
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import ModelConfig, get_preset
-from deepseek_jax.interop.hf_keys import key_map
+from deepseek_jax.interop import load_hf_checkpoint
 from deepseek_jax.model import Transformer, abstract_variables
 from deepseek_jax.model import dsa
 from deepseek_jax.model.attention import attention_mask
@@ -52,49 +54,13 @@ def our_config() -> ModelConfig:
       n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5,
       q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
       original_seq_len=64, max_seq_len=64, rope_type="default", rope_theta=10000.0,
-      index_n_heads=8, index_head_dim=16, index_topk=TOPK, attn_block_size=0)
-
-
-def indexer_slots(cfg: ModelConfig):
-  """(HF key, our leaf, stacked index, torch [out, in] -> our kernel) of the indexer."""
-  h, d, q = cfg.index_n_heads, cfg.index_head_dim, cfg.q_lora_rank
-  out = []
-  for layer in range(cfg.n_layers):
-    moe = layer >= cfg.n_dense_layers
-    stack, i = ("moe_layers", layer - cfg.n_dense_layers) if moe else ("dense_layers", layer)
-    hf, ours = f"model.layers.{layer}.self_attn.indexer", f"params/{stack}/attn/indexer"
-    out += [(f"{hf}.wq_b.weight", f"{ours}/wq_b/kernel", i, lambda w: w.T.reshape(q, h, d)),
-            (f"{hf}.wk.weight", f"{ours}/wk_index/kernel", i, lambda w: w.T),
-            (f"{hf}.k_norm.weight", f"{ours}/k_norm/scale", i, lambda w: w),
-            (f"{hf}.k_norm.bias", f"{ours}/k_norm/bias", i, lambda w: w),
-            (f"{hf}.weights_proj.weight", f"{ours}/weights_proj/kernel", i, lambda w: w.T)]
-  return out
-
-
-def hf_to_ours(cfg: ModelConfig, state: dict) -> dict:
-  """Our variables from a DeepseekV32 state_dict (numpy)."""
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.zeros(a.shape, np.float32)
-          for path, a in jax.tree_util.tree_leaves_with_path(abstract_variables(cfg))}
-  slots = [(s.key, s.leaf, s.index, s.to_ours)
-           for s in key_map(cfg, frozenset(range(cfg.n_layers)))]
-  used = set()
-  for key, leaf, index, fn in slots + [(k, l, (i,), f) for k, l, i, f in indexer_slots(cfg)]:
-    flat[leaf][index] = fn(state[key])
-    used.add(key)
-  assert used == set(state), sorted(set(state) - used)
-  tree: dict = {}
-  for path, a in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = jnp.asarray(a)
-  return tree
+      index_n_heads=8, index_head_dim=16, index_topk=TOPK, attn_block_size=0, init_std=0.02)
 
 
 @pytest.fixture(scope="module")
-def pair():
-  """(HF model, our cfg, our variables) with the same random weights."""
+def pair(tmp_path_factory):
+  """(HF model, our cfg, our variables) with the same random weights: the
+  model saved by transformers, loaded by load_hf_checkpoint."""
   torch.manual_seed(0)
   model = transformers.DeepseekV32ForCausalLM(
       transformers.DeepseekV32Config(**HF, attn_implementation="eager")).eval()
@@ -103,9 +69,12 @@ def pair():
     for name, b in model.named_buffers():
       if name.endswith("e_score_correction_bias"):
         b.copy_(0.5 * torch.rand_like(b))
-  cfg = our_config()
-  state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  return model, cfg, hf_to_ours(cfg, state)
+  path = str(tmp_path_factory.mktemp("hf_v32"))
+  model.save_pretrained(path)
+  loaded_cfg, variables = load_hf_checkpoint(path)
+  cfg = our_config()    # the naive attention path; RoPE without YaRN, as loaded
+  assert loaded_cfg.replace(attn_block_size=0, rope_type="default") == cfg
+  return model, cfg, variables
 
 
 def _tokens(seq: int, batch: int = 2, seed: int = 0):
@@ -444,6 +413,85 @@ def test_dsa_loss_reaches_the_block_aux(pair):
       {"params": params}, x, pos, attention_mask(cfg, seg), seg != 0)
   np.testing.assert_allclose(np.asarray(warm), np.asarray(dense), atol=1e-6)
   assert np.abs(np.asarray(warm) - np.asarray(out)).max() > 1e-3
+
+
+def test_pipeline_stage_functions_equal_the_model_with_the_indexer_loss():
+  """A tiny V3.2 (1 dense + 2 MoE blocks, MTP; sparse indexer training) cut
+  in two stages as the pipeline runs it: stages.embed, stages.blocks on
+  each stage's slots (the second stage's MoE stack padded with an inactive
+  slot), stages.head and merge_aux give the whole model's logits and aux;
+  aux["indexer_loss"] is the sum of every block's own (each Block and the
+  MTP module applied alone, in a loop)."""
+  from random_weights import random_variables
+  from deepseek_jax.model import stages
+  from deepseek_jax.model.block import Block
+  from deepseek_jax.model.layers import RMSNorm
+  from deepseek_jax.model.mtp import MTPModule
+  cfg = get_preset("tiny_v32", index_topk=5, dsa_stage="sparse", attn_block_size=0)
+  assert (cfg.n_dense_layers, cfg.n_moe_layers, cfg.n_mtp_depth) == (1, 2, 1)
+  variables = random_variables(cfg, seed=4)
+  p, rb = variables["params"], variables["router_bias"]
+  tokens = _tokens(16, 2, seed=10)
+  targets = np.roll(tokens, -1, axis=1)
+  seg = np.ones((2, 16), np.int32)
+  seg[1, 12:] = 0
+  pos = np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16))
+
+  rows = lambda tree, lo, hi: jax.tree.map(lambda a: a[lo:hi], tree)           # noqa: E731
+  padded = lambda tree: jax.tree.map(lambda a: jnp.concatenate([a, 7 + a]), tree)  # noqa: E731
+
+  def pipelined(p, rb):
+    x = stages.embed(cfg, p, tokens)
+    x, aux0 = stages.blocks(cfg, {"dense_layers": p["dense_layers"],
+                                  "moe_layers": rows(p["moe_layers"], 0, 1)},
+                            {"moe_layers": rows(rb["moe_layers"], 0, 1)}, x, seg, pos)
+    x, aux1 = stages.blocks(cfg, {"moe_layers": padded(rows(p["moe_layers"], 1, 2))},
+                            {"moe_layers": padded(rows(rb["moe_layers"], 1, 2))}, x, seg, pos,
+                            active={"moe_layers": jnp.array([True, False])})
+    logits, head_aux = stages.head(cfg, p, rb, x, targets, seg, pos)
+    layers = {"dense_layers": aux0["dense_layers"],
+              "moe_layers": jax.tree.map(lambda a, b: jnp.concatenate([a, b[:1]]),
+                                         aux0["moe_layers"], aux1["moe_layers"])}
+    return logits, stages.merge_aux(cfg, layers, head_aux), aux1["moe_layers"]["indexer_loss"]
+
+  def block_by_block(p, rb):
+    """Every block alone, in order, then the MTP module: their indexer losses."""
+    mask, valid = attention_mask(cfg, jnp.asarray(seg)), jnp.asarray(seg != 0)
+    h, out = p["embed"]["embedding"][tokens], []
+    for name, moe, n in (("dense_layers", False, 1), ("moe_layers", True, 2)):
+      for i in range(n):
+        v = {"params": p[name], **({"router_bias": rb[name]} if moe else {})}
+        h, block_aux = Block(cfg, moe).apply(jax.tree.map(lambda a: a[i], v), h, pos, mask,
+                                             valid)
+        out.append(block_aux["indexer_loss"])
+    h = RMSNorm(cfg).apply({"params": p["norm"]}, h)
+    _, mtp_aux = MTPModule(cfg, True, "train").apply(
+        {"params": p["mtp_0"], "router_bias": rb["mtp_0"]}, h, p["embed"]["embedding"][targets],
+        pos, mask, valid)
+    return jnp.stack(out + [mtp_aux["indexer_loss"]])
+
+  @jax.jit          # one compile for the three
+  def run(v):
+    ref = Transformer(cfg).apply(v, tokens, segment_ids=seg, targets=targets, return_aux=True)
+    return ref, pipelined(v["params"], v["router_bias"]), block_by_block(
+        v["params"], v["router_bias"])
+
+  (ref_logits, ref_aux), (logits, aux, stage1_rows), per_block = run(variables)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+  assert sorted(aux) == sorted(ref_aux)
+  for key in ("indexer_loss", "balance_loss", "mtp_logits", "expert_load", "mtp_expert_load"):
+    np.testing.assert_allclose(np.asarray(aux[key]), np.asarray(ref_aux[key]), atol=1e-5,
+                               err_msg=key)
+  assert float(stage1_rows[1]) == 0                          # the padded slot adds nothing
+
+  per_block = np.asarray(per_block)
+  print(f"\n[dsa] indexer losses per block {np.round(per_block, 5).tolist()}")
+  assert per_block.min() > 0
+  np.testing.assert_allclose(float(aux["indexer_loss"]), per_block.sum(), rtol=1e-5)
+  # Off: no indexer loss anywhere (shapes only).
+  off_aux = jax.eval_shape(lambda v: Transformer(cfg.replace(dsa_stage="off")).apply(
+      v, tokens, segment_ids=seg, targets=targets, return_aux=True)[1], variables)
+  assert "indexer_loss" not in off_aux and "mtp_logits" in off_aux
 
 
 # ---------------------------------------------------------------------------

@@ -105,7 +105,8 @@ def _check_tensors(path: str, slots: list[Slot], infos: dict[str, TensorInfo],
   fields = (("num_hidden_layers", "tie_word_embeddings", "model_type (Qwen2 has q/k/v "
              "biases, Llama none)") if dense else
             ("num_hidden_layers", "first_k_dense_replace", "q_lora_rank", "n_routed_experts",
-             "n_shared_experts", "num_nextn_predict_layers"))
+             "n_shared_experts", "num_nextn_predict_layers", "index_n_heads / index_head_dim "
+            "(deepseek_v32)"))
   if missing:
     raise keys_error(path, "missing", missing,
                      f"check that config.json matches the weights ({', '.join(fields)}) "

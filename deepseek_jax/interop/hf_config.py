@@ -1,6 +1,6 @@
-"""Hugging Face `config.json` <-> ModelConfig: DeepSeek-V3 / V2, and dense Llama / Qwen2.
+"""Hugging Face `config.json` <-> ModelConfig: DeepSeek-V3.2 / V3 / V2, and dense Llama / Qwen2.
 
-Four families are read and written. The dense decoders (`LlamaForCausalLM`:
+Five families are read and written. The dense decoders (`LlamaForCausalLM`:
 DeepSeek LLM, R1-Distill-Llama; `Qwen2ForCausalLM`: R1-Distill-Qwen) map
 onto attention="gqa" in hf_dense.py; this module dispatches on model_type.
 Two are DeepSeek's MoE families: DeepSeek-V3 / R1 (`DeepseekV3ForCausalLM`,
@@ -11,6 +11,17 @@ layers, routes by softmax (raw gates times routed_scaling_factor) and limits
 groups by their best expert (`topk_method` greedy / group_limited_greedy).
 Our config says which family a model is by its router: score_func "sigmoid"
 is V3, "softmax" is V2.
+
+DeepSeek-V3.2 (`DeepseekV32ForCausalLM`, `deepseek_v32`) is V3 plus DeepSeek
+Sparse Attention: `index_n_heads`, `index_head_dim` and `index_topk` map 1:1
+onto ours (an MLA model with index_topk > 0 is written as V3.2), its router
+is V3's (sigmoid only). transformers' DeepseekV32Config has no MTP field and
+its model has no MTP layers; DeepSeek's published config.json has
+`num_nextn_predict_layers` (its MTP layer, with its own indexer, at layer
+num_hidden_layers). We read that field when present (default 0) and write
+it: our MTP modules are exported at layer num_hidden_layers + k as for V3,
+transformers ignores them (with an "unexpected keys" note) and loads the
+same main model; a checkpoint without them loads with n_mtp_depth=0.
 
 A config.json feature deepseek_jax does not model is refused by name
 (NotImplementedError) rather than loaded as a different model; keys a
@@ -32,8 +43,10 @@ HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
 HF_MODEL_TYPE = "deepseek_v3"
 HF_V2_ARCHITECTURE = "DeepseekV2ForCausalLM"
 HF_V2_MODEL_TYPE = "deepseek_v2"
+HF_V32_ARCHITECTURE = "DeepseekV32ForCausalLM"
+HF_V32_MODEL_TYPE = "deepseek_v32"
 HF_FAMILIES = {HF_MODEL_TYPE: HF_ARCHITECTURE, HF_V2_MODEL_TYPE: HF_V2_ARCHITECTURE,
-               **DENSE_FAMILIES}
+               HF_V32_MODEL_TYPE: HF_V32_ARCHITECTURE, **DENSE_FAMILIES}
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 CONFIG_NAME = "config.json"
 
@@ -53,6 +66,11 @@ _HF_V2_DEFAULTS = {
     "q_lora_rank": 1536, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
     "norm_topk_prob": False, "scoring_func": "softmax", "initializer_range": 0.02,
     "rope_theta": 10000.0, "topk_method": "greedy",
+}
+# ... and transformers' DeepseekV32Config (which has no MTP field: 0 when absent).
+_HF_V32_DEFAULTS = {
+    **_HF_DEFAULTS, "max_position_embeddings": 163840, "num_nextn_predict_layers": 0,
+    "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
 }
 _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
@@ -84,7 +102,7 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 
 def hf_model_type(hf_config: Mapping[str, Any]) -> str:
-  """"deepseek_v3", "deepseek_v2", "llama" or "qwen2" for a config.json dict;
+  """"deepseek_v32", "deepseek_v3", "deepseek_v2", "llama" or "qwen2" for a config.json dict;
   ValueError naming what it found for any other architecture."""
   archs = hf_config.get("architectures") or []
   model_type = hf_config.get("model_type")
@@ -96,6 +114,7 @@ def hf_model_type(hf_config: Mapping[str, Any]) -> str:
             "MLA and is not supported.")
   raise ValueError(
       f"unknown architecture {archs or None} / model_type {model_type!r}: expected "
+      f"{HF_V32_ARCHITECTURE} / {HF_V32_MODEL_TYPE!r} (DeepSeek-V3.2), "
       f"{HF_ARCHITECTURE} / {HF_MODEL_TYPE!r} (DeepSeek-V3 / R1) or {HF_V2_ARCHITECTURE} / "
       f"{HF_V2_MODEL_TYPE!r} (DeepSeek-V2 / V2-Lite / V2.5 / Coder-V2), LlamaForCausalLM / "
       f"'llama' (DeepSeek LLM, R1-Distill-Llama) or Qwen2ForCausalLM / 'qwen2' "
@@ -103,7 +122,7 @@ def hf_model_type(hf_config: Mapping[str, Any]) -> str:
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """ModelConfig from an HF DeepSeek-V3, DeepSeek-V2, Llama or Qwen2
+  """ModelConfig from an HF DeepSeek-V3.2, V3, V2, Llama or Qwen2
   `config.json` dict (the dense two: hf_dense.py).
 
   `overrides` set ModelConfig fields HF configs do not carry (dtype,
@@ -122,20 +141,22 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfi
   model_type = hf_model_type(hf)
   if model_type in DENSE_FAMILIES:
     return dense_config_from_hf(hf, model_type, **overrides)
-  v2 = model_type == HF_V2_MODEL_TYPE
-  defaults = _HF_V2_DEFAULTS if v2 else _HF_DEFAULTS
+  v2, v32 = model_type == HF_V2_MODEL_TYPE, model_type == HF_V32_MODEL_TYPE
+  defaults = _HF_V2_DEFAULTS if v2 else _HF_V32_DEFAULTS if v32 else _HF_DEFAULTS
   missing = [k for k in _HF_REQUIRED if k not in hf]
   if missing:
     raise ValueError(f"config.json lacks {missing}; it does not describe a DeepSeek "
-                     f"{'V2' if v2 else 'V3'} model.")
+                     f"{'V2' if v2 else 'V3.2' if v32 else 'V3'} model.")
 
   def get(name):  # transformers' default when the key is absent or null
     value = hf.get(name)
     return defaults[name] if value is None else value
 
   _refuse_unsupported(hf, v2)
-  routing = _v2_routing(hf, get) if v2 else _v3_routing(hf, get)
+  routing = _v2_routing(hf, get) if v2 else _v3_routing(hf, get, defaults)
   max_pos = int(get("max_position_embeddings"))
+  if v32:
+    routing.update(_v32_indexer(hf, get, max_pos))
   fields = dict(
       vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
       moe_inter_dim=get("moe_intermediate_size"), n_layers=hf["num_hidden_layers"],
@@ -180,8 +201,50 @@ def _refuse_unsupported(hf: Mapping[str, Any], v2: bool) -> None:
         f"{hf['num_attention_heads']}: MLA has one key/value per head.")
 
 
-def _v3_routing(hf: Mapping[str, Any], get: Callable[[str], Any]) -> dict[str, int]:
-  """n_expert_groups, n_limited_groups and n_mtp_depth of a V3 config."""
+def _v32_indexer(hf: Mapping[str, Any], get: Callable[[str], Any],
+                 max_pos: int) -> dict[str, int]:
+  """index_n_heads, index_head_dim, index_topk of a V3.2 config, after
+  refusing (by field) what transformers' DeepseekV32 runs and we do not: a
+  softmax router, a layer pattern other than first_k_dense_replace dense
+  layers then MoE ones, attention other than DSA, no query LoRA."""
+  score_func = get("scoring_func")
+  if score_func != "sigmoid":
+    raise NotImplementedError(f"scoring_func={score_func!r} in a DeepSeek-V3.2 config: "
+                              "transformers' DeepseekV32 router is sigmoid-only.")
+  method = hf.get("topk_method")
+  if method not in (None, "noaux_tc"):
+    raise NotImplementedError(f"topk_method={method!r} in a DeepSeek-V3.2 config: V3.2 "
+                              "routes by 'noaux_tc' (sigmoid, bias-corrected group top-k).")
+  n_layers = hf["num_hidden_layers"]
+  n_dense = min(get("first_k_dense_replace"), n_layers)
+  mlp_types = hf.get("mlp_layer_types")
+  if mlp_types is not None and list(mlp_types) != ["dense"] * n_dense + ["sparse"] * (
+      n_layers - n_dense):
+    raise NotImplementedError(
+        f"mlp_layer_types (dense at layers {[i for i, t in enumerate(mlp_types) if t == 'dense']})"
+        f": deepseek_jax has first_k_dense_replace={n_dense} 'dense' layers, then 'sparse' "
+        "(MoE) ones; drop mlp_layer_types or make it that pattern.")
+  layer_types = hf.get("layer_types")
+  if layer_types is not None and set(layer_types) - {"indexed_attention"}:
+    raise NotImplementedError(
+        f"layer_types with {sorted(set(layer_types) - {'indexed_attention'})}: every "
+        "DeepSeek-V3.2 layer is 'indexed_attention' in deepseek_jax.")
+  q_lora = hf.get("q_lora_rank", _HF_V32_DEFAULTS["q_lora_rank"])
+  if not q_lora:
+    raise NotImplementedError(f"q_lora_rank={q_lora!r} in a DeepSeek-V3.2 config: the "
+                              "indexer projects MLA's query latent; set q_lora_rank > 0.")
+  topk = get("index_topk")
+  if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+    raise ValueError(f"index_topk={topk!r} in a DeepSeek-V3.2 config must be an integer >= 1.")
+  # transformers selects min(index_topk, length) keys: beyond max_position_embeddings
+  # every allowed key, as index_topk = max_position_embeddings does (our limit).
+  return dict(index_n_heads=get("index_n_heads"), index_head_dim=get("index_head_dim"),
+              index_topk=min(topk, max_pos))
+
+
+def _v3_routing(hf: Mapping[str, Any], get: Callable[[str], Any],
+                defaults: Mapping[str, Any] = _HF_DEFAULTS) -> dict[str, int]:
+  """n_expert_groups, n_limited_groups and n_mtp_depth of a V3 (or V3.2) config."""
   score_func, norm_topk = get("scoring_func"), bool(get("norm_topk_prob"))
   if score_func == "sigmoid" and not norm_topk:
     raise NotImplementedError(
@@ -192,7 +255,7 @@ def _v3_routing(hf: Mapping[str, Any], get: Callable[[str], Any]) -> dict[str, i
         "scoring_func='softmax' with norm_topk_prob=true: deepseek_jax uses the raw "
         "softmax gates (DeepSeek-V2); set norm_topk_prob=false.")
   n_mtp = int(hf.get("num_nextn_predict_layers", hf.get(
-      "num_mtp_layers", _HF_DEFAULTS["num_nextn_predict_layers"])) or 0)
+      "num_mtp_layers", defaults["num_nextn_predict_layers"])) or 0)
   return dict(n_expert_groups=hf.get("n_group", _HF_DEFAULTS["n_group"]) or 1,
               n_limited_groups=hf.get("topk_group", _HF_DEFAULTS["topk_group"]) or 1,
               n_mtp_depth=n_mtp)
@@ -296,10 +359,11 @@ def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> dict[str, Any]:
 # ModelConfig -> config.json
 # ---------------------------------------------------------------------------
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-  """HF `config.json` dict for `cfg`: DeepseekV3ForCausalLM for a sigmoid
-  router, DeepseekV2ForCausalLM for a softmax one (V2-shaped: no MTP); a
-  dense GQA model as Qwen2ForCausalLM (q/k/v biases) or LlamaForCausalLM
-  (hf_dense.py).
+  """HF `config.json` dict for `cfg`: DeepseekV32ForCausalLM for an MLA
+  model with DSA (index_topk > 0; sigmoid router), DeepseekV3ForCausalLM for
+  a sigmoid router, DeepseekV2ForCausalLM for a softmax one (V2-shaped: no
+  MTP); a dense GQA model as Qwen2ForCausalLM (q/k/v biases) or
+  LlamaForCausalLM (hf_dense.py). dsa_stage (training only) is not written.
 
   Inactive YaRN fields (max_seq_len <= original_seq_len) are not written:
   they have no effect, and HF would apply YaRN at any length.
@@ -310,7 +374,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     field = "tie_word_embeddings=True" if cfg.tie_word_embeddings else "rope_type='llama3'"
     raise NotImplementedError(f"{field} with attention='mla': DeepSeek-V2/V3 checkpoints "
                               "have neither (separate lm_head, YaRN or plain RoPE).")
-  v2 = cfg.score_func == "softmax"
+  v2, v32 = cfg.score_func == "softmax", cfg.use_dsa
+  if v32 and v2:
+    raise NotImplementedError(
+        f"score_func='softmax' with index_topk={cfg.index_topk}: a DSA model is written as "
+        "DeepSeek-V3.2, whose router is sigmoid-only; set score_func='sigmoid'.")
   if v2 and cfg.n_mtp_depth:
     raise NotImplementedError(
         f"n_mtp_depth={cfg.n_mtp_depth} with score_func='softmax': a softmax-routed model "
@@ -321,9 +389,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "n_mtp_depth > 0 with no MoE layer: our MTP block is then dense but "
         "transformers' MTP layers are always MoE; set n_mtp_depth=0.")
   rope, legacy = _rope_to_hf(cfg)
+  arch, model_type = ((HF_V2_ARCHITECTURE, HF_V2_MODEL_TYPE) if v2 else
+                       (HF_V32_ARCHITECTURE, HF_V32_MODEL_TYPE) if v32 else
+                       (HF_ARCHITECTURE, HF_MODEL_TYPE))
   out = {
-      "architectures": [HF_V2_ARCHITECTURE if v2 else HF_ARCHITECTURE],
-      "model_type": HF_V2_MODEL_TYPE if v2 else HF_MODEL_TYPE,
+      "architectures": [arch], "model_type": model_type,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
       "intermediate_size": cfg.inter_dim, "moe_intermediate_size": cfg.moe_inter_dim,
       "num_hidden_layers": cfg.n_layers, "first_k_dense_replace": cfg.n_dense_layers,
@@ -347,6 +417,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   if v2:
     for key in ("rope_interleave", "num_nextn_predict_layers"):   # not V2 fields
       del out[key]
+  if v32:     # V3.2 always interleaves; num_nextn_predict_layers stays (module doc)
+    del out["rope_interleave"]
+    out.update(index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
+               index_topk=cfg.index_topk)
   return out
 
 

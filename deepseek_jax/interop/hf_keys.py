@@ -29,6 +29,10 @@ block is `params/dense_layers` [L] for L < first_k_dense_replace, else
   L.self_attn.kv_a_layernorm.weight          <block>/attn/kv_norm/scale
   L.self_attn.kv_b_proj.weight               <block>/attn/wkv_b/kernel
   L.self_attn.o_proj.weight                  <block>/attn/wo/kernel
+  L.self_attn.indexer.wq_b.weight (V3.2)     <block>/attn/indexer/wq_b/kernel [q_lora, H, D]
+  L.self_attn.indexer.wk.weight              <block>/attn/indexer/wk_index/kernel [dim, D]
+  L.self_attn.indexer.k_norm.{weight,bias}   <block>/attn/indexer/k_norm/{scale,bias}
+  L.self_attn.indexer.weights_proj.weight    <block>/attn/indexer/weights_proj/kernel [dim, H]
   L.mlp.{gate,up,down}_proj.weight (dense)   <block>/ffn/{w1,w3,w2}/kernel
   L.mlp.gate.weight                          <block>/ffn/gate
   L.mlp.gate.e_score_correction_bias (V3)    router_bias/moe_layers/ffn/bias
@@ -136,7 +140,19 @@ def _attention_slots(cfg: ModelConfig, hf: str, ours: str, idx: tuple) -> list[S
       _linear(f"{a}.kv_a_proj_with_mqa.weight", f"{o}/wkv_a/kernel", idx, (d,), (r + rope,)),
       _copy(f"{a}.kv_a_layernorm.weight", f"{o}/kv_norm/scale", idx, (r,)),
       _linear(f"{a}.kv_b_proj.weight", f"{o}/wkv_b/kernel", idx, (r,), (h, nope + v)),
-      _linear(f"{a}.o_proj.weight", f"{o}/wo/kernel", idx, (h, v), (d,))]
+      _linear(f"{a}.o_proj.weight", f"{o}/wo/kernel", idx, (h, v), (d,))] + (
+          _indexer_slots(cfg, f"{a}.indexer", f"{o}/indexer", idx) if cfg.use_dsa else [])
+
+
+def _indexer_slots(cfg: ModelConfig, hf: str, ours: str, idx: tuple) -> list[Slot]:
+  """DeepSeek-V3.2's lightning indexer (model/dsa.py) of one block: H =
+  index_n_heads heads of D = index_head_dim."""
+  d, q, h, k = cfg.dim, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim
+  return [_linear(f"{hf}.wq_b.weight", f"{ours}/wq_b/kernel", idx, (q,), (h, k)),
+          _linear(f"{hf}.wk.weight", f"{ours}/wk_index/kernel", idx, (d,), (k,)),
+          _copy(f"{hf}.k_norm.weight", f"{ours}/k_norm/scale", idx, (k,)),
+          _copy(f"{hf}.k_norm.bias", f"{ours}/k_norm/bias", idx, (k,)),
+          _linear(f"{hf}.weights_proj.weight", f"{ours}/weights_proj/kernel", idx, (d,), (h,))]
 
 
 def _moe_slots(cfg: ModelConfig, hf: str, ours: str, idx: tuple, fused: bool) -> list[Slot]:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
                        keep_fp8: bool = False) -> tuple[ModelConfig, dict]:
-  """Reads an HF DeepSeek-V3 / V2, Llama or Qwen2 checkpoint directory into
+  """Reads an HF DeepSeek-V3.2 / V3 / V2, Llama or Qwen2 checkpoint directory into
   (cfg, variables); Llama and Qwen2 load as dense GQA models (hf_dense.py).
 
   Tensors are streamed one at a time into preallocated stacked arrays of

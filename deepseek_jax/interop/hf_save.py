@@ -1,12 +1,13 @@
 """Writing our variables as an HF checkpoint: config.json, shards, index.
 
-DeepSeek-V3 / V2 for the MLA models, Llama / Qwen2 for the dense GQA ones
+DeepSeek-V3.2 / V3 / V2 for the MLA models, Llama / Qwen2 for the dense GQA ones
 (a tied model writes no lm_head.weight: transformers ties it on load).
 What transformers' `from_pretrained` (and vLLM) read: per-expert keys as
 published (hf_keys.py), MTP module k at layer num_hidden_layers + k,
 `model-0000i-of-0000n.safetensors` shards of at most max_shard_bytes and the
 `model.safetensors.index.json` weight map. A sigmoid-routed model is written
-as DeepSeek-V3, a softmax-routed one as DeepSeek-V2 (hf_config.py). Every
+as DeepSeek-V3, a softmax-routed one as DeepSeek-V2, one with DeepSeek
+Sparse Attention as DeepSeek-V3.2, indexers included (hf_config.py). Every
 file goes through `deepseek_jax.files` (temp file, then rename), so a failed
 save never leaves a half-written file, and an earlier save into the same
 directory stays whole until the new index replaces it.

@@ -124,7 +124,10 @@ def run_blocks(stacks: dict[str, Callable], x, positions, mask, valid, active=No
   masked stacks. routing [n_moe, b, s, k] (routing replay): passed to the
   MoE stack, built `routed`. Returns (x, aux): aux {"moe_layers": the MoE
   blocks' aux, one row per block: balance_loss [n], load [n, E], v2_balance
-  {key: [n]}} when the MoE stack ran (a dense block's aux is zero)."""
+  {key: [n]}} when the MoE stack ran (a dense block's aux is zero), plus
+  indexer_loss [n] in each stack's aux for a DSA model training its indexer
+  (cfg.dsa_stage != "off"): then the dense stack's aux is kept too (its
+  zero balance_loss and load beside its indexer_loss)."""
   aux = {}
   for name, moe in STACKS:
     if name in stacks:
@@ -132,7 +135,7 @@ def run_blocks(stacks: dict[str, Callable], x, positions, mask, valid, active=No
       if moe and routing is not None:
         on = (None, None if active is None else active[name], routing)
       x, stack_aux = stacks[name](x, positions, mask, valid, *on)
-      if moe:
+      if moe or "indexer_loss" in stack_aux:
         aux[name] = stack_aux
   return x, aux
 
@@ -143,7 +146,8 @@ def run_head(cfg: ModelConfig, layers: HeadLayers, x, targets, positions, mask, 
 
   Returns (logits [b, s, V] f32, aux): balance_loss (the MTP blocks' summed,
   unscaled), and when MTP runs mtp_logits [D, b, s, V], mtp_expert_load
-  [D, E] (MoE blocks) and v2_balance {key: [D]} (when on). hidden: the head
+  [D, E] (MoE blocks), v2_balance {key: [D]} (when on) and, for a DSA model
+  training its indexer, indexer_loss (the MTP blocks' summed). hidden: the head
   is not applied: (h [b, s, dim] the normalised final state, aux with
   mtp_hidden [D, b, s, dim], the MTP modules' outputs, for mtp_logits)."""
   h = layers.norm(x)
@@ -156,6 +160,8 @@ def run_head(cfg: ModelConfig, layers: HeadLayers, x, targets, positions, mask, 
     emb = layers.embed(shift_left(targets, k - 1))              # Emb(t_{i+k})
     h, block_aux = module(h, emb, positions, mask, valid)
     aux["balance_loss"] = aux["balance_loss"] + block_aux["balance_loss"]
+    if "indexer_loss" in block_aux:
+      aux["indexer_loss"] = aux.get("indexer_loss", 0.0) + block_aux["indexer_loss"]
     loads.append(block_aux["load"])
     mtp_out.append(h if hidden else layers.head(h))
     if "v2_balance" in block_aux:
@@ -171,9 +177,13 @@ def run_head(cfg: ModelConfig, layers: HeadLayers, x, targets, positions, mask, 
 def merge_aux(cfg: ModelConfig, blocks_aux: dict, head_aux: dict | None = None) -> dict:
   """The model's aux (Transformer's module doc) from the blocks' and the
   head's: balance_loss summed over every MoE layer, expert_load [n_moe, E],
-  v2_balance per layer (main MoE layers, then MTP blocks). The pipeline
-  merges its micro-batch sums the same way."""
+  v2_balance per layer (main MoE layers, then MTP blocks), and for a DSA
+  model training its indexer indexer_loss, the layers' indexer KL losses
+  summed over every block (dense, MoE, MTP). The pipeline merges its
+  micro-batch sums the same way."""
   moe = blocks_aux.get("moe_layers")
+  index = [a["indexer_loss"].sum() for a in blocks_aux.values() if "indexer_loss" in a]
+  index += [head_aux["indexer_loss"]] if head_aux and "indexer_loss" in head_aux else []
   head_aux = head_aux or {"balance_loss": jnp.zeros((), jnp.float32)}
   aux = {k: v for k, v in head_aux.items() if k != "v2_balance"}
   aux["expert_load"] = (moe["load"] if moe is not None
@@ -183,6 +193,8 @@ def merge_aux(cfg: ModelConfig, blocks_aux: dict, head_aux: dict | None = None) 
   v2 = [a["v2_balance"] for a in (moe, head_aux) if a is not None and "v2_balance" in a]
   if v2:
     aux["v2_balance"] = jax.tree.map(lambda *v: jnp.concatenate(v), *v2)
+  if index:
+    aux["indexer_loss"] = sum(index[1:], index[0])
   return aux
 
 
