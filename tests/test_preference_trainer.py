@@ -16,7 +16,7 @@ import pytest
 from deepseek_jax.config import get_preset
 from deepseek_jax.parallel import MeshConfig
 from deepseek_jax.rl import dpo, preference_trainer as pt
-from deepseek_jax.train import runner
+from deepseek_jax.train import export, runner
 from deepseek_jax.train.config import DPO_LOSS_TYPES, TrainConfig
 from deepseek_jax.train.step import init_train_state
 
@@ -176,6 +176,20 @@ def test_reward_model_cli_resumes_and_reads_back_as_a_scorer(files, tmp_path):
   assert np.mean(chosen > rejected) == pytest.approx(evals[-1]["eval_accuracy"])
   assert np.mean(chosen - rejected) == pytest.approx(evals[-1]["eval_margin"], abs=1e-4)
   assert rm.score(held[0]["prompt"], held[0]["chosen"]) == pytest.approx(chosen[0], abs=1e-5)
+  with pytest.raises(ValueError, match="is a reward-model run"):
+    export.load_trained_run(workdir)        # generate / evaluate / init_from refuse it
+  # as a GRPO reward (R1 stage 4: a reward model for general prompts)
+  from deepseek_jax.rl import trainer
+  gcfg = trainer.GRPOConfig(reward_models=(f"helpful={workdir}",),     # on the response
+                            kind_rewards=("general=helpful", "math=accuracy"))
+  trainer.check_inputs(gcfg)
+  fn, weight = trainer.reward_functions(gcfg)["helpful"]
+  texts = [r["chosen"] for r in held[:3]]
+  examples = [{"prompt": r["prompt"], "answer": "", "kind": "general"} for r in held[:3]]
+  np.testing.assert_allclose(fn.score_batch(texts, examples), chosen[:3], rtol=1e-5, atol=1e-5)
+  assert weight == 1.0 and fn.kinds == {"general"}
+  with pytest.raises(ValueError, match=r"reward_models \(rm\): .* does not exist"):
+    trainer.check_inputs(trainer.GRPOConfig(reward_models=(f"rm={tmp_path}",)))
   long = rm([held[0]["prompt"]], [held[0]["chosen"] + " " * 40])      # a 64-wide bucket
   assert np.isfinite(long).all()
 
@@ -185,7 +199,6 @@ def test_dpo_cli_resumes_with_the_start_weights_as_reference(files, tmp_path):
   resumes, and the reference stays the start weights in a resumed call; at
   step 0 the policy is the reference (implicit rewards 0); the checkpoint is
   a plain run's."""
-  from deepseek_jax.train import export
   workdir = str(tmp_path / "dpo")
 
   def reference_after_resume(cfg, tc):

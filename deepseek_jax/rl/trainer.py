@@ -99,6 +99,11 @@ class GRPOConfig:
     weight 1), each call limited to reward_timeout_s; errors and timeouts
     score None and are counted per function in metrics
     (reward_errors/<fn>, reward_timeouts/<fn>).
+    reward_models: trained reward models ('NAME=RUN[@on]': a run of
+    launch/configs/reward_model.py, scored in batches through
+    preference_trainer.load_reward_model; on "response" (default: the whole
+    completion) or "summary" (the text after </think>), as R1's fourth stage
+    scores harmlessness and helpfulness).
     judges: LLM judges ('NAME=PATH[@on]': a training run or an HF directory,
     greedy through our generate, prompted with judge_rubric (a file; default
     model_rewards.DEFAULT_RUBRIC), the first number of the output over 10 is
@@ -158,6 +163,7 @@ class GRPOConfig:
   reward_fns: tuple[str, ...] = ()
   reward_timeout_s: float = 10.0
   # model rewards (rl/model_rewards.py) and R1 stage 4's routing by prompt kind
+  reward_models: tuple[str, ...] = ()
   judges: tuple[str, ...] = ()
   judge_rubric: str = ""
   judge_max_new_tokens: int = 8
@@ -212,7 +218,7 @@ class GRPOConfig:
   def __post_init__(self):
     object.__setattr__(self, "task_kinds", split_names(self.task_kinds))
     object.__setattr__(self, "nan_steps", tuple(self.nan_steps))
-    for name in ("prompt_files", "eval_prompt_files", "reward_fns", "judges",
+    for name in ("prompt_files", "eval_prompt_files", "reward_fns", "reward_models", "judges",
                  "reward_weights", "kind_rewards"):
       object.__setattr__(self, name, split_names(getattr(self, name)))
     self.validate()
@@ -261,8 +267,9 @@ class GRPOConfig:
     if self.tis_cap is not None and not self.tis_cap > 0:
       raise ValueError(f"tis_cap={self.tis_cap} must be > 0 (or None: no correction).")
     check_ints(self, positive=("judge_max_new_tokens",))
-    for spec in self.judges:
-      model_rewards.parse_spec(spec, "judges")
+    for field in ("reward_models", "judges"):
+      for spec in getattr(self, field):
+        model_rewards.parse_spec(spec, field)
     for entry in self.reward_weights:
       name, eq, w = entry.partition("=")
       try:
@@ -372,6 +379,11 @@ def reward_functions(gcfg: GRPOConfig, extra: dict[str, tuple[rewards.RewardFn, 
   for path in gcfg.reward_fns:
     fns[path] = (TimedReward(verifiers.load_reward_fn(path), gcfg.reward_timeout_s, path),
                  weights.get(path, 1.0))
+  for spec in gcfg.reward_models:
+    from deepseek_jax.rl.preference_trainer import load_reward_model
+    name, path, on = model_rewards.parse_spec(spec, "reward_models")
+    fns[name] = (model_rewards.RewardModelReward(load_reward_model(path), on=on, name=name),
+                 weights.get(name, 1.0))
   judges = model_rewards.load_judges(gcfg.judges, rubric_file=gcfg.judge_rubric,
                                      max_new_tokens=gcfg.judge_max_new_tokens)
   fns.update({name: (judge, weights.get(name, 1.0)) for name, judge in judges.items()})
@@ -853,16 +865,38 @@ def check_inputs(gcfg: GRPOConfig) -> None:
             or os.path.isfile(os.path.join(path, "config.json"))):
       raise ValueError(f"judges ({name}): {path!r} is neither a training run directory (with "
                        "checkpoints/) nor an HF checkpoint directory (with config.json).")
+  for spec in gcfg.reward_models:
+    name, path, _ = model_rewards.parse_spec(spec, "reward_models")
+    _check_reward_model_run(name, path)
   if gcfg.judge_rubric:
     with open(gcfg.judge_rubric) as f:       # FileNotFoundError names the file
       model_rewards.JudgeReward(lambda texts: texts, rubric=f.read())
   builtin = [n for n, w in (("accuracy", gcfg.accuracy_weight), ("format", gcfg.format_weight),
                             ("language", gcfg.language_weight)) if w > 0]
-  judges = [model_rewards.parse_spec(s, "judges")[0] for s in gcfg.judges]
+  models = [model_rewards.parse_spec(s, field)[0]
+            for field in ("reward_models", "judges") for s in getattr(gcfg, field)]
   model_rewards.parse_kind_rewards(gcfg.kind_rewards,
-                                   builtin + list(gcfg.reward_fns) + judges)
+                                   builtin + list(gcfg.reward_fns) + models)
   if gcfg.chat_template not in prompts_lib.CHAT_CHOICES:
     prompts_lib.resolve_format(gcfg.chat_template, "", "none")
+
+
+def _check_reward_model_run(name: str, path: str) -> None:
+  """A reward_models entry names a reward-model run (read from its newest
+  checkpoint's meta, nothing restored); ValueError naming the entry."""
+  from deepseek_jax.train.checkpoint import Checkpoints
+  try:
+    ckpts = Checkpoints.existing(path)
+  except FileNotFoundError as e:
+    raise ValueError(f"reward_models ({name}): {e}") from None
+  try:
+    saved = TrainConfig.from_saved(ckpts.saved_meta(ckpts.latest_step())["train_config"])
+  finally:
+    ckpts.close()
+  if saved.objective != "reward_model":
+    raise ValueError(f"reward_models ({name}): {path!r} is a run of objective="
+                     f"{saved.objective!r}, not a reward model; train one with "
+                     "launch/configs/reward_model.py.")
 
 
 @dataclasses.dataclass

@@ -49,6 +49,11 @@ def load_trained_run(workdir: str, step: int | None = None
     model_cfg = ModelConfig.from_dict(meta["model_config"])
     # A GRPO run keeps its own config beside the TrainConfig (rl/trainer.py).
     train_cfg = TrainConfig.from_saved(meta["train_config"])
+    if train_cfg.objective == "reward_model":      # params carry a value head
+      raise ValueError(f"{workdir!r} is a reward-model run (objective='reward_model'): its "
+                       "checkpoint scores (prompt, response) pairs and generates nothing; "
+                       "load it with deepseek_jax.rl.preference_trainer.load_reward_model("
+                       "workdir), or use as a policy the run it started from (init_from).")
     # A pipeline run's state is in its stage layout: back to the model's.
     layout = layout_from_sizes(model_cfg, meta.get("pipeline_stages"))
     state, _ = ckpts.restore(abstract_train_state(model_cfg, train_cfg, layout=layout), step)
