@@ -154,7 +154,9 @@ def print_plan(plan: dict, sizes: dict[str, int]) -> None:
           f"{plan['num_microbatches']} micro-batches of {plan['microbatch_size']} sequences")
     print(f"  layers per stage (chunk): {plan['layers_per_stage']}")
     if plan["param_copies"] > 1:
-      print(f"  layers per rank ({plan['param_copies']} chunks: r and pipe-1-r): "
+      pair = ("r and 2*pipe-1-r" if plan["pipeline_schedule"] == "dualpipev"
+              else "r and pipe-1-r")
+      print(f"  layers per rank ({plan['param_copies']} chunks: {pair}): "
             f"{plan['layers_per_rank']}")
   # The rows of one rank, the one with the largest total, so that they add up
   # to the total (each row's own maximum may sit on another rank).
