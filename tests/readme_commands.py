@@ -189,7 +189,8 @@ def prepared(cmd: Command, scratch: str, full: bool = False) -> str:
   return f"{text} {extra}"
 
 
-def run_all(scratch: str, full: bool = False, from_line: int = 0) -> int:
+def run_all(scratch: str, full: bool = False, from_line: int = 0,
+            lines: set[int] | None = None) -> int:
   """Run every runnable command in order in `scratch` (module doc); the
   number that failed."""
   os.makedirs(os.path.join(scratch, "tmp"), exist_ok=True)
@@ -198,7 +199,7 @@ def run_all(scratch: str, full: bool = False, from_line: int = 0) -> int:
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   failed = 0
   for cmd in filter(runnable, extract()):
-    if cmd.line < from_line:
+    if cmd.line < from_line or (lines and cmd.line not in lines):
       continue
     text = prepared(cmd, scratch, full)
     t0 = time.time()
@@ -218,9 +219,12 @@ def main() -> int:
   parser.add_argument("--full", action="store_true", help="with --run: do not shorten")
   parser.add_argument("--from_line", type=int, default=0,
                       help="with --run: start at this README line (earlier outputs in DIR)")
+  parser.add_argument("--lines", default="",
+                      help="with --run: only the commands at these README lines (comma list)")
   args = parser.parse_args()
   if args.run:
-    return min(run_all(os.path.abspath(args.run), args.full, args.from_line), 1)
+    lines = {int(n) for n in args.lines.split(",") if n.strip()}
+    return min(run_all(os.path.abspath(args.run), args.full, args.from_line, lines), 1)
   for cmd in extract():
     mark = "run  " if runnable(cmd) else "skip "
     print(f"{mark}README:{cmd.line}: {cmd.text}")
