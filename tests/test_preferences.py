@@ -516,6 +516,11 @@ def test_shipped_preference_example():
   used = {line["prompt"] for line in _lines("arith_prompts.jsonl")}
   used |= {line["prompt"].split("User: ")[1].split("\n")[0] for line in _lines("arith_sft.jsonl")}
   assert not used & {r.prompt for r in train} and len({r.prompt for r in train}) == 1000
+  # general prompts (R1 stage 4's model-scored kind): train problems nothing else uses
+  general = _lines("general_prompts.jsonl")
+  assert len(general) == 200 and {(g["kind"], g["answer"]) for g in general} == {("general", "")}
+  assert all(tasks.split_of(g["prompt"]) == "train" for g in general)
+  assert not {g["prompt"] for g in general} & (used | {r.prompt for r in train})
   # deterministic: the generator rebuilds every shipped file line for line
   for name, records in make_examples.examples().items():
     assert records == _lines(name), name

@@ -19,6 +19,11 @@ sub / mul), deterministically (seed 0), in the formats a user's own files use:
                        held-out problems, for pairwise accuracy. The "answer"
                        field is not part of a preference record (it is
                        ignored there); it makes the files prompt files too.
+  general_prompts.jsonl  200 prompt records of kind "general" with no
+                       reference answer (""), train problems no other file
+                       uses: the prompts R1's fourth stage scores with reward
+                       models and judges, not a verifier
+                       (launch/configs/grpo_stage4.py)
 """
 
 import dataclasses
@@ -75,7 +80,7 @@ def examples() -> dict[str, list[dict]]:
   test = tasks.generate_problems(100, seed=0, split="test", max_digits=2, kinds=KINDS)
   prompt = lambda p: {"prompt": p.prompt, "answer": p.answer, "kind": tasks.kind_of(p)}  # noqa
   # The preference pairs' train problems continue the same draw past the 2600 above.
-  more = tasks.mixed_problems(3600, seed=0, split="train", max_digits=2, kinds=KINDS,
+  more = tasks.mixed_problems(3800, seed=0, split="train", max_digits=2, kinds=KINDS,
                               kind_mix="distinct")
   assert more[:2600] == train, "the train problems are a prefix of a longer draw"
   return {
@@ -83,8 +88,10 @@ def examples() -> dict[str, list[dict]]:
                            "completion": tasks.format_completion(p)} for p in train[:2000]],
       "arith_prompts.jsonl": [prompt(p) for p in train[2000:]],
       "arith_eval.jsonl": [prompt(p) for p in test],
-      "arith_prefs.jsonl": preference_records(more[2600:], seed=1),
+      "arith_prefs.jsonl": preference_records(more[2600:3600], seed=1),
       "arith_prefs_eval.jsonl": preference_records(test, seed=2),
+      "general_prompts.jsonl": [{"prompt": p.prompt, "answer": "", "kind": "general"}
+                                for p in more[3600:]],
   }
 
 
