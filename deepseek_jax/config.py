@@ -16,7 +16,11 @@ import math
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_SCORE_FUNCS = ("sigmoid", "softmax")
+_SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
+_ARCHS = ("v3", "v4")
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention",
+                  "heavily_compressed_attention")
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
 _MOE_IMPLS = ("auto", "blocked", "ragged", "dense")
 _REMAT = ("none", "full", "dots_saveable")
 _ATTENTIONS = ("mla", "gqa")
@@ -226,8 +230,25 @@ class ModelConfig:
   index_head_dim: int = 0
   index_topk: int | None = 0
   dsa_stage: str = "off"
+  arch: str = "v3"
+  hc_mult: int = 4
+  hc_sinkhorn_iters: int = 20
+  hc_eps: float = 1e-6
+  o_groups: int = 8
+  o_lora_rank: int = 1024
+  partial_rotary_factor: float = 0.125
+  compress_rope_theta: float = 160000.0
+  sliding_window: int = 128
+  compress_rate_csa: int = 4
+  compress_rate_hca: int = 128
+  layer_types: tuple[str, ...] = ()
+  mlp_layer_types: tuple[str, ...] = ()
+  swiglu_limit: float = 0.0
 
   def __post_init__(self):
+    for name in ("layer_types", "mlp_layer_types"):     # lists from JSON: hashable tuples
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     self.validate()
 
   # ---- derived quantities -------------------------------------------------
@@ -252,6 +273,15 @@ class ModelConfig:
   def use_dsa(self) -> bool:
     """DeepSeek Sparse Attention on (index_topk > 0): MLA has an indexer."""
     return bool(self.index_topk)
+
+  @property
+  def is_v4(self) -> bool:
+    return self.arch == "v4"
+
+  @property
+  def v4_rope_dim(self) -> int:
+    """V4: channels RoPE rotates at the end of each head (and indexer head)."""
+    return int(self.head_dim * self.partial_rotary_factor)
 
   @property
   def is_gqa(self) -> bool:
@@ -305,8 +335,15 @@ class ModelConfig:
       raise ValueError(
           f"qk_rope_head_dim={self.qk_rope_head_dim} must be even: RoPE rotates "
           "pairs of channels.")
-    self._validate_attention()
-    self._validate_dsa()
+    if self.arch not in _ARCHS:
+      raise ValueError(f"arch={self.arch!r} must be one of {_ARCHS}.")
+    if not self.swiglu_limit >= 0:
+      raise ValueError(f"swiglu_limit={self.swiglu_limit} must be >= 0 (0 = no clamp).")
+    if self.is_v4:
+      self._validate_v4()
+    else:
+      self._validate_attention()
+      self._validate_dsa()
     if self.n_moe_layers > 0:
       self._validate_moe()
     if self.score_func not in _SCORE_FUNCS:
@@ -414,6 +451,61 @@ class ModelConfig:
                        f"{self.qk_rope_head_dim}: the indexer's first qk_rope_head_dim "
                        "channels carry RoPE.")
 
+  def _validate_v4(self) -> None:
+    """The DeepSeek-V4 fields (ModelConfig doc: arch="v4")."""
+    check_ints(self, positive=("hc_mult", "hc_sinkhorn_iters", "o_groups", "o_lora_rank",
+                               "sliding_window", "compress_rate_csa", "compress_rate_hca",
+                               "head_dim", "q_lora_rank"),
+               non_negative=("index_n_heads", "index_head_dim"))
+    for name, types, allowed in (("layer_types", self.layer_types, V4_LAYER_TYPES),
+                                 ("mlp_layer_types", self.mlp_layer_types,
+                                  V4_MLP_LAYER_TYPES)):
+      if not isinstance(types, tuple) or len(types) != self.n_layers:
+        raise ValueError(f"{name} must be a tuple of n_layers={self.n_layers} entries; got "
+                         f"{types!r}.")
+      bad = [t for t in types if t not in allowed]
+      if bad:
+        raise ValueError(f"{name} entry {bad[0]!r} is not a V4 layer type; use one of "
+                         f"{allowed}.")
+    if self.n_dense_layers or self.n_expert_groups != 1:
+      raise ValueError(f"n_dense_layers={self.n_dense_layers}, n_expert_groups="
+                       f"{self.n_expert_groups}: a V4 model has MoE in every layer and one "
+                       "expert group; set n_dense_layers=0, n_expert_groups=1.")
+    if self.n_shared_experts != 1:
+      raise ValueError(f"n_shared_experts={self.n_shared_experts}: V4 has one shared expert "
+                       "of width moe_inter_dim; set n_shared_experts=1.")
+    if self.tie_word_embeddings or self.attention_bias:
+      raise ValueError("tie_word_embeddings / attention_bias are not V4 options; set both "
+                       "False.")
+    if self.dsa_stage != "off":
+      raise ValueError(f"dsa_stage={self.dsa_stage!r}: V4's indexer has no training loss "
+                       "here yet; set dsa_stage='off'.")
+    if not self.hc_eps > 0:
+      raise ValueError(f"hc_eps={self.hc_eps} must be > 0.")
+    rd = self.v4_rope_dim
+    if rd < 2 or rd % 2 or rd > self.head_dim:
+      raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} gives "
+                       f"{rd} rotary channels of head_dim={self.head_dim}; it must be an even "
+                       "number in [2, head_dim].")
+    if (self.n_heads * self.head_dim) % self.o_groups:
+      raise ValueError(f"o_groups={self.o_groups} must divide n_heads * head_dim = "
+                       f"{self.n_heads * self.head_dim}.")
+    if self.rope_type not in ("default", "yarn"):
+      raise ValueError(f"rope_type={self.rope_type!r}: V4 supports 'default' or 'yarn' (on "
+                       "the compressed layers).")
+    if not (self.rope_theta > 0 and self.compress_rope_theta > 0):
+      raise ValueError("rope_theta and compress_rope_theta must be > 0.")
+    if "compressed_sparse_attention" in self.layer_types:
+      if not self.index_topk or self.index_n_heads < 1 or self.index_head_dim < rd:
+        raise ValueError(
+            f"layer_types has compressed_sparse_attention: it needs index_topk > 0, "
+            f"index_n_heads >= 1 and index_head_dim >= the {rd} rotary channels; got "
+            f"index_topk={self.index_topk}, index_n_heads={self.index_n_heads}, "
+            f"index_head_dim={self.index_head_dim}.")
+      if self.index_topk > self.max_seq_len:
+        raise ValueError(f"index_topk={self.index_topk} exceeds max_seq_len="
+                         f"{self.max_seq_len}; lower index_topk.")
+
   def _validate_moe(self) -> None:
     e, k = self.n_routed_experts, self.n_activated_experts
     g, lg = self.n_expert_groups, self.n_limited_groups
@@ -450,7 +542,11 @@ class ModelConfig:
     return self.fp8 and kind in [k.strip() for k in self.fp8_layers.split(",")]
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The fields as JSON holds them (layer_types / mlp_layer_types as lists)."""
+    out = dataclasses.asdict(self)
+    for name in ("layer_types", "mlp_layer_types"):
+      out[name] = list(out[name])
+    return out
 
   @classmethod
   def from_dict(cls, values: dict[str, Any], base: "ModelConfig | None" = None
@@ -553,6 +649,49 @@ def _tiny_v32() -> ModelConfig:
   return _tiny().replace(index_n_heads=4, index_head_dim=16, index_topk=8)
 
 
+def _v4_flash_284b() -> ModelConfig:
+  # DeepSeek-V4-Flash (284B total / 13B active, 1M context): transformers'
+  # DeepseekV4Config defaults, which document this checkpoint: 43 layers, 2
+  # HCA then CSA / HCA alternating, the first 3 MoE layers hash-routed,
+  # compressed layers on YaRN x16 (compress_rope_theta 160000).
+  n = 43
+  types = ("heavily_compressed_attention",) * 2 + tuple(
+      "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+      for i in range(n - 2))
+  return ModelConfig(
+      arch="v4", vocab_size=129280, dim=4096, inter_dim=2048, moe_inter_dim=2048, n_layers=n,
+      n_dense_layers=0, n_heads=64, head_dim=512, n_kv_heads=1, q_lora_rank=1024,
+      n_routed_experts=256, n_shared_experts=1, n_activated_experts=6, n_expert_groups=1,
+      n_limited_groups=1, score_func="sqrtsoftplus", route_scale=1.5,
+      rope_theta=10000.0, compress_rope_theta=160000.0, rope_type="yarn", rope_factor=16.0,
+      original_seq_len=65536, beta_fast=32.0, beta_slow=1.0, max_seq_len=1048576,
+      partial_rotary_factor=64 / 512, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6,
+      o_groups=8, o_lora_rank=1024, sliding_window=128, compress_rate_csa=4,
+      compress_rate_hca=128, layer_types=types,
+      mlp_layer_types=("hash_moe",) * 3 + ("moe",) * (n - 3), swiglu_limit=10.0,
+      index_n_heads=64, index_head_dim=128, index_topk=512, n_mtp_depth=1,
+      rms_norm_eps=1e-6, init_std=0.02, dtype="bfloat16", param_dtype="float32",
+      remat_policy="full")
+
+
+def _tiny_v4() -> ModelConfig:
+  # Tests: every V4 layer type and both MLP types; sequences of 32 pass the
+  # sliding window (8) and the compression blocks (CSA 4, HCA 8), and the
+  # indexer keeps 3 of up to 8 compressed entries.
+  return ModelConfig(
+      arch="v4", vocab_size=256, dim=64, inter_dim=32, moe_inter_dim=32, n_layers=4,
+      n_dense_layers=0, n_heads=4, head_dim=32, n_kv_heads=1, q_lora_rank=32,
+      n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=1,
+      n_limited_groups=1, score_func="sqrtsoftplus", route_scale=1.5, rope_theta=10000.0,
+      compress_rope_theta=160000.0, rope_type="default", original_seq_len=128,
+      max_seq_len=128, partial_rotary_factor=0.25, hc_mult=3, hc_sinkhorn_iters=20,
+      o_groups=2, o_lora_rank=16, sliding_window=8, compress_rate_csa=4, compress_rate_hca=8,
+      layer_types=("sliding_attention", "compressed_sparse_attention",
+                   "heavily_compressed_attention", "compressed_sparse_attention"),
+      mlp_layer_types=("hash_moe", "hash_moe", "moe", "moe"), swiglu_limit=10.0,
+      index_n_heads=8, index_head_dim=16, index_topk=3, n_mtp_depth=1, init_std=0.02)
+
+
 # Dense decoders (attention="gqa"): DeepSeek LLM and R1's distilled students,
 # their published config.json values (HF names in the ModelConfig doc).
 def _dense(**fields: Any) -> ModelConfig:
@@ -631,6 +770,8 @@ PRESETS = {
     "tiny_llama": _tiny_llama,
     "tiny_qwen2": _tiny_qwen2,
     "tiny_v32": _tiny_v32,
+    "v4_flash_284b": _v4_flash_284b,
+    "tiny_v4": _tiny_v4,
 }
 
 

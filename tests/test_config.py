@@ -104,4 +104,4 @@ def test_every_shipped_launch_config_builds_its_configs():
       model_cfg, train_cfg = build_configs(config)
       build_mesh_config(config)
     assert model_cfg.n_layers >= 1 and train_cfg.steps >= 1
-  assert grpo == 2
+  assert grpo == 3            # grpo_demo, grpo_countdown, grpo_stage4

@@ -45,6 +45,9 @@ def _entry(cfg: ModelConfig, lead: tuple[int, ...], length: int) -> dict:
 def init_cache(cfg: ModelConfig, batch: int, length: int, *, mtp: bool = False) -> dict:
   """Zeros for `length` positions of `batch` rows (cfg.dtype); `mtp` adds
   MTP module 1's own block cache (speculative decoding)."""
+  if cfg.is_v4:
+    raise NotImplementedError("init_cache: DeepSeek-V4 (arch='v4') has no decode cache yet "
+                              "(sliding window, compressor and indexer state).")
   cache = {}
   for name, n in zip(STACKS, (cfg.n_dense_layers, cfg.n_moe_layers)):
     if n:

@@ -91,8 +91,18 @@ class Sampling(NamedTuple):
 # ---------------------------------------------------------------------------
 # Input checks (host side, before anything compiles)
 # ---------------------------------------------------------------------------
+def refuse_v4(cfg: ModelConfig) -> None:
+  """NotImplementedError for DeepSeek-V4 configs: what decoding them lacks."""
+  if cfg.is_v4:
+    raise NotImplementedError(
+        "generate does not support DeepSeek-V4 (arch='v4') yet: it needs the model's "
+        "prefill/decode modes with V4's caches (sliding-window keys, the compressors' "
+        "pending windows and compressed entries, the indexer's compressed keys).")
+
+
 def check_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k, top_p,
                   min_p, stop_ids, speculative) -> list[list[int]]:
+  refuse_v4(cfg)
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
   if not temperature >= 0:

@@ -154,7 +154,8 @@ def fp8_einsum(equation: str, x: jax.Array, kernel) -> jax.Array:
 
 
 class MLP(nn.Module):
-  """SwiGLU feed-forward: W_2 (silu(W_1 x) * W_3 x) (official names w1/w3/w2)."""
+  """SwiGLU feed-forward: W_2 (silu(W_1 x) * W_3 x) (official names w1/w3/w2);
+  cfg.swiglu_limit > 0 (V4) clamps W_1 x above and W_3 x to +-limit first."""
   cfg: ModelConfig
   hidden: int
 
@@ -163,6 +164,9 @@ class MLP(nn.Module):
     d = self.cfg.dim
     gate = Einsum(self.cfg, (d, self.hidden), "...d,df->...f", "mlp", name="w1")(x)
     up = Einsum(self.cfg, (d, self.hidden), "...d,df->...f", "mlp", name="w3")(x)
+    limit = self.cfg.swiglu_limit
+    if limit:
+      gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
     return Einsum(self.cfg, (self.hidden, d), "...f,fd->...d", "mlp", name="w2")(
         jax.nn.silu(gate) * up)
 

@@ -82,6 +82,8 @@ def route(logits: jax.Array, bias: jax.Array, cfg: ModelConfig,
   n_tok, n_exp = logits.shape
   if cfg.score_func == "sigmoid":
     scores = jax.nn.sigmoid(logits)
+  elif cfg.score_func == "sqrtsoftplus":      # DeepSeek-V4
+    scores = jnp.sqrt(jax.nn.softplus(logits))
   else:
     scores = jax.nn.softmax(logits, axis=-1)
   choice = scores + bias
@@ -109,7 +111,7 @@ def expert_gates(scores: jax.Array, experts: jax.Array, cfg: ModelConfig) -> jax
   un-biased scores [tokens, E]: normalised over the k (sigmoid router, V3
   eq. 14), times route_scale."""
   gates = jnp.take_along_axis(scores, experts, axis=-1)
-  if cfg.score_func == "sigmoid":
+  if cfg.score_func in ("sigmoid", "sqrtsoftplus"):
     gates = gates / gates.sum(-1, keepdims=True)
   return gates * cfg.route_scale
 
@@ -230,22 +232,31 @@ def v2_balance_losses(scores: jax.Array, topk_idx: jax.Array, *, n_devices: int,
 # ---------------------------------------------------------------------------
 # Grouped expert FFNs: x [n, D], experts/gates [n, k], w1/w3 [E, D, F], w2 [E, F, D]
 # ---------------------------------------------------------------------------
-def _swiglu(x, w1, w3, w2, eq_in, eq_out):
-  return jnp.einsum(eq_out, jax.nn.silu(jnp.einsum(eq_in, x, w1))
-                    * jnp.einsum(eq_in, x, w3), w2)
+def glu(gate, up, limit: float = 0.0):
+  """silu(gate) * up; limit > 0 (DeepSeek-V4's swiglu_limit) first clamps
+  gate above at limit and up to [-limit, limit]. 0: the plain SwiGLU."""
+  if limit:
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu(x, w1, w3, w2, eq_in, eq_out, limit: float = 0.0):
+  return jnp.einsum(eq_out, glu(jnp.einsum(eq_in, x, w1), jnp.einsum(eq_in, x, w3), limit),
+                    w2)
 
 
 default_block_size = default_moe_block_size   # (config.py: the planner counts it too)
 
 
-def _swiglu_grouped(xg, w1, w3, w2, fp8: bool):
+def _swiglu_grouped(xg, w1, w3, w2, fp8: bool, limit: float = 0.0):
   """SwiGLU of each group g's rows xg[g] [M, D] with expert weights w*[g]
-  (every GEMM through fp8_grouped_dot when fp8)."""
+  (every GEMM through fp8_grouped_dot when fp8); limit: `glu`'s clamp."""
   if not fp8:
-    return _swiglu(xg, w1, w3, w2, "gmd,gdf->gmf", "gmf,gfd->gmd")
+    return _swiglu(xg, w1, w3, w2, "gmd,gdf->gmf", "gmf,gfd->gmd", limit)
   def dot(a, w):
     return fp8_lib.fp8_grouped_dot(a, w).astype(a.dtype)
-  return dot(jax.nn.silu(dot(xg, w1)) * dot(xg, w3), w2)
+  return dot(glu(dot(xg, w1), dot(xg, w3), limit), w2)
 
 
 def _n_experts(w) -> int:
@@ -253,7 +264,7 @@ def _n_experts(w) -> int:
 
 
 def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: bool = False,
-                    embed_axes: tuple[str, ...] = ()):
+                    embed_axes: tuple[str, ...] = (), swiglu_limit: float = 0.0):
   """Routed SwiGLU experts on block-padded rows: sum_j gates[t, j] FFN_{e_tj}(x_t).
 
   x [n, D], experts/gates [n, k], w1/w3 [E, D, F], w2 [E, F, D] (or FP8
@@ -268,7 +279,8 @@ def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: boo
   slices, the model width D split over these mesh axes (w1/w3 [E, D/f, F],
   w2 [E, F, D/f]); `gmm` gathers one expert's whole weight at a time instead
   of every expert's at once (10.5 GiB per V3 layer at tensor=2, and as much
-  again for the gradient).
+  again for the gradient). swiglu_limit: `glu`'s clamp (V4; 0 = none), as
+  in the other kernels.
   """
   n, d = x.shape
   k = experts.shape[1]
@@ -297,34 +309,35 @@ def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: boo
   # and along its <= 128 rows (wgrad): a block is at most one M tile.
   mm = functools.partial(gmm, block_group=block_e, n_used=n_used, fp8=fp8,
                          gather_axes=tuple(embed_axes))
-  h = jax.nn.silu(mm(xs, w1, gather_dim=1)) * mm(xs, w3, gather_dim=1)
+  h = glu(mm(xs, w1, gather_dim=1), mm(xs, w3, gather_dim=1), swiglu_limit)
   y = mm(h, w2, gather_dim=2)
   y_rows = jnp.take(y, slot, axis=0, unique_indices=True, mode="fill",
                     fill_value=0).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
 
-def experts_ragged(x, experts, gates, w1, w3, w2):
+def experts_ragged(x, experts, gates, w1, w3, w2, swiglu_limit: float = 0.0):
   n, d = x.shape
   k = experts.shape[1]
   order, _, counts, _ = sort_by_group(experts.reshape(-1), w1.shape[0])
   counts = counts.astype(jnp.int32)
   xs = jnp.take(x, order // k, axis=0)                                 # [rows, D]
-  h = (jax.nn.silu(jax.lax.ragged_dot(xs, w1, counts))
-       * jax.lax.ragged_dot(xs, w3, counts))
+  h = glu(jax.lax.ragged_dot(xs, w1, counts), jax.lax.ragged_dot(xs, w3, counts),
+          swiglu_limit)
   ys = jax.lax.ragged_dot(h, w2, counts)
   y_rows = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
 
-def experts_dense(x, experts, gates, w1, w3, w2, fp8: bool = False):
+def experts_dense(x, experts, gates, w1, w3, w2, fp8: bool = False,
+                  swiglu_limit: float = 0.0):
   n, n_exp = x.shape[0], _n_experts(w1)
   dense_gates = jnp.zeros((n, n_exp), gates.dtype).at[
       jnp.arange(n)[:, None], experts].set(gates)
   # Expert-major [E, n, *] operands: batched GEMMs over the expert axis, the
   # layout XLA:CPU runs without transposing the weights (~8x faster than
   # "nd,edf->nef" at decode sizes).
-  y = _swiglu_grouped(jnp.broadcast_to(x, (n_exp,) + x.shape), w1, w3, w2, fp8)
+  y = _swiglu_grouped(jnp.broadcast_to(x, (n_exp,) + x.shape), w1, w3, w2, fp8, swiglu_limit)
   return jnp.einsum("end,ne->nd", y, dense_gates.astype(y.dtype))
 
 
@@ -449,13 +462,15 @@ class MoE(nn.Module):
             "keep_fp8=False (dequantized weights) to shard them.")
     if not isinstance(w1, fp8_lib.Quantized):
       w1, w3, w2 = (w.astype(dt) for w in (w1, w3, w2))
+    clamp = dict(swiglu_limit=cfg.swiglu_limit) if cfg.swiglu_limit else {}
     if impl == "blocked":
-      kernel = functools.partial(experts_blocked, block_size=cfg.moe_block_size, fp8=fp8)
+      kernel = functools.partial(experts_blocked, block_size=cfg.moe_block_size, fp8=fp8,
+                                 **clamp)
       kernel.gathers_weights = True     # takes FSDP-sliced weights (embed_axes)
     elif impl == "ragged":
-      kernel = experts_ragged
+      kernel = functools.partial(experts_ragged, **clamp) if clamp else experts_ragged
     else:
-      kernel = functools.partial(experts_dense, fp8=fp8)
+      kernel = functools.partial(experts_dense, fp8=fp8, **clamp)
 
     v2 = dict(balance_devices=self.balance_devices,
               balance_max_devices=self.balance_max_devices)

@@ -1,4 +1,6 @@
 """The DeepSeek-V3 transformer: embedding, dense blocks, MoE blocks, head, MTP.
+With cfg.arch = "v4" the same module is DeepSeek-V4 (model/v4.py: hyper-
+connections, sliding / compressed attention, hash-routed MoE; training forward).
 With cfg.attention = "gqa" and every block dense, the same module is a dense
 Llama-style decoder (DeepSeek LLM, R1's Qwen2 / Llama students: model/gqa.py);
 with cfg.tie_word_embeddings the head is the embedding, transposed (no `head`).
@@ -58,6 +60,7 @@ from deepseek_jax.model.layers import Embed, RMSNorm
 from deepseek_jax.model.attention import attention_mask
 from deepseek_jax.model.mla import decode_bias
 from deepseek_jax.model.mtp import MTPModule
+from deepseek_jax.model.v4 import v4_forward
 from deepseek_jax.model.stages import (HeadLayers, block_stack, merge_aux, output_head,
                                        run_blocks, run_embed, run_head, tied_head)
 
@@ -184,6 +187,14 @@ class Transformer(nn.Module):
     embed = Embed(cfg, name="embed")
     head = tied_head(embed) if cfg.tie_word_embeddings else output_head(cfg, name="head")
     final_norm = RMSNorm(cfg, name="norm")
+    if cfg.is_v4:                                        # DeepSeek-V4: model/v4.py
+      if mode != "train" or routing is not None or self.balance_devices:
+        raise NotImplementedError(
+            "DeepSeek-V4 (arch='v4') runs the training forward only: no inference modes "
+            "(KV / compressor caches), routing replay or V2 balance losses yet.")
+      out, aux = v4_forward(cfg, embed, head, final_norm, tokens, positions, segment_ids,
+                            targets if return_aux else None, return_hidden)
+      return (out, aux) if return_aux else out
     if mode != "train":
       return self._infer(mode, tokens, positions, segment_ids, valid, cache, mtp_hidden,
                          logits_index, embed, head, final_norm, return_routing)
