@@ -247,3 +247,44 @@ def test_swiglu_clamp_matches_transformers(hf_pair):
     assert np.abs(np.asarray(got) - want).max() < TOL, impl
   unclamped = Transformer(cfg.replace(swiglu_limit=0.0)).apply(variables, jnp.asarray(tokens))
   assert np.abs(np.asarray(unclamped) - want).max() > 100 * TOL
+
+
+def test_v4_router_bias_update_steps_each_score_routed_layer_by_its_own_load():
+  """Aux-loss-free balancing on V4's unrolled layers: layer i's bias moves by
+  speed * sign(mean - load_i) (the V3 rule, by hand); hash-routed layers
+  (tid2eid) keep theirs; the MTP block uses its own load."""
+  import jax
+  import numpy as np
+
+  from deepseek_jax.config import get_preset
+  from deepseek_jax.model import init_variables
+  from deepseek_jax.train.step import update_router_bias
+  cfg = get_preset("tiny_v4")
+  rb = init_variables(cfg, jax.random.key(0))["router_bias"]
+  e = rb["layers_2"]["ffn"]["bias"].shape[0]
+  load = np.random.default_rng(0).integers(0, 9, size=(cfg.n_layers, e)).astype(np.float32)
+  mtp_load = np.arange(e, dtype=np.float32)[None]
+  new = update_router_bias(rb, load, 0.01, mtp_load)
+  for i, kind in enumerate(cfg.mlp_layer_types):
+    old, got = rb[f"layers_{i}"]["ffn"]["bias"], new[f"layers_{i}"]["ffn"]["bias"]
+    want = old if kind == "hash_moe" else old + 0.01 * np.sign(load[i].mean() - load[i])
+    np.testing.assert_allclose(got, want, atol=1e-7)
+  np.testing.assert_allclose(new["mtp_0"]["block"]["ffn"]["bias"], rb["mtp_0"]["block"]["ffn"][
+      "bias"] + 0.01 * np.sign(mtp_load[0].mean() - mtp_load[0]), atol=1e-7)
+  np.testing.assert_array_equal(new["layers_0"]["tid2eid"], rb["layers_0"]["tid2eid"])
+
+
+def test_v4_on_a_mesh_is_refused_before_anything_compiles():
+  import jax
+
+  from deepseek_jax import parallel
+  from deepseek_jax.config import get_preset
+  from deepseek_jax.train.config import TrainConfig
+  from deepseek_jax.train.step import abstract_train_state, init_train_state
+  mesh, rules = parallel.setup(parallel.MeshConfig(data=2, fsdp=2, expert=2,
+                                                   rules="ep_fsdp"))
+  cfg = get_preset("tiny_v4")
+  for make in (lambda: init_train_state(cfg, TrainConfig(), jax.random.key(0), mesh, rules),
+               lambda: abstract_train_state(cfg, TrainConfig(), mesh, rules)):
+    with pytest.raises(NotImplementedError, match="arch='v4' runs on one device only"):
+      make()

@@ -102,6 +102,17 @@ def _init_state_fn(cfg: ModelConfig, train_cfg: TrainConfig, layout=None
 _FROM_MESH = "from_mesh"
 
 
+def check_mesh_support(cfg: ModelConfig, mesh: Mesh | None) -> None:
+  """NotImplementedError for a model family the mesh path cannot run yet:
+  V4 (model/v4.py) has no logical axes for its new parameters in the rule
+  sets and no pipeline stage functions."""
+  if mesh is not None and cfg.arch == "v4":
+    raise NotImplementedError(
+        "arch='v4' runs on one device only for now: its parameters (hyper-connections, "
+        "compressors, grouped output projection, hash tables) have no sharding rules and "
+        "it has no pipeline stage functions; drop the mesh (config.mesh.*).")
+
+
 def init_train_state(cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array,
                      mesh: Mesh | None = None, rules: Rules | None = None) -> TrainState:
   """Fresh parameters, optimizer state, zero router bias; step 0.
@@ -112,6 +123,7 @@ def init_train_state(cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array,
   (`state_layout`): each pipeline rank holds only its stage's blocks and
   their optimizer moments.
   """
+  check_mesh_support(cfg, mesh)
   init = _init_state_fn(cfg, train_cfg,
                         state_layout(cfg, mesh, train_cfg.pipeline_schedule))
   if mesh is None:
@@ -129,6 +141,7 @@ def abstract_train_state(cfg: ModelConfig, train_cfg: TrainConfig,
   carrying their shardings when a mesh is given (restore targets).
   layout: the stage layout (parallel.pipeline.StageLayout, or None for the
   model's own); by default the one `init_train_state` uses on `mesh`."""
+  check_mesh_support(cfg, mesh)
   if layout == _FROM_MESH:
     layout = state_layout(cfg, mesh, train_cfg.pipeline_schedule)
   abstract = jax.eval_shape(_init_state_fn(cfg, train_cfg, layout), jax.random.key(0))
@@ -167,8 +180,10 @@ def update_router_bias(router_bias: Any, expert_load: jax.Array, speed: float,
   """Aux-loss-free balancing (V3 sec. 2.1.2): b += speed * sign(mean - load).
 
   router_bias: the collection; `moe_layers/ffn/bias` is [n_moe_layers, E] and
-  `mtp_{k}/block/ffn/bias` [E] for MoE MTP blocks.
-  expert_load: [n_moe_layers, E] token counts of this step; mtp_expert_load:
+  `mtp_{k}/block/ffn/bias` [E] for MoE MTP blocks (V4: `layers_{i}/ffn/bias`
+  [E] per unrolled layer, hash-routed ones left alone).
+  expert_load: [n_moe_layers, E] token counts of this step (V4: [n_layers,
+  E]); mtp_expert_load:
   [D, E] for the MTP blocks (None leaves their biases unchanged).
   """
   if not speed:
@@ -178,6 +193,13 @@ def update_router_bias(router_bias: Any, expert_load: jax.Array, speed: float,
     moe = dict(router_bias["moe_layers"])
     moe["ffn"] = {**moe["ffn"], "bias": _bias_step(moe["ffn"]["bias"], expert_load, speed)}
     new["moe_layers"] = moe
+  # V4 (model/v4.py): unrolled `layers_{i}`, expert_load [n_layers, E] row i;
+  # hash-routed layers (their `tid2eid` table) route without the bias.
+  for key, layer in router_bias.items():
+    if key.startswith("layers_") and "ffn" in layer and "tid2eid" not in layer:
+      i = int(key.split("_")[1])
+      new[key] = {**layer, "ffn": {**layer["ffn"], "bias": _bias_step(
+          layer["ffn"]["bias"], expert_load[i], speed)}}
   if mtp_expert_load is not None:
     for k in range(mtp_expert_load.shape[0]):
       block = dict(router_bias[f"mtp_{k}"]["block"])
