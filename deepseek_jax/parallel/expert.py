@@ -46,9 +46,10 @@ in round q // C, slot q % C, with
               group take the same branch; groups along other axes decide on
               their own) runs a `lax.scan` over the m rounds, each of the
               same [P, C, d] shape and skipped (cond) when busiest <= r C
-              (m = 1: the one round, no inner cond or scan). Checkpointed,
-              with a checkpointed scan body: its residuals are its inputs,
-              and its backward replays one round at a time.
+              (m = 1: the one round, no inner cond or scan). A custom VJP
+              (`_overflow_cond`): its residuals are its inputs themselves (no
+              copies out of the cond), and its backward is a cond that
+              replays the rounds, one at a time (checkpointed scan body).
 
 Empty slots carry the sentinel expert id E/P (out of range for the local
 experts): a kernel that skips such rows (the contract of the model's
@@ -156,9 +157,10 @@ def _overflow(busiest, *operands, rnd, rounds: int, cap: int):
   round's buffers live one round at a time, forward and backward."""
   if rounds == 1:
     # The caller's cond already says the one round is needed (busiest >
-    # cap) and checkpoints this function: no inner cond, whose linearization
-    # passed its operands (the expert weights among them) out of the branch
-    # as residuals, copies (5.25 GiB at V3 widths), and no one-step scan.
+    # cap) and replays this function in its backward: no inner cond, whose
+    # linearization passed its operands (the expert weights among them) out
+    # of the branch as residuals, copies (5.25 GiB at V3 widths), and no
+    # one-step scan.
     return rnd(1, *operands)
   zeros = jnp.zeros_like(operands[0])   # zeros_like keeps the varying mesh axes
 
@@ -205,13 +207,59 @@ def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int
     return rnd(0, *operands)
   # All devices of one all_to_all group (the expert axis) take one branch.
   busiest = jax.lax.pmax(counts.max(), axis)
-  overflow = jax.checkpoint(functools.partial(_overflow, rnd=rnd, rounds=rounds, cap=cap))
-  extra = jax.lax.cond(busiest > cap, overflow, lambda b, *ops: jnp.zeros_like(tokens),
-                       busiest, *operands)
+  extra = _overflow_cond(busiest, *operands, rnd=rnd, rounds=rounds, cap=cap)
   # Round 0 after the overflow rounds; its backward before theirs.
   tokens, flat, gates, order, counts, start, w1, w3, w2 = operands
   extra, (tokens, gates, w1, w3, w2) = _sequenced(extra, (tokens, gates, w1, w3, w2))
   return extra + rnd(0, tokens, flat, gates, order, counts, start, w1, w3, w2)
+
+
+# The float operands of `_round` (tokens, gates, w1, w3, w2) by position.
+_FLOAT_OPERANDS = (0, 2, 6, 7, 8)
+
+
+def _overflow_cond(busiest, *operands, rnd, rounds: int, cap: int):
+  """The overflow rounds (`_overflow`) when busiest > cap, else 0 [n, d].
+
+  With a custom VJP: differentiating the `lax.cond` itself made its forward
+  return the checkpointed branch's residuals (its operands: the tokens and
+  the expert weights) as outputs of the cond, i.e. copies (5.25 GiB of
+  bfloat16 expert weights per MoE layer at V3 widths, live until the
+  backward). Here the residuals are the operands themselves, and the
+  backward is its own cond: the rounds' VJP (each round recomputed) or zero
+  cotangents for the float operands."""
+  run = functools.partial(_overflow, rnd=rnd, rounds=rounds, cap=cap)
+
+  def switch(busiest, *ops):
+    return jax.lax.cond(busiest > cap, run, lambda b, *o: jnp.zeros_like(o[0]), busiest, *ops)
+
+  def fwd(busiest, *ops):
+    return switch(busiest, *ops), (busiest, ops)
+
+  def bwd(res, ct):
+    busiest, ops = res
+
+    def grads(ct, busiest, *floats):
+      def f(*fl):
+        full = list(ops)
+        for i, v in zip(_FLOAT_OPERANDS, fl):
+          full[i] = v
+        return run(busiest, *full)
+      return jax.vjp(f, *floats)[1](ct)
+
+    def zeros(ct, busiest, *floats):
+      return tuple(jnp.zeros_like(v) for v in floats)
+
+    floats = [ops[i] for i in _FLOAT_OPERANDS]
+    cts = jax.lax.cond(busiest > cap, grads, zeros, ct, busiest, *floats)
+    full = [None] * len(ops)
+    for i, v in zip(_FLOAT_OPERANDS, cts):
+      full[i] = v
+    return (None, *full)
+
+  f = jax.custom_vjp(switch)
+  f.defvjp(fwd, bwd)
+  return f(busiest, *operands)
 
 
 @jax.custom_vjp
