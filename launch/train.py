@@ -21,6 +21,10 @@
   python -m launch.train --config=launch/configs/dpo.py --workdir=runs/dpo \
       --config.init_from=runs/own_sft
 
+  # token-level distillation of the README demo's MoE into a dense student
+  python -m launch.train --config=launch/configs/distill_dense.py --workdir=runs/distill \
+      --config.distill_teacher=runs/demo
+
   # fine-tune a published checkpoint (DeepSeek-V2-Lite, V3, ...) on your data
   python -m launch.train --config=launch/configs/finetune.py --workdir=runs/ft \
       --config.init_from_hf=/ckpt/DeepSeek-V2-Lite --config.data_files='("data.jsonl",)'
@@ -43,6 +47,7 @@ from absl import app, flags
 
 from deepseek_jax.parallel import distributed
 from deepseek_jax.rl.preference_trainer import train_preferences
+from deepseek_jax.train.distill_trainer import train_distill
 from deepseek_jax.train.loop import train
 from launch.config_flag import begin_main, DEFINE_config_file, parse_flags_or_exit
 from launch.configs import build_configs, build_mesh_config
@@ -75,6 +80,7 @@ TRAINERS = {
     "lm": train,                        # next-token prediction: pretraining, SFT
     "reward_model": train_preferences,  # Bradley-Terry on preference pairs
     "dpo": train_preferences,           # DPO / IPO against the start weights
+    "distill": train_distill,           # token-level KL to a teacher's top-k
 }
 
 

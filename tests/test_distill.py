@@ -113,7 +113,8 @@ def test_loss_equals_the_float64_transcription(setup, temperature, ce_weight, ch
   want = numpy_distill(student_logits, teacher_logits, K, weights, batch["targets"],
                        temperature, ce_weight)
   assert float(loss) == pytest.approx(want, rel=1e-5)
-  assert float(out["metrics"]["tokens"]) == weights.sum()
+  assert float(out["metrics"]["target_tokens"]) == weights.sum()
+  assert float(out["metrics"]["tokens"]) == (batch["segment_ids"] != 0).sum()
   assert 0 < float(out["metrics"]["teacher_mass"]) < 1
   # the unchunked form on full logits says the same
   kl = distill.topk_forward_kl(student_logits, full["teacher_ids"], full["teacher_logprobs"],

@@ -234,7 +234,8 @@ def test_dpo_cli_resumes_with_the_start_weights_as_reference(files, tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(objective="ppo"), r"objective='ppo' must be one of \('lm', 'dpo', 'reward_model'\)"),
+    (dict(objective="ppo"),
+     r"objective='ppo' must be one of \('lm', 'dpo', 'reward_model', 'distill'\)"),
     (dict(objective="dpo"), "objective='dpo' trains on preference pairs: set preference_files"),
     (dict(objective="reward_model"), "objective='reward_model' trains on preference pairs"),
     (dict(preference_files=("p.jsonl",)), "are read by objective 'dpo' or 'reward_model'"),

@@ -20,8 +20,9 @@ from deepseek_jax.train.optimizer import MOMENT_DTYPES
 
 # What a run trains (TrainConfig.objective); launch.train's TRAINERS table maps
 # each to its trainer. "lm": next-token prediction (loop.train); "dpo",
-# "reward_model": preference pairs (rl/preference_trainer.py).
-OBJECTIVES = ("lm", "dpo", "reward_model")
+# "reward_model": preference pairs (rl/preference_trainer.py); "distill":
+# token-level distillation from a teacher (train/distill_trainer.py).
+OBJECTIVES = ("lm", "dpo", "reward_model", "distill")
 PREFERENCE_OBJECTIVES = ("dpo", "reward_model")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")        # rl.dpo.LOSS_TYPES
 
@@ -132,6 +133,17 @@ class TrainConfig:
     DPO or "ipo"). For them batch_size counts pairs (2 x batch_size rows of
     seq_len), prompts are rendered by `template` (or the chat template beside
     tokenizer_path), and the start is init_from / init_from_hf as for SFT.
+    "distill": token-level distillation (train/distill_trainer.py) on the
+    data of "lm" (the task, or data_files; SFT records: loss on the
+    completions): the forward KL from the teacher's top-distill_k next-token
+    distribution (renormalised, at distill_temperature; train/distill.py) to
+    the student's, plus distill_ce_weight x the data's own CE. The teacher
+    distill_teacher is a training run's workdir or an HF checkpoint directory
+    sharing the student's token ids (its vocabulary must fit the student's);
+    its top-k come from a jitted teacher forward per batch, or with
+    distill_cache=DIR from a disk cache filled once before training (one
+    shard per step; a rerun reuses it). distill_chunk: positions per head
+    chunk (peak memory [rows, chunk, vocab]). Held-out exact match as "lm".
   """
 
   steps: int = 1000
@@ -204,6 +216,13 @@ class TrainConfig:
   beta: float = 0.1
   dpo_loss_type: str = "sigmoid"
   rm_margin: float = 0.0
+  # objective "distill" (train/distill_trainer.py)
+  distill_teacher: str = ""
+  distill_k: int = 64
+  distill_temperature: float = 1.0
+  distill_ce_weight: float = 0.0
+  distill_cache: str = ""
+  distill_chunk: int = 128
 
   def __post_init__(self):
     object.__setattr__(self, "data_files", tuple(self.data_files))
@@ -304,6 +323,28 @@ class TrainConfig:
     if not (math.isfinite(self.rm_margin) and self.rm_margin >= 0):
       raise ValueError(f"rm_margin={self.rm_margin} must be a finite number >= 0 (0 = plain "
                        "Bradley-Terry).")
+    self._validate_distill()
+
+  def _validate_distill(self) -> None:
+    """objective "distill"'s fields (one line each, naming the field)."""
+    if self.objective == "distill" and not self.distill_teacher:
+      raise ValueError("objective='distill' needs a teacher: set distill_teacher=DIR (a "
+                       "training run's workdir or an HF checkpoint directory).")
+    if self.objective != "distill" and (self.distill_teacher or self.distill_cache):
+      raise ValueError(f"distill_teacher / distill_cache are read by objective='distill', not "
+                       f"objective={self.objective!r}; set objective or drop them.")
+    if not isinstance(self.distill_k, int) or self.distill_k < 1:
+      raise ValueError(f"distill_k={self.distill_k!r} must be an integer >= 1 (the teacher's "
+                       "top-k tokens per position; 64 is usual).")
+    if not isinstance(self.distill_chunk, int) or self.distill_chunk < 1:
+      raise ValueError(f"distill_chunk={self.distill_chunk!r} must be an integer >= 1 "
+                       "(positions per head chunk).")
+    if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+      raise ValueError(f"distill_temperature={self.distill_temperature} must be a finite "
+                       "number > 0 (1.0 = the teacher's own distribution).")
+    if not (math.isfinite(self.distill_ce_weight) and self.distill_ce_weight >= 0):
+      raise ValueError(f"distill_ce_weight={self.distill_ce_weight} must be a finite number "
+                       ">= 0 (0 = the KL alone).")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

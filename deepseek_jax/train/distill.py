@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import jax
@@ -90,6 +91,25 @@ def _map_positions(fn: Callable, chunk: int, *arrays: jax.Array):
 # ---------------------------------------------------------------------------
 # The teacher's top-k
 # ---------------------------------------------------------------------------
+def load_teacher(path: str, field: str = "distill_teacher") -> tuple[ModelConfig, dict]:
+  """(cfg, variables) of a teacher: a training run's workdir (its latest
+  checkpoint) or an HF checkpoint directory (config.json + safetensors);
+  ValueError naming `field` otherwise. rl.model_rewards.load_model's
+  dispatch without the tokenizer (train may not import rl; that loader
+  belongs in train/export.py, below both, for both to share)."""
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    from deepseek_jax.train.export import load_trained_run
+    cfg, _, variables, _ = load_trained_run(path)
+    return cfg, variables
+  if os.path.isfile(os.path.join(path, "config.json")):
+    from deepseek_jax.interop import load_hf_checkpoint
+    cfg, variables = load_hf_checkpoint(path)[:2]
+    return cfg, variables
+  raise ValueError(f"{field}={path!r} is neither a training run directory (with "
+                   "checkpoints/) nor an HF checkpoint directory (with config.json); give "
+                   "the teacher's workdir or its HF export.")
+
+
 def teacher_topk(cfg: ModelConfig, variables: Any, tokens: jax.Array, *, k: int,
                  segment_ids=None, positions=None, chunk: int = 128
                  ) -> tuple[jax.Array, jax.Array]:
@@ -111,14 +131,15 @@ def teacher_topk(cfg: ModelConfig, variables: Any, tokens: jax.Array, *, k: int,
   return _map_positions(one, chunk, h)
 
 
-def make_teacher_fn(cfg: ModelConfig, k: int, *, chunk: int = 128
-                    ) -> Callable[[Any, dict], dict]:
+def make_teacher_fn(cfg: ModelConfig, k: int, *, chunk: int = 128, out_sharding=None,
+                    compiler_options=None) -> Callable[[Any, dict], dict]:
   """jit(fn)(teacher_variables, batch) -> batch plus teacher_ids /
   teacher_logprobs: the on-the-fly targets, computed once per batch outside
-  the student's gradient."""
+  the student's gradient. out_sharding: where the targets go (on a mesh the
+  batch's sharding, so that the student's step takes them as they are)."""
   _check_k(k, cfg.vocab_size)
 
-  @jax.jit
+  @partial(jax.jit, out_shardings=out_sharding, compiler_options=compiler_options)
   def targets(variables, tokens, segment_ids, positions):
     return teacher_topk(cfg, variables, tokens, k=k, segment_ids=segment_ids,
                         positions=positions, chunk=chunk)
@@ -198,7 +219,8 @@ def distill_loss_fn(cfg: ModelConfig, *, temperature: float = 1.0, ce_weight: fl
   contract (tokens, targets, segment_ids, positions, loss_mask) plus the
   teacher's teacher_ids / teacher_logprobs [rows, seq, k]. metrics: loss,
   kl, ce, teacher_mass (the top-k's share of the teacher's probability),
-  tokens (the weight sum). An MoE student also returns its expert loads, so
+  tokens (the non-padding inputs: tokens/s, as pretraining's), target_tokens
+  (the weight sum the means divide by). An MoE student also returns its expert loads, so
   the step moves its router bias as in pre-training."""
   if not temperature > 0:
     raise ValueError(f"temperature={temperature} must be > 0.")
@@ -216,8 +238,9 @@ def distill_loss_fn(cfg: ModelConfig, *, temperature: float = 1.0, ce_weight: fl
     loss = temperature ** 2 * kl_mean + ce_weight * ce_mean
     if balance_weight and cfg.n_moe_layers:
       loss = loss + balance_weight * aux["balance_loss"]
+    tokens = (batch["segment_ids"] != 0).sum() if "segment_ids" in batch else w.size
     metrics = {"loss": loss, "kl": kl_mean, "ce": ce_mean, "teacher_mass": mean(mass),
-               "tokens": count}
+               "tokens": jnp.asarray(tokens, jnp.float32), "target_tokens": count}
     out = {"metrics": metrics}
     if cfg.n_moe_layers:
       out["expert_load"] = aux["expert_load"]
@@ -328,5 +351,6 @@ class TopKCache:
 
 
 __all__ = ["TEACHER_KEYS", "TopKCache", "cache_teacher_topk", "check_pair",
-           "distill_loss_fn", "distill_token_terms", "loss_weights", "make_teacher_fn",
+           "distill_loss_fn", "distill_token_terms", "load_teacher", "loss_weights",
+           "make_teacher_fn",
            "read_topk_shard", "teacher_topk", "topk_forward_kl", "write_topk_shard"]
