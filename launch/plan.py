@@ -226,6 +226,9 @@ def print_compiled(r: dict) -> None:
   print(f"  {'HLO FLOPs, all trips':24s}{all_trips:10.4g}   ({all_trips / model:.2f}x model; "
         f"dearest, the {r['hinted_trip_loops']} hinted loop runs of unknown count x their "
         "hints: the expert kernel's full buffer)")
+  cheap = r["hlo_flops_all_trips_cheapest_branch"]
+  print(f"  {'HLO FLOPs, all, cheapest':24s}{cheap:10.4g}   ({cheap / model:.2f}x model; the same "
+        "with each conditional's cheapest branch: the exchange without overflow rounds)")
 
 
 def scaling(compute: float) -> dict:

@@ -56,6 +56,9 @@ def test_hlo_flops_counts_scan_bodies_once_per_trip_and_the_dearer_branch():
   counted = hlo_flops(compiled.as_text())
   assert counted["flops"] == (5 + 3 * 4 + 2) * MATMUL
   assert counted["flops_cheapest_branch"] == (5 + 3 * 4 + 1) * MATMUL
+  # no loop of unknown trip count: the all-trips figures are the same two
+  assert counted["flops_all_trips"] == counted["flops"]
+  assert counted["flops_all_trips_cheapest_branch"] == counted["flops_cheapest_branch"]
   assert counted["unknown_trip_loops"] == 0
   assert counted["while_loops"] == 1 + 1 + 3             # the inner loop runs 3 times
   # XLA's own count takes each loop body once: what this counter is for.
@@ -109,8 +112,8 @@ backend_config={"known_trip_count":{"n":"3"}}
 def test_hlo_flops_of_a_gpu_gemm_custom_call():
   assert hlo_flops(GEMM_HLO) == {
       "flops": 3 * 2 * 16 * 8 * 32, "flops_cheapest_branch": 3 * 2 * 16 * 8 * 32,
-      "flops_all_trips": 3 * 2 * 16 * 8 * 32, "while_loops": 1, "unknown_trip_loops": 0,
-      "hinted_trip_loops": 0}
+      "flops_all_trips": 3 * 2 * 16 * 8 * 32, "flops_all_trips_cheapest_branch":
+      3 * 2 * 16 * 8 * 32, "while_loops": 1, "unknown_trip_loops": 0, "hinted_trip_loops": 0}
 
 
 def test_hlo_flops_all_trips_counts_the_expert_kernels_loops_by_their_hints(monkeypatch):
@@ -134,6 +137,7 @@ def test_hlo_flops_all_trips_counts_the_expert_kernels_loops_by_their_hints(monk
                                      (n_blocks * bs, k), (groups, k, n), ()))
   # forward 4 trips, dx 4 trips, dw 4 groups x 1 trip (2 blocks each) of 2 blocks
   assert counted["flops_all_trips"] == 3 * one_pass
+  assert counted["flops_all_trips_cheapest_branch"] == 3 * one_pass    # no conditionals
   assert counted["hinted_trip_loops"] == 1 + 1 + groups
   assert counted["flops"] < counted["flops_all_trips"]
 

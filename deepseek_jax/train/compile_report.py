@@ -214,27 +214,31 @@ def hlo_flops(text: str) -> dict[str, int]:
   rank's idle tick); loops are counted as often as they run (a loop in a
   4-trip loop counts 4), along the dearest branches. A loop of unknown trip
   count counts once in both, and its hinted trips (`loop_trips`) in
-  flops_all_trips (dearest branches)."""
+  flops_all_trips (dearest branches) and flops_all_trips_cheapest_branch
+  (e.g. the expert exchange without its overflow rounds)."""
   comps, entry = _parse(text)
   memo: dict[str, tuple[int, ...]] = {}
 
   def walk(name: str) -> tuple[int, ...]:
     if name in memo:
       return memo[name]
-    memo[name] = (0,) * 6                  # a cycle (none in valid HLO) counts 0
+    memo[name] = (0,) * 7                  # a cycle (none in valid HLO) counts 0
     instrs = comps.get(name, [])
     shapes = {n: _dims(s) for n, s, *_ in instrs}
-    # dearest, cheapest, loops, unknown loops, dearest with hinted trips, hinted loops
-    total = [0] * 6
+    # dearest, cheapest, loops, unknown loops, dearest with hinted trips, hinted
+    # loops, cheapest with hinted trips
+    total = [0] * 7
     for _, shape, opcode, operands, attrs in instrs:
       own = _own_flops(shape, opcode, operands, attrs, shapes)
-      total[0], total[1], total[4] = total[0] + own, total[1] + own, total[4] + own
+      for i in (0, 1, 4, 6):
+        total[i] += own
       callees, how = _callees(opcode, attrs)
       inner = [walk(c) for c in callees]
       if how == "branches" and inner:
         dear, cheap = max(inner), min(inner, key=lambda t: t[1])
         total = [total[0] + dear[0], total[1] + cheap[1], total[2] + dear[2],
-                 total[3] + dear[3], total[4] + max(t[4] for t in inner), total[5] + dear[5]]
+                 total[3] + dear[3], total[4] + max(t[4] for t in inner), total[5] + dear[5],
+                 total[6] + min(t[6] for t in inner)]
         continue
       trips = hinted = 1
       if how == "while":
@@ -244,13 +248,15 @@ def hlo_flops(text: str) -> dict[str, int]:
         total[2], total[3] = total[2] + 1, total[3] + (m is None)
         total[5] += m is None and h is not None
       for t in inner:
-        total = [a + (hinted if i == 4 else trips) * b for i, (a, b) in enumerate(zip(total, t))]
+        total = [a + (hinted if i in (4, 6) else trips) * b
+                 for i, (a, b) in enumerate(zip(total, t))]
     memo[name] = tuple(total)
     return memo[name]
 
-  dear, cheap, loops, unknown, all_trips, hinted = walk(entry)
+  dear, cheap, loops, unknown, all_trips, hinted, all_cheap = walk(entry)
   return {"flops": dear, "flops_cheapest_branch": cheap, "flops_all_trips": all_trips,
-          "while_loops": loops, "unknown_trip_loops": unknown, "hinted_trip_loops": hinted}
+          "flops_all_trips_cheapest_branch": all_cheap, "while_loops": loops,
+          "unknown_trip_loops": unknown, "hinted_trip_loops": hinted}
 
 
 def abstract_batch(train_cfg: TrainConfig, mesh: Mesh | None, rules: Rules | None) -> dict:
@@ -294,6 +300,7 @@ def compile_report(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None,
       model_flops=model, hlo_flops_over_model=counted["flops"] / model,
       hlo_flops_all_trips=counted["flops_all_trips"],
       hlo_flops_all_trips_over_model=counted["flops_all_trips"] / model,
+      hlo_flops_all_trips_cheapest_branch=counted["flops_all_trips_cheapest_branch"],
       xla_cost_analysis_flops=float((cost or {}).get("flops", 0.0)),
       while_loops=counted["while_loops"], unknown_trip_loops=counted["unknown_trip_loops"],
       hinted_trip_loops=counted["hinted_trip_loops"], devices=devices, mesh={} if mesh is None else dict(mesh.shape),
