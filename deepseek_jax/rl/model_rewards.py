@@ -204,24 +204,21 @@ def parse_kind_rewards(entries: Sequence[str], known: Sequence[str]) -> dict[str
 def load_model(path: str, field: str):
   """(cfg, variables, tokenizer) of a training run's directory (its latest
   checkpoint and tokenizer) or an HF checkpoint directory (config.json +
-  safetensors + tokenizer.json); ValueError naming `field` otherwise."""
+  safetensors + tokenizer.json): train.export.load_model_dir plus the
+  tokenizer; ValueError naming `field` otherwise."""
   import os
 
   from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    from deepseek_jax.train.export import load_trained_run
-    cfg, train_cfg, variables, _ = load_trained_run(path)
-    tok_path = train_cfg.tokenizer_path
-    return cfg, variables, load_tokenizer(tok_path) if tok_path else default_tokenizer()
-  if os.path.isfile(os.path.join(path, "config.json")):
-    from deepseek_jax.interop import load_hf_checkpoint
-    tok_path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tok_path):
-      raise ValueError(f"{field}: {path} has no tokenizer.json beside its weights.")
-    cfg, variables = load_hf_checkpoint(path)[:2]
-    return cfg, variables, load_tokenizer(tok_path)
-  raise ValueError(f"{field}: {path!r} is neither a training run directory (with "
-                   "checkpoints/) nor an HF checkpoint directory (with config.json).")
+  from deepseek_jax.train.export import load_model_dir
+  if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+      os.path.join(path, "tokenizer.json")) and not os.path.isdir(
+          os.path.join(path, "checkpoints")):
+    raise ValueError(f"{field}: {path} has no tokenizer.json beside its weights.")
+  cfg, variables, train_cfg = load_model_dir(path, field)
+  if train_cfg is None:
+    return cfg, variables, load_tokenizer(os.path.join(path, "tokenizer.json"))
+  tok_path = train_cfg.tokenizer_path
+  return cfg, variables, load_tokenizer(tok_path) if tok_path else default_tokenizer()
 
 
 def load_judges(specs: Sequence[str], *, rubric_file: str = "", max_new_tokens: int = 8,

@@ -93,21 +93,11 @@ def _map_positions(fn: Callable, chunk: int, *arrays: jax.Array):
 # ---------------------------------------------------------------------------
 def load_teacher(path: str, field: str = "distill_teacher") -> tuple[ModelConfig, dict]:
   """(cfg, variables) of a teacher: a training run's workdir (its latest
-  checkpoint) or an HF checkpoint directory (config.json + safetensors);
-  ValueError naming `field` otherwise. rl.model_rewards.load_model's
-  dispatch without the tokenizer (train may not import rl; that loader
-  belongs in train/export.py, below both, for both to share)."""
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    from deepseek_jax.train.export import load_trained_run
-    cfg, _, variables, _ = load_trained_run(path)
-    return cfg, variables
-  if os.path.isfile(os.path.join(path, "config.json")):
-    from deepseek_jax.interop import load_hf_checkpoint
-    cfg, variables = load_hf_checkpoint(path)[:2]
-    return cfg, variables
-  raise ValueError(f"{field}={path!r} is neither a training run directory (with "
-                   "checkpoints/) nor an HF checkpoint directory (with config.json); give "
-                   "the teacher's workdir or its HF export.")
+  checkpoint) or an HF checkpoint directory (export.load_model_dir);
+  ValueError naming `field` otherwise."""
+  from deepseek_jax.train.export import load_model_dir
+  cfg, variables, _ = load_model_dir(path, field)
+  return cfg, variables
 
 
 def teacher_topk(cfg: ModelConfig, variables: Any, tokens: jax.Array, *, k: int,

@@ -38,6 +38,24 @@ def require_run(workdir: str, field: str) -> None:
                             "workdir of a trained run.")
 
 
+def load_model_dir(path: str, field: str) -> tuple[ModelConfig, dict[str, Any],
+                                                   TrainConfig | None]:
+  """(cfg, variables, the run's TrainConfig or None) of a model directory:
+  a training run's workdir (its latest checkpoint: `load_trained_run`) or an
+  HF checkpoint directory (config.json + safetensors: interop's
+  load_hf_checkpoint, TrainConfig None); ValueError naming `field` otherwise.
+  Teachers (distillation) and judges (GRPO) are read through it."""
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    cfg, train_cfg, variables, _ = load_trained_run(path)
+    return cfg, variables, train_cfg
+  if os.path.isfile(os.path.join(path, "config.json")):
+    from deepseek_jax.interop import load_hf_checkpoint
+    cfg, variables = load_hf_checkpoint(path)[:2]
+    return cfg, variables, None
+  raise ValueError(f"{field}: {path!r} is neither a training run directory (with "
+                   "checkpoints/) nor an HF checkpoint directory (with config.json).")
+
+
 def load_trained_run(workdir: str, step: int | None = None
                      ) -> tuple[ModelConfig, TrainConfig, dict[str, Any], int]:
   """(model config, train config, variables, step): `load_trained_variables`
