@@ -16,7 +16,7 @@ from typing import Any
 
 from deepseek_jax.config import check_field_names, check_ints, split_names
 from deepseek_jax.data import tasks
-from deepseek_jax.train.optimizer import MOMENT_DTYPES
+from deepseek_jax.train.optimizer import MOMENT_DTYPES, OPTIMIZERS
 
 # What a run trains (TrainConfig.objective); launch.train's TRAINERS table maps
 # each to its trainer. "lm": next-token prediction (loop.train); "dpo",
@@ -60,6 +60,15 @@ class TrainConfig:
     that would bend it mid-run (e.g. a larger `steps` with decay_steps=0) is
     refused, naming the fields (`schedule_changes`).
   moments_dtype: storage of AdamW's moments, "float32" or "bfloat16" (V3).
+  optimizer: "adamw" (V3) or "muon" (V4: optimizer.make_muon, optax's
+    contrib.muon for the weight matrices, AdamW with the settings above for
+    the embedding, head, norm scales and biases; same lr schedule, weight
+    decay and clipping): muon_momentum (its beta), muon_nesterov, muon_ns_steps
+    (Newton-Schulz iterations), muon_rms (the update RMS Muon's orthogonalised
+    update is scaled to, AdamW's 0.2, so that lr and weight_decay carry over;
+    0 = Keller Jordan's sqrt(max(1, fan_out / fan_in))). A run resumes only
+    with the optimizer it was saved with (`optimizer_change`); init_from
+    starts another optimizer from its weights.
   Losses: mtp_weight (lambda; V3 0.3 then 0.1: mtp_weight_final from the
     step after mtp_weight_switch_step, 0 = no switch), balance_weight (alpha; V3
     1e-4), bias_update_speed (gamma; V3 1e-3, 0 = off).
@@ -180,6 +189,11 @@ class TrainConfig:
   eps: float = 1e-8
   clip_norm: float = 1.0
   moments_dtype: str = "float32"
+  optimizer: str = "adamw"
+  muon_momentum: float = 0.95
+  muon_nesterov: bool = True
+  muon_ns_steps: int = 5
+  muon_rms: float = 0.2
   # losses
   mtp_weight: float = 0.3
   mtp_weight_final: float = 0.1
@@ -285,6 +299,7 @@ class TrainConfig:
     if self.moments_dtype not in MOMENT_DTYPES:
       raise ValueError(f"moments_dtype={self.moments_dtype!r} must be one of "
                        f"{MOMENT_DTYPES}.")
+    self._validate_optimizer()
     if self.kind_mix not in tasks.KIND_MIXES:
       raise ValueError(f"kind_mix={self.kind_mix!r} must be one of {tasks.KIND_MIXES}.")
     if self.template not in tasks.TEMPLATES:
@@ -294,6 +309,24 @@ class TrainConfig:
       raise ValueError(f"task_kinds={self.task_kinds} must be a non-empty subset of "
                        f"{tasks.KINDS}.")
     self._validate_objective()
+
+  def _validate_optimizer(self) -> None:
+    """optimizer and its Muon fields: one-line errors naming the field."""
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}.")
+    if not (isinstance(self.muon_momentum, (int, float)) and 0 <= self.muon_momentum < 1):
+      raise ValueError(f"muon_momentum={self.muon_momentum!r} must lie in [0, 1) (0.95 is "
+                       "usual).")
+    if not isinstance(self.muon_nesterov, bool):
+      raise ValueError(f"muon_nesterov={self.muon_nesterov!r} must be True or False.")
+    if (not isinstance(self.muon_ns_steps, int) or isinstance(self.muon_ns_steps, bool)
+        or self.muon_ns_steps < 1):
+      raise ValueError(f"muon_ns_steps={self.muon_ns_steps!r} must be an integer >= 1 "
+                       "(Newton-Schulz iterations; 5 is usual).")
+    if not (isinstance(self.muon_rms, (int, float)) and math.isfinite(self.muon_rms)
+            and self.muon_rms >= 0):
+      raise ValueError(f"muon_rms={self.muon_rms!r} must be a finite number >= 0 (0.2 matches "
+                       "AdamW's update RMS; 0 = width scaling).")
 
   def _validate_objective(self) -> None:
     """The objective's fields: one-line errors naming the field and the fix."""
@@ -393,3 +426,18 @@ def schedule_changes(saved: dict[str, Any], train_cfg: TrainConfig) -> list[str]
   train config dict (a checkpoint's), e.g. ["decay_steps: 97 -> 197"]."""
   old, new = resolved_schedule(saved), resolved_schedule(train_cfg.to_dict())
   return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_FIELDS if old[k] != new[k]]
+
+
+def optimizer_change(saved: dict[str, Any], train_cfg: TrainConfig) -> str | None:
+  """None when train_cfg resumes a checkpoint whose train config dict is
+  `saved` with the same optimizer (a run saved before the field counts as
+  "adamw"), else a one-line reason to refuse: the optimizer states differ in
+  structure (Muon keeps one moment per matrix, AdamW two), so the run cannot
+  carry on; init_from starts a new one from its weights."""
+  old = saved.get("optimizer", "adamw")
+  if old == train_cfg.optimizer:
+    return None
+  return (f"optimizer={train_cfg.optimizer!r}, but the checkpointed run trained with "
+          f"optimizer={old!r}: its optimizer state cannot carry over. Keep "
+          f"optimizer={old!r}, or start a new workdir with init_from=<that run's workdir> "
+          "(its weights, a fresh optimizer).")

@@ -15,6 +15,13 @@ it exists for. Stacked (`nn.scan`) layers give norm scales a leading layer
 axis, so the mask goes by leaf name first and by rank second. The router bias
 of aux-loss-free balancing is not a parameter at all (its own collection) and
 never reaches the optimizer.
+
+`make_muon` is the alternative DeepSeek-V4 trains most matrices with (its
+`TrainConfig.optimizer="muon"`): optax's `contrib.muon`, whose momentum is
+orthogonalised by Newton-Schulz iterations per weight matrix, with AdamW for
+the embedding, the output head, RMSNorm scales, biases and V4's static mHC
+biases and gating factors (`muon_labels`); `optimizer_from_config` builds
+either from a TrainConfig.
 """
 
 from __future__ import annotations
@@ -164,10 +171,11 @@ def _find(state, kind):
   return found[0]
 
 
-def apply_update(tx: AdamW, grads: Any, state: Any, params: Any, *,
+def apply_update(tx: AdamW | Muon, grads: Any, state: Any, params: Any, *,
                  keep_if: jax.Array | None = None, barrier: bool = True
                  ) -> tuple[Any, Any]:
-  """One AdamW step: (new params, new state), in place where donated.
+  """One AdamW step: (new params, new state), in place where donated (a
+  `Muon` tx: its step, `_muon_step`).
 
   Per leaf, in float32: g <- g * min(1, clip_norm / ||grads||);
   m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2 (both stored in
@@ -182,6 +190,8 @@ def apply_update(tx: AdamW, grads: Any, state: Any, params: Any, *,
   optax's separate transforms it copied every moment (and a clipped copy of
   every gradient) first, 6 bytes per parameter at the peak of the step.
   """
+  if isinstance(tx, Muon):
+    return _muon_step(tx, grads, state, params, keep_if)
   return _step(tx, grads, state, params, keep_if=keep_if, barrier=barrier, apply=True)
 
 
@@ -228,3 +238,167 @@ def _step(tx, grads, state, params, *, keep_if, barrier, apply):
   state = jax.tree.map(lambda n: n._replace(count=sched_count) if is_sched(n) else n,
                        state, is_leaf=is_sched)
   return new, state
+
+
+# ---------------------------------------------------------------------------
+# Muon (DeepSeek-V4): optax's contrib.muon with AdamW for what is not a matrix
+# ---------------------------------------------------------------------------
+OPTIMIZERS = ("adamw", "muon")
+# Newton-Schulz quintic coefficients (Keller Jordan's; optax's default).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# optimizer="muon": what AdamW trains instead. The V4 report lists the
+# embedding, the prediction head, RMSNorm weights, static biases and mHC's
+# gating factors: by leaf name the embedding table, norm and mHC `scale`s,
+# `bias`es, mHC's static `base`, the compressors' per-slot `ape` bias and the
+# attention `sinks`; by module the output head and a reward model's value
+# head. Every other weight of rank >= 2 is a matrix for Muon, the MoE router's
+# `gate` [dim, experts] and mHC's dynamic projections `fn` among them.
+MUON_ADAMW_LEAVES = ("embedding", "scale", "bias", "base", "ape", "sinks")
+MUON_ADAMW_MODULES = ("head", "value_head")
+# The matrix of a weight: (reduction axes, output axes), counted from the end so
+# that leading stack axes (nn.scan's layers, a pipeline's stages) and the
+# experts of [E, d, f] are batch axes, each slice orthogonalised on its own.
+_LAST_TWO = ((-2,), (-1,))              # [..., d_in, d_out]; experts, V4's wo_a groups
+_IN_HEADS = ((-3,), (-2, -1))           # [..., d_in, heads, head_dim]
+_HEADS_OUT = ((-3, -2), (-1,))          # [..., heads, head_dim, d_out]
+_MATRIX_DIMS = {("wq", "kernel"): _IN_HEADS, ("wk", "kernel"): _IN_HEADS,
+                ("wv", "kernel"): _IN_HEADS, ("wq_b", "kernel"): _IN_HEADS,
+                ("wkv_b", "kernel"): _IN_HEADS, ("wo", "kernel"): _HEADS_OUT}
+
+
+def _key(entry) -> str:
+  return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+
+
+def muon_labels(params: Any) -> Any:
+  """Per leaf of `params` (arrays or shapes): optax's MuonDimensionNumbers of
+  the matrix Muon orthogonalises, or None for a leaf AdamW trains (see
+  MUON_ADAMW_LEAVES). Query heads [d, h, hd] are one [d, h hd] matrix, the
+  output projection [h, hd, d] one [h hd, d]; leading stack and expert axes
+  are batch axes."""
+  def label(path, leaf):
+    keys = [_key(k) for k in path]
+    name, module = keys[-1], (keys[-2] if len(keys) > 1 else "")
+    if name in MUON_ADAMW_LEAVES or module in MUON_ADAMW_MODULES or np.ndim(leaf) < 2:
+      return None
+    reduction, output = _MATRIX_DIMS.get((module, name), _LAST_TWO)
+    return optax.contrib.MuonDimensionNumbers(reduction, output)
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _is_label(x) -> bool:
+  return x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+
+
+class Muon(NamedTuple):
+  """`make_muon`'s transformation: (init, update) as optax's, the settings
+  `apply_update` reads. Its state is optax's for chain(clip_by_global_norm,
+  contrib.muon) with the Newton-Schulz coefficients (constants of the
+  configuration) left out: every stored leaf is a counter or a moment shaped
+  and sharded like its parameter."""
+  init: Callable[[Any], Any]
+  update: Callable[..., tuple[Any, Any]]
+  schedule: optax.Schedule
+  weight_decay: float
+  clip_norm: float            # 0: no clipping
+  moments_dtype: str
+
+
+def make_muon(schedule: optax.Schedule, *, weight_decay: float = 0.1, b1: float = 0.9,
+              b2: float = 0.95, eps: float = 1e-8, clip_norm: float = 1.0,
+              moments_dtype: str = "float32", momentum: float = 0.95, ns_steps: int = 5,
+              nesterov: bool = True, rms: float = 0.2) -> Muon:
+  """clip_by_global_norm(clip_norm) -> optax.contrib.muon, one lr `schedule`.
+
+  Matrices (`muon_labels`): momentum (`momentum`, Nesterov when `nesterov`)
+  orthogonalised by `ns_steps` Newton-Schulz iterations, scaled by
+  rms x sqrt(max(fan_in, fan_out)) so that the update's RMS is `rms`
+  (AdamW's typical 0.2: V4 and Moonlight reuse AdamW's lr and decay that
+  way; rms=0: Keller Jordan's sqrt(max(1, fan_out / fan_in))), plus
+  decoupled weight decay: p -= lr (update + weight_decay p). The rest: optax's
+  AdamW (b1, b2, eps; with nesterov, optax gives it Nesterov momentum too)
+  whose decoupled decay is added here to the embedding and the head only
+  (not to norm scales, biases or mHC gates: optax's would decay every leaf).
+  moments_dtype: the momenta's storage (Adam's second moment stays in the
+  parameters' dtype).
+  """
+  if moments_dtype not in MOMENT_DTYPES:
+    raise ValueError(f"moments_dtype={moments_dtype!r} must be one of {MOMENT_DTYPES}.")
+  if not isinstance(ns_steps, int) or ns_steps < 1:
+    raise ValueError(f"ns_steps={ns_steps!r} must be an integer >= 1.")
+  if not 0 <= momentum < 1 or not rms >= 0:
+    raise ValueError(f"momentum={momentum}, rms={rms}: need 0 <= momentum < 1, rms >= 0.")
+  clips = bool(clip_norm and math.isfinite(clip_norm) and clip_norm > 0)
+  reference = optax.contrib.muon(
+      schedule, ns_coeffs=NS_COEFFS, ns_steps=ns_steps, beta=momentum, eps=eps,
+      weight_decay=weight_decay, mu_dtype=jnp.dtype(moments_dtype), nesterov=nesterov,
+      adam_b1=b1, adam_b2=b2, adam_weight_decay=0.0, muon_weight_dimension_numbers=muon_labels,
+      consistent_rms=rms or None)
+  if clips:
+    reference = optax.chain(optax.clip_by_global_norm(clip_norm), reference)
+
+  def adam_decays(params):     # the embedding and the head: AdamW's weights, not gains
+    def decays(path, leaf):
+      keys = [_key(k) for k in path]
+      return bool(np.ndim(leaf) >= 2 and (keys[-1] == "embedding" or (
+          len(keys) > 1 and keys[-2] in MUON_ADAMW_MODULES)))
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("Muon.update needs params (decoupled weight decay).")
+    lr = jnp.asarray(schedule(_schedule_count(state)), jnp.float32)
+    updates, state = reference.update(grads, _ns_coeffs(state, jnp.asarray(NS_COEFFS)),
+                                      params)
+    if weight_decay:
+      updates = jax.tree.map(
+          lambda u, p, decays: (u - lr * weight_decay * p).astype(u.dtype) if decays else u,
+          updates, params, adam_decays(params))
+    return updates, _ns_coeffs(state, ())
+
+  return Muon(lambda params: _ns_coeffs(reference.init(params), ()), update, schedule,
+              weight_decay, clip_norm if clips else 0.0, moments_dtype)
+
+
+def _ns_coeffs(state, value):
+  """state with every MuonState's ns_coeffs set to value (() when stored)."""
+  is_muon = lambda n: isinstance(n, optax.contrib.MuonState)  # noqa: E731
+  return jax.tree.map(lambda n: n._replace(ns_coeffs=value) if is_muon(n) else n, state,
+                      is_leaf=is_muon)
+
+
+def _schedule_count(state) -> jax.Array:
+  """The step count the learning-rate schedule reads (every
+  ScaleByScheduleState of a make_muon state holds the same)."""
+  is_sched = lambda n: isinstance(n, optax.ScaleByScheduleState)  # noqa: E731
+  return [n for n in jax.tree.leaves(state, is_leaf=is_sched) if is_sched(n)][0].count
+
+
+def _muon_step(tx: Muon, grads, state, params, keep_if):
+  """apply_update for a Muon tx: optax's update added to the parameters;
+  keep_if False keeps parameters and state (not updated in place: the
+  orthogonalisation reads the whole momentum before anything is written)."""
+  updates, new_state = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  if keep_if is None:
+    return new, new_state
+  keep = lambda a, b: jnp.where(keep_if, a, b)  # noqa: E731
+  return jax.tree.map(keep, new, params), jax.tree.map(keep, new_state, state)
+
+
+def optimizer_from_config(train_cfg: Any, schedule: optax.Schedule | None = None
+                          ) -> AdamW | Muon:
+  """The optimizer a TrainConfig asks for (`optimizer`: "adamw" or "muon"),
+  on `schedule` (default: lr_schedule_from_config)."""
+  schedule = schedule if schedule is not None else lr_schedule_from_config(train_cfg)
+  common = dict(weight_decay=train_cfg.weight_decay, b1=train_cfg.b1, b2=train_cfg.b2,
+                eps=train_cfg.eps, clip_norm=train_cfg.clip_norm,
+                moments_dtype=train_cfg.moments_dtype)
+  kind = getattr(train_cfg, "optimizer", "adamw")
+  if kind == "muon":
+    return make_muon(schedule, momentum=train_cfg.muon_momentum,
+                     ns_steps=train_cfg.muon_ns_steps, nesterov=train_cfg.muon_nesterov,
+                     rms=train_cfg.muon_rms, **common)
+  if kind != "adamw":
+    raise ValueError(f"optimizer={kind!r} must be one of {OPTIMIZERS}.")
+  return make_optimizer(schedule, **common)

@@ -29,7 +29,7 @@ from deepseek_jax.parallel.pipeline import check_pipeline
 from deepseek_jax.parallel.pipeline_layout import (layout_for, layout_from_sizes, layout_sizes,
                                                    stage_tree, state_layout, unstage_tree)
 from deepseek_jax.train import checkpoint, export, hf_init
-from deepseek_jax.train.config import TrainConfig, schedule_changes
+from deepseek_jax.train.config import TrainConfig, optimizer_change, schedule_changes
 from deepseek_jax.train.step import (TrainState, abstract_train_state, init_train_state,
                                      num_microbatches, state_shardings)
 
@@ -158,7 +158,8 @@ def resume_or_start(ckpts: checkpoint.Checkpoints, model_cfg: ModelConfig,
   `mesh` (converted when saved on another pipe count), else `fresh()`.
 
   ValueError when train_cfg's learning-rate schedule would bend the saved
-  run's mid-way (`schedule_changes`)."""
+  run's mid-way (`schedule_changes`) or its optimizer is another
+  (`optimizer_change`)."""
   resumed = ckpts.latest_step()
   if resumed is None:
     return fresh(), {}, None
@@ -170,6 +171,9 @@ def resume_or_start(ckpts: checkpoint.Checkpoints, model_cfg: ModelConfig,
         f"({'; '.join(changed)}): resuming would bend it mid-run. Keep the saved values "
         "(with decay_steps=0 the cosine runs to `steps`: to extend a run, set decay_steps "
         "to the saved resolved value), or start a new workdir with init_from.")
+  refused = optimizer_change(meta["train_config"], train_cfg)
+  if refused:
+    raise ValueError(f"{ckpts.directory}: {refused}")
   layout = state_layout(model_cfg, mesh, train_cfg.pipeline_schedule)
   saved_stages = meta.get("pipeline_stages")
   if saved_stages == layout_sizes(layout):

@@ -51,8 +51,8 @@ from deepseek_jax.parallel.pipeline_layout import (layout_for, stage_tree, state
 from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 from deepseek_jax.train import losses
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.optimizer import (AdamW, apply_update, lr_schedule_from_config,
-                                          make_optimizer)
+from deepseek_jax.train.optimizer import (AdamW, Muon, apply_update, lr_schedule_from_config,
+                                          optimizer_from_config)
 
 
 
@@ -65,13 +65,11 @@ class TrainState:
   router_bias: Any         # the `router_bias` collection (not trained by grads)
 
 
-def make_tx(train_cfg: TrainConfig) -> tuple[AdamW, optax.Schedule]:
-  """The optimizer and its learning-rate schedule for a TrainConfig."""
+def make_tx(train_cfg: TrainConfig) -> tuple[AdamW | Muon, optax.Schedule]:
+  """The optimizer (train_cfg.optimizer: AdamW or Muon) and its learning-rate
+  schedule for a TrainConfig."""
   schedule = lr_schedule_from_config(train_cfg)
-  tx = make_optimizer(schedule, weight_decay=train_cfg.weight_decay, b1=train_cfg.b1,
-                      b2=train_cfg.b2, eps=train_cfg.eps, clip_norm=train_cfg.clip_norm,
-                      moments_dtype=train_cfg.moments_dtype)
-  return tx, schedule
+  return optimizer_from_config(train_cfg, schedule), schedule
 
 
 # XLA:CPU spends most of a small model's compile time in backend optimisation;
