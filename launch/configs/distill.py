@@ -17,7 +17,10 @@ schedule, and evaluated for exact match on the task's held-out test split
 (eval_task, the demo's max_digits and template). A student needs no
 init_from and any model fields that fit the rows: --preset=NAME or
 --config.model.n_layers=2 etc. The samples: --config.data_files='("x.jsonl",)'.
-The figures of this recipe have not been measured yet.
+A dense (Llama-style GQA) student instead, the one the token-level arm
+trains: launch/configs/distill_dense_seq.py (measured against token-level
+distillation and training from scratch in bench/RESULTS.md, "Issue 31"). The
+figures of this tiny-MoE student have not been measured yet.
 """
 
 from launch.configs import default

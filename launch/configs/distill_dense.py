@@ -5,6 +5,8 @@
   # the same student from scratch for comparison: plain SFT on the same rows
   python -m launch.train --config=launch/configs/distill_dense.py --workdir=runs/dense_scratch \
       --config.objective=lm --config.distill_teacher=
+  # sequence-level (R1's recipe: SFT on the teacher's verified samples), the same student
+  python -m launch.train --config=launch/configs/distill_dense_seq.py --workdir=runs/distill_seq
 
 Teacher: the demo run (preset "small": MLA, 1 dense + 3 MoE layers of 8
 experts, 2 routed + 1 shared active; ~0.6M active of 1.36M parameters),
@@ -20,7 +22,8 @@ every response position the student's full next-token distribution is pulled
 to the teacher's top-64 (renormalised; forward KL, T = 1), computed on the fly
 by a jitted teacher forward per batch (--config.distill_cache=DIR to compute
 them once before training and reuse them). Held-out exact match on the task's
-100 test problems at the end, as the demo's.
+100 test problems at the end, as the demo's. The three arms side by side:
+experiments/distillation.ipynb; figures: bench/RESULTS.md, "Issue 31".
 """
 
 from launch.configs import default
