@@ -235,6 +235,36 @@ def test_gmm_forward_and_vjp_match_per_block_loop(chunk, monkeypatch):
   np.testing.assert_allclose(dw, want_dw, atol=1e-5, rtol=1e-5)
 
 
+def test_move_rows_matches_take_and_its_gradient():
+  """move_rows: a[idx] (out-of-range -> 0) with a gather backward, vs
+  jnp.take's own VJP (a scatter-add), over a permutation with padding and
+  several outputs per input row (the blocked kernel's two uses)."""
+  rng = np.random.default_rng(4)
+  n, k, slots, d = 5, 3, 20, 4
+  a = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  slot = rng.permutation(slots + 4)[:n * k]            # some past the end: no slot
+  idx = np.full(slots, n, np.int32)                     # each slot's row; n: padding
+  ok = slot < slots
+  idx[slot[ok]] = (np.arange(n * k) // k)[ok]
+  ct = jnp.asarray(rng.normal(size=(slots, d)), jnp.float32)
+  want, vjp = jax.vjp(lambda a: jnp.take(a, jnp.asarray(idx), axis=0, mode="fill",
+                                         fill_value=0), a)
+  got, vjp2 = jax.vjp(lambda a: moe.move_rows(a, jnp.asarray(idx),
+                                              jnp.asarray(slot.reshape(n, k), jnp.int32)), a)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(vjp2(ct)[0], vjp(ct)[0], atol=1e-6, rtol=1e-6)
+  # and back: slots -> rows (each slot read at most once)
+  back = np.full((slots, 1), n * k, np.int32)
+  back[slot[ok], 0] = np.arange(n * k)[ok]
+  y = jnp.asarray(rng.normal(size=(slots, d)), jnp.float32)
+  ct2 = jnp.asarray(rng.normal(size=(n * k, d)), jnp.float32)
+  want, vjp = jax.vjp(lambda y: jnp.take(y, jnp.asarray(slot), axis=0, mode="fill",
+                                         fill_value=0), y)
+  got, vjp2 = jax.vjp(lambda y: moe.move_rows(y, jnp.asarray(slot), jnp.asarray(back)), y)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(vjp2(ct2)[0], vjp(ct2)[0], atol=1e-6, rtol=1e-6)
+
+
 def _routing_case(case, n=24, n_exp=5, k=2, seed=0):
   """(x, experts, gates, w1, w3, w2) with a routing pattern; experts may hold
   the sentinel n_exp (and -1): rows that are not rows."""

@@ -263,6 +263,38 @@ def _n_experts(w) -> int:
   return (w.q if isinstance(w, fp8_lib.Quantized) else w).shape[0]
 
 
+def _take_rows(a, idx):
+  """a[idx] along axis 0; an index outside [0, len(a)) reads a zero row."""
+  return jnp.take(a, idx, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def move_rows(a, idx, back):
+  """a[idx] (out-of-range ids read 0), whose backward is a gather too.
+
+  idx [m] int, back [len(a), j] int: back[r] lists the output rows that
+  read row r (out-of-range entries for none), so the cotangent of row r is
+  the sum of ct[back[r]]. `jnp.take`'s own VJP is a scatter-add into a
+  zero [len(a), ...] buffer; at V3 widths XLA:CPU materialised that as f32
+  scatters and converts next to the output (6.25 GiB at the DualPipeV
+  peak). A gather reads only what it needs and sums j > 1 rows in float32."""
+  return _take_rows(a, idx)
+
+
+def _move_rows_fwd(a, idx, back):
+  return _take_rows(a, idx), back
+
+
+def _move_rows_bwd(back, ct):
+  if back.shape[1] == 1:           # a permutation: the gather alone, in ct's dtype
+    return _take_rows(ct, back[:, 0]), None, None
+  g = jnp.sum(_take_rows(ct, back), axis=1, dtype=jnp.float32)
+  return g.astype(ct.dtype), None, None
+
+
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
 def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: bool = False,
                     embed_axes: tuple[str, ...] = (), swiglu_limit: float = 0.0):
   """Routed SwiGLU experts on block-padded rows: sum_j gates[t, j] FFN_{e_tj}(x_t).
@@ -301,7 +333,9 @@ def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: boo
   # Each slot's token (n: padding, read as 0): a gather from x, no [n k, D] copy.
   slot_token = jnp.full((n_blocks * bs,), n, jnp.int32).at[slot].set(
       jnp.arange(rows, dtype=jnp.int32) // k, mode="drop", unique_indices=True)
-  xs = jnp.take(x, slot_token, axis=0, mode="fill", fill_value=0)
+  # Row r of the flat (token, expert) rows sits in slot slot[r]; backward
+  # maps: token t's k slots, and each slot's row (rows: a padding slot).
+  xs = move_rows(x, slot_token, slot.reshape(n, k))
   block_e = jnp.minimum(
       jnp.searchsorted(pad_end, jnp.arange(n_blocks) * bs, side="right"), n_exp - 1)
   n_used = (pad_end[-1] // bs).astype(jnp.int32)
@@ -311,8 +345,9 @@ def experts_blocked(x, experts, gates, w1, w3, w2, block_size: int = 0, fp8: boo
                          gather_axes=tuple(embed_axes))
   h = glu(mm(xs, w1, gather_dim=1), mm(xs, w3, gather_dim=1), swiglu_limit)
   y = mm(h, w2, gather_dim=2)
-  y_rows = jnp.take(y, slot, axis=0, unique_indices=True, mode="fill",
-                    fill_value=0).reshape(n, k, d)
+  slot_row = jnp.full((n_blocks * bs, 1), rows, jnp.int32).at[slot, 0].set(
+      jnp.arange(rows, dtype=jnp.int32), mode="drop", unique_indices=True)
+  y_rows = move_rows(y, slot, slot_row).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_rows, gates.astype(y_rows.dtype))
 
 

@@ -147,6 +147,58 @@ def _zeros(spec):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
 
 
+def _zeros_after(spec, anchor):
+  """Zeros of spec made from a value read from anchor (0 x a flag of its
+  first element: never NaN). Inside a switch branch, zeros with no operand
+  are hoisted out of the conditional and made before it, then copied into
+  the branch's result: both live through whichever branch runs (the MTP
+  experts' f32 gradient zeros: 10.5 GiB at V3 widths on pipe=2 x expert=4)."""
+  dep = 0 * (anchor.reshape(-1)[0] == 0).astype(jnp.float32)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype) + dep.astype(s.dtype), spec)
+
+
+def _cond_head(pred, fn, spec, shared, y, rest, *, grad_shared: bool):
+  """fn(shared, y, *rest) where pred holds, zeros of spec elsewhere.
+
+  With a custom VJP. Differentiating the `lax.cond` itself made its forward
+  hand out the head's residuals as outputs of the cond, i.e. copies of its
+  operands (the MTP block's bfloat16 expert weights: 5.25 GiB at V3 widths,
+  live until the backward). Here the residuals are the operands themselves
+  and the backward is its own cond that recomputes the head and takes its
+  VJP (the head's forward twice on the last chunk: a tail of the whole
+  step's FLOPs) or returns zeros. grad_shared False: the caller does not
+  differentiate shared (no weight gradient computed for it); rest is never
+  differentiated."""
+  def switch(pred, shared, y, rest):
+    return jax.lax.cond(pred, fn, lambda *_: _zeros(spec), shared, y, *rest)
+
+  def fwd(pred, shared, y, rest):
+    return switch(pred, shared, y, rest), (pred, shared, y, rest)
+
+  def bwd(res, ct):
+    pred, shared, y, rest = res
+    # Only the float cotangents pass the cond; integer outputs' are float0.
+    leaves, tdef = jax.tree.flatten(ct)
+    floats = [c for c in leaves if c.dtype != jax.dtypes.float0]
+
+    def grads(floats, shared, y):
+      it = iter(floats)
+      ct = tdef.unflatten([np.zeros(c.shape, c.dtype) if c.dtype == jax.dtypes.float0
+                           else next(it) for c in leaves])
+      if grad_shared:
+        return jax.vjp(lambda sh, y: fn(sh, y, *rest), shared, y)[1](ct)
+      return None, jax.vjp(lambda y: fn(shared, y, *rest), y)[1](ct)[0]
+
+    def zeros(floats, shared, y):
+      return (_zeros_after(shared, y) if grad_shared else None, _zeros_after(y, y))
+    g_sh, g_y = jax.lax.cond(pred, grads, zeros, floats, shared, y)
+    return None, g_sh, g_y, None
+
+  f = jax.custom_vjp(switch)
+  f.defvjp(fwd, bwd)
+  return f(pred, shared, y, rest)
+
+
 class _Rank:
   """One rank's program inside the shard_map (the per-rank view: stage
   params squeezed to [slots, ...], table fields to [ticks])."""
@@ -193,15 +245,15 @@ class _Rank:
       return x_in
     return jnp.where(self.first[d], self.fns.embed(shared, mb).astype(x_in.dtype), x_in)
 
-  def head(self, d, shared, y, mb):
-    """The head's outputs after the model's last chunk, zeros elsewhere."""
-    def zeros(y):
-      return _zeros(self.head_spec)
+  def head(self, d, shared, y, mb, grad_shared: bool = True):
+    """The head's outputs after the model's last chunk, zeros elsewhere
+    (`_cond_head`; grad_shared: see there)."""
     if self.last[d] is False:
-      return zeros(y)
-    return jax.lax.cond(
-        self.last[d], lambda y: self.fns.head(shared, self.shared_b, y, mb, self.totals),
-        zeros, y)
+      return _zeros(self.head_spec)
+    def fn(shared, y, shared_b, mb, totals):
+      return self.fns.head(shared, shared_b, y, mb, totals)
+    return _cond_head(self.last[d], fn, self.head_spec, shared, y,
+                      (self.shared_b, mb, self.totals), grad_shared=grad_shared)
 
   def blocks(self, d, stacks, x, mb):
     """(y, layers) of chunk d's blocks: its stage's slots, or (DualPipeV) the
@@ -258,15 +310,15 @@ class _Rank:
       if lay is not None:
         layers[key] = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), lay)
 
-    def tail(shared, y, layers):
-      head = self.head(d, shared, y, mb)
+    def tail(shared, y, layers, grad_shared=True):
+      head = self.head(d, shared, y, mb, grad_shared)
       return self.fns.loss(self._full_layers(d, layers), head, self.totals, self.loss_args)[0]
     one = jnp.ones((), jnp.float32)
     if want_weights:
       g_sh, ct_y, ct_layers = jax.vjp(tail, self.shared, x, layers)[1](one)
     else:
-      ct_y, ct_layers = jax.vjp(lambda y, l: tail(self.shared, y, l), x, layers)[1](one)
-      g_sh = self.zero_shared()
+      ct_y, ct_layers = jax.vjp(lambda y, l: tail(self.shared, y, l, False), x, layers)[1](one)
+      g_sh = self.zero_shared(ct_y)
     ct_y = ct_y + dy.astype(ct_y.dtype)
 
     def pad(a, n):
@@ -306,9 +358,11 @@ class _Rank:
       if want_weights:
         g = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), g)
         grads[key] = jax.tree.map(lambda z, a: z.at[:n].set(a.astype(z.dtype)), grads[key], g)
+    if not want_weights:        # zeros made after the input gradient (`_zeros_after`)
+      grads = _zeros_after(grads, ct)
     used = self._embed_leaves()
     leaves = jax.tree.leaves(self.shared)
-    g_emb = [jnp.zeros_like(leaves[i]) for i in used]
+    g_emb = _zeros_after([leaves[i] for i in used], ct)
     if self.first[d] is not False and want_weights:
       tdef = jax.tree.structure(self.shared)
 
@@ -337,11 +391,12 @@ class _Rank:
     self._embed_idx = [i for i, v in enumerate(closed.jaxpr.invars) if id(v) in read]
     return self._embed_idx
 
-  def stage(self, d, stacks, shared, x_in, mb):
-    """(y, the stage's part of the loss, layers, head) of chunk d."""
+  def stage(self, d, stacks, shared, x_in, mb, grad_shared: bool = True):
+    """(y, the stage's part of the loss, layers, head) of chunk d
+    (grad_shared: `_cond_head`'s)."""
     x = self.embed(d, shared, x_in, mb)
     y, layers = self.blocks(d, stacks, x, mb)
-    head = self.head(d, shared, y, mb)
+    head = self.head(d, shared, y, mb, grad_shared)
     loss, _ = self.fns.loss(self._full_layers(d, layers), head, self.totals, self.loss_args)
     return y, loss, layers, head
 
@@ -375,14 +430,14 @@ class _Rank:
     dy = dy if self.last[d] is False else jnp.where(self.last[d], jnp.zeros_like(x_in), dy)
     one = jnp.ones((), jnp.float32)
 
-    def f(stacks, shared, x):
-      return self.stage(d, stacks, shared, x, mb)[:2]
+    def f(stacks, shared, x, grad_shared=True):
+      return self.stage(d, stacks, shared, x, mb, grad_shared)[:2]
     g_x, g_st, g_sh = None, self.zero_stacks(), self.zero_shared()
     if want_weights:
       g_x, g_st, g_sh = self.weight_backward(d, mb, x_in, dy, j >= 0)
       g_x = g_x if want_input else None
     else:
-      (g_x,) = jax.vjp(lambda x: f(self.stacks[d], self.shared, x), x_in)[1]((dy, one))
+      (g_x,) = jax.vjp(lambda x: f(self.stacks[d], self.shared, x, False), x_in)[1]((dy, one))
       # The zero weight gradients of an I op, made after the input gradient
       # (0 x a flag read from it; never NaN): a branch's results are the
       # switch's result buffers, and zeros with no operand were scheduled
@@ -427,7 +482,10 @@ class _Rank:
     return {k: jax.tree.map(lambda a: jnp.zeros((n[k],) + a.shape[1:], a.dtype), v)
             for k, v in self.stacks[0].items()}
 
-  def zero_shared(self):
+  def zero_shared(self, anchor=None):
+    """Zero shared-weight gradients (made after anchor when given: `_zeros_after`)."""
+    if anchor is not None:
+      return _zeros_after(self.shared, anchor)
     return jax.tree.map(jnp.zeros_like, self.shared)
 
   def branches(self, present: dict[str, np.ndarray]):
@@ -489,11 +547,11 @@ class _Rank:
     leaves = jax.tree.leaves(self.shared)
 
     def no_tail(x_in, dy, row):
-      return self._zero_carry(), self.zero_shared()
+      return self._zero_carry(), self.zero_shared(x_in)
 
     def no_blocks(carry, row):
-      return ([zeros_x] * self.dirs, self.zero_stacks(),
-              [jnp.zeros_like(leaves[i]) for i in self._embed_leaves()])
+      return ([zeros_x] * self.dirs, _zeros_after(self.zero_stacks(), carry["ct"]),
+              _zeros_after([leaves[i] for i in self._embed_leaves()], carry["ct"]))
 
     def tail(d, want_weights):
       return lambda x_in, dy, row: self.v_tail(d, row["b_mb"], x_in, dy, want_weights)
