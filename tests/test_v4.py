@@ -274,17 +274,4 @@ def test_v4_router_bias_update_steps_each_score_routed_layer_by_its_own_load():
   np.testing.assert_array_equal(new["layers_0"]["tid2eid"], rb["layers_0"]["tid2eid"])
 
 
-def test_v4_on_a_mesh_is_refused_before_anything_compiles():
-  import jax
-
-  from deepseek_jax import parallel
-  from deepseek_jax.config import get_preset
-  from deepseek_jax.train.config import TrainConfig
-  from deepseek_jax.train.step import abstract_train_state, init_train_state
-  mesh, rules = parallel.setup(parallel.MeshConfig(data=2, fsdp=2, expert=2,
-                                                   rules="ep_fsdp"))
-  cfg = get_preset("tiny_v4")
-  for make in (lambda: init_train_state(cfg, TrainConfig(), jax.random.key(0), mesh, rules),
-               lambda: abstract_train_state(cfg, TrainConfig(), mesh, rules)):
-    with pytest.raises(NotImplementedError, match="arch='v4' runs on one device only"):
-      make()
+# On a mesh (and refused on a pipeline): tests/test_v4_mesh.py.

@@ -54,6 +54,13 @@ module k mixes RMSNorm(Emb(t_{i+k})) and RMSNorm(h^{k-1}) through `eh_proj`
 (as V3, model/mtp.py), expands the result to hc_mult streams, runs one V4
 block (sliding attention, learned top-k MoE), its own hyper head and norm.
 
+On a mesh: every parameter has logical axes (parallel/rules.py: the
+grouped output projection's groups over `tensor`, the mHC mixers FSDP'd,
+the hash table replicated) and both MoE kinds dispatch through the same
+sharded MoE as V3 (parallel/expert.py; a hash layer's table rows replayed
+on each device's tokens); tests/test_v4_mesh.py. No pipeline stage
+functions yet (train.step.check_mesh_support refuses pipe > 1).
+
 Memory: the attention is the naive [b, H, s, s + entries] form (the
 sliding window and the compressed entries are masks over it); a windowed /
 gathered kernel is what long contexts need. Packed rows: the sliding window
@@ -80,6 +87,7 @@ from deepseek_jax.model.moe import MoE
 from deepseek_jax.model.mtp import shift_left
 from deepseek_jax.model.rope import _correction_dim
 from deepseek_jax.model.stages import checkpoint_policy
+from deepseek_jax.parallel.rules import constrain
 
 SLIDING, CSA, HCA = ("sliding_attention", "compressed_sparse_attention",
                      "heavily_compressed_attention")
@@ -306,7 +314,9 @@ def v4_forward(cfg: ModelConfig, embed: Embed, head, final_norm: RMSNorm, tokens
   [n_layers, E], and with targets and MTP mtp_logits / mtp_hidden and
   mtp_expert_load)."""
   valid = segment_ids != 0
-  x = embed(tokens)
+  # On a mesh (a no-op without one) the activations keep their rows on the
+  # batch axes and everything else whole, as V3's (model/stages.py).
+  x = constrain(embed(tokens), ("batch", "seq", None))
   streams = jnp.broadcast_to(x[:, :, None], x.shape[:2] + (cfg.hc_mult, cfg.dim))
   balance, loads = jnp.zeros((), jnp.float32), []
   block = V4Block if cfg.remat_policy == "none" else nn.remat(
@@ -314,18 +324,19 @@ def v4_forward(cfg: ModelConfig, embed: Embed, head, final_norm: RMSNorm, tokens
   for i, (kind, mlp) in enumerate(zip(cfg.layer_types, cfg.mlp_layer_types)):
     streams, aux = block(cfg, kind, mlp, name=f"layers_{i}")(streams, tokens, positions,
                                                                segment_ids, valid)
+    streams = constrain(streams, ("batch", "seq", None, None))
     balance = balance + aux["balance_loss"]
     loads.append(aux["load"])
   h = final_norm(HyperHead(cfg, name="hc_head")(streams))
-  out = h if hidden else head(h)
+  out = h if hidden else constrain(head(h), ("batch", "seq", "vocab"))
   aux = {"balance_loss": balance, "expert_load": jnp.stack(loads)}
   if targets is None or not cfg.n_mtp_depth:
     return out, aux
   mtp_out, mtp_loads = [], []
   for k in range(1, cfg.n_mtp_depth + 1):
     nxt = shift_left(targets, k - 1)                                    # t_{i+k}
-    h, block_aux = V4MTP(cfg, name=f"mtp_{k - 1}")(h, embed(nxt), nxt, positions,
-                                                   segment_ids, valid)
+    emb = constrain(embed(nxt), ("batch", "seq", None))
+    h, block_aux = V4MTP(cfg, name=f"mtp_{k - 1}")(h, emb, nxt, positions, segment_ids, valid)
     aux["balance_loss"] = aux["balance_loss"] + block_aux["balance_loss"]
     mtp_loads.append(block_aux["load"])
     mtp_out.append(h if hidden else head(h))

@@ -17,6 +17,20 @@ Each weight dimension has a logical name (MaxText's vocabulary):
                   stack as [stages, layers, ...] (parallel/pipeline_layout.py
                   `stage_tree`): `stages` goes to `pipe` in every rule set
   norm, router, exp_bias, mtp_concat   small or unsplittable: replicated
+  o_groups, o_in, o_lora   DeepSeek-V4's grouped output projection
+                  (model/v4.py): wo_a [o_groups, o_in = H hd / g, o_lora] maps
+                  each group of heads to its own rank-o_lora output; wo_b
+                  [g o_lora, dim] reads the groups' outputs side by side.
+                  `o_groups` goes to `tensor` (a tensor rank holds whole
+                  groups: wo_a's input is its share of the heads and wo_b,
+                  whose group-major rows are named o_groups too, is
+                  row-parallel); `o_in` is FSDP'd like `embed` (V4-Flash:
+                  4096, where o_lora = 1024 would not take fsdp x expert =
+                  2048); o_lora stays whole. V4's mHC mixers `fn` [n dim, .]
+                  are FSDP'd along their input (named `embed`: hc_mult
+                  streams of the width, flattened); their biases, the
+                  compressors' per-slot bias's slots and the hash-routing
+                  table `tid2eid` [vocab, k] (int, not trained) are replicated.
 
 A rule set is an ordered list of (logical name, mesh axes). A dimension takes
 the first rule for its name whose mesh axes are all still unused in that
@@ -56,12 +70,12 @@ BATCH_AXES = ("data", "fsdp", "expert")
 # routed experts over `expert`, so a mesh with expert > 1 runs expert
 # parallelism (parallel/expert.py) whichever set is chosen.
 _BASE = (("batch", BATCH_AXES), ("stages", "pipe"), ("exp", "expert"))
-_FSDP = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"))
+_FSDP = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"), ("o_in", "fsdp"))
 LEFTOVER = "*"
 # Names a leftover axis never joins: the scan axis, activations, small vectors.
 _NO_LEFTOVER = {None, "stages", "layers", "batch", "seq", "norm", "router", "exp_bias"}
 _TENSOR = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
-           ("mlp_moe", "tensor"), ("vocab", "tensor"))
+           ("mlp_moe", "tensor"), ("vocab", "tensor"), ("o_groups", "tensor"))
 
 RULE_SETS: dict[str, Rules] = {
     # Data parallelism: the batch split, every weight whole on every device
@@ -75,7 +89,7 @@ RULE_SETS: dict[str, Rules] = {
     # more FSDP axis, so no weight is replicated over it.
     "ep_fsdp": (_BASE
                 + (("embed", ("fsdp", "expert")), ("q_lora", ("fsdp", "expert")),
-                   ("kv_lora", ("fsdp", "expert")))
+                   ("kv_lora", ("fsdp", "expert")), ("o_in", ("fsdp", "expert")))
                 + _FSDP + _TENSOR + (("*", "expert"),)),
 }
 
@@ -108,9 +122,37 @@ _PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
     ("wk_index", "kernel"): ("embed", "head_dim"),
     ("k_norm", "bias"): ("norm",),
     ("weights_proj", "kernel"): ("embed", "heads"),
+    # DeepSeek-V4 (model/v4.py, model/hyper.py; its wq_a / wq_b / q_norm,
+    # the indexer's wq_b / weights_proj and the MoE reuse the entries above).
+    # The single shared key/value head and the compressors' key and gate
+    # projections [dim, (2 x) width]: the width is a head's, never split.
+    ("wkv", "kernel"): ("embed", "head_dim"),
+    ("wgate", "kernel"): ("embed", "head_dim"),
+    ("compressor", "ape"): (None, "head_dim"),
+    ("attn", "sinks"): ("heads",),
+    ("wo_a", "kernel"): ("o_groups", "o_in", "o_lora"),
+    # [g o_lora, dim], group-major: split over `tensor` it is split by group.
+    ("wo_b", "kernel"): ("o_groups", "embed"),
+    # mHC mixers: fn [n dim, (2 + n) n] (the head's [n dim, n]) FSDP'd along
+    # the n streams' flattened width (V4-Flash: 16384 x 24 per mixer, 129 MiB
+    # a device in all if replicated); base replicated; their `scale` [3] / [1]
+    # takes the norm rule below.
+    ("attn_hc", "fn"): ("embed", None),
+    ("attn_hc", "base"): (None,),
+    ("ffn_hc", "fn"): ("embed", None),
+    ("ffn_hc", "base"): (None,),
+    ("hc_head", "fn"): ("embed", None),
+    ("hc_head", "base"): (None,),
     # A reward model's value head (rl/reward_model.py), beside the model's
     # parameters: [dim] read against the final hidden state; its bias is a scalar.
     ("value_head", "kernel"): ("embed",),
+}
+
+# Leaves named by their own name alone, whatever module holds them: V4's
+# hash-routing table sits in its block's scope (`layers_{i}/tid2eid`, in the
+# router_bias collection): int32 [vocab, k] token -> experts, not trained.
+_LEAF_AXES: dict[str, tuple[str | None, ...]] = {
+    "tid2eid": (None, None),
 }
 
 
@@ -135,6 +177,8 @@ def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
     base = ("norm",)
   elif len(keys) >= 2 and (keys[-2], keys[-1]) in _PARAM_AXES:
     base = _PARAM_AXES[(keys[-2], keys[-1])]
+  elif keys and keys[-1] in _LEAF_AXES:
+    base = _LEAF_AXES[keys[-1]]
   else:
     raise ValueError(f"no logical axis names for {name} (rank {ndim}); add its "
                      "(module, parameter) entry to deepseek_jax/parallel/rules.py.")

@@ -101,14 +101,15 @@ _FROM_MESH = "from_mesh"
 
 
 def check_mesh_support(cfg: ModelConfig, mesh: Mesh | None) -> None:
-  """NotImplementedError for a model family the mesh path cannot run yet:
-  V4 (model/v4.py) has no logical axes for its new parameters in the rule
-  sets and no pipeline stage functions."""
-  if mesh is not None and cfg.arch == "v4":
+  """NotImplementedError for what the mesh path cannot run yet: V4
+  (model/v4.py) on a pipeline (pipe > 1), which has no stage functions
+  (model/stages.py runs V3's scanned stacks). V4 trains on any other mesh
+  (its parameters' logical axes: parallel/rules.py)."""
+  pipe = dict(mesh.shape).get("pipe", 1) if mesh is not None else 1
+  if pipe > 1 and cfg.arch == "v4":
     raise NotImplementedError(
-        "arch='v4' runs on one device only for now: its parameters (hyper-connections, "
-        "compressors, grouped output projection, hash tables) have no sharding rules and "
-        "it has no pipeline stage functions; drop the mesh (config.mesh.*).")
+        f"arch='v4' has no pipeline stage functions yet: mesh pipe={pipe} cannot run it; "
+        "set config.mesh.pipe=1 (data / fsdp / tensor / expert parallelism all run V4).")
 
 
 def init_train_state(cfg: ModelConfig, train_cfg: TrainConfig, rng: jax.Array,
@@ -495,6 +496,7 @@ def make_train_step(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None 
   train_cfg.pipeline_schedule, num_microbatches), with the same numbers
   (tests/test_pipeline.py).
   """
+  check_mesh_support(cfg, mesh)
   loss_fn = pretraining_loss(cfg, train_cfg, mesh, rules)
   pipe = dict(mesh.shape).get("pipe", 1) if mesh is not None else 1
   if pipe > 1:
