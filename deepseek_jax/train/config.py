@@ -84,6 +84,21 @@ class TrainConfig:
     model's n_limited_groups when n_expert_groups == D (device-limited
     routing), else D. Logged as balance_expert, balance_device,
     balance_comm (layer sums, before alpha) and *_per_layer lists.
+    indexer_loss_weight (w_I): DeepSeek-V3.2's indexer loss (a DSA model,
+    index_topk > 0), the KL from the main attention's head-summed,
+    L1-normalised distribution to the indexer's softmax, summed over layers
+    and averaged over non-padding tokens (losses.py, model/dsa.py), logged as
+    indexer_loss. Its stage is the model's, --config.model.dsa_stage (the one
+    place it is set): "warmup" (dense attention; only the indexer's
+    parameters train, everything else and its optimizer moments stay as they
+    are: optimizer.trainable_mask), "sparse" (top-k attention; the whole
+    model trains on the LM loss, the indexer on its KL over the selected
+    tokens, its inputs detached) or "off" (no indexer loss). A run moves
+    from one stage to the next through init_from (dsa_stage may change
+    there), and a dense V3 run's weights start a V3.2 model (the indexer
+    fresh). The report gives the KL no weight (the two gradients reach
+    disjoint parameters, so w_I only scales the indexer's against global
+    clipping): 1.0.
   Logging: every step to metrics.jsonl, every log_every steps to `log`
     (with tokens/s); eval_every steps (0 = only at the end);
     eval_batch_size, max_new_tokens for decoding. summary_steps: how many of
@@ -204,6 +219,7 @@ class TrainConfig:
   device_balance_weight: float = 0.0
   comm_balance_weight: float = 0.0
   balance_devices: int = 0
+  indexer_loss_weight: float = 1.0
   # logging, evaluation, checkpoints
   log_every: int = 10
   eval_every: int = 0
@@ -283,6 +299,11 @@ class TrainConfig:
                  "comm_balance_weight"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+    if not (isinstance(self.indexer_loss_weight, (int, float))
+            and not isinstance(self.indexer_loss_weight, bool)
+            and math.isfinite(self.indexer_loss_weight) and self.indexer_loss_weight >= 0):
+      raise ValueError(f"indexer_loss_weight={self.indexer_loss_weight!r} must be a finite "
+                       "number >= 0 (the DSA indexer's KL weight; 1.0 is usual).")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
       raise ValueError(f"b1={self.b1}, b2={self.b2} must lie in [0, 1).")
     if self.passkey_chars and self.passkey_chars < tasks.PASSKEY_MIN_CHARS:

@@ -31,7 +31,7 @@ from deepseek_jax.data import pipeline, tasks
 from deepseek_jax.data.tokenizer import default_tokenizer, load_tokenizer
 from deepseek_jax.model import abstract_variables, count_params
 from deepseek_jax.parallel import MeshConfig, distributed
-from deepseek_jax.train import evaluate, flops, metrics, runner, start
+from deepseek_jax.train import evaluate, flops, losses, metrics, runner, start
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.step import make_train_step, model_variables, v2_balance_devices
 
@@ -44,6 +44,7 @@ def check_compatible(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
     raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len="
                      f"{model_cfg.max_seq_len}; lower seq_len or raise model.max_seq_len.")
   v2_balance_devices(model_cfg, train_cfg)    # balance_devices must divide the experts
+  losses.check_dsa_training(model_cfg, train_cfg)   # a DSA warm-up needs its loss weight
 
 
 @dataclasses.dataclass

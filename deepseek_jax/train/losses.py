@@ -11,6 +11,16 @@ row the next document's tokens must not be predicted from this one's context.
 L_bal arrives from the model already summed over MoE layers and unscaled
 (`aux["balance_loss"]`); alpha is a training hyperparameter (V3: 1e-4).
 
+DeepSeek-V3.2's indexer loss (a DSA model with dsa_stage != "off";
+model/dsa.py), for the stages of the V3.2 report's continued pre-training:
+
+  L += w_I L^I,   L^I = sum_layers mean_{valid tokens t} KL(p_t || softmax(I_t))
+
+arrives summed over layers in `aux["indexer_loss"]`, each layer's KL already
+averaged over the batch's non-padding tokens (the LM loss's CE is a mean over
+target tokens likewise); w_I = TrainConfig.indexer_loss_weight. Its gradient
+reaches only the indexer (its inputs and the KL target are detached).
+
 DeepSeek-V2's auxiliary losses, for ablations (off unless the model was built
 with balance_devices > 0, which the trainer does when one of their weights is):
 
@@ -26,8 +36,10 @@ and get the same number, not a mean of micro-batch means:
   head_terms(logits, mtp_logits, batch, totals)  CE and MTP CE as sums over
         the batch's tokens divided by the WHOLE batch's counts (`batch_totals`;
         by default this batch's own);
-  share_aux(aux, share)  the model's balance losses (means over the batch's
-        sequences) times its share of the whole batch's sequences;
+  share_aux(aux, share, token_share)  the model's balance losses (means over
+        the batch's sequences) times its share of the whole batch's
+        sequences, the indexer loss (a mean over its tokens) times its share
+        of the whole batch's non-padding tokens (`token_share`);
   combine(terms, aux, weights)  the weighted sum, linear in both: summed
         over micro-batches and stages, the pieces give the whole batch's loss.
 
@@ -211,12 +223,23 @@ def sequence_share(batch: dict[str, jax.Array], totals: dict[str, jax.Array]) ->
   return _sequences(batch) / jnp.maximum(totals["sequences"], 1.0)
 
 
-def share_aux(aux: dict[str, Any], share: jax.Array) -> dict[str, Any]:
+def token_share(batch: dict[str, jax.Array], totals: dict[str, jax.Array]) -> jax.Array:
+  """This batch's non-padding tokens over the whole batch's (`batch_totals`)."""
+  tokens = (batch["segment_ids"] != 0).sum().astype(jnp.float32)
+  return tokens / jnp.maximum(totals["tokens"], 1.0)
+
+
+def share_aux(aux: dict[str, Any], share: jax.Array,
+              token_share: jax.Array | None = None) -> dict[str, Any]:
   """The model's aux with its loss terms (balance_loss and v2_balance: means
-  over the batch's sequences) times `share`; loads and logits unchanged."""
+  over the batch's sequences) times `share`, and indexer_loss (a mean over
+  the batch's non-padding tokens) times `token_share` (None: `share`, the
+  same when every row holds as many tokens); loads and logits unchanged."""
   out = dict(aux, balance_loss=aux["balance_loss"] * share)
   if "v2_balance" in aux:
     out["v2_balance"] = jax.tree.map(lambda v: v * share, aux["v2_balance"])
+  if "indexer_loss" in aux:
+    out["indexer_loss"] = aux["indexer_loss"] * (share if token_share is None else token_share)
   return out
 
 
@@ -257,10 +280,11 @@ V2_METRICS = (("expert", "balance_expert"), ("device", "balance_device"),
 
 def combine(terms: dict[str, jax.Array], aux: dict[str, Any], *, mtp_weight,
             balance_weight: float, expert_balance_weight: float = 0.0,
-            device_balance_weight: float = 0.0, comm_balance_weight: float = 0.0
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """L = ce + lambda mtp + alpha balance (+ alpha1..3 times V2's layer sums):
-  (L, metrics), linear in `terms` (head_terms) and aux's loss terms.
+            device_balance_weight: float = 0.0, comm_balance_weight: float = 0.0,
+            indexer_loss_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L = ce + lambda mtp + alpha balance (+ alpha1..3 times V2's layer sums)
+  (+ w_I indexer_loss when aux has it): (L, metrics), linear in `terms`
+  (head_terms) and aux's loss terms.
 
   metrics: loss (L), ce, mtp (before lambda), balance (L_bal before alpha),
   target_tokens. When aux has "v2_balance" (V2's losses per MoE layer), the
@@ -268,7 +292,9 @@ def combine(terms: dict[str, jax.Array], aux: dict[str, Any], *, mtp_weight,
   balance_expert, balance_device, balance_comm (layer sums before alpha), the
   per-layer values balance_expert_per_layer etc. ([layers] arrays), and
   device_tokens_per_layer ([layers, D]: tokens per sequence that send to
-  each device). mtp_weight may be traced (train/step.py's schedule).
+  each device). With aux["indexer_loss"] (a DSA model training its indexer)
+  metrics add indexer_loss (L^I, before w_I). mtp_weight may be traced
+  (train/step.py's schedule).
   """
   loss = terms["ce"] + mtp_weight * terms["mtp"]
   metrics = {"ce": terms["ce"], "target_tokens": terms["target_tokens"], "mtp": terms["mtp"]}
@@ -289,15 +315,29 @@ def combine(terms: dict[str, jax.Array], aux: dict[str, Any], *, mtp_weight,
     raise ValueError("V2 balance weights > 0 need the model's V2 losses (aux['v2_balance']): "
                      "build it with Transformer(cfg, balance_devices=D, "
                      "balance_max_devices=M).")
+  if "indexer_loss" in aux:
+    loss = loss + indexer_loss_weight * aux["indexer_loss"]
+    metrics["indexer_loss"] = aux["indexer_loss"]
   metrics["loss"] = loss
   return loss, metrics
+
+
+def check_dsa_training(cfg: config.ModelConfig, train_cfg: Any) -> None:
+  """ValueError (one line) for a DSA stage that would train nothing: the
+  dense warm-up trains only the indexer, by its loss, so it needs
+  train_cfg.indexer_loss_weight > 0."""
+  weight = train_cfg.indexer_loss_weight
+  if cfg.use_dsa and cfg.dsa_stage == "warmup" and not weight > 0:
+    raise ValueError(f"indexer_loss_weight={weight}: model.dsa_stage='warmup' trains only the "
+                     "indexer, by its loss; set indexer_loss_weight > 0 (1.0 is usual) or "
+                     "model.dsa_stage='sparse'.")
 
 
 def total_loss(logits: jax.Array, aux: dict[str, Any], batch: dict[str, jax.Array], *,
                mtp_weight, balance_weight: float, expert_balance_weight: float = 0.0,
                device_balance_weight: float = 0.0, comm_balance_weight: float = 0.0,
-               kernel: jax.Array | None = None, chunk: int | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               indexer_loss_weight: float = 1.0, kernel: jax.Array | None = None,
+               chunk: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Returns (L, metrics) for one batch: `combine` of its `head_terms` and
   the model's aux (metrics: see combine). With `kernel`, `logits` is the
   final hidden state and the MTP terms read aux["mtp_hidden"] (head_terms'
@@ -307,4 +347,5 @@ def total_loss(logits: jax.Array, aux: dict[str, Any], batch: dict[str, jax.Arra
                  mtp_weight=mtp_weight, balance_weight=balance_weight,
                  expert_balance_weight=expert_balance_weight,
                  device_balance_weight=device_balance_weight,
-                 comm_balance_weight=comm_balance_weight)
+                 comm_balance_weight=comm_balance_weight,
+                 indexer_loss_weight=indexer_loss_weight)

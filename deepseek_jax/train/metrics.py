@@ -192,6 +192,8 @@ def progress_line(step: int, total: int, m: dict[str, Any], tokens_per_s: float,
   if "balance_expert" in m:     # DeepSeek-V2's losses (layer sums): expert/device/comm
     v2 = (f" v2 {m['balance_expert']:.3f}/{m['balance_device']:.3f}/"
           f"{m['balance_comm']:.3f}")
+  if "indexer_loss" in m:       # DeepSeek-V3.2's indexer KL (dsa_stage warmup / sparse)
+    v2 += f" idx {m['indexer_loss']:.4f}"
   return (f"step {step:>6d}/{total} | loss {m['loss']:.4f} ce {m['ce']:.4f} "
           f"mtp {m['mtp']:.4f} bal {m['balance']:.3f}{v2} | gnorm {m['grad_norm']:.3f} "
           f"lr {m['lr']:.2e} | load max/mean {m['load_imbalance']:.2f} | "

@@ -22,6 +22,15 @@ orthogonalised by Newton-Schulz iterations per weight matrix, with AdamW for
 the embedding, the output head, RMSNorm scales, biases and V4's static mHC
 biases and gating factors (`muon_labels`); `optimizer_from_config` builds
 either from a TrainConfig.
+
+Frozen parameters (`trainable_mask`; DeepSeek-V3.2's dense warm-up trains
+only the lightning indexer): `apply_update(..., trainable=mask)` zeroes the
+frozen leaves' gradients before clipping (the global norm is the trained
+leaves'), and leaves those parameters untouched, weight decay included.
+AdamW keeps their moments as they were (their update is not computed at
+all); Muon runs its update on the zeroed gradients, so their momenta only
+decay by the momentum factor (they stay exactly zero from a fresh optimizer,
+which is how a warm-up starts: the stage changes only through init_from).
 """
 
 from __future__ import annotations
@@ -102,6 +111,26 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 MOMENT_DTYPES = ("float32", "bfloat16")
+# The lightning indexer's module name (model/dsa.py, inside MLA): the only
+# parameters DSA's dense warm-up trains.
+INDEXER_MODULE = "indexer"
+
+
+def trainable_mask(params: Any, dsa_stage: str = "off") -> Any | None:
+  """None (everything trains), or for dsa_stage "warmup" a tree of bools
+  like `params` (arrays or shapes): True only under an `indexer` module."""
+  if dsa_stage != "warmup":
+    return None
+  def trains(path, leaf):
+    return any(_key(k) == INDEXER_MODULE for k in path)
+  return jax.tree_util.tree_map_with_path(trains, params)
+
+
+def mask_grads(grads: Any, trainable: Any | None) -> Any:
+  """grads with the frozen leaves (`trainable_mask` False) set to zero."""
+  if trainable is None:
+    return grads
+  return jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
 
 
 class AdamW(NamedTuple):
@@ -172,8 +201,8 @@ def _find(state, kind):
 
 
 def apply_update(tx: AdamW | Muon, grads: Any, state: Any, params: Any, *,
-                 keep_if: jax.Array | None = None, barrier: bool = True
-                 ) -> tuple[Any, Any]:
+                 keep_if: jax.Array | None = None, barrier: bool = True,
+                 trainable: Any | None = None) -> tuple[Any, Any]:
   """One AdamW step: (new params, new state), in place where donated (a
   `Muon` tx: its step, `_muon_step`).
 
@@ -183,6 +212,9 @@ def apply_update(tx: AdamW | Muon, grads: Any, state: Any, params: Any, *,
   m_hat, v_hat the stored moments over (1 - b^(t+1)) and wd only where
   `weight_decay_mask`. keep_if (bool scalar): where False, params and state
   come back unchanged (the step-skipping of non-finite gradients).
+  trainable (`trainable_mask`, static bools like params; None = all): the
+  frozen leaves' gradients count as zero (also in the clipping norm) and
+  those parameters and their moments come back as they were (module doc).
 
   Each buffer has one reader before it is overwritten (the moments are
   written first, behind an optimization barrier, and the parameter update
@@ -190,12 +222,17 @@ def apply_update(tx: AdamW | Muon, grads: Any, state: Any, params: Any, *,
   optax's separate transforms it copied every moment (and a clipped copy of
   every gradient) first, 6 bytes per parameter at the peak of the step.
   """
+  grads = mask_grads(grads, trainable)
   if isinstance(tx, Muon):
-    return _muon_step(tx, grads, state, params, keep_if)
-  return _step(tx, grads, state, params, keep_if=keep_if, barrier=barrier, apply=True)
+    new, new_state = _muon_step(tx, grads, state, params, keep_if)
+    if trainable is not None:
+      new = jax.tree.map(lambda n, p, t: n if t else p, new, params, trainable)
+    return new, new_state
+  return _step(tx, grads, state, params, keep_if=keep_if, barrier=barrier, apply=True,
+               trainable=trainable)
 
 
-def _step(tx, grads, state, params, *, keep_if, barrier, apply):
+def _step(tx, grads, state, params, *, keep_if, barrier, apply, trainable=None):
   """apply_update (apply=True) or optax's (updates, state) (apply=False)."""
   adam = _find(state, optax.ScaleByAdamState)
   sched = _find(state, optax.ScaleByScheduleState)
@@ -209,7 +246,9 @@ def _step(tx, grads, state, params, *, keep_if, barrier, apply):
   keep = (lambda new, old: new) if keep_if is None else (  # noqa: E731
       lambda new, old: jnp.where(keep_if, new, old))
 
-  def leaf(g, m, v, p, decays):
+  def leaf(g, m, v, p, decays, trains=True):
+    if not trains:                 # frozen: nothing computed, nothing moves
+      return (jnp.zeros_like(p) if not apply else p), m, v
     g = g.astype(jnp.float32)
     if tx.clip_norm:
       g = g * scale
@@ -228,9 +267,10 @@ def _step(tx, grads, state, params, *, keep_if, barrier, apply):
 
   leaves, treedef = jax.tree.flatten(params)
   mask = treedef.flatten_up_to(weight_decay_mask(params))
+  trains = [True] * len(leaves) if trainable is None else treedef.flatten_up_to(trainable)
   out = [leaf(*args) for args in zip(treedef.flatten_up_to(grads),
                                      treedef.flatten_up_to(adam.mu),
-                                     treedef.flatten_up_to(adam.nu), leaves, mask)]
+                                     treedef.flatten_up_to(adam.nu), leaves, mask, trains)]
   new, mu, nu = (treedef.unflatten(list(col)) for col in zip(*out))
   state = _with_adam(state, lambda a: a._replace(count=keep(count, a.count), mu=mu, nu=nu))
   sched_count = keep(optax.safe_increment(sched.count), sched.count)

@@ -31,7 +31,7 @@ from deepseek_jax.parallel.pipeline_layout import (layout_for, layout_from_sizes
 from deepseek_jax.train import checkpoint, export, hf_init
 from deepseek_jax.train.config import TrainConfig, optimizer_change, schedule_changes
 from deepseek_jax.train.step import (TrainState, abstract_train_state, init_train_state,
-                                     num_microbatches, state_shardings)
+                                     model_variables, num_microbatches, state_shardings)
 
 
 def describe_mesh(mesh) -> str:
@@ -67,10 +67,15 @@ def mesh_for(mesh_cfg: MeshConfig | None, train_cfg: TrainConfig, model_cfg=None
 
 
 # ModelConfig fields a run may change from the run it starts from (init_from):
-# the context extension (YaRN) and how the same weights are computed.
+# the context extension (YaRN), how the same weights are computed, and the
+# V3.2 training stage (dsa_stage: dense warm-up -> sparse).
 INIT_FROM_MAY_CHANGE = (("max_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale",
-                         "dtype", "param_dtype", "init_std")
+                         "dtype", "param_dtype", "init_std", "dsa_stage")
                         + checkpoint.IMPLEMENTATION_FIELDS)
+# ...and, from a run without DeepSeek Sparse Attention (index_topk 0: V3), the
+# fields that add it: a V3 run's weights start a V3.2 model, its lightning
+# indexers fresh (`with_fresh_indexer`).
+INIT_FROM_ADDS_DSA = ("index_topk", "index_n_heads", "index_head_dim")
 
 
 def load_init_from(model_cfg: ModelConfig, workdir: str) -> tuple[dict, int]:
@@ -82,13 +87,32 @@ def load_init_from(model_cfg: ModelConfig, workdir: str) -> tuple[dict, int]:
   export.require_run(workdir, "init_from")
   src_cfg, _, variables, src_step = export.load_trained_run(workdir)
   src, dst = src_cfg.to_dict(), model_cfg.to_dict()
+  may_change = INIT_FROM_MAY_CHANGE + (INIT_FROM_ADDS_DSA if not src_cfg.use_dsa else ())
   bad = [f"{k}: {src[k]!r} -> {dst[k]!r}" for k in dst
-         if k not in INIT_FROM_MAY_CHANGE and src.get(k) != dst[k]]
+         if k not in may_change and src.get(k) != dst[k]]
   if bad:
     raise ValueError(f"init_from={workdir!r}: its model differs in " + "; ".join(bad)
-                     + f". Only {INIT_FROM_MAY_CHANGE} may change; set the others "
+                     + f". Only {may_change} may change; set the others "
                      "as that run had them.")
   return variables, src_step
+
+
+def with_fresh_indexer(variables: dict, fresh: dict) -> dict:
+  """`variables` (a run's {"params", "router_bias"}, the model's layout) with
+  every `indexer` module of `fresh` (the new model's, same layout) that
+  they lack added: a V3 run's weights for a V3.2 model. Any other
+  difference in structure is left for `with_variables` to refuse."""
+  def merge(have, new):
+    if not isinstance(new, dict) or not isinstance(have, dict):
+      return have
+    out = dict(have)
+    for key, value in new.items():
+      if key not in have and key == "indexer":
+        out[key] = value
+      elif key in have:
+        out[key] = merge(have[key], value)
+    return out
+  return {**variables, "params": merge(variables["params"], fresh["params"])}
 
 
 def with_variables(state: TrainState, variables: dict, layout=None) -> TrainState:
@@ -122,7 +146,11 @@ def fresh_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, rules,
   init = load_init_from(model_cfg, train_cfg.init_from) if train_cfg.init_from else None
   state = init_train_state(model_cfg, train_cfg, jax.random.key(train_cfg.seed), mesh, rules)
   if init is not None:
-    state = with_variables(state, init[0],
+    variables = init[0]
+    if model_cfg.use_dsa:          # a V3 run's weights: the indexers start fresh
+      fresh = model_variables(model_cfg, state, mesh, train_cfg.pipeline_schedule)
+      variables = with_fresh_indexer(variables, fresh)
+    state = with_variables(state, variables,
                            state_layout(model_cfg, mesh, train_cfg.pipeline_schedule))
     log(f"initialised from {train_cfg.init_from} (step {init[1]}): parameters and "
         "router biases; optimizer and data start fresh")

@@ -52,7 +52,7 @@ from deepseek_jax.parallel.rules import Rules, axes_size, mesh_axes_of
 from deepseek_jax.train import losses
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.optimizer import (AdamW, Muon, apply_update, lr_schedule_from_config,
-                                          optimizer_from_config)
+                                          mask_grads, optimizer_from_config, trainable_mask)
 
 
 
@@ -294,11 +294,19 @@ def pretraining_loss(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None
   The model hands the loss its hidden states and the CE applies the head
   over `vocab_chunk` vocabulary columns at a time (None: losses.VOCAB_CHUNK,
   read when this is called; losses.chunked_cross_entropy); 0 = the model's
-  [b, s, V] logits and the full log-softmax (the same numbers)."""
+  [b, s, V] logits and the full log-softmax (the same numbers).
+
+  A DSA model training its indexer (cfg.dsa_stage != "off") adds
+  indexer_loss_weight x its KL (losses.combine). In the "warmup" stage only
+  the indexer trains: the gradient is taken of that term alone (the rest of
+  the loss is reported, not differentiated), so the main model's backward
+  is not computed; make_update_step also freezes every other parameter."""
+  losses.check_dsa_training(cfg, train_cfg)
   n_dev, max_dev = v2_balance_devices(cfg, train_cfg, mesh, rules)
   model = Transformer(cfg, balance_devices=n_dev, balance_max_devices=max_dev)
   v2_weights = _v2_weights(train_cfg, n_dev)
   chunk = losses.VOCAB_CHUNK if vocab_chunk is None else vocab_chunk
+  warmup = cfg.use_dsa and cfg.dsa_stage == "warmup"
 
   def loss_fn(params, router_bias, batch, mtp_weight=None):
     out, aux = model.apply(
@@ -309,7 +317,11 @@ def pretraining_loss(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | None
     loss, metrics = losses.total_loss(
         out, aux, batch,
         mtp_weight=train_cfg.mtp_weight if mtp_weight is None else mtp_weight,
-        balance_weight=train_cfg.balance_weight, **v2_weights, **head_args)
+        balance_weight=train_cfg.balance_weight,
+        indexer_loss_weight=train_cfg.indexer_loss_weight, **v2_weights, **head_args)
+    if warmup:       # the value of the whole loss, the gradient of the indexer's term
+      indexer = train_cfg.indexer_loss_weight * aux["indexer_loss"]
+      loss = jax.lax.stop_gradient(loss - indexer) + indexer
     return _loss_out(loss, metrics, aux,
                      (batch["segment_ids"] != 0).sum().astype(jnp.float32))
   return loss_fn
@@ -330,8 +342,8 @@ def pretraining_stages(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | No
   def blocks(stacks, stacks_bias, x, mb, totals, active):
     x, aux = stages.blocks(cfg, stacks, stacks_bias, x, mb["segment_ids"], mb["positions"],
                            active=active, v2=v2)
-    share = losses.sequence_share(mb, totals)
-    return x, {key: losses.share_aux(a, share) for key, a in aux.items()}
+    share, tokens = losses.sequence_share(mb, totals), losses.token_share(mb, totals)
+    return x, {key: losses.share_aux(a, share, tokens) for key, a in aux.items()}
 
   def head(shared, shared_bias, x, mb, totals):
     out, aux = stages.head(cfg, shared, shared_bias, x, mb["targets"], mb["segment_ids"],
@@ -339,13 +351,15 @@ def pretraining_stages(cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh | No
     head_args = dict(kernel=stages.head_kernel(cfg, shared), chunk=chunk) if chunk else {}
     terms = losses.head_terms(out, aux.get(mtp_key), mb, totals, **head_args)
     aux = {k: v for k, v in aux.items() if k != mtp_key}
-    return {"terms": terms, "aux": losses.share_aux(aux, losses.sequence_share(mb, totals))}
+    return {"terms": terms, "aux": losses.share_aux(aux, losses.sequence_share(mb, totals),
+                                                    losses.token_share(mb, totals))}
 
   def loss(layers, head, totals, mtp_weight):
     aux = stages.merge_aux(cfg, layers, head["aux"])
     loss, metrics = losses.combine(
         head["terms"], aux, mtp_weight=train_cfg.mtp_weight if mtp_weight is None else mtp_weight,
-        balance_weight=train_cfg.balance_weight, **v2_weights)
+        balance_weight=train_cfg.balance_weight,
+        indexer_loss_weight=train_cfg.indexer_loss_weight, **v2_weights)
     return _loss_out(loss, metrics, aux, totals["tokens"])
 
   return StageFns(totals=lambda batch: losses.batch_totals(batch, cfg.n_mtp_depth),
@@ -459,11 +473,17 @@ def make_update_step(cfg: ModelConfig, train_cfg: TrainConfig, loss_fn: LossFn,
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, aux), grads = grad_fn(state.params, state.router_bias, batch, state.step)
+    # DSA's dense warm-up: only the indexer trains (optimizer.trainable_mask).
+    trainable = trainable_mask(state.params, cfg.dsa_stage if cfg.use_dsa else "off")
+    grads = mask_grads(grads, trainable)
     ok = _all_finite(loss, grads) if skip_nonfinite else None
-    params, opt_state = apply_update(tx, grads, state.opt_state, state.params, keep_if=ok)
+    params, opt_state = apply_update(tx, grads, state.opt_state, state.params, keep_if=ok,
+                                     trainable=trainable)
     metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(grads),
                    lr=jnp.asarray(schedule(state.step), jnp.float32))
     router_bias = _bias_update(train_cfg, layout, state.router_bias, aux, metrics)
+    if trainable is not None:        # frozen too: the loads are reported, not applied
+      router_bias = state.router_bias
     if skip_nonfinite:
       router_bias = jax.tree.map(lambda a, b: jnp.where(ok, a, b), router_bias,
                                  state.router_bias)
