@@ -27,6 +27,9 @@ the record's answer and, with --require_format (default), GRPO's format
 reward is 1 (--norequire_format for data without <think>/<answer> tags).
 The record's "prompt" in --out is the rendered text the model read.
 
+Preference pairs of the same samples instead (a right and a wrong completion
+of one prompt, for DPO or a reward model): launch/make_preferences.py.
+
 Output: --out, one {"prompt", "completion", "answer", "kind"} object per line,
 written atomically; stdout: the stats as one JSON line (n_prompts,
 n_sampled, n_kept, acceptance, by_kind, prompts_with_kept, rejected by
@@ -51,6 +54,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, app.UsageError)
 OUT_EXTENSIONS = (".jsonl", ".json")   # what launch.train reads as JSON lines
 
 
+def check_out_path(out: str) -> None:
+  """app.UsageError unless --out names a .jsonl / .json file (not a directory):
+  what launch.train reads as JSON lines. launch.make_preferences shares it."""
+  if os.path.splitext(out)[1].lower() not in OUT_EXTENSIONS:
+    raise app.UsageError(f"--out={out!r} must end in .jsonl or .json (launch.train reads "
+                         "data files by extension).")
+  if os.path.isdir(out):
+    raise app.UsageError(f"--out={out!r} is a directory; give the path of a .jsonl file.")
+
+
 def sample(from_workdir: str, out: str, *, step: int | None = None,
            n_prompts: int | None = None, k: int = 4, temperature: float = 1.0,
            max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 64,
@@ -68,11 +81,7 @@ def sample(from_workdir: str, out: str, *, step: int | None = None,
   if not from_workdir or not out:
     raise app.UsageError("give --from_workdir=RUN (a launch.train or launch.grpo workdir) "
                          "and --out=FILE.jsonl.")
-  if os.path.splitext(out)[1].lower() not in OUT_EXTENSIONS:
-    raise app.UsageError(f"--out={out!r} must end in .jsonl or .json (launch.train reads "
-                         "data files by extension).")
-  if os.path.isdir(out):
-    raise app.UsageError(f"--out={out!r} is a directory; give the path of a .jsonl file.")
+  check_out_path(out)
   for name, value, low in (("n_prompts", n_prompts, 1), ("k", k, 1),
                            ("batch_size", batch_size, 1), ("keep_per_prompt", keep_per_prompt, 0),
                            ("max_new_tokens", max_new_tokens, 1), ("max_digits", max_digits, 1)):

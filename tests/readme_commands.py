@@ -56,6 +56,7 @@ SHORTEN = {
     "launch.grpo": ["--config.steps=2", "--config.eval_every=0", "--config.n_eval_problems=8",
                     "--config.prompts_per_step=4", "--config.group_size=2"],
     "launch.rejection_sample": ["--n_prompts=64", "--k=2"],
+    "launch.make_preferences": ["--n_prompts=64", "--k=2"],
     "launch.evaluate": ["--samples=2"],
 }
 FULL_LENGTH = ("--workdir=runs/demo",)      # runs the later commands build on
