@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import sys
 import tempfile
@@ -111,6 +112,13 @@ def stdout_lines(nb: nbformat.NotebookNode) -> list[str]:
       if output.get("output_type") == "stream" and output.get("name") == "stdout":
         lines += output.get("text", "").splitlines()
   return lines
+
+
+def result_records(nb: nbformat.NotebookNode) -> list[dict]:
+  """The JSON records of the notebook's `RESULT {...}` stdout lines, in order
+  (the convention every notebook here prints its figures by)."""
+  return [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
+          if line.startswith("RESULT ")]
 
 
 def parse_param(text: str) -> tuple[str, Any]:

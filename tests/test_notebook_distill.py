@@ -23,7 +23,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 
-from run_notebook import image_outputs, run_notebook, stdout_lines  # noqa: E402
+from run_notebook import image_outputs, run_notebook, result_records  # noqa: E402
 
 NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "distillation.ipynb")
 ARMS = ["scratch", "token", "sequence"]
@@ -47,8 +47,7 @@ def distill_run(tmp_path_factory):
                 workdir_root=workdir, jax_cache_dir=os.environ["DSJ_TEST_JAX_CACHE"])
   nb = run_notebook(NOTEBOOK, params, out=os.path.join(workdir, "executed.ipynb"), timeout=600)
   assert image_outputs(nb) > 0 and os.path.getsize(os.path.join(workdir, "distillation.png"))
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   return workdir, results[0], results[1:]
 
 

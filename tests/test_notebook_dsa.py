@@ -11,7 +11,6 @@ every non-indexer weight bit-identical, and that both arms' held-out CE are
 finite and close.
 """
 
-import json
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 
-from run_notebook import image_outputs, run_notebook, stdout_lines  # noqa: E402
+from run_notebook import image_outputs, run_notebook, result_records  # noqa: E402
 
 NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "sparse_attention.ipynb")
 WARMUP, SPARSE = 8, 3
@@ -35,8 +34,7 @@ def dsa_run(tmp_path_factory):
                 workdir_root=workdir, jax_cache_dir=os.environ["DSJ_TEST_JAX_CACHE"])
   nb = run_notebook(NOTEBOOK, params, out=os.path.join(workdir, "executed.ipynb"), timeout=600)
   assert image_outputs(nb) > 0 and os.path.getsize(os.path.join(workdir, "sparse_attention.png"))
-  results = {r["stage"]: r for r in (json.loads(line[len("RESULT "):])
-                                     for line in stdout_lines(nb) if line.startswith("RESULT "))}
+  results = {r["stage"]: r for r in result_records(nb)}
   return results
 
 

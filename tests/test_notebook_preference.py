@@ -21,7 +21,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 
-from run_notebook import image_outputs, run_notebook, stdout_lines  # noqa: E402
+from run_notebook import image_outputs, run_notebook, result_records  # noqa: E402
 
 NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "preference_learning.ipynb")
 CACHE = os.environ["DSJ_TEST_JAX_CACHE"]
@@ -75,8 +75,7 @@ def notebook_run(tmp_path_factory):
       fast_compile=True, workdir_root=workdir, jax_cache_dir=CACHE)
   nb = run_notebook(NOTEBOOK, params, out=os.path.join(str(tmp), "executed.ipynb"),
                     timeout=600)
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   return nb, workdir, results
 
 

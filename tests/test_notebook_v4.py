@@ -23,7 +23,7 @@ from deepseek_jax.model.hyper import sinkhorn
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 
-from run_notebook import image_outputs, run_notebook, stdout_lines  # noqa: E402
+from run_notebook import image_outputs, run_notebook, result_records  # noqa: E402
 
 NOTEBOOK = os.path.join(REPO_ROOT, "experiments", "v4_hyper_connections.ipynb")
 STEPS, BATCH = 12, 4
@@ -36,8 +36,7 @@ def v4_run(tmp_path_factory):
                 workdir_root=workdir, jax_cache_dir=os.environ["DSJ_TEST_JAX_CACHE"])
   nb = run_notebook(NOTEBOOK, params, out=os.path.join(workdir, "executed.ipynb"), timeout=600)
   figure = os.path.join(workdir, "v4_hyper_connections.png")
-  results = {r["arm"]: r for r in (json.loads(line[len("RESULT "):])
-                                   for line in stdout_lines(nb) if line.startswith("RESULT "))}
+  results = {r["arm"]: r for r in result_records(nb)}
   return nb, figure, results
 
 

@@ -21,7 +21,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 
-from run_notebook import image_outputs, inject_parameters, stdout_lines  # noqa: E402
+from run_notebook import image_outputs, inject_parameters, result_records  # noqa: E402
 from run_notebook import run_notebook as _execute  # noqa: E402
 
 
@@ -54,8 +54,7 @@ def load_balance_run(tmp_path_factory):
   nb = run_notebook(NOTEBOOK, params, out=os.path.join(workdir, "executed.ipynb"),
                     timeout=600)
   print(f"notebook executed in {time.time() - t0:.1f}s")
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   return {r["arm"]: r for r in results}, results
 
 
@@ -152,8 +151,7 @@ def expert_parallel_run(tmp_path_factory):
                 workdir_root=workdir, jax_cache_dir=CACHE)
   nb = run_notebook(EP_NOTEBOOK, params, out=os.path.join(workdir, "executed.ipynb"),
                     timeout=600)
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   return ([r for r in results if r["part"] == "plan"],
           {r["expert"]: r for r in results if r["part"] == "train"})
 
@@ -214,8 +212,7 @@ def fp8_run(tmp_path_factory):
                 workdir_root=workdir, jax_cache_dir=CACHE)
   nb = run_notebook(FP8_NOTEBOOK, params, out=os.path.join(workdir, "executed.ipynb"),
                     timeout=600)
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   return workdir, [r for r in results if r["part"] == "gemm"], [
       r for r in results if r["part"] == "train"][0]
 
@@ -265,8 +262,7 @@ def test_inference_notebook_reports_cache_sizes_and_mtp_acceptance(tmp_path):
                 n_prompts=4, max_new_tokens=8, workdir_root=str(tmp_path),
                 jax_cache_dir=CACHE)
   nb = run_notebook(INFER_NOTEBOOK, params, out=str(tmp_path / "executed.ipynb"), timeout=600)
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   memory = [r for r in results if r["part"] == "memory"][0]
   per_layer = 512 + 64                                  # kv_lora_rank + qk_rope_head_dim
   assert memory["mla_bytes_per_token"] == per_layer * 61 * 2
@@ -301,8 +297,7 @@ def test_grpo_notebook_runs_each_loss_type_and_its_rewards_recompute(tmp_path):
                 n_eval_problems=4, eval_every=0, eval_batch_size=4, fast_compile=True,
                 workdir_root=str(tmp_path), jax_cache_dir=CACHE)
   nb = run_notebook(GRPO_NOTEBOOK, params, out=str(tmp_path / "executed.ipynb"), timeout=900)
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   assert [r["loss_type"] for r in results] == ["grpo", "dr_grpo", "dapo", "gspo"]
   for r in results:
     cfg = json.load(open(os.path.join(r["workdir"], "grpo_config.json")))
@@ -345,8 +340,7 @@ def v2_balance_run(tmp_path_factory):
                 fast_compile=True, workdir_root=workdir, jax_cache_dir=CACHE)
   nb = run_notebook(V2_NOTEBOOK, params, out=os.path.join(workdir, "executed.ipynb"),
                     timeout=600)
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   assert [r["arm"] for r in results] == list(V2_ARMS)
   for name in ("device_maxvio_ce.png", "traffic.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
@@ -463,8 +457,7 @@ def test_pipeline_schedules_notebook_matches_the_simulator_and_table2(tmp_path):
   params = dict(n_stages=4, n_microbatches=8, F=F, B=B, W=W, FB=FB, stages_sweep=[2, 4],
                 sweep_microbatches=8, microbatch_sweep=[8, 12], workdir_root=str(tmp_path))
   nb = run_notebook(PIPE_NOTEBOOK, params, out=str(tmp_path / "executed.ipynb"), timeout=300)
-  results = [json.loads(line[len("RESULT "):]) for line in stdout_lines(nb)
-             if line.startswith("RESULT ")]
+  results = result_records(nb)
   with open(tmp_path / "results.json") as f:
     assert json.load(f) == results
   formula = {"gpipe": lambda pp: (pp - 1) * (F + B), "1f1b": lambda pp: (pp - 1) * (F + B),
