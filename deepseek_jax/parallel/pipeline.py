@@ -439,13 +439,11 @@ class _Rank:
     else:
       (g_x,) = jax.vjp(lambda x: f(self.stacks[d], self.shared, x, False), x_in)[1]((dy, one))
       # The zero weight gradients of an I op, made after the input gradient
-      # (0 x a flag read from it; never NaN): a branch's results are the
-      # switch's result buffers, and zeros with no operand were scheduled
-      # first, so those buffers (a chunk's and the shared weights' f32
+      # (`_zeros_after`): zeros with no operand were scheduled first, so the
+      # switch's result buffers (a chunk's and the shared weights' f32
       # gradients, 31.5 GiB at V3 widths) stayed live through the op's
       # stage recompute and VJP.
-      dep = 0 * (g_x.reshape(-1)[0] == 0).astype(jnp.float32)
-      g_st, g_sh = jax.tree.map(lambda z: z + dep.astype(z.dtype), (g_st, g_sh))
+      g_st, g_sh = _zeros_after((g_st, g_sh), g_x)
     if g_x is not None and self.first[d] is not False:
       g_x = jnp.where(self.first[d], jnp.zeros_like(g_x), g_x)
     return g_x, g_st, g_sh
