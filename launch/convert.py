@@ -1,4 +1,4 @@
-"""Convert checkpoints between Hugging Face (DeepSeek-V3.2 / V3 / V2, Llama, Qwen2) and ours.
+"""Convert checkpoints between Hugging Face (DeepSeek-V4 / V3.2 / V3 / V2, Llama, Qwen2) and ours.
 
   # HF directory (config.json + *.safetensors, FP8 or bf16) -> deepseek_jax
   python -m launch.convert --from_hf /ckpt/DeepSeek-V3 --to_jax /ckpt/v3_jax
@@ -14,9 +14,11 @@
   # R1-Distill-Qwen (Qwen2ForCausalLM), both ways
   python -m launch.convert --from_hf /ckpt/DeepSeek-R1-Distill-Qwen-1.5B --to_jax /ckpt/q15_jax
 
-The DeepSeek families: V3.2 (DeepseekV32ForCausalLM: V3 with DeepSeek Sparse
-Attention, index_topk > 0), V3 / R1 (DeepseekV3ForCausalLM) and V2 / V2-Lite /
-V2.5 / Coder-V2 (DeepseekV2ForCausalLM); a model with DSA is written as
+The DeepSeek families: V4 (DeepseekV4ForCausalLM, arch="v4": the tensor names
+transformers' save_pretrained writes, or DeepSeek's own; float weights only,
+MTP under mtp.{k}. which transformers skips), V3.2 (DeepseekV32ForCausalLM: V3
+with DeepSeek Sparse Attention, index_topk > 0), V3 / R1 (DeepseekV3ForCausalLM)
+and V2 / V2-Lite / V2.5 / Coder-V2 (DeepseekV2ForCausalLM); a model with DSA is written as
 V3.2, one with softmax routing as V2, one with sigmoid routing as V3. Dense decoders
 (attention="gqa"): LlamaForCausalLM, and Qwen2ForCausalLM for a model with
 q/k/v biases; a tied model's head is the embedding (no lm_head.weight).

@@ -1,7 +1,8 @@
 """Checkpoint interop: Hugging Face safetensors <-> deepseek_jax.
 
-Families: DeepSeek-V3.2 (DeepSeek Sparse Attention), V3 / R1 and V2 (MLA +
-MoE), and the dense decoders
+Families: DeepSeek-V4 (arch="v4": mHC, compressed attention, hash routing),
+DeepSeek-V3.2 (DeepSeek Sparse Attention), V3 / R1 and V2 (MLA + MoE), and the
+dense decoders
 LlamaForCausalLM (DeepSeek LLM, R1-Distill-Llama) and Qwen2ForCausalLM
 (R1-Distill-Qwen) as attention="gqa" models.
 
@@ -9,6 +10,7 @@ The public API is this package's names; the modules split the work by job:
 
   hf_config.py       config.json <-> ModelConfig (V3.2, V3 and V2 families; dispatch)
   hf_dense.py        config.json <-> ModelConfig for Llama and Qwen2
+  hf_v4.py           DeepSeek-V4: config.json <-> ModelConfig and its key map (own names)
   hf_keys.py         the key map: HF tensor names <-> our leaf paths (the 1:1 table)
   hf_check.py        an HF directory checked from its headers (check_hf_checkpoint)
   hf_load.py         streaming tensors into our variables, on the host or onto a mesh;

@@ -13,6 +13,7 @@ runs it before compiling); hf_load.py streams the tensors of what it opens.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import warnings
@@ -22,9 +23,12 @@ from deepseek_jax.fp8.published import BLOCK, block_scale_shape
 from deepseek_jax.interop.hf_config import (CONFIG_NAME, config_from_hf, hf_model_type,
                                             read_hf_config)
 from deepseek_jax.interop.hf_keys import Slot, ignored_tensors, key_map
+from deepseek_jax.interop.hf_v4 import V4_MODEL_TYPE, v4_key_map
 from deepseek_jax.interop.safetensors_io import (FLOAT8_DTYPES, TensorInfo, checkpoint_files,
                                                  list_tensors)
 from deepseek_jax.interop.variables import keys_error, param_dtype
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,8 @@ def open_checkpoint(path: str, param_dtype_name: str) -> Checkpoint:
     raise ValueError(f"{config_path}: {e}") from None
   files = checkpoint_files(path)
   infos = list_tensors(files)
+  if hf.get("model_type") == V4_MODEL_TYPE:
+    return _open_v4(path, hf, files, infos, param_dtype_name)
 
   n_layers = hf.get("num_hidden_layers")
   layer_ids = {int(m.group(1)) for k in infos
@@ -69,10 +75,7 @@ def open_checkpoint(path: str, param_dtype_name: str) -> Checkpoint:
   try:
     cfg = config_from_hf(hf, param_dtype=param_dtype_name)
   except (ValueError, NotImplementedError) as e:   # name the file, not just "config.json"
-    text = str(e)
-    text = (text[len(CONFIG_NAME):] if text.startswith(CONFIG_NAME) else f": {text}")
-    kind = NotImplementedError if isinstance(e, NotImplementedError) else ValueError
-    raise kind(config_path + text) from None
+    raise _config_error(config_path, e) from None
 
   fused = frozenset(i for i in layer_ids if f"model.layers.{i}.mlp.experts.gate_up_proj" in infos)
   slots = key_map(cfg, fused)
@@ -81,15 +84,60 @@ def open_checkpoint(path: str, param_dtype_name: str) -> Checkpoint:
   if quant and quant.get("quant_method", "fp8") != "fp8":
     raise NotImplementedError(f"{config_path}: quantization {quant.get('quant_method')!r}: "
                               "only DeepSeek's block FP8 checkpoints are supported.")
-  _check_tensors(path, slots, infos, block, ignored_tensors(cfg), cfg.is_gqa)
+  fields = (("num_hidden_layers", "tie_word_embeddings", "model_type (Qwen2 has q/k/v "
+             "biases, Llama none)") if cfg.is_gqa else
+            ("num_hidden_layers", "first_k_dense_replace", "q_lora_rank", "n_routed_experts",
+             "n_shared_experts", "num_nextn_predict_layers", "index_n_heads / index_head_dim "
+             "(deepseek_v32)"))
+  _check_tensors(path, slots, infos, block, ignored_tensors(cfg), fields)
   return Checkpoint(cfg, files, infos, slots, block)
+
+
+def _config_error(config_path: str, e: Exception) -> Exception:
+  """`e` (from config_from_hf) re-raised naming the file, not just "config.json"."""
+  text = str(e)
+  text = (text[len(CONFIG_NAME):] if text.startswith(CONFIG_NAME) else f": {text}")
+  kind = NotImplementedError if isinstance(e, NotImplementedError) else ValueError
+  return kind(config_path + text)
+
+
+def _open_v4(path: str, hf: dict, files: list[str], infos: dict[str, TensorInfo],
+             param_dtype_name: str) -> Checkpoint:
+  """open_checkpoint for a DeepSeek-V4 directory (hf_v4.py's key map):
+  transformers' on-disk names or DeepSeek's native ones (`embed.weight`);
+  no `mtp.*` tensors -> n_mtp_depth=0; quantized weights refused."""
+  config_path = os.path.join(path, CONFIG_NAME)
+  quant = hf.get("quantization_config")
+  low = sorted(k for k, i in infos.items() if i.dtype in FLOAT8_DTYPES or i.dtype in
+               ("I8", "U8", "F4", "F8_E8M0"))
+  if quant or low:
+    what = (f"quantization_config {quant.get('quant_method', quant)!r}" if quant
+            else f"{low[0]} stored as {infos[low[0]].dtype}")
+    raise NotImplementedError(f"{config_path}: {what}: quantized DeepSeek-V4 checkpoints "
+                              "(FP8 / FP4 weights) are not read yet; load a float (bf16 / f32) "
+                              "copy, e.g. one transformers' save_pretrained wrote.")
+  depth = hf.get("num_nextn_predict_layers")
+  if depth and not any(k.startswith("mtp.") for k in infos):
+    hf = {**hf, "num_nextn_predict_layers": 0}   # transformers drops V4's MTP weights
+    log.info("%s: num_nextn_predict_layers=%s but no mtp.* tensors; loading with "
+             "n_mtp_depth=0", path, depth)
+  try:
+    cfg = config_from_hf(hf, param_dtype=param_dtype_name)
+  except (ValueError, NotImplementedError, TypeError) as e:
+    raise _config_error(config_path, e) from None
+  slots = v4_key_map(cfg, native="embed.weight" in infos)
+  _check_tensors(path, slots, infos, BLOCK, {},
+                 ("num_hidden_layers", "layer_types", "mlp_layer_types", "n_routed_experts",
+                  "compress_rates", "hc_mult", "o_groups", "num_nextn_predict_layers"))
+  return Checkpoint(cfg, files, infos, slots, BLOCK)
 
 
 def _check_tensors(path: str, slots: list[Slot], infos: dict[str, TensorInfo],
                    block: tuple[int, int], extra: dict[str, tuple[int, ...]],
-                   dense: bool = False) -> None:
+                   fields: tuple[str, ...]) -> None:
   """Every tensor of `slots` (and the block scales of FP8 ones) is in `infos`
-  with its shape, and nothing else is but `extra` and ignorable keys."""
+  with its shape, and nothing else is but `extra` and ignorable keys;
+  `fields`: the config.json fields an error message points to."""
   expected = {s.key: s.shape for s in slots}
   scales = {}
   for key, info in infos.items():
@@ -102,11 +150,6 @@ def _check_tensors(path: str, slots: list[Slot], infos: dict[str, TensorInfo],
                if k.endswith("rotary_emb.inv_freq") or (0 in v.shape and ".shared_experts." in k)}
   missing = set(expected) - set(infos) - ignorable
   missing |= set(scales) - set(infos)
-  fields = (("num_hidden_layers", "tie_word_embeddings", "model_type (Qwen2 has q/k/v "
-             "biases, Llama none)") if dense else
-            ("num_hidden_layers", "first_k_dense_replace", "q_lora_rank", "n_routed_experts",
-             "n_shared_experts", "num_nextn_predict_layers", "index_n_heads / index_head_dim "
-            "(deepseek_v32)"))
   if missing:
     raise keys_error(path, "missing", missing,
                      f"check that config.json matches the weights ({', '.join(fields)}) "

@@ -1,8 +1,9 @@
-"""Hugging Face `config.json` <-> ModelConfig: DeepSeek-V3.2 / V3 / V2, and dense Llama / Qwen2.
+"""Hugging Face `config.json` <-> ModelConfig: DeepSeek-V4 / V3.2 / V3 / V2, Llama, Qwen2.
 
-Five families are read and written. The dense decoders (`LlamaForCausalLM`:
-DeepSeek LLM, R1-Distill-Llama; `Qwen2ForCausalLM`: R1-Distill-Qwen) map
-onto attention="gqa" in hf_dense.py; this module dispatches on model_type.
+Six families are read and written; this module dispatches on model_type.
+DeepSeek-V4 (`DeepseekV4ForCausalLM`, `deepseek_v4`) is mapped in hf_v4.py.
+The dense decoders (`LlamaForCausalLM`: DeepSeek LLM, R1-Distill-Llama;
+`Qwen2ForCausalLM`: R1-Distill-Qwen) map onto attention="gqa" in hf_dense.py.
 Two are DeepSeek's MoE families: DeepSeek-V3 / R1 (`DeepseekV3ForCausalLM`,
 model_type `deepseek_v3`) and DeepSeek-V2 / V2-Lite / V2.5 / Coder-V2
 (`DeepseekV2ForCausalLM`, `deepseek_v2`). Their tensors share one key layout
@@ -38,6 +39,8 @@ from typing import Any, Callable, Mapping
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop.hf_dense import (DENSE_FAMILIES, dense_config_from_hf,
                                            dense_config_to_hf)
+from deepseek_jax.interop.hf_v4 import (V4_ARCHITECTURE, V4_MODEL_TYPE, config_from_hf_v4,
+                                        config_to_hf_v4)
 
 HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
 HF_MODEL_TYPE = "deepseek_v3"
@@ -46,7 +49,8 @@ HF_V2_MODEL_TYPE = "deepseek_v2"
 HF_V32_ARCHITECTURE = "DeepseekV32ForCausalLM"
 HF_V32_MODEL_TYPE = "deepseek_v32"
 HF_FAMILIES = {HF_MODEL_TYPE: HF_ARCHITECTURE, HF_V2_MODEL_TYPE: HF_V2_ARCHITECTURE,
-               HF_V32_MODEL_TYPE: HF_V32_ARCHITECTURE, **DENSE_FAMILIES}
+               HF_V32_MODEL_TYPE: HF_V32_ARCHITECTURE, V4_MODEL_TYPE: V4_ARCHITECTURE,
+               **DENSE_FAMILIES}
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 CONFIG_NAME = "config.json"
 
@@ -102,7 +106,8 @@ def read_hf_config(path: str) -> dict[str, Any]:
 
 
 def hf_model_type(hf_config: Mapping[str, Any]) -> str:
-  """"deepseek_v32", "deepseek_v3", "deepseek_v2", "llama" or "qwen2" for a config.json dict;
+  """"deepseek_v4", "deepseek_v32", "deepseek_v3", "deepseek_v2", "llama" or "qwen2" for a
+  config.json dict;
   ValueError naming what it found for any other architecture."""
   archs = hf_config.get("architectures") or []
   model_type = hf_config.get("model_type")
@@ -114,6 +119,7 @@ def hf_model_type(hf_config: Mapping[str, Any]) -> str:
             "MLA and is not supported.")
   raise ValueError(
       f"unknown architecture {archs or None} / model_type {model_type!r}: expected "
+      f"{V4_ARCHITECTURE} / {V4_MODEL_TYPE!r} (DeepSeek-V4), "
       f"{HF_V32_ARCHITECTURE} / {HF_V32_MODEL_TYPE!r} (DeepSeek-V3.2), "
       f"{HF_ARCHITECTURE} / {HF_MODEL_TYPE!r} (DeepSeek-V3 / R1) or {HF_V2_ARCHITECTURE} / "
       f"{HF_V2_MODEL_TYPE!r} (DeepSeek-V2 / V2-Lite / V2.5 / Coder-V2), LlamaForCausalLM / "
@@ -122,8 +128,8 @@ def hf_model_type(hf_config: Mapping[str, Any]) -> str:
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """ModelConfig from an HF DeepSeek-V3.2, V3, V2, Llama or Qwen2
-  `config.json` dict (the dense two: hf_dense.py).
+  """ModelConfig from an HF DeepSeek-V4, V3.2, V3, V2, Llama or Qwen2
+  `config.json` dict (the dense two: hf_dense.py; V4: hf_v4.py).
 
   `overrides` set ModelConfig fields HF configs do not carry (dtype,
   moe_impl, remat_policy, ...). Keys a config.json omits take transformers'
@@ -141,6 +147,8 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfi
   model_type = hf_model_type(hf)
   if model_type in DENSE_FAMILIES:
     return dense_config_from_hf(hf, model_type, **overrides)
+  if model_type == V4_MODEL_TYPE:
+    return config_from_hf_v4(hf, **overrides)
   v2, v32 = model_type == HF_V2_MODEL_TYPE, model_type == HF_V32_MODEL_TYPE
   defaults = _HF_V2_DEFAULTS if v2 else _HF_V32_DEFAULTS if v32 else _HF_DEFAULTS
   missing = [k for k in _HF_REQUIRED if k not in hf]
@@ -359,7 +367,8 @@ def _rope_from_hf(hf: Mapping[str, Any], max_pos: int) -> dict[str, Any]:
 # ModelConfig -> config.json
 # ---------------------------------------------------------------------------
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-  """HF `config.json` dict for `cfg`: DeepseekV32ForCausalLM for an MLA
+  """HF `config.json` dict for `cfg`: DeepseekV4ForCausalLM for arch="v4"
+  (hf_v4.py), DeepseekV32ForCausalLM for an MLA
   model with DSA (index_topk > 0; sigmoid router), DeepseekV3ForCausalLM for
   a sigmoid router, DeepseekV2ForCausalLM for a softmax one (V2-shaped: no
   MTP); a dense GQA model as Qwen2ForCausalLM (q/k/v biases) or
@@ -370,6 +379,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """
   if cfg.is_gqa:
     return dense_config_to_hf(cfg)
+  if cfg.is_v4:
+    return config_to_hf_v4(cfg)
   if cfg.tie_word_embeddings or cfg.rope_type == "llama3":
     field = "tie_word_embeddings=True" if cfg.tie_word_embeddings else "rope_type='llama3'"
     raise NotImplementedError(f"{field} with attention='mla': DeepSeek-V2/V3 checkpoints "

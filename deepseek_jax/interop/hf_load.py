@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
                        keep_fp8: bool = False) -> tuple[ModelConfig, dict]:
-  """Reads an HF DeepSeek-V3.2 / V3 / V2, Llama or Qwen2 checkpoint directory into
-  (cfg, variables); Llama and Qwen2 load as dense GQA models (hf_dense.py).
+  """Reads an HF DeepSeek-V4 / V3.2 / V3 / V2, Llama or Qwen2 checkpoint directory into
+  (cfg, variables); Llama and Qwen2 load as dense GQA models (hf_dense.py),
+  V4 (the tensor names transformers writes, hf_v4.py) as arch="v4".
 
   Tensors are streamed one at a time into preallocated stacked arrays of
   `dtype` (default float32; FP8 weights are dequantised first), so peak host
@@ -80,6 +81,9 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
   """
   dtype_name = param_dtype(dtype)
   ckpt = open_checkpoint(path, dtype_name)
+  if keep_fp8 and ckpt.cfg.is_v4:
+    raise NotImplementedError(f"{path}: keep_fp8=True with a DeepSeek-V4 checkpoint: V4 "
+                              "checkpoints are read as float weights only; drop keep_fp8.")
   abstract = flatten(abstract_variables(ckpt.cfg))
   kept = _fp8_leaves(ckpt.slots, ckpt.infos, abstract) if keep_fp8 else {}
   cfg = ckpt.cfg
@@ -101,8 +105,11 @@ def load_hf_checkpoint(path: str, *, dtype=None, mesh=None, rules=None,
   return cfg, _load_on_host(ckpt, abstract, dtype_name, kept)
 
 
-def _leaf_dtype(name: str, dtype_name: str):
-  """The router bias stays float32; every other leaf takes the load dtype."""
+def _leaf_dtype(name: str, dtype_name: str, abstract_dtype=None):
+  """An integer leaf (V4's hash table) keeps its dtype, the router bias stays
+  float32; every other leaf takes the load dtype."""
+  if abstract_dtype is not None and np.issubdtype(abstract_dtype, np.integer):
+    return np.dtype(abstract_dtype)
   return np.float32 if name.startswith("router_bias/") else np_dtype(dtype_name)
 
 
@@ -110,7 +117,7 @@ def _load_on_host(ckpt: Checkpoint, abstract: Mapping[str, Any], dtype_name: str
                   kept: Mapping[str, tuple[Any, tuple[int, ...]]]) -> dict:
   """Every leaf filled file by file into a preallocated stacked array, then
   put on the default device; `kept` leaves (_fp8_leaves) stay float8."""
-  arrays = {name: np.empty(a.shape, _leaf_dtype(name, dtype_name))
+  arrays = {name: np.empty(a.shape, _leaf_dtype(name, dtype_name, a.dtype))
             for name, a in abstract.items()}
   by_key = slots_by(ckpt.slots, "key")
   for name, (fp8_dtype, scale_shape) in kept.items():
@@ -202,7 +209,7 @@ def _load_onto_mesh(ckpt: Checkpoint, dtype_name: str, mesh, rules) -> dict:
     for name, a in flatten(abstract).items():
       done: dict[tuple, np.ndarray] = {}     # replicas of one shard are built once
 
-      def shard(index, name=name, shape=a.shape, dtype=_leaf_dtype(name, dtype_name),
+      def shard(index, name=name, shape=a.shape, dtype=_leaf_dtype(name, dtype_name, a.dtype),
                 done=done):
         bounds = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
         bounds += tuple((0, n) for n in shape[len(bounds):])

@@ -1,7 +1,10 @@
 """Writing our variables as an HF checkpoint: config.json, shards, index.
 
 DeepSeek-V3.2 / V3 / V2 for the MLA models, Llama / Qwen2 for the dense GQA ones
-(a tied model writes no lm_head.weight: transformers ties it on load).
+(a tied model writes no lm_head.weight: transformers ties it on load),
+DeepSeek-V4 for arch="v4" under the tensor names transformers' own
+save_pretrained writes (hf_v4.py; MTP under `mtp.{k}.`, which transformers
+skips on load).
 What transformers' `from_pretrained` (and vLLM) read: per-expert keys as
 published (hf_keys.py), MTP module k at layer num_hidden_layers + k,
 `model-0000i-of-0000n.safetensors` shards of at most max_shard_bytes and the
@@ -28,6 +31,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.files import atomic_json, atomic_write
 from deepseek_jax.interop.hf_config import CONFIG_NAME, config_to_hf
 from deepseek_jax.interop.hf_keys import Slot, key_map, unmapped_router_biases
+from deepseek_jax.interop.hf_v4 import v4_key_map
 from deepseek_jax.interop.safetensors_io import INDEX_NAME, write_safetensors
 from deepseek_jax.interop.variables import check_variables, np_dtype, param_dtype
 
@@ -39,9 +43,10 @@ DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str, *,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                        dtype=None) -> None:
-  """Writes an HF checkpoint (config.json, shards, index): DeepSeek-V3 for a
-  sigmoid router, V2 for a softmax one (its router bias must be 0), Qwen2 /
-  Llama for a dense GQA model with / without q/k/v biases (config_to_hf).
+  """Writes an HF checkpoint (config.json, shards, index): DeepSeek-V4 for
+  arch="v4" (hf_v4.py), V3 for a sigmoid router, V2 for a softmax one (its
+  router bias must be 0), Qwen2 / Llama for a dense GQA model with / without
+  q/k/v biases (config_to_hf).
 
   Per-expert keys as published; MTP module k at layer num_hidden_layers + k.
   Tensors keep their dtype unless `dtype` is given (the router bias stays
@@ -52,8 +57,9 @@ def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str
   """
   hf_config = config_to_hf(cfg)
   flat = check_variables(cfg, variables)
-  slots = key_map(cfg)
-  for name in unmapped_router_biases(slots, flat):
+  slots = v4_key_map(cfg) if cfg.is_v4 else key_map(cfg)
+  # V4's hash layers route by their table: their (unused) router bias is not stored.
+  for name in [] if cfg.is_v4 else unmapped_router_biases(slots, flat):
     if np.any(np.asarray(flat[name]) != 0):
       raise ValueError(
           f"{name} is not zero, but a softmax-routed (DeepSeek-V2) checkpoint has no router "
@@ -64,6 +70,8 @@ def save_hf_checkpoint(cfg: ModelConfig, variables: Mapping[str, Any], path: str
   out_dtype = None if dtype is None else np_dtype(param_dtype(dtype))
 
   def tensor_dtype(s: Slot):
+    if s.leaf.endswith("/tid2eid"):          # V4's hash table: int64 (torch long)
+      return np.dtype(np.int64)
     if out_dtype is None or s.leaf.startswith("router_bias/"):
       return np.dtype(flat[s.leaf].dtype)
     return np.dtype(out_dtype)
