@@ -135,7 +135,7 @@ def main(argv):
   try:
     decode.check_request(cfg, ids, kw["max_new_tokens"], kw["temperature"], kw["top_k"],
                          kw["top_p"], kw["min_p"], stop, kw["speculative"])
-  except ValueError as e:
+  except (ValueError, NotImplementedError) as e:
     _fail(str(e))
 
   def text(row):

@@ -182,18 +182,11 @@ def test_v4_flash_parameter_count():
   assert round(count_active_params(cfg, main, embedding=False) / 1e9) == 13
 
 
-def test_inference_modes_refuse_v4():
+def test_mtp_inference_modes_refuse_v4():
   cfg = get_preset("tiny_v4")
   variables = init_variables(cfg, jax.random.key(0))
   with pytest.raises(NotImplementedError, match="V4"):
-    Transformer(cfg).apply(variables, jnp.zeros((1, 4), jnp.int32), mode="prefill")
-
-
-def test_generate_refuses_v4():
-  from deepseek_jax.infer.decode import generate
-  cfg = get_preset("tiny_v4")
-  with pytest.raises(NotImplementedError, match="generate does not support DeepSeek-V4"):
-    generate(cfg, {}, [[1, 2, 3]], max_new_tokens=2)
+    Transformer(cfg).apply(variables, jnp.zeros((1, 4), jnp.int32), mode="mtp_prefill")
 
 
 @pytest.mark.torch

@@ -19,6 +19,12 @@ jitted function per (batch, bucketed prompt length, max_new_tokens,
 stop_ids, speculative); the sampling settings are traced values. The loop
 ends when every row has stopped (a stop id, or max_new_tokens).
 
+DeepSeek-V4 (arch="v4") runs the same loop over its own cache
+(infer/cache.py: sliding-window and compressor rings, compressed entries),
+built from the prefill by `cache.fill_v4`; its decode mode returns the
+updated cache. Not for V4 yet (`check_v4`): speculative decoding,
+return_routing.
+
 Routing replay (`return_routing=True`): the MoE experts each token used,
 per main MoE layer, for the trainer to replay (`Transformer(routing=...)`,
 `rollout_routing`). gen.routing [batch, max_new_tokens, n_moe_layers, k]:
@@ -91,18 +97,21 @@ class Sampling(NamedTuple):
 # ---------------------------------------------------------------------------
 # Input checks (host side, before anything compiles)
 # ---------------------------------------------------------------------------
-def refuse_v4(cfg: ModelConfig) -> None:
-  """NotImplementedError for DeepSeek-V4 configs: what decoding them lacks."""
-  if cfg.is_v4:
-    raise NotImplementedError(
-        "generate does not support DeepSeek-V4 (arch='v4') yet: it needs the model's "
-        "prefill/decode modes with V4's caches (sliding-window keys, the compressors' "
-        "pending windows and compressed entries, the indexer's compressed keys).")
+def check_v4(cfg: ModelConfig, speculative: bool, record: bool = False) -> None:
+  """DeepSeek-V4 generates plainly (greedy or sampled, prefix sharing, on a
+  mesh too); NotImplementedError for what its decoding lacks."""
+  if not cfg.is_v4:
+    return
+  lacking = [what for what, on in (("speculative=True (MTP drafting)", speculative),
+                                   ("return_routing=True (routing replay)", record)) if on]
+  if lacking:
+    raise NotImplementedError(f"generate for DeepSeek-V4 (arch='v4') does not support "
+                              f"{', '.join(lacking)} yet.")
 
 
 def check_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k, top_p,
                   min_p, stop_ids, speculative) -> list[list[int]]:
-  refuse_v4(cfg)
+  check_v4(cfg, speculative)
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
   if not temperature >= 0:
@@ -177,7 +186,10 @@ def prefill(cfg: ModelConfig, variables, prompts: jax.Array, lengths: jax.Array,
     out = _fork(out, group)
   logits, h, entries = out[:3]
   cache = cache_lib.init_cache(cfg, b, p + max_new + 1, mtp=speculative)
-  cache = cache_lib.write(cache, entries, jnp.zeros((b,), jnp.int32))
+  if cfg.is_v4:        # rings and compressed entries from every prompt token's state
+    cache = cache_lib.fill_v4(cache, entries, lengths)
+  else:
+    cache = cache_lib.write(cache, entries, jnp.zeros((b,), jnp.int32))
   rng, key = jax.random.split(rng)
   first, first_logp = next_token_and_logprob(key, logits[:, 0], *settings)
   state = {"cache": cache, "cur": first, "pos": lengths, "rng": rng,
@@ -222,7 +234,8 @@ def step(cfg: ModelConfig, variables, state: dict, settings: Sampling, *, max_ne
   if record:
     state = {**state, "routing": record_routing(state["routing"], out[3][:, 0],
                                                 state["n_out"] - 1, ~state["done"])}
-  cache = cache_lib.write(state["cache"], entries, state["pos"])
+  # V4's decode mode returns the updated cache itself (rings, compressed entries)
+  cache = entries if cfg.is_v4 else cache_lib.write(state["cache"], entries, state["pos"])
   rng, key = jax.random.split(state["rng"])
   nxt, nxt_logp = next_token_and_logprob(key, logits[:, 0], *settings)
   was_done = state["done"]
@@ -345,6 +358,7 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   equals group_size=1's; ValueError when a run's prompts differ.
   """
   record = _check_record(return_routing, speculative)
+  check_v4(cfg, speculative, record)
   _check_groups(prompts, group_size)
   stop_ids, buf, lens, rng, settings = _prepare(
       cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
@@ -384,6 +398,7 @@ def stream(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   list per row, empty once it stopped) after the prefill and after every
   step; the generator's return value (StopIteration.value) is the Generation."""
   record = _check_record(return_routing, speculative)
+  check_v4(cfg, speculative, record)
   stop_ids, buf, lens, rng, settings = _prepare(
       cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
       speculative)

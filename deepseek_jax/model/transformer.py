@@ -60,7 +60,7 @@ from deepseek_jax.model.layers import Embed, RMSNorm
 from deepseek_jax.model.attention import attention_mask
 from deepseek_jax.model.mla import decode_bias
 from deepseek_jax.model.mtp import MTPModule
-from deepseek_jax.model.v4 import v4_forward
+from deepseek_jax.model.v4 import v4_forward, v4_infer
 from deepseek_jax.model.stages import (HeadLayers, block_stack, merge_aux, output_head,
                                        run_blocks, run_embed, run_head, tied_head)
 
@@ -151,6 +151,11 @@ class Transformer(nn.Module):
       decode       absorbed MLA over `cache` for tokens at `positions`;
       mtp_prefill, mtp_decode   MTP module 1 alone on (mtp_hidden = h^0 at
                    each position, tokens = the next token there), for drafting.
+    DeepSeek-V4 (model/v4.py v4_infer): prefill and decode only, and
+    entries are per layer {f"layers_{i}": ...}: after prefill every prompt
+    token's key and compressor projections, after decode the whole updated
+    cache (rings for the sliding window and the windows in progress, the
+    compressed entries; infer/cache.py).
     logits_index [b] (prefill modes): logits only at that position per row
     ([b, 1, vocab]). return_hidden (training mode): the normalised final
     hidden state [b, s, dim] in place of the logits, and with return_aux and
@@ -188,10 +193,18 @@ class Transformer(nn.Module):
     head = tied_head(embed) if cfg.tie_word_embeddings else output_head(cfg, name="head")
     final_norm = RMSNorm(cfg, name="norm")
     if cfg.is_v4:                                        # DeepSeek-V4: model/v4.py
-      if mode != "train" or routing is not None or self.balance_devices:
-        raise NotImplementedError(
-            "DeepSeek-V4 (arch='v4') runs the training forward only: no inference modes "
-            "(KV / compressor caches), routing replay or V2 balance losses yet.")
+      if mode.startswith("mtp"):
+        raise NotImplementedError(f"DeepSeek-V4 (arch='v4') has no mode={mode!r} (MTP "
+                                  "drafting) yet: its modes are train, prefill and decode.")
+      if routing is not None or return_routing or self.balance_devices:
+        raise NotImplementedError("DeepSeek-V4 (arch='v4') has no routing replay (routing=, "
+                                  "return_routing=) or V2 balance losses yet.")
+      if mode != "train":
+        if mode == "decode" and (cache is None or s != 1):
+          raise ValueError(f"DeepSeek-V4 mode='decode' takes one token per row ([batch, 1]; "
+                           f"got {s}) and cache= (infer/cache.py init_cache / fill_v4).")
+        return v4_infer(cfg, embed, head, final_norm, tokens, positions, segment_ids,
+                        cache if mode == "decode" else None, logits_index)
       out, aux = v4_forward(cfg, embed, head, final_norm, tokens, positions, segment_ids,
                             targets if return_aux else None, return_hidden)
       return (out, aux) if return_aux else out

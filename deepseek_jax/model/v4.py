@@ -61,12 +61,26 @@ sharded MoE as V3 (parallel/expert.py; a hash layer's table rows replayed
 on each device's tokens); tests/test_v4_mesh.py. No pipeline stage
 functions yet (train.step.check_mesh_support refuses pipe > 1).
 
-Memory: the attention is the naive [b, H, s, s + entries] form (the
-sliding window and the compressed entries are masks over it); a windowed /
-gathered kernel is what long contexts need. Packed rows: the sliding window
-stays within a segment, but the compressed entries pool whatever tokens
-their window holds (as transformers, which has no packing): train V4 on
-unpacked rows.
+Inference (`v4_infer`, Transformer modes "prefill" / "decode"; the cache
+layout is infer/cache.py's): prefill is the training forward over
+right-padded prompts and also returns, per layer, every token's key and
+compressor projections; decode runs one token per row over the cache: its
+key joins a ring of the last sliding_window keys, its compressor
+projections join rings of the window(s) in progress, and the token that
+ends a window pools that window's entry (the Compressor's pooling on the
+ring, so decode equals the full forward: tests/test_v4_generate.py). The
+mHC streams are per token and carry nothing across tokens; CSA's indexer
+scores the cached entries of its own compressor. No MTP drafting
+(speculative decoding) for V4 yet.
+
+Memory: the training / prefill attention is the naive [b, H, s, s +
+entries] form (the sliding window and the compressed entries are masks
+over it); a windowed / gathered kernel is what long contexts need. A decode
+step reads sliding_window keys plus every compressed entry of the cache
+(CSA: masked to the indexer's top-k, not gathered). Packed rows: the
+sliding window stays within a segment, but the compressed entries pool
+whatever tokens their window holds (as transformers, which has no
+packing): train V4 on unpacked rows.
 """
 
 from __future__ import annotations
@@ -82,7 +96,8 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.attention import NEG_INF
 from deepseek_jax.model.dsa import select_topk
 from deepseek_jax.model.hyper import HyperConnection, HyperHead, hc_merge, unweighted_rms
-from deepseek_jax.model.layers import Einsum, Embed, RMSNorm, dtype_of, normal_init
+from deepseek_jax.model.layers import Einsum, Embed, RMSNorm, dtype_of
+from deepseek_jax.model.mla import write_rows
 from deepseek_jax.model.moe import MoE
 from deepseek_jax.model.mtp import shift_left
 from deepseek_jax.model.rope import _correction_dim
@@ -130,55 +145,110 @@ def visible_entries(positions: jax.Array, n_entries: int, rate: int) -> jax.Arra
   return jnp.arange(n_entries)[None, None] < ((positions + 1) // rate)[..., None]
 
 
+def ring_positions(latest: jax.Array, size: int) -> jax.Array:
+  """int [b, size]: the position each slot of a ring buffer holds when the
+  row's newest token is at `latest` [b] (slot = position mod size, so slot s
+  holds the newest position <= latest congruent to s); negative = empty."""
+  latest = latest[:, None]
+  return latest - (latest - jnp.arange(size)[None]) % size
+
+
+def pool_windows(kv: jax.Array, gate: jax.Array, width: int, overlap: bool) -> jax.Array:
+  """The compressor's softmax pooling: kv [b, n, rate, k width] and gate
+  float32 (ape added) of n consecutive windows -> float32 [b, n, width].
+  overlap (CSA): window w pools window w - 1's first series with its own
+  second series (window 0 of the block: no predecessor, -inf gates)."""
+  if overlap:
+    prev_kv = jnp.pad(kv[:, :-1, :, :width], ((0, 0), (1, 0), (0, 0), (0, 0)))
+    prev_gate = jnp.pad(gate[:, :-1, :, :width], ((0, 0), (1, 0), (0, 0), (0, 0)),
+                        constant_values=-jnp.inf)
+    kv = jnp.concatenate([prev_kv, kv[..., width:]], axis=2)           # [b, n, 2r, w]
+    gate = jnp.concatenate([prev_gate, gate[..., width:]], axis=2)
+  return jnp.sum(kv.astype(jnp.float32) * jax.nn.softmax(gate, axis=2), axis=2)
+
+
 class Compressor(nn.Module):
-  """x [b, s, dim] -> the s // rate compressed entries [b, s // rate, width]
-  (module doc); overlap: CSA's two series (windows of 2 rate, stride rate).
-  Params: wkv, wgate [dim, k width], ape [rate, k width] (k = 2 with
-  overlap), norm."""
+  """Compressed entries (module doc); overlap: CSA's two series (windows of
+  2 rate, stride rate). Params: wkv, wgate [dim, k width], ape [rate, k
+  width] (k = 2 with overlap), norm. Returns (entries, state):
+
+  training / prefill (cache None): x [b, s, dim] -> the s // rate entries
+    [b, s // rate, width] and state {"kv" [b, s, k width], "gate" float32
+    [b, s, k width] (ape of the token's slot added), "entries"}: every
+    token's projections, from which a decode cache keeps the windows in
+    progress (infer/cache.py).
+  decode (cache {"kv", "gate": rings [b, R, k width] at slot position mod R,
+    R = rate, 2 rate with overlap; "entries" [b, N, width] at their window
+    index}): x [b, 1, dim] at positions [b, 1] goes into the rings; when it
+    ends window w (position + 1 a multiple of rate) entry w is pooled from
+    the rings and written. Returns (the cache's entries, the new cache)."""
   cfg: ModelConfig
   rate: int
   width: int
   overlap: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None, cache=None):
     cfg = self.cfg
     b, s, d = x.shape
     k = 2 if self.overlap else 1
-    r, n_w = self.rate, s // self.rate
-    if n_w == 0:                                   # shorter than one window: no entries
-      return jnp.zeros((b, 0, self.width), cfg.dtype)
-    kv = Einsum(cfg, (d, k * self.width), "bsd,dk->bsk", name="wkv")(x[:, :n_w * r])
-    gate = Einsum(cfg, (d, k * self.width), "bsd,dk->bsk", name="wgate")(x[:, :n_w * r])
-    ape = self.param("ape", nn.initializers.zeros, (r, k * self.width),
-                     dtype_of(cfg.param_dtype))
-    kv = kv.reshape(b, n_w, r, -1)
-    gate = gate.astype(jnp.float32).reshape(b, n_w, r, -1) + ape.astype(jnp.float32)
-    if self.overlap:
-      w = self.width
-      prev_kv = jnp.pad(kv[:, :-1, :, :w], ((0, 0), (1, 0), (0, 0), (0, 0)))
-      prev_gate = jnp.pad(gate[:, :-1, :, :w], ((0, 0), (1, 0), (0, 0), (0, 0)),
-                          constant_values=-jnp.inf)
-      kv = jnp.concatenate([prev_kv, kv[..., w:]], axis=2)             # [b, n_w, 2r, w]
-      gate = jnp.concatenate([prev_gate, gate[..., w:]], axis=2)
-    pooled = jnp.sum(kv.astype(jnp.float32) * jax.nn.softmax(gate, axis=2), axis=2)
-    pooled = RMSNorm(cfg, name="norm")(pooled.astype(cfg.dtype))
-    pos = jnp.broadcast_to(jnp.arange(n_w) * r, (b, n_w))
-    return rope_tail(pooled, pos, v4_frequencies(cfg, True))
+    r, w = self.rate, self.width
+    kv = Einsum(cfg, (d, k * w), "bsd,dk->bsk", name="wkv")(x)
+    gate = Einsum(cfg, (d, k * w), "bsd,dk->bsk", name="wgate")(x).astype(jnp.float32)
+    ape = self.param("ape", nn.initializers.zeros, (r, k * w),
+                     dtype_of(cfg.param_dtype)).astype(jnp.float32)
+    norm, freqs = RMSNorm(cfg, name="norm"), v4_frequencies(cfg, True)
+    if cache is not None:
+      return self._decode(kv, gate, ape, norm, freqs, positions[:, 0], cache)
+    gate = gate + ape[np.arange(s) % r]
+    n_w = s // r
+    if n_w == 0:       # shorter than one window: no entries (norm still makes its params)
+      entries = norm(jnp.zeros((b, 0, w), cfg.dtype))
+    else:
+      pooled = pool_windows(kv[:, :n_w * r].reshape(b, n_w, r, -1),
+                            gate[:, :n_w * r].reshape(b, n_w, r, -1), w, self.overlap)
+      pooled = norm(pooled.astype(cfg.dtype))
+      entries = rope_tail(pooled, jnp.broadcast_to(jnp.arange(n_w) * r, (b, n_w)), freqs)
+    return entries, {"kv": kv, "gate": gate, "entries": entries}
+
+  def _decode(self, kv, gate, ape, norm, freqs, pos, cache):
+    """One token per row at positions pos [b] (class doc)."""
+    cfg, r, w = self.cfg, self.rate, self.width
+    b, size = cache["kv"].shape[:2]
+    ring_kv = write_rows(cache["kv"], kv, pos % size)
+    ring_gate = write_rows(cache["gate"], gate + jnp.take(ape, pos % r, axis=0)[:, None],
+                           pos % size)
+    window = pos // r
+    n_win = 2 if self.overlap else 1                # the current window (and its predecessor)
+    slots = ((window - n_win + 1) * r)[:, None] + jnp.arange(n_win * r)[None]
+    slots = (slots % size)[..., None]
+    win_kv = jnp.take_along_axis(ring_kv, slots, axis=1).reshape(b, n_win, r, -1)
+    win_gate = jnp.take_along_axis(ring_gate, slots, axis=1).reshape(b, n_win, r, -1)
+    if self.overlap:                                # window 0 has no predecessor
+      first = (window == 0)[:, None, None, None] & (jnp.arange(n_win) == 0)[None, :, None, None]
+      win_gate = jnp.where(first, -jnp.inf, win_gate)
+    pooled = pool_windows(win_kv, win_gate, w, self.overlap)[:, -1]      # [b, w]
+    entry = rope_tail(norm(pooled.astype(cfg.dtype)), window * r, freqs)
+    old = jnp.take_along_axis(cache["entries"], window[:, None, None], axis=1)[:, 0]
+    ended = ((pos + 1) % r == 0)[:, None]
+    entries = write_rows(cache["entries"], jnp.where(ended, entry, old)[:, None], window)
+    return entries, {"kv": ring_kv, "gate": ring_gate, "entries": entries}
 
 
 class Indexer(nn.Module):
-  """CSA's lightning indexer (module doc): bool [b, s, entries], each query's
-  chosen visible entries. Params: compressor (CSA's, at index_head_dim),
-  wq_b [q_lora_rank, index_n_heads, index_head_dim], weights_proj
-  [dim, index_n_heads]."""
+  """CSA's lightning indexer (module doc): (bool [b, s, entries], each
+  query's chosen visible entries; its compressor's state, as Compressor's:
+  training / prefill without `cache`, decode with it). Params: compressor
+  (CSA's, at index_head_dim), wq_b [q_lora_rank, index_n_heads,
+  index_head_dim], weights_proj [dim, index_n_heads]."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, c_q: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, c_q: jax.Array, positions: jax.Array, cache=None):
     cfg = self.cfg
     nh, hd = cfg.index_n_heads, cfg.index_head_dim
-    keys = Compressor(cfg, cfg.compress_rate_csa, hd, True, name="compressor")(x)
+    keys, state = Compressor(cfg, cfg.compress_rate_csa, hd, True, name="compressor")(
+        x, positions, cache)
     q = Einsum(cfg, (cfg.q_lora_rank, nh, hd), "bsr,rhk->bshk", name="wq_b")(c_q)
     q = rope_tail(q, positions[..., None], v4_frequencies(cfg, True))
     w = Einsum(cfg, (cfg.dim, nh), "bsd,dh->bsh", name="weights_proj")(x)
@@ -186,7 +256,7 @@ class Indexer(nn.Module):
     dots = jnp.einsum("bshk,btk->bsht", q.astype(jnp.float32), keys.astype(jnp.float32))
     scores = jnp.einsum("bsh,bsht->bst", w, jax.nn.relu(dots) * hd ** -0.5)
     allowed = visible_entries(positions, keys.shape[1], cfg.compress_rate_csa)
-    return select_topk(scores, allowed, cfg.index_topk)
+    return select_topk(scores, allowed, cfg.index_topk), state
 
 
 def sliding_mask(segment_ids: jax.Array, window: int) -> jax.Array:
@@ -213,14 +283,22 @@ def sink_attention(q, keys, allowed, sinks, scale: float) -> jax.Array:
 
 class V4Attention(nn.Module):
   """One V4 attention layer of `layer_type` (module doc): x [b, s, dim]
-  (normalised) -> [b, s, dim]. Params: wq_a, q_norm, wq_b [q_lora, H, hd],
-  wkv, kv_norm, sinks [H], wo_a [g, H hd / g, o_lora_rank], wo_b
-  [g o_lora_rank, dim], and compressor (CSA / HCA), indexer (CSA)."""
+  (normalised) -> (out [b, s, dim], state). Params: wq_a, q_norm, wq_b
+  [q_lora, H, hd], wkv, kv_norm, sinks [H], wo_a [g, H hd / g, o_lora_rank],
+  wo_b [g o_lora_rank, dim], and compressor (CSA / HCA), indexer (CSA).
+
+  Without `cache` (training, prefill) state holds every token's key
+  {"window": [b, s, hd]} and the compressors' states (Compressor). With
+  `cache` (decode, one token per row at positions [b, 1]): the layer's
+  cache {"window": ring [b, sliding_window, hd] at slot position mod
+  sliding_window, "compressor", "indexer"}; the token's key goes into the
+  ring, it attends to the ring's slots within the window and, in compressed
+  layers, to the entries whose windows have ended; state is the new cache."""
   cfg: ModelConfig
   layer_type: str
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, cache=None):
     cfg = self.cfg
     b, s, d = x.shape
     h, hd, g = cfg.n_heads, cfg.head_dim, cfg.o_groups
@@ -234,16 +312,24 @@ class V4Attention(nn.Module):
     kv = RMSNorm(cfg, name="kv_norm")(
         Einsum(cfg, (d, hd), "bsd,dk->bsk", "attn", name="wkv")(x))
     kv = rope_tail(kv, positions, freqs)
-    keys, allowed = kv, sliding_mask(segment_ids, cfg.sliding_window)
+    if cache is None:
+      keys, allowed = kv, sliding_mask(segment_ids, cfg.sliding_window)
+    else:
+      size = cache["window"].shape[1]
+      keys = write_rows(cache["window"], kv, positions[:, 0] % size)
+      allowed = (ring_positions(positions[:, 0], size) >= 0)[:, None]      # [b, 1, W]
+    state, parts = {"window": keys}, cache or {}
     if compressed:
       csa = self.layer_type == CSA
       rate = cfg.compress_rate_csa if csa else cfg.compress_rate_hca
-      entries = Compressor(cfg, rate, hd, csa, name="compressor")(x)
+      entries, state["compressor"] = Compressor(cfg, rate, hd, csa, name="compressor")(
+          x, positions, parts.get("compressor"))
       if csa:
-        seen = Indexer(cfg, name="indexer")(x, c_q, positions)
+        seen, state["indexer"] = Indexer(cfg, name="indexer")(x, c_q, positions,
+                                                              parts.get("indexer"))
       else:
         seen = visible_entries(positions, entries.shape[1], rate)
-      keys = jnp.concatenate([kv, entries.astype(kv.dtype)], axis=1)
+      keys = jnp.concatenate([keys, entries.astype(keys.dtype)], axis=1)
       allowed = jnp.concatenate([allowed, seen], axis=-1)
     sinks = self.param("sinks", nn.initializers.zeros, (h,), dtype_of(cfg.param_dtype))
     out = sink_attention(q, keys, allowed, sinks, hd ** -0.5)
@@ -252,7 +338,7 @@ class V4Attention(nn.Module):
     out = Einsum(cfg, (g, h * hd // g, cfg.o_lora_rank), "bsgi,gio->bsgo", "attn",
                  name="wo_a")(out)
     return Einsum(cfg, (g * cfg.o_lora_rank, d), "bsr,rd->bsd", "attn", name="wo_b")(
-        out.reshape(b, s, -1))
+        out.reshape(b, s, -1)), state
 
 
 def hash_table_init(vocab: int, k: int, n_experts: int) -> jax.Array:
@@ -265,18 +351,23 @@ def hash_table_init(vocab: int, k: int, n_experts: int) -> jax.Array:
 class V4Block(nn.Module):
   """One V4 block on the streams [b, s, hc_mult, dim] (module doc): mHC
   around attention (`attn_hc`, `attn_norm`, `attn`) and around the MoE
-  (`ffn_hc`, `ffn_norm`, `ffn`). Returns (streams, the MoE's aux)."""
+  (`ffn_hc`, `ffn_norm`, `ffn`). Returns (streams, the MoE's aux). The
+  streams are per token (no state across tokens), so inference needs only
+  the attention's: `keep_state` (prefill, decode) adds aux["cache"], the
+  attention's state (V4Attention: every token's with `cache` None, else the
+  updated cache)."""
   cfg: ModelConfig
   layer_type: str
   mlp_type: str
   record: bool = False
+  keep_state: bool = False
 
   @nn.compact
-  def __call__(self, streams, tokens, positions, segment_ids, valid):
+  def __call__(self, streams, tokens, positions, segment_ids, valid, cache=None):
     cfg = self.cfg
     post, comb, u = HyperConnection(cfg, name="attn_hc")(streams)
-    a = V4Attention(cfg, self.layer_type, name="attn")(RMSNorm(cfg, name="attn_norm")(u),
-                                                       positions, segment_ids)
+    a, state = V4Attention(cfg, self.layer_type, name="attn")(
+        RMSNorm(cfg, name="attn_norm")(u), positions, segment_ids, cache)
     streams = hc_merge(streams, a, post, comb)
     post, comb, u = HyperConnection(cfg, name="ffn_hc")(streams)
     routing = None
@@ -286,6 +377,8 @@ class V4Block(nn.Module):
       routing = jnp.take(table, tokens, axis=0)                          # [b, s, k]
     out, aux = MoE(cfg, record=self.record, name="ffn")(RMSNorm(cfg, name="ffn_norm")(u),
                                                         valid, routing)
+    if self.keep_state:
+      aux = {**aux, "cache": state}
     return hc_merge(streams, out, post, comb), aux
 
 
@@ -343,3 +436,28 @@ def v4_forward(cfg: ModelConfig, embed: Embed, head, final_norm: RMSNorm, tokens
   aux["mtp_hidden" if hidden else "mtp_logits"] = jnp.stack(mtp_out)
   aux["mtp_expert_load"] = jnp.stack(mtp_loads)
   return out, aux
+
+
+def v4_infer(cfg: ModelConfig, embed: Embed, head, final_norm: RMSNorm, tokens, positions,
+             segment_ids, cache, logits_index):
+  """V4's inference modes, called inside Transformer's compact __call__ as
+  v4_forward (the same parameters): (logits, h, states) with h the
+  normalised final state [b, s, dim] and states {f"layers_{i}": the layer's
+  attention state}. prefill (cache None): the training forward over padded
+  prompts (segment_ids, 0 = padding), states with every token's key and
+  compressor projections (infer/cache.py turns them into the decode cache);
+  decode (cache as infer/cache.py builds it): tokens [b, 1] at positions
+  [b, 1], states = the updated cache. logits_index [b]: logits only there."""
+  valid = segment_ids != 0
+  x = constrain(embed(tokens), ("batch", "seq", None))
+  streams = jnp.broadcast_to(x[:, :, None], x.shape[:2] + (cfg.hc_mult, cfg.dim))
+  states = {}
+  for i, (kind, mlp) in enumerate(zip(cfg.layer_types, cfg.mlp_layer_types)):
+    name = f"layers_{i}"
+    streams, aux = V4Block(cfg, kind, mlp, keep_state=True, name=name)(
+        streams, tokens, positions, segment_ids, valid, None if cache is None else cache[name])
+    states[name] = aux["cache"]
+  h = final_norm(HyperHead(cfg, name="hc_head")(streams))
+  h_out = h if logits_index is None else jnp.take_along_axis(
+      h, logits_index[:, None, None], axis=1)
+  return head(h_out), h, states
