@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import fp8 as fp8_lib
+from deepseek_jax.buffers import BitsWeight, plain_weight, zeros_after
 
 def loop_trips(n: int):
   """A named scope marking the while loop traced inside it as running about
@@ -76,6 +77,8 @@ GATHER_BUDGET_BYTES = 64 * 2**20
 
 
 def _weight_array(w) -> jax.Array:
+  if isinstance(w, BitsWeight):
+    return w.value
   return w.q if isinstance(w, fp8_lib.Quantized) else w
 
 
@@ -102,7 +105,12 @@ def _take(w, index):
   bfloat16 weight). Bit-exact on every backend. (The bitcast is hoisted
   too: a uint16 copy of the weight, 1.75 GiB per V3 matrix, half the float32
   one. Per-block dynamic slices of the bfloat16 weight instead were measured
-  worse: XLA:CPU normalizes them the same way, a float32 copy per matrix.)"""
+  worse: XLA:CPU normalizes them the same way, a float32 copy per matrix.)
+  A `BitsWeight` brings its bits: they are gathered directly."""
+  if isinstance(w, BitsWeight):
+    return jax.lax.bitcast_convert_type(jnp.take(w.bits, index, axis=0, mode="clip"),
+                                        w.value.dtype)
+
   def one(a):
     if not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype.itemsize >= 4:
       return jnp.take(a, index, axis=0, mode="clip")
@@ -124,8 +132,17 @@ def _start(i, c, n_blocks):
 
 
 def _rows(a, s, c, bs):
-  """Rows of blocks s .. s + c - 1 of a [n_blocks * bs, ...]."""
-  return jax.lax.dynamic_slice_in_dim(a, s * bs, c * bs)
+  """Rows of blocks s .. s + c - 1 of a [n_blocks * bs, ...].
+
+  A 16-bit float `a` is sliced as its uint16 bits: XLA:CPU runs 16-bit dots
+  in float32, and converting the slice's operand instead converted the whole
+  loop-invariant array, hoisted out of the chunk loop (a float32 copy of
+  each row operand: at V3 widths 2 GiB per [ep cap, 7168] cotangent)."""
+  if not jnp.issubdtype(a.dtype, jnp.floating) or jnp.dtype(a.dtype).itemsize != 2:
+    return jax.lax.dynamic_slice_in_dim(a, s * bs, c * bs)
+  bits = jax.lax.dynamic_slice_in_dim(jax.lax.bitcast_convert_type(a, jnp.uint16), s * bs,
+                                      c * bs)
+  return jax.lax.bitcast_convert_type(bits, a.dtype)
 
 
 def _forward(fp8, x, w, block_group, n_used):
@@ -146,7 +163,7 @@ def _forward(fp8, x, w, block_group, n_used):
 
   # The loop carry varies over the mesh axes x does (inside shard_map).
   y = _vary_like(_varying(x) | _varying(_weight_array(w)),
-                 jnp.zeros((n_blocks * bs, n_out), out_dtype))
+                 zeros_after(jax.ShapeDtypeStruct((n_blocks * bs, n_out), out_dtype), x))
   if c == n_blocks:
     return one(0, y)
   with loop_trips(-(-n_blocks // c)):
@@ -201,7 +218,7 @@ def _loop_dx(fp8, x, w, block_group, n_used, dy, c):
     dxc = jnp.where(((s + jnp.arange(c)) < n_used)[:, None, None], dxc, 0)
     return jax.lax.dynamic_update_slice_in_dim(dx, dxc.reshape(c * bs, -1), s * bs, axis=0)
 
-  dx = _vary_like(_varying(x) | _varying(dy) | _varying(_weight_array(w)), jnp.zeros_like(x))
+  dx = _vary_like(_varying(x) | _varying(dy) | _varying(_weight_array(w)), zeros_after(x, dy))
   if c == n_blocks:
     return one(0, dx)
   with loop_trips(-(-n_blocks // c)):
@@ -219,7 +236,7 @@ def _loop_dw(fp8, x, w, block_group, n_used, dy, c):
   live_group = jnp.where(jnp.arange(n_blocks) < n_used, block_group, n_groups)
   if c == n_blocks:      # one chunk: every block's x^T dy, summed into its group
     xb, dyb = x.reshape(n_blocks, bs, -1), dy.reshape(n_blocks, bs, -1)
-    dwb = _dw_blocks(xb, _take(w, block_group), dyb, fp8)
+    dwb = _dw_blocks(xb, _take(w, block_group) if fp8 else None, dyb, fp8)
     return jnp.zeros(w.shape, jnp.float32).at[live_group].add(
         dwb, mode="drop").astype(w.dtype)
   lo = jnp.searchsorted(live_group, jnp.arange(n_groups), side="left")
@@ -235,15 +252,18 @@ def _loop_dw(fp8, x, w, block_group, n_used, dy, c):
       keep = (blk >= first) & (blk < hi[g])
       xc, dyc = _rows(x, s, c, bs), _rows(dy, s, c, bs)
       dyc = jnp.where(keep[:, None, None], dyc.reshape(c, bs, -1), 0)
-      return acc + _dw_chunk(xc.reshape(c, bs, -1), jax.lax.dynamic_index_in_dim(
-          w, g, keepdims=False), dyc, fp8)
+      wg = jax.lax.dynamic_index_in_dim(w, g, keepdims=False) if fp8 else None
+      return acc + _dw_chunk(xc.reshape(c, bs, -1), wg, dyc, fp8)
 
     with loop_trips(_mean_group_trips(n_blocks, n_groups, c)):
       acc = jax.lax.fori_loop(0, (hi[g] - lo[g] + c - 1) // c, one,
                               _vary_like(axes, jnp.zeros(w.shape[1:], jnp.float32)))
     return jax.lax.dynamic_update_index_in_dim(dw, acc.astype(dw.dtype), g, axis=0)
 
-  return jax.lax.fori_loop(0, n_groups, group, _vary_like(axes, jnp.zeros(w.shape, w.dtype)))
+  # The carry's zeros made from dy (buffers.zeros_after): not one shared
+  # constant that each call's loop copies (1.75 GiB per V3 expert matrix).
+  init = zeros_after(jax.ShapeDtypeStruct(w.shape, w.dtype), dy)
+  return jax.lax.fori_loop(0, n_groups, group, _vary_like(axes, init))
 
 
 def _gmm_bwd(fp8, res, dy):
@@ -253,7 +273,8 @@ def _gmm_bwd(fp8, res, dy):
   dx = _loop_dx(fp8, x, w, block_group, n_used, dy, c)
   if isinstance(w, fp8_lib.Quantized):          # published FP8 blocks: frozen
     return dx, jax.tree.map(jnp.zeros_like, w), None, None
-  return dx, _loop_dw(fp8, x, w, block_group, n_used, dy, c), None, None
+  dw = _loop_dw(fp8, x, w, block_group, n_used, dy, c)
+  return dx, (BitsWeight(dw, None) if isinstance(w, BitsWeight) else dw), None, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -330,7 +351,8 @@ def _gathered_forward(fp8, axes, dim, x, w, block_group, n_used):
       return jax.lax.dynamic_update_slice_in_dim(y, yc.reshape(c * bs, -1), s * bs, axis=0)
     return _group_blocks(g, lo, hi, n_blocks, c, body, y)
 
-  y = _vary_like(_varying(x) | _varying(w), jnp.zeros((n_blocks * bs, n_full), out_dtype))
+  y = _vary_like(_varying(x) | _varying(w),
+                 zeros_after(jax.ShapeDtypeStruct((n_blocks * bs, n_full), out_dtype), x))
   return jax.lax.fori_loop(0, n_groups, group, y)
 
 
@@ -373,7 +395,7 @@ def _gathered_bwd(fp8, axes, dim, res, dy):
     part = jax.lax.psum_scatter(acc, axes, scatter_dimension=dim - 1, tiled=True)
     return dx, jax.lax.dynamic_update_index_in_dim(dw, part.astype(dw.dtype), g, axis=0)
 
-  init = _vary_like(vary, (jnp.zeros_like(x), jnp.zeros(w.shape, w.dtype)))
+  init = _vary_like(vary, zeros_after((x, jax.ShapeDtypeStruct(w.shape, w.dtype)), dy))
   dx, dw = jax.lax.fori_loop(0, n_groups, group, init)
   return dx, dw, None, None
 
@@ -419,6 +441,7 @@ def gmm(x: jax.Array, w, block_group: jax.Array, n_used, *, fp8: bool = False,
   x, w = _vary_like(axes, (x, w))
   block_group, n_used = block_group.astype(jnp.int32), jnp.asarray(n_used, jnp.int32)
   if gather_axes:
+    w = plain_weight(w)       # gathered per group: the bits would not be read
     if isinstance(w, fp8_lib.Quantized) or gather_dim not in (1, 2):
       raise ValueError("gmm: gather_axes needs a plain weight array and gather_dim 1 or 2.")
     return _gmm_gathered(bool(fp8), tuple(gather_axes), gather_dim, x, w, block_group,

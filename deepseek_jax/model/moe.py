@@ -61,6 +61,7 @@ from deepseek_jax.model.grouped_matmul import gmm
 from deepseek_jax.model.layers import MLP, dtype_of, normal_init
 from deepseek_jax.parallel.expert import routed_experts, sort_by_group
 from deepseek_jax.parallel.rules import current_rules, mesh_axes_of
+from deepseek_jax.buffers import bits_weight, take16
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def _n_experts(w) -> int:
 
 def _take_rows(a, idx):
   """a[idx] along axis 0; an index outside [0, len(a)) reads a zero row."""
-  return jnp.take(a, idx, axis=0, mode="fill", fill_value=0)
+  return take16(a, idx, mode="fill", fill_value=0)      # 16-bit: gathered as bits
 
 
 @jax.custom_vjp
@@ -374,6 +375,34 @@ def experts_dense(x, experts, gates, w1, w3, w2, fp8: bool = False,
   # "nd,edf->nef" at decode sizes).
   y = _swiglu_grouped(jnp.broadcast_to(x, (n_exp,) + x.shape), w1, w3, w2, fp8, swiglu_limit)
   return jnp.einsum("end,ne->nd", y, dense_gates.astype(y.dtype))
+
+
+def experts_picked(x, experts, gates, w1, w3, w2, swiglu_limit: float = 0.0):
+  """`experts_dense` reading only the experts the tokens picked (decoding).
+
+  The m = n k picked ids, made unique (sorted, padded to the static bound m
+  with id E), select m expert matrices by a gather; each runs on all n
+  tokens (the per-expert GEMMs of `experts_dense`, same shapes) and the
+  outputs go back to expert-major [E, n, D] (zeros for experts nobody
+  picked) for `experts_dense`'s own gated sum, so the result equals it: a
+  step reads m of the E expert matrices. Padding slots gather zero weights
+  and are dropped by the scatter. Unquantized weights only."""
+  n, n_exp = x.shape[0], w1.shape[0]
+  m = experts.size
+  ids = jnp.unique(experts.reshape(-1), size=m, fill_value=n_exp)          # [m], sorted
+  picked = [jnp.take(w, ids, axis=0, mode="fill", fill_value=0) for w in (w1, w3, w2)]
+  y = _swiglu_grouped(jnp.broadcast_to(x, (m,) + x.shape), *picked, False, swiglu_limit)
+  y_all = jnp.zeros((n_exp,) + y.shape[1:], y.dtype).at[ids].set(y, mode="drop")
+  dense_gates = jnp.zeros((n, n_exp), gates.dtype).at[
+      jnp.arange(n)[:, None], experts].set(gates)
+  return jnp.einsum("end,ne->nd", y_all, dense_gates.astype(y.dtype))
+
+
+def picks_few_experts(cfg: ModelConfig, n_tokens: int) -> bool:
+  """Whether an inference forward of n_tokens should run `experts_picked`:
+  its static bound of n k gathered experts is below the E that
+  `experts_dense` reads (n k < E), so it never reads more."""
+  return n_tokens * cfg.n_activated_experts < cfg.n_routed_experts
 
 
 def routed_ffn(x, valid, gate, bias, w1, w3, w2, cfg: ModelConfig, kernel, *,
@@ -497,6 +526,10 @@ class MoE(nn.Module):
             "keep_fp8=False (dequantized weights) to shard them.")
     if not isinstance(w1, fp8_lib.Quantized):
       w1, w3, w2 = (w.astype(dt) for w in (w1, w3, w2))
+      if impl == "blocked":
+        # 16-bit weights reach the kernel with their gather bits made here,
+        # in the cast's fusion (buffers.py: no separate bf16 copy).
+        w1, w3, w2 = (bits_weight(w) for w in (w1, w3, w2))
     clamp = dict(swiglu_limit=cfg.swiglu_limit) if cfg.swiglu_limit else {}
     if impl == "blocked":
       kernel = functools.partial(experts_blocked, block_size=cfg.moe_block_size, fp8=fp8,
@@ -504,6 +537,10 @@ class MoE(nn.Module):
       kernel.gathers_weights = True     # takes FSDP-sliced weights (embed_axes)
     elif impl == "ragged":
       kernel = functools.partial(experts_ragged, **clamp) if clamp else experts_ragged
+    elif (self.record and not fp8 and not isinstance(w1, fp8_lib.Quantized)
+          and current_rules() is None and picks_few_experts(cfg, x.shape[0] * x.shape[1])):
+      # Inference (prefill / decode) on a few tokens: only the picked experts.
+      kernel = functools.partial(experts_picked, **clamp)
     else:
       kernel = functools.partial(experts_dense, fp8=fp8, **clamp)
 

@@ -88,6 +88,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import fp8 as fp8_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel.rules import Rules, as_axes, axes_size, mesh_axes_of, spec_for
+from deepseek_jax.buffers import BitsWeight, bits_only, from_bits, plain_weight, take16
 
 
 class SortedRows(NamedTuple):
@@ -136,18 +137,42 @@ def _round(r, tokens, flat, gates, order, counts, start, w1, w3, w2, *, axis: st
   j = r * cap + jnp.arange(cap)
   filled = j[None, :] < counts[:, None]                            # [ep, cap]
   src = order[jnp.minimum(start[:, None] + j[None, :], flat.shape[0] - 1)]  # row ids
-  send_x = jnp.where(filled[..., None], jnp.take(tokens, src // k, axis=0), 0)
+  send_x = jnp.where(filled[..., None], take16(tokens, src // k, mode="clip"), 0)
   # Empty slots carry the sentinel expert id e_local: the kernel skips them.
   send_e = jnp.where(filled, flat[src] % e_local, e_local)
-  recv_x = jax.lax.all_to_all(send_x, axis, 0, 0).reshape(ep * cap, d)   # [ep(src) cap, d]
+  recv_x = _all_to_all(send_x, axis).reshape(ep * cap, d)         # [ep(src) cap, d]
   recv_e = jax.lax.all_to_all(send_e, axis, 0, 0).reshape(ep * cap, 1)
   live = recv_e < e_local
   y = kernel(recv_x, recv_e, live.astype(tokens.dtype), w1, w3, w2)
   # Zero the sentinel slots whatever the kernel made of them.
   y = jnp.where(live, y, jnp.zeros((), y.dtype)).reshape(ep, cap, d)
-  back = jax.lax.all_to_all(y, axis, 0, 0)                         # [ep(dst), cap, d]
+  back = _all_to_all(y, axis)                                      # [ep(dst), cap, d]
   weight = jnp.where(filled, gates[src], 0).astype(back.dtype)
   return jnp.zeros((n, d), back.dtype).at[src // k].add(back * weight[..., None])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _all_to_all(x, axis: str):
+  """all_to_all(x, axis, 0, 0), a 16-bit float x sent as its uint16 bits,
+  forward and backward (its transpose is the same exchange). XLA:CPU has no
+  16-bit float all-to-all: its float normalization sent float32 copies
+  (2 GiB per [ep cap, 7168] buffer at V3 widths, two live in a MoE
+  backward); bit-exact on every backend."""
+  if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize != 2:
+    return jax.lax.all_to_all(x, axis, 0, 0)
+  bits = jax.lax.all_to_all(jax.lax.bitcast_convert_type(x, jnp.uint16), axis, 0, 0)
+  return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+def _all_to_all_fwd(x, axis):
+  return _all_to_all(x, axis), None
+
+
+def _all_to_all_bwd(axis, _, ct):
+  return (_all_to_all(ct, axis),)
+
+
+_all_to_all.defvjp(_all_to_all_fwd, _all_to_all_bwd)
 
 
 def _overflow(busiest, *operands, rnd, rounds: int, cap: int):
@@ -196,7 +221,8 @@ def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int
   start = jnp.cumsum(counts) - counts
   others = tuple(a for a in batch_axes if a != axis)
   if others:
-    w1, w3, w2 = (jax.lax.pcast(w, others, to="varying") for w in (w1, w3, w2))
+    w1, w3, w2 = jax.tree.map(lambda w: jax.lax.pcast(w, others, to="varying"),
+                              (w1, w3, w2))
   if mlp_axes:
     tokens, gates = (jax.lax.pcast(v, tuple(mlp_axes), to="varying") for v in (tokens, gates))
   operands = (tokens, flat, gates.reshape(-1), by_dest.order, counts, start, w1, w3, w2)
@@ -218,6 +244,12 @@ def _exchanging_kernel(tokens, experts, gates, w1, w3, w2, *, axis: str, ep: int
 _FLOAT_OPERANDS = (0, 2, 6, 7, 8)
 
 
+def _with_value(op, value):
+  """op with its differentiable array replaced by value (a BitsWeight keeps
+  its bits)."""
+  return op._replace(value=value) if isinstance(op, BitsWeight) else value
+
+
 def _overflow_cond(busiest, *operands, rnd, rounds: int, cap: int):
   """The overflow rounds (`_overflow`) when busiest > cap, else 0 [n, d].
 
@@ -229,9 +261,16 @@ def _overflow_cond(busiest, *operands, rnd, rounds: int, cap: int):
   backward is its own cond: the rounds' VJP (each round recomputed) or zero
   cotangents for the float operands."""
   run = functools.partial(_overflow, rnd=rnd, rounds=rounds, cap=cap)
+  # A BitsWeight crosses into the branches as its bits alone (buffers.py:
+  # its value is rebuilt inside as a bitcast nothing reads), so no cond
+  # operand holds a 16-bit float copy of the weights.
+  like = operands
 
   def switch(busiest, *ops):
-    return jax.lax.cond(busiest > cap, run, lambda b, *o: jnp.zeros_like(o[0]), busiest, *ops)
+    def overflow(b, *o):
+      return run(b, *from_bits(like, o))
+    return jax.lax.cond(busiest > cap, overflow, lambda b, *o: jnp.zeros_like(o[0]), busiest,
+                        *bits_only(ops))
 
   def fwd(busiest, *ops):
     return switch(busiest, *ops), (busiest, ops)
@@ -239,22 +278,24 @@ def _overflow_cond(busiest, *operands, rnd, rounds: int, cap: int):
   def bwd(res, ct):
     busiest, ops = res
 
-    def grads(ct, busiest, *floats):
+    def grads(ct, busiest, *passed):
+      full = from_bits(like, passed)
+
       def f(*fl):
-        full = list(ops)
+        ops_fl = list(full)
         for i, v in zip(_FLOAT_OPERANDS, fl):
-          full[i] = v
-        return run(busiest, *full)
-      return jax.vjp(f, *floats)[1](ct)
+          ops_fl[i] = _with_value(full[i], v)
+        return run(busiest, *ops_fl)
+      return jax.vjp(f, *(plain_weight(full[i]) for i in _FLOAT_OPERANDS))[1](ct)
 
-    def zeros(ct, busiest, *floats):
-      return tuple(jnp.zeros_like(v) for v in floats)
+    def zeros(ct, busiest, *passed):
+      return tuple(jnp.zeros_like(plain_weight(v)) for v in from_bits(
+          [like[i] for i in _FLOAT_OPERANDS], [passed[i] for i in _FLOAT_OPERANDS]))
 
-    floats = [ops[i] for i in _FLOAT_OPERANDS]
-    cts = jax.lax.cond(busiest > cap, grads, zeros, ct, busiest, *floats)
+    cts = jax.lax.cond(busiest > cap, grads, zeros, ct, busiest, *bits_only(ops))
     full = [None] * len(ops)
     for i, v in zip(_FLOAT_OPERANDS, cts):
-      full[i] = v
+      full[i] = BitsWeight(v, None) if isinstance(ops[i], BitsWeight) else v
     return (None, *full)
 
   f = jax.custom_vjp(switch)
@@ -279,7 +320,8 @@ def _sequenced_fwd(first, then):
 
 def _sequenced_bwd(_, cts):
   ct_first, ct_then = cts
-  dep = sum(c.reshape(-1)[0].astype(jnp.float32) for c in jax.tree.leaves(ct_then))
+  dep = sum(c.reshape(-1)[0].astype(jnp.float32) for c in jax.tree.leaves(ct_then)
+            if jnp.issubdtype(c.dtype, jnp.floating))      # not a BitsWeight's bits
   return ct_first.at[(0,) * ct_first.ndim].add((0 * dep).astype(ct_first.dtype)), ct_then
 
 

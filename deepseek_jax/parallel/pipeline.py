@@ -94,6 +94,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.buffers import zeros_after
 from deepseek_jax.parallel import schedules as sched
 from deepseek_jax.parallel.pipeline_layout import (PIPE, STACKS, StageLayout, layout_sizes,
                                                    stage_tree, unstage_tree, zero_padded_slots)
@@ -147,16 +148,6 @@ def _zeros(spec):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
 
 
-def _zeros_after(spec, anchor):
-  """Zeros of spec made from a value read from anchor (0 x a flag of its
-  first element: never NaN). Inside a switch branch, zeros with no operand
-  are hoisted out of the conditional and made before it, then copied into
-  the branch's result: both live through whichever branch runs (the MTP
-  experts' f32 gradient zeros: 10.5 GiB at V3 widths on pipe=2 x expert=4)."""
-  dep = 0 * (anchor.reshape(-1)[0] == 0).astype(jnp.float32)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype) + dep.astype(s.dtype), spec)
-
-
 def _cond_head(pred, fn, spec, shared, y, rest, *, grad_shared: bool):
   """fn(shared, y, *rest) where pred holds, zeros of spec elsewhere.
 
@@ -190,7 +181,7 @@ def _cond_head(pred, fn, spec, shared, y, rest, *, grad_shared: bool):
       return None, jax.vjp(lambda y: fn(shared, y, *rest), y)[1](ct)[0]
 
     def zeros(floats, shared, y):
-      return (_zeros_after(shared, y) if grad_shared else None, _zeros_after(y, y))
+      return (zeros_after(shared, y) if grad_shared else None, zeros_after(y, y))
     g_sh, g_y = jax.lax.cond(pred, grads, zeros, floats, shared, y)
     return None, g_sh, g_y, None
 
@@ -358,11 +349,11 @@ class _Rank:
       if want_weights:
         g = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), g)
         grads[key] = jax.tree.map(lambda z, a: z.at[:n].set(a.astype(z.dtype)), grads[key], g)
-    if not want_weights:        # zeros made after the input gradient (`_zeros_after`)
-      grads = _zeros_after(grads, ct)
+    if not want_weights:        # zeros made after the input gradient (`zeros_after`)
+      grads = zeros_after(grads, ct)
     used = self._embed_leaves()
     leaves = jax.tree.leaves(self.shared)
-    g_emb = _zeros_after([leaves[i] for i in used], ct)
+    g_emb = zeros_after([leaves[i] for i in used], ct)
     if self.first[d] is not False and want_weights:
       tdef = jax.tree.structure(self.shared)
 
@@ -439,11 +430,11 @@ class _Rank:
     else:
       (g_x,) = jax.vjp(lambda x: f(self.stacks[d], self.shared, x, False), x_in)[1]((dy, one))
       # The zero weight gradients of an I op, made after the input gradient
-      # (`_zeros_after`): zeros with no operand were scheduled first, so the
+      # (`zeros_after`): zeros with no operand were scheduled first, so the
       # switch's result buffers (a chunk's and the shared weights' f32
       # gradients, 31.5 GiB at V3 widths) stayed live through the op's
       # stage recompute and VJP.
-      g_st, g_sh = _zeros_after((g_st, g_sh), g_x)
+      g_st, g_sh = zeros_after((g_st, g_sh), g_x)
     if g_x is not None and self.first[d] is not False:
       g_x = jnp.where(self.first[d], jnp.zeros_like(g_x), g_x)
     return g_x, g_st, g_sh
@@ -481,9 +472,9 @@ class _Rank:
             for k, v in self.stacks[0].items()}
 
   def zero_shared(self, anchor=None):
-    """Zero shared-weight gradients (made after anchor when given: `_zeros_after`)."""
+    """Zero shared-weight gradients (made after anchor when given: `zeros_after`)."""
     if anchor is not None:
-      return _zeros_after(self.shared, anchor)
+      return zeros_after(self.shared, anchor)
     return jax.tree.map(jnp.zeros_like, self.shared)
 
   def branches(self, present: dict[str, np.ndarray]):
@@ -548,8 +539,8 @@ class _Rank:
       return self._zero_carry(), self.zero_shared(x_in)
 
     def no_blocks(carry, row):
-      return ([zeros_x] * self.dirs, _zeros_after(self.zero_stacks(), carry["ct"]),
-              _zeros_after([leaves[i] for i in self._embed_leaves()], carry["ct"]))
+      return ([zeros_x] * self.dirs, zeros_after(self.zero_stacks(), carry["ct"]),
+              zeros_after([leaves[i] for i in self._embed_leaves()], carry["ct"]))
 
     def tail(d, want_weights):
       return lambda x_in, dy, row: self.v_tail(d, row["b_mb"], x_in, dy, want_weights)
