@@ -1,6 +1,7 @@
 """Blockwise (FlashAttention-2 style) attention equals the naive [s, s] form.
 
-Oracles: the naive path (today's scores + additive bias, autodiff gradients)
+Oracles: the naive path (scores + additive bias; its recomputing backward
+against autodiff of a jax.nn.softmax reference)
 and, for the mask itself, a float64 NumPy loop over rows. The memory test
 compiles without running and reads XLA's temporary bytes.
 """
@@ -63,6 +64,22 @@ def test_naive_path_matches_a_float64_loop_over_rows(inputs):
       p = np.exp(logits - logits.max(-1, keepdims=True))
       want[b, :, i] = np.einsum("hk,hkd->hd", p / p.sum(-1, keepdims=True), v[b][:, keys])
   np.testing.assert_allclose(_naive(*inputs[:3], inputs[4]), want, atol=1e-5)
+
+
+def _softmax_reference(q, k, v, seg):
+  """Attention as jax.nn.softmax spells it; its gradient is plain autodiff."""
+  scores = jnp.einsum("bhsk,bhtk->bhst", q, k) + attention_bias(seg)
+  return jnp.einsum("bhst,bhtk->bhsk", jax.nn.softmax(scores, axis=-1), v)
+
+
+def test_naive_recomputing_backward_matches_autodiff(inputs):
+  """naive_attention's custom VJP (P recomputed from the saved logsumexp)
+  against autodiff of the softmax reference: dq, dk, dv."""
+  (_, want), want_grads = _value_and_grads(_softmax_reference)(*inputs)
+  (_, got), got_grads = _value_and_grads(_naive)(*inputs)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  for name, g, g0 in zip(("dq", "dk", "dv"), got_grads, want_grads):
+    np.testing.assert_allclose(g, g0, atol=2e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("block_q,block_k", [(8, 8), (5, 16), (16, 4), (37, 37), (64, 64),
