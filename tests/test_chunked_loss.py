@@ -1,7 +1,8 @@
 """The vocabulary-chunked cross-entropy (train/losses.py chunked_cross_entropy)
 and the training forward's hidden-state path (model/stages.py, hidden=True).
 
-Oracles: the full-vocabulary `losses.cross_entropy` of `h @ kernel` (value,
+Oracles: autodiff of the textbook log_softmax loss for `cross_entropy`'s
+written-out derivative; the full-vocabulary `losses.cross_entropy` of `h @ kernel` (value,
 count and gradients wrt h and the kernel), the pretraining loss on the
 model's logits (`pretraining_loss(..., vocab_chunk=0)`, today's path) for
 the train step's loss, metrics and gradients, and the same on one device
@@ -71,6 +72,28 @@ def test_chunked_cross_entropy_equals_the_full_one_with_gradients(lead, chunk, s
   for g, w in zip(got[2], want[2]):
     assert float(jnp.abs(w).max()) > 1e-3            # a real gradient, not zeros
     np.testing.assert_allclose(g, w, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("total", [None, 11.0])
+def test_cross_entropy_gradient_equals_autodiff_of_log_softmax(total):
+  """cross_entropy's written-out derivative (softmax - onehot, times each
+  token's weight) against autodiff of the textbook form: mean over weighted
+  tokens of -log_softmax at the target (take_along_axis), wrt the logits
+  and the weights."""
+  h, kernel, targets, weights = _case()
+  logits = jnp.einsum("...d,dv->...v", h, kernel)
+
+  def reference(logits, weights):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return (nll * weights).sum() / (weights.sum() if total is None else total)
+  want, want_g = jax.value_and_grad(reference, argnums=(0, 1))(logits, weights)
+  got, got_g = jax.value_and_grad(
+      lambda z, w: losses.cross_entropy(z, targets, w, total)[0], argnums=(0, 1))(logits,
+                                                                                weights)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, g0 in zip(got_g, want_g):
+    np.testing.assert_allclose(g, g0, atol=1e-6)
 
 
 def test_a_vocabulary_within_one_chunk_is_the_full_cross_entropy_itself():

@@ -83,15 +83,54 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   weights [b, s]. Returns (CE, sum of weights): CE is the weighted sum
   divided by `total` (default: the sum of weights, i.e. the mean). A batch
   without any weight gives 0, not NaN.
+
+  The derivative is written out (`_token_nll`'s custom VJP): d logits =
+  (softmax - onehot(target)) x the token's weight, one pass over [b, s, V]
+  (autodiff of log_softmax and the masked sum made two, one of them a
+  transposed copy: the CPU bench step's dearest op).
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)       # [b, s, V]
+  weights = weights.astype(jnp.float32)
+  count = weights.sum()
+  scale = weights / jnp.maximum(count if total is None else total, 1e-9)
+  return _token_nll(logits, targets, scale), count
+
+
+def _target_logit(z, targets):
   # A masked sum over the vocabulary, not a gather (take_along_axis): the same
   # number, and with the vocabulary split over `tensor` (fsdp_tp) inside the
   # pipeline's shard_map, XLA's SPMD partitioner aborts on the gather
   # (jax 0.10.2: spmd_partitioner_util "Check failed ... device_groups").
-  picked = jnp.arange(logp.shape[-1]) == targets[..., None]
-  nll = -jnp.where(picked, logp, 0.0).sum(-1)
-  return _weighted_mean(nll, weights, total)
+  picked = jnp.arange(z.shape[-1]) == targets[..., None]
+  return jnp.where(picked, z, 0.0).sum(-1), picked
+
+
+def _nll_parts(logits, targets):
+  z = logits.astype(jnp.float32)
+  m = jax.lax.stop_gradient(z.max(-1, keepdims=True))
+  lse = (m + jnp.log(jnp.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+  return lse, lse - _target_logit(z, targets)[0]
+
+
+@jax.custom_vjp
+def _token_nll(logits, targets, scale):
+  """sum over tokens of scale[t] x (logsumexp(logits[t]) - logits[t, target])."""
+  return (_nll_parts(logits, targets)[1] * scale).sum()
+
+
+def _token_nll_fwd(logits, targets, scale):
+  lse, nll = _nll_parts(logits, targets)
+  return (nll * scale).sum(), (logits, targets, scale, lse, nll)
+
+
+def _token_nll_bwd(res, g):
+  logits, targets, scale, lse, nll = res
+  z = logits.astype(jnp.float32)
+  picked = jnp.arange(z.shape[-1]) == targets[..., None]
+  dz = (jnp.exp(z - lse[..., None]) - picked) * (scale * g)[..., None]
+  return dz.astype(logits.dtype), None, nll * g
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
 def _weighted_mean(nll, weights, total):
