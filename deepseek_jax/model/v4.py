@@ -73,6 +73,28 @@ mHC streams are per token and carry nothing across tokens; CSA's indexer
 scores the cached entries of its own compressor. No MTP drafting
 (speculative decoding) for V4 yet.
 
+FP8 (cfg.fp8, DeepSeek-V3's recipe: fp8/dot.py, 1 x 128 activation tiles,
+128 x 128 weight blocks, fprop / dgrad / wgrad in E4M3; fp8_layers picks
+the kinds): "attn" = V4Attention's wq_a, wq_b, wkv, wo_b (Einsum, as MLA's)
+and the grouped wo_a (`GroupedProjection`: one FP8 GEMM per o-group, each
+group's matrix in its own blocks); "mlp" = the shared expert; "experts" =
+the routed experts of both MoE kinds (model/moe.py). Kept in cfg.dtype /
+float32, as V3 keeps its embedding, head, norms, MoE gate and attention
+core: the embedding, head, every norm, the MoE gate (and the frozen hash
+table), the sinks and the attention core; the mHC mixings (HyperConnection
+/ HyperHead: a [n d, (2 + n) n] projection whose few outputs go through
+sigmoids and Sinkhorn and scale the whole residual stream, router-like and
+float32 by design, as transformers keeps attn_hc / ffn_hc / hc_head); the
+compressors' wkv and wgate (wgate's logits feed the pooling softmax; the
+published V4-Flash checkpoint ships both in BF16 without FP8 scales:
+transformers' `_keep_in_fp32_modules`); CSA's indexer (its compressor,
+wq_b, weights_proj and scores: in the model dtype like V3.2's indexer,
+model/dsa.py; its top-k passes no gradient, so FP8 there would only
+perturb a discrete choice; the published checkpoint stores its wq_b in
+FP8, a possible inference-only extension); MTP's eh_proj (as V3's).
+tests/test_v4_fp8.py holds the FP8 forward against a hand emulation of
+exactly these GEMMs.
+
 Memory: the training / prefill attention is the naive [b, H, s, s +
 entries] form (the sliding window and the compressed entries are masks
 over it); a windowed / gathered kernel is what long contexts need. A decode
@@ -92,11 +114,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import fp8
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.attention import NEG_INF
 from deepseek_jax.model.dsa import select_topk
 from deepseek_jax.model.hyper import HyperConnection, HyperHead, hc_merge, unweighted_rms
-from deepseek_jax.model.layers import Einsum, Embed, RMSNorm, dtype_of
+from deepseek_jax.model.layers import Einsum, Embed, RMSNorm, dtype_of, normal_init
 from deepseek_jax.model.mla import write_rows
 from deepseek_jax.model.moe import MoE
 from deepseek_jax.model.mtp import shift_left
@@ -259,6 +282,38 @@ class Indexer(nn.Module):
     return select_topk(scores, allowed, cfg.index_topk), state
 
 
+class GroupedProjection(nn.Module):
+  """The grouped low-rank output projection `wo_a`: x [b, s, g, i] with
+  kernel [g, i, o] -> [b, s, g, o], group j's heads through group j's own
+  [i, o] matrix (einsum "bsgi,gio->bsgo").
+
+  FP8 (cfg.fp8_for("attn")): each group's GEMM is its own FP8 GEMM,
+  `fp8.fp8_grouped_dot` with one group per o-group, as the routed experts
+  (one group per expert): the group's [i, o] matrix in 128 x 128 blocks, its
+  input in 1 x 128 tiles along i (per token and group), dgrad / wgrad in
+  FP8 per group. Einsum's `fp8_einsum` flattens one [K, N] matrix and has
+  no dimension shared by input and kernel, hence this module (same
+  parameter, `kernel`). Published FP8 blocks (a `kernel_scale`) are refused:
+  V4 checkpoints load as float weights only (interop/hf_load.py)."""
+  cfg: ModelConfig
+  shape: tuple
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    kernel = self.param("kernel", normal_init(cfg), tuple(self.shape), dtype_of(cfg.param_dtype))
+    if self.has_variable("params", "kernel_scale"):
+      raise NotImplementedError("wo_a: FP8 weight blocks (kernel_scale) are not supported for "
+                                "DeepSeek-V4; load the checkpoint with keep_fp8=False.")
+    dt = dtype_of(cfg.dtype)
+    if not cfg.fp8_for("attn"):
+      return jnp.einsum("bsgi,gio->bsgo", x.astype(dt), kernel.astype(dt))
+    b, s, g, i = x.shape
+    xg = jnp.transpose(x.astype(dt), (2, 0, 1, 3)).reshape(g, b * s, i)
+    y = fp8.fp8_grouped_dot(xg, kernel)                                   # f32 [g, b s, o]
+    return jnp.transpose(y.reshape(g, b, s, -1), (1, 2, 0, 3)).astype(dt)
+
+
 def sliding_mask(segment_ids: jax.Array, window: int) -> jax.Array:
   """bool [b, s, s]: key j for query i when i - window < j <= i, same segment."""
   s = segment_ids.shape[1]
@@ -335,8 +390,7 @@ class V4Attention(nn.Module):
     out = sink_attention(q, keys, allowed, sinks, hd ** -0.5)
     out = rope_tail(out, -positions[..., None], freqs).astype(cfg.dtype)
     out = out.reshape(b, s, g, h * hd // g)
-    out = Einsum(cfg, (g, h * hd // g, cfg.o_lora_rank), "bsgi,gio->bsgo", "attn",
-                 name="wo_a")(out)
+    out = GroupedProjection(cfg, (g, h * hd // g, cfg.o_lora_rank), name="wo_a")(out)
     return Einsum(cfg, (g * cfg.o_lora_rank, d), "bsr,rd->bsd", "attn", name="wo_b")(
         out.reshape(b, s, -1)), state
 
