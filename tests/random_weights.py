@@ -37,3 +37,23 @@ def randomize_torch_model(model) -> None:
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
       else:
         p.normal_(0.0, 0.1)
+
+
+def random_hf_v4(hf_config: dict, seed: int = 0):
+  """transformers' DeepseekV4ForCausalLM(DeepseekV4Config(**hf_config)) in
+  eval mode with random weights (`randomize_torch_model`), random top-k
+  router biases U(0, 0.5) and random hash tables (each token's
+  num_experts_per_tok distinct experts)."""
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  model = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**hf_config)).eval()
+  randomize_torch_model(model)
+  n_exp, k = hf_config["n_routed_experts"], hf_config["num_experts_per_tok"]
+  with torch.no_grad():
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):
+        b.copy_(0.5 * torch.rand_like(b))
+      elif name.endswith("tid2eid"):
+        b.copy_(torch.stack([torch.randperm(n_exp)[:k] for _ in range(b.shape[0])]))
+  return model

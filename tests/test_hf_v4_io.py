@@ -52,17 +52,8 @@ def hf_dir(tmp_path_factory):
   """(transformers model, the directory its save_pretrained wrote)."""
   if torch is None:
     pytest.skip("needs torch + transformers")
-  from random_weights import randomize_torch_model
-  torch.manual_seed(0)
-  model = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**HF)).eval()
-  randomize_torch_model(model)
-  with torch.no_grad():
-    for name, b in model.named_buffers():
-      if name.endswith("e_score_correction_bias"):
-        b.copy_(0.5 * torch.rand_like(b))
-      elif name.endswith("tid2eid"):
-        b.copy_(torch.stack([torch.randperm(HF["n_routed_experts"])[:HF["num_experts_per_tok"]]
-                             for _ in range(b.shape[0])]))
+  from random_weights import random_hf_v4
+  model = random_hf_v4(HF)
   path = str(tmp_path_factory.mktemp("v4") / "hf")
   model.save_pretrained(path)
   return model, path

@@ -21,7 +21,7 @@ from deepseek_jax.interop.hf_v4 import config_from_hf_v4, v4_variables_from_stat
 from deepseek_jax.model import (Transformer, abstract_variables, count_active_params,
                                 count_params, init_variables)
 from deepseek_jax.model.hyper import sinkhorn
-from random_weights import randomize_torch_model
+from random_weights import random_hf_v4
 
 try:
   import torch
@@ -53,17 +53,8 @@ def hf_pair():
   """(transformers model, our cfg, our variables) with the same random weights."""
   if torch is None:
     pytest.skip("needs torch + transformers")
-  torch.manual_seed(0)
-  hf_cfg = transformers.DeepseekV4Config(**HF)
-  model = transformers.DeepseekV4ForCausalLM(hf_cfg).eval()
-  randomize_torch_model(model)
-  with torch.no_grad():
-    for name, b in model.named_buffers():
-      if name.endswith("e_score_correction_bias"):
-        b.copy_(0.5 * torch.rand_like(b))
-      elif name.endswith("tid2eid"):
-        b.copy_(torch.stack([torch.randperm(HF["n_routed_experts"])[:HF["num_experts_per_tok"]]
-                             for _ in range(b.shape[0])]))
+  model = random_hf_v4(HF)
+  hf_cfg = model.config
   cfg = config_from_hf_v4(hf_cfg.to_dict(), n_mtp_depth=1)
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   base = init_variables(cfg, jax.random.key(0))

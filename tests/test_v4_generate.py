@@ -161,18 +161,9 @@ def test_greedy_generate_matches_transformers(model, batched):
   if torch is None:
     pytest.skip("needs torch + transformers")
   from deepseek_jax.interop.hf_v4 import v4_variables_from_state_dict
-  from random_weights import randomize_torch_model
+  from random_weights import random_hf_v4
   from test_v4 import HF
-  torch.manual_seed(0)
-  hf = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**HF)).eval()
-  randomize_torch_model(hf)
-  with torch.no_grad():
-    for name, b in hf.named_buffers():
-      if name.endswith("e_score_correction_bias"):
-        b.copy_(0.5 * torch.rand_like(b))
-      elif name.endswith("tid2eid"):
-        b.copy_(torch.stack([torch.randperm(HF["n_routed_experts"])[:HF["num_experts_per_tok"]]
-                             for _ in range(b.shape[0])]))
+  hf = random_hf_v4(HF)
   cfg = get_preset("tiny_v4")            # = the HF config's (test_v4), YaRN off
   state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
   variables = v4_variables_from_state_dict(cfg, state, model[1])   # base: the MTP module
