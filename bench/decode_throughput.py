@@ -24,10 +24,16 @@ decode_step_s / gemm_floor_s says how far above that floor a step runs.
   python bench/decode_throughput.py --model-json bench/shapes/issue2.json \
       --batch 4 --prompt 32 --new 64
   python bench/decode_throughput.py --framework torch-hf ...      # the HF baseline
-  python bench/decode_throughput.py --compare-rounds 2 ...         # both, A B A B
+  python bench/decode_throughput.py --dtype bfloat16 ...          # bf16 weights/activations
+  python bench/decode_throughput.py --compare-rounds 2 ...         # all sides, A B C A B C
 
---compare-rounds R runs R fresh processes of each framework alternately
-and prints one JSON line with both sides' medians and the ratio jax / hf.
+--dtype (jax side): `generate(..., dtype=)`, float32 (default) or bfloat16
+(weights cast once before the timed calls; weight_bytes_per_step counts the
+cast weights). --compare-rounds R runs R rounds of fresh processes, each
+round JAX float32, JAX bfloat16 and (when transformers is installed) HF, one
+after the other; it prints each run's JSON line, then one summary line with
+every side's median, the ratios bf16 / f32 and jax / hf, and the load
+average (os.getloadavg) before and after.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--new", type=int, default=64, help="generated tokens per row")
   p.add_argument("--framework", default="jax", choices=("jax", "torch-hf"))
   p.add_argument("--speculative", action="store_true", help="jax: MTP drafting")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="jax: generate's dtype (weights and activations)")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -73,22 +81,26 @@ def _timed(fn, warmup: int, repeats: int) -> float:
 def run_jax(args, cfg, prompts) -> dict:
   import jax
   import jax.numpy as jnp
-  from deepseek_jax.infer import bytes_per_token, generate
+  from deepseek_jax.infer import bytes_per_token, decode, generate
   from deepseek_jax.model import init_variables
   variables = init_variables(cfg, jax.random.key(args.seed))
+  # cast once, as launch.generate does (generate's own cast is then free)
+  cfg, variables = decode.inference_model(cfg, variables, args.dtype)
   rows = prompts.tolist()
+  dt = dict(dtype=args.dtype)
   t = time.perf_counter()
-  generate(cfg, variables, rows, max_new_tokens=args.new, speculative=args.speculative)
+  generate(cfg, variables, rows, max_new_tokens=args.new, speculative=args.speculative, **dt)
   compile_s = time.perf_counter() - t
   stats = {}
 
   def full():
-    g = generate(cfg, variables, rows, max_new_tokens=args.new, speculative=args.speculative)
+    g = generate(cfg, variables, rows, max_new_tokens=args.new, speculative=args.speculative,
+                 **dt)
     stats.update(steps=g.steps, acceptance=g.acceptance_rate)
     assert (g.lengths == args.new).all()
 
-  prefill = _timed(lambda: generate(cfg, variables, rows, max_new_tokens=1), args.warmup,
-                   args.repeats)
+  prefill = _timed(lambda: generate(cfg, variables, rows, max_new_tokens=1, **dt),
+                   args.warmup, args.repeats)
   total = _timed(full, args.warmup, args.repeats)
   # The floor of a decode step: it reads every weight it uses once (all
   # routed experts: decode's few tokens run the MoE densely; the embedding
@@ -105,7 +117,7 @@ def run_jax(args, cfg, prompts) -> dict:
   out = {"prefill_s": prefill, "total_s": total, "compile_s": compile_s,
          "cache_bytes_per_token": bytes_per_token(cfg), "decode_steps": stats["steps"],
          "weight_bytes_per_step": int(weight_bytes), "gemm_floor_s": floor,
-         "jax": jax.__version__}
+         "dtype": args.dtype, "jax": jax.__version__}
   if args.speculative:
     out["acceptance_rate"] = stats["acceptance"]
   return out
@@ -166,28 +178,48 @@ def main(argv=None) -> dict:
   return result
 
 
+def _has_transformers() -> bool:
+  import importlib.util
+  return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
 def compare(args) -> dict:
+  """R rounds of fresh processes: JAX float32, JAX bfloat16, HF (if installed)."""
   base = [sys.executable, os.path.abspath(__file__), "--model-json", args.model_json,
           "--batch", str(args.batch), "--prompt", str(args.prompt), "--new", str(args.new),
           "--warmup", str(args.warmup), "--repeats", str(args.repeats),
           "--threads", str(args.threads)]
-  runs = {"jax": [], "torch-hf": []}
+  sides = {"jax": ["--framework", "jax", "--dtype", "float32"],
+           "jax_bf16": ["--framework", "jax", "--dtype", "bfloat16"]}
+  if _has_transformers():
+    sides["hf"] = ["--framework", "torch-hf"]
+  load_before = os.getloadavg()
+  runs = {side: [] for side in sides}
   for r in range(args.compare_rounds):
-    for fw in runs:
-      res = run_json(base + ["--framework", fw])
-      runs[fw].append(res)
+    for side, flags in sides.items():
+      res = run_json(base + flags)
+      runs[side].append(res)
+      print(json.dumps({"round": r + 1, "side": side, **res}), flush=True)
       if res["decode_tokens_per_s"] is None:
-        sys.exit(f"round {r + 1} {fw}: decode time below timing noise; raise --new")
-      print(f"round {r + 1} {fw}: {res['decode_tokens_per_s']:.1f} decode tok/s",
+        sys.exit(f"round {r + 1} {side}: decode time below timing noise; raise --new")
+      print(f"round {r + 1} {side}: {res['decode_tokens_per_s']:.1f} decode tok/s",
             file=sys.stderr, flush=True)
-  med = {fw: statistics.median(r["decode_tokens_per_s"] for r in rs) for fw, rs in runs.items()}
+  med = {side: statistics.median(r["decode_tokens_per_s"] for r in rs)
+         for side, rs in runs.items()}
   result = {"bench": "decode_throughput_compare", "batch": args.batch, "prompt": args.prompt,
             "new": args.new, "rounds": args.compare_rounds, "model_json": args.model_json,
-            "jax_decode_tokens_per_s": med["jax"], "hf_decode_tokens_per_s": med["torch-hf"],
-            "jax_over_hf": med["jax"] / med["torch-hf"],
+            "jax_decode_tokens_per_s": med["jax"],
+            "jax_bf16_decode_tokens_per_s": med["jax_bf16"],
+            "bf16_over_f32": med["jax_bf16"] / med["jax"],
             "jax_all": [r["decode_tokens_per_s"] for r in runs["jax"]],
-            "hf_all": [r["decode_tokens_per_s"] for r in runs["torch-hf"]],
-            "cache_bytes_per_token": runs["jax"][0]["cache_bytes_per_token"]}
+            "jax_bf16_all": [r["decode_tokens_per_s"] for r in runs["jax_bf16"]],
+            "cache_bytes_per_token": runs["jax"][0]["cache_bytes_per_token"],
+            "cache_bytes_per_token_bf16": runs["jax_bf16"][0]["cache_bytes_per_token"],
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+  if "hf" in runs:
+    result.update(hf_decode_tokens_per_s=med["hf"], jax_over_hf=med["jax"] / med["hf"],
+                  jax_bf16_over_hf=med["jax_bf16"] / med["hf"],
+                  hf_all=[r["decode_tokens_per_s"] for r in runs["hf"]])
   print(json.dumps(result), flush=True)
   return result
 

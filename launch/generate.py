@@ -8,6 +8,8 @@
   python -m launch.generate --from_hf=DIR --prompt="The capital of France is"
   # prompts from a JSONL file: {"prompt": "..."} or {"tokens": [1, 2, 3]} per line
   python -m launch.generate --workdir=/tmp/demo --prompts_file=prompts.jsonl --speculative
+  # bfloat16 weights and activations (float32 router, norms, softmax and logits)
+  python -m launch.generate --workdir=/tmp/demo --prompt="12+34" --dtype=bfloat16
   # YaRN by config (RoPE scaled, no weights change): meant for runs fine-tuned with it
   # (launch/configs/long_context.py); on a run trained without it, answers change
   python -m launch.generate --workdir=/tmp/demo_long1 --prompt="12+34" --max_seq_len=1024
@@ -47,6 +49,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "Draft with MTP module 1, verify "
                                  "with the main model (needs n_mtp_depth >= 1).")
 _NO_STOP = flags.DEFINE_bool("no_stop", False, "Do not stop at the tokenizer's <eos>.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Weights and activations for generation: bfloat16 halves the "
+                           "bytes a step reads (router, norms, softmax, logits stay float32).")
 _MAX_SEQ_LEN = flags.DEFINE_integer(
     "max_seq_len", None, "Extend the context at inference: with --rope_factor, YaRN-scales "
     "RoPE beyond the model's original_seq_len (V2/V3 sec. on long context).")
@@ -151,9 +156,11 @@ def main(argv):
     print(f"[{i}] {shown!r} -> {text(rows[i])!r}", flush=True)
     finished[i] = True
 
+  # cast once here (stream's own cast of weights already in dtype is free)
+  cfg, variables = decode.inference_model(cfg, variables, _DTYPE.value)
   t0 = time.perf_counter()
   t_decode, n_before, yields = None, 0, 0
-  it = decode.stream(cfg, variables, ids, **kw)
+  it = decode.stream(cfg, variables, ids, dtype=_DTYPE.value, **kw)
   try:
     while True:
       new = next(it)

@@ -40,6 +40,16 @@ speculative, and speculative decoding does not record routing).
 `stream` runs the same prefill and step functions from Python, one jitted
 step at a time (cache donated), yielding each step's new tokens: what a
 terminal or a server shows while generating.
+
+dtype="bfloat16" (`generate`, `stream`): the float weights are cast once,
+before the jitted loop (`cast_variables`; norm scales, the MoE router's gate
+and biases stay float32: they are tiny, and the router's rounding would
+change which experts a token picks), and the model runs with
+cfg.dtype=bfloat16 (activations and the latent cache in bfloat16); what the
+model already computes in float32 stays so (router, RMSNorm, the attention
+softmax, the output head's logits). Greedy tokens follow float32's until a
+step whose top-2 logits lie within bfloat16 rounding of each other.
+None (default): the model's own cfg.dtype and weights, as before.
 """
 
 from __future__ import annotations
@@ -328,12 +338,62 @@ def _check_record(return_routing: bool, speculative: bool) -> bool:
   return bool(return_routing)
 
 
+INFER_DTYPES = ("float32", "bfloat16")
+# Float params kept in float32 under dtype="bfloat16": RMSNorm scales, the
+# MoE router's gate, biases, FP8 block scales (names ending in "_scale").
+KEEP_FLOAT32 = ("scale", "gate", "bias")
+
+
+def check_dtype(dtype) -> str | None:
+  """dtype (None, a name or a NumPy/JAX dtype) -> None or its name in
+  INFER_DTYPES; ValueError (one line) otherwise."""
+  if dtype is None:
+    return None
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in INFER_DTYPES:
+    raise ValueError(f"dtype={dtype!r} must be one of {INFER_DTYPES} (the weights' and "
+                     "activations' type for generation) or None (the model's own).")
+  return name
+
+
+def inference_model(cfg: ModelConfig, variables, dtype) -> tuple[ModelConfig, Any]:
+  """(cfg, variables) to generate with in `dtype` (module doc): cfg.dtype set
+  to it and the float params cast to it once, except those KEEP_FLOAT32
+  names (kept float32). dtype None: both unchanged. Casting params already
+  in dtype is free, so callers may cast once up front and pass the result."""
+  name = check_dtype(dtype)
+  if name is None:
+    return cfg, variables
+  return cfg.replace(dtype=name), cast_variables(variables, name)
+
+
+def cast_variables(variables, dtype: str):
+  """The "params" collection's 16/32/64-bit float leaves cast to dtype, but
+  leaves named in KEEP_FLOAT32 or ending in "_scale" cast to float32; other
+  collections (the router bias) and non-float leaves (FP8 blocks) as they are."""
+  dt = jnp.dtype(check_dtype(dtype))
+
+  def cast(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if x.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
+      return x
+    keep = name in KEEP_FLOAT32 or name.endswith("_scale")
+    return x.astype(jnp.float32 if keep else dt)
+
+  if "params" not in variables:
+    return variables
+  return {**variables, "params": jax.tree_util.tree_map_with_path(cast, variables["params"])}
+
+
 def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
              rng: jax.Array | None = None, speculative: bool = False,
              mesh=None, return_routing: bool = False, group_size: int = 1,
-             rules=None) -> Generation:
+             rules=None, dtype=None) -> Generation:
   """Generates up to max_new_tokens per prompt (module docstring).
 
   temperature 0 = greedy; top_k / top_p / min_p filter the sampling
@@ -356,7 +416,11 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
   prompts (GRPO's G samples of one prompt); each run's prompt is prefilled
   once and its cache forked to the run's rows (prefix sharing). The result
   equals group_size=1's; ValueError when a run's prompts differ.
+  dtype: "bfloat16" generates with bfloat16 weights and activations
+  (float32 where the model accumulates; module doc); "float32"; None (the
+  model's own cfg.dtype, unchanged).
   """
+  check_dtype(dtype)
   record = _check_record(return_routing, speculative)
   check_v4(cfg, speculative, record)
   _check_groups(prompts, group_size)
@@ -376,6 +440,7 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
     rules = None
     if mesh is not None:
       buf, lens = distributed.replicate((buf, lens), mesh)
+  cfg, variables = inference_model(cfg, variables, dtype)      # once, outside the loop
   with context:          # traced and run under the mesh's rules when rows are split
     run = _compiled(cfg, int(max_new_tokens), stop_ids, bool(speculative), mesh, record,
                     group, rules)
@@ -393,15 +458,18 @@ def stream(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], *,
            max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
            rng: jax.Array | None = None, speculative: bool = False,
-           return_routing: bool = False) -> Iterator[list[list[int]]]:
+           return_routing: bool = False, dtype=None) -> Iterator[list[list[int]]]:
   """Like `generate`, one step at a time: yields each row's new tokens (a
   list per row, empty once it stopped) after the prefill and after every
-  step; the generator's return value (StopIteration.value) is the Generation."""
+  step; the generator's return value (StopIteration.value) is the Generation.
+  dtype: as `generate`'s."""
+  check_dtype(dtype)
   record = _check_record(return_routing, speculative)
   check_v4(cfg, speculative, record)
   stop_ids, buf, lens, rng, settings = _prepare(
       cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, rng,
       speculative)
+  cfg, variables = inference_model(cfg, variables, dtype)      # once, outside the loop
   first, step_fn = _stream_fns(cfg, int(max_new_tokens), stop_ids, bool(speculative), record)
   state = first(variables, buf, lens, rng, settings)
   seen = np.zeros(len(buf), np.int64)

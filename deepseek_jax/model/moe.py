@@ -537,9 +537,11 @@ class MoE(nn.Module):
       kernel.gathers_weights = True     # takes FSDP-sliced weights (embed_axes)
     elif impl == "ragged":
       kernel = functools.partial(experts_ragged, **clamp) if clamp else experts_ragged
-    elif (self.record and not fp8 and not isinstance(w1, fp8_lib.Quantized)
-          and current_rules() is None and picks_few_experts(cfg, x.shape[0] * x.shape[1])):
-      # Inference (prefill / decode) on a few tokens: only the picked experts.
+    elif (self.record and cfg.moe_impl == "auto" and not fp8
+          and not isinstance(w1, fp8_lib.Quantized) and current_rules() is None
+          and picks_few_experts(cfg, x.shape[0] * x.shape[1])):
+      # Inference (record: prefill / decode) on a few tokens, moe_impl "auto",
+      # no mesh: only the picked experts are read (equal to experts_dense).
       kernel = functools.partial(experts_picked, **clamp)
     else:
       kernel = functools.partial(experts_dense, fp8=fp8, **clamp)
