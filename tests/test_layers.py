@@ -16,7 +16,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "deepseek_jax"
 
-LAYERS = {"config": 0, "files": 0, "data": 0, "fp8": 0, "parallel": 1, "model": 2,
+LAYERS = {"config": 0, "files": 0, "buffers": 0, "data": 0, "fp8": 0, "parallel": 1, "model": 2,
           "infer": 3, "interop": 3, "train": 4, "rl": 5}
 
 
