@@ -1,9 +1,11 @@
 """Values shaped for how XLA allocates buffers (measured at DeepSeek-V3 widths).
 
-XLA:CPU has no 16-bit float gather: its float normalization gathers from a
-float32 copy of the whole operand. `take16` gathers a 16-bit float array's
-rows as uint16 bits instead (bit-exact on every backend): the MoE kernel's
-row moves (model/moe.py) and the exchange's sends (parallel/expert.py).
+XLA:CPU has no 16- or 8-bit float gather, slice-into-dot or all-to-all: its
+float normalization goes through float32 copies of the whole operand.
+`on_bits` runs such a data move on the unsigned integers of the bits
+instead (bit-exact on every backend): the MoE kernel's row moves and picked
+experts (model/moe.py), gmm's chunk gathers and row slices, the exchange's
+sends and all-to-alls (parallel/expert.py).
 
 The grouped matmul (model/grouped_matmul.py) gathers a bfloat16 weight's
 chunks the same way. Made inside the kernel, the bits are a second copy of
@@ -89,15 +91,25 @@ def from_bits(like, passed):
           if isinstance(w, BitsWeight) else p for w, p in zip(like, passed)]
 
 
-def take16(a: jax.Array, idx: jax.Array, **kw) -> jax.Array:
-  """jnp.take(a, idx, axis=0, **kw), a 16-bit float `a` gathered as uint16
-  bits (a fill value of 0 is +0.0's bits); other dtypes as they are."""
-  if not jnp.issubdtype(a.dtype, jnp.floating) or jnp.dtype(a.dtype).itemsize != 2:
-    return jnp.take(a, idx, axis=0, **kw)
-  bits = jax.lax.bitcast_convert_type(a, jnp.uint16)
+def on_bits(fn, a: jax.Array) -> jax.Array:
+  """fn applied to a float narrower than 32 bits as the unsigned integers of
+  its bits, the result bitcast back (fn only moves data: gathers, slices,
+  all-to-alls; bit-exact on every backend). Other dtypes: fn(a). XLA:CPU
+  float-normalizes such moves of 16- and 8-bit floats through float32
+  copies, which loop-invariant code motion then hoists out of loops as
+  whole-array copies."""
+  if not jnp.issubdtype(a.dtype, jnp.floating) or jnp.dtype(a.dtype).itemsize >= 4:
+    return fn(a)
+  bits = jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * jnp.dtype(a.dtype).itemsize}"))
+  return jax.lax.bitcast_convert_type(fn(bits), a.dtype)
+
+
+def take_bits(a: jax.Array, idx: jax.Array, **kw) -> jax.Array:
+  """jnp.take(a, idx, axis=0, **kw) through `on_bits` (a fill value of 0 is
+  +0.0's bits; no other fill value is supported)."""
   if kw.get("fill_value") not in (None, 0):
-    raise ValueError(f"take16: fill_value={kw['fill_value']!r}; only 0 (or none) is supported.")
-  return jax.lax.bitcast_convert_type(jnp.take(bits, idx, axis=0, **kw), a.dtype)
+    raise ValueError(f"take_bits: fill_value={kw['fill_value']!r}; only 0 (or none).")
+  return on_bits(lambda b: jnp.take(b, idx, axis=0, **kw), a)
 
 
 def zeros_after(spec, anchor: jax.Array):

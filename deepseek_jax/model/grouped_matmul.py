@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import fp8 as fp8_lib
-from deepseek_jax.buffers import BitsWeight, plain_weight, zeros_after
+from deepseek_jax.buffers import BitsWeight, on_bits, plain_weight, take_bits, zeros_after
 
 def loop_trips(n: int):
   """A named scope marking the while loop traced inside it as running about
@@ -111,12 +111,7 @@ def _take(w, index):
     return jax.lax.bitcast_convert_type(jnp.take(w.bits, index, axis=0, mode="clip"),
                                         w.value.dtype)
 
-  def one(a):
-    if not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype.itemsize >= 4:
-      return jnp.take(a, index, axis=0, mode="clip")
-    bits = jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{8 * a.dtype.itemsize}"))
-    return jax.lax.bitcast_convert_type(jnp.take(bits, index, axis=0, mode="clip"), a.dtype)
-  return jax.tree.map(one, w)
+  return jax.tree.map(lambda a: take_bits(a, index, mode="clip"), w)
 
 
 def _block_dot(xc, wc, fp8: bool):
@@ -138,11 +133,7 @@ def _rows(a, s, c, bs):
   in float32, and converting the slice's operand instead converted the whole
   loop-invariant array, hoisted out of the chunk loop (a float32 copy of
   each row operand: at V3 widths 2 GiB per [ep cap, 7168] cotangent)."""
-  if not jnp.issubdtype(a.dtype, jnp.floating) or jnp.dtype(a.dtype).itemsize != 2:
-    return jax.lax.dynamic_slice_in_dim(a, s * bs, c * bs)
-  bits = jax.lax.dynamic_slice_in_dim(jax.lax.bitcast_convert_type(a, jnp.uint16), s * bs,
-                                      c * bs)
-  return jax.lax.bitcast_convert_type(bits, a.dtype)
+  return on_bits(lambda b: jax.lax.dynamic_slice_in_dim(b, s * bs, c * bs), a)
 
 
 def _forward(fp8, x, w, block_group, n_used):

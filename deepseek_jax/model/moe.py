@@ -56,12 +56,12 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import fp8 as fp8_lib
+from deepseek_jax.buffers import bits_weight, take_bits
 from deepseek_jax.config import ModelConfig, default_moe_block_size
 from deepseek_jax.model.grouped_matmul import gmm
 from deepseek_jax.model.layers import MLP, dtype_of, normal_init
 from deepseek_jax.parallel.expert import routed_experts, sort_by_group
 from deepseek_jax.parallel.rules import current_rules, mesh_axes_of
-from deepseek_jax.buffers import bits_weight, take16
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def _n_experts(w) -> int:
 
 def _take_rows(a, idx):
   """a[idx] along axis 0; an index outside [0, len(a)) reads a zero row."""
-  return take16(a, idx, mode="fill", fill_value=0)      # 16-bit: gathered as bits
+  return take_bits(a, idx, mode="fill", fill_value=0)      # 16-bit: gathered as bits
 
 
 @jax.custom_vjp
@@ -390,7 +390,9 @@ def experts_picked(x, experts, gates, w1, w3, w2, swiglu_limit: float = 0.0):
   n, n_exp = x.shape[0], w1.shape[0]
   m = experts.size
   ids = jnp.unique(experts.reshape(-1), size=m, fill_value=n_exp)          # [m], sorted
-  picked = [jnp.take(w, ids, axis=0, mode="fill", fill_value=0) for w in (w1, w3, w2)]
+  # 16-bit weights (bfloat16 decoding) gathered as bits: XLA:CPU would gather
+  # from a float32 copy of every expert's weights, each step.
+  picked = [take_bits(w, ids, mode="fill", fill_value=0) for w in (w1, w3, w2)]
   y = _swiglu_grouped(jnp.broadcast_to(x, (m,) + x.shape), *picked, False, swiglu_limit)
   y_all = jnp.zeros((n_exp,) + y.shape[1:], y.dtype).at[ids].set(y, mode="drop")
   dense_gates = jnp.zeros((n, n_exp), gates.dtype).at[

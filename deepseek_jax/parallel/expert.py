@@ -88,7 +88,8 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import fp8 as fp8_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.parallel.rules import Rules, as_axes, axes_size, mesh_axes_of, spec_for
-from deepseek_jax.buffers import BitsWeight, bits_only, from_bits, plain_weight, take16
+from deepseek_jax.buffers import (BitsWeight, bits_only, from_bits, on_bits, plain_weight,
+                                  take_bits)
 
 
 class SortedRows(NamedTuple):
@@ -137,7 +138,7 @@ def _round(r, tokens, flat, gates, order, counts, start, w1, w3, w2, *, axis: st
   j = r * cap + jnp.arange(cap)
   filled = j[None, :] < counts[:, None]                            # [ep, cap]
   src = order[jnp.minimum(start[:, None] + j[None, :], flat.shape[0] - 1)]  # row ids
-  send_x = jnp.where(filled[..., None], take16(tokens, src // k, mode="clip"), 0)
+  send_x = jnp.where(filled[..., None], take_bits(tokens, src // k, mode="clip"), 0)
   # Empty slots carry the sentinel expert id e_local: the kernel skips them.
   send_e = jnp.where(filled, flat[src] % e_local, e_local)
   recv_x = _all_to_all(send_x, axis).reshape(ep * cap, d)         # [ep(src) cap, d]
@@ -158,10 +159,7 @@ def _all_to_all(x, axis: str):
   16-bit float all-to-all: its float normalization sent float32 copies
   (2 GiB per [ep cap, 7168] buffer at V3 widths, two live in a MoE
   backward); bit-exact on every backend."""
-  if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize != 2:
-    return jax.lax.all_to_all(x, axis, 0, 0)
-  bits = jax.lax.all_to_all(jax.lax.bitcast_convert_type(x, jnp.uint16), axis, 0, 0)
-  return jax.lax.bitcast_convert_type(bits, x.dtype)
+  return on_bits(lambda b: jax.lax.all_to_all(b, axis, 0, 0), x)
 
 
 def _all_to_all_fwd(x, axis):

@@ -95,20 +95,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   return _token_nll(logits, targets, scale), count
 
 
-def _target_logit(z, targets):
-  # A masked sum over the vocabulary, not a gather (take_along_axis): the same
+def _picked(vocab: int, targets):
+  # A mask over the vocabulary, not a gather (take_along_axis): the same
   # number, and with the vocabulary split over `tensor` (fsdp_tp) inside the
   # pipeline's shard_map, XLA's SPMD partitioner aborts on the gather
   # (jax 0.10.2: spmd_partitioner_util "Check failed ... device_groups").
-  picked = jnp.arange(z.shape[-1]) == targets[..., None]
-  return jnp.where(picked, z, 0.0).sum(-1), picked
+  return jnp.arange(vocab) == targets[..., None]
 
 
 def _nll_parts(logits, targets):
   z = logits.astype(jnp.float32)
   m = jax.lax.stop_gradient(z.max(-1, keepdims=True))
   lse = (m + jnp.log(jnp.exp(z - m).sum(-1, keepdims=True)))[..., 0]
-  return lse, lse - _target_logit(z, targets)[0]
+  return lse, lse - jnp.where(_picked(z.shape[-1], targets), z, 0.0).sum(-1)
 
 
 @jax.custom_vjp
@@ -125,8 +124,7 @@ def _token_nll_fwd(logits, targets, scale):
 def _token_nll_bwd(res, g):
   logits, targets, scale, lse, nll = res
   z = logits.astype(jnp.float32)
-  picked = jnp.arange(z.shape[-1]) == targets[..., None]
-  dz = (jnp.exp(z - lse[..., None]) - picked) * (scale * g)[..., None]
+  dz = (jnp.exp(z - lse[..., None]) - _picked(z.shape[-1], targets)) * (scale * g)[..., None]
   return dz.astype(logits.dtype), None, nll * g
 
 
