@@ -17,6 +17,7 @@ global FLAGS, raising ValueError with that line (a launcher run in-process).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from typing import Sequence
@@ -115,3 +116,14 @@ def begin_main(argv: Sequence[str], prog: str) -> None:
              "--flag=value (see --help).")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def print_json_or_exit(prog: str, errors: tuple[type[BaseException], ...], run) -> None:
+  """Print run()'s result as one JSON line; a user's mistake (one of
+  `errors`) exits with one line `prog: error: ...` instead of a traceback."""
+  try:
+    result = run()
+  except errors as e:
+    sys.exit(f"{prog}: error: {' '.join(str(e).split())}")
+  print(json.dumps(result))
+

@@ -40,13 +40,12 @@ with one line naming it, before anything compiles.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
-from launch.config_flag import begin_main, parse_flags_or_exit
+from launch.config_flag import begin_main, parse_flags_or_exit, print_json_or_exit
 from launch.rejection_sample import USER_ERRORS, check_out_path
 
 PROG = "launch.make_preferences"
@@ -272,15 +271,11 @@ def _define_flags() -> None:
 def main(argv):
   begin_main(argv, PROG)
   f = flags.FLAGS
-  try:
-    stats = make(f.from_workdir, f.out, f.prompt_files, step=f.step, n_prompts=f.n_prompts,
-                 k=f.k, temperature=f.temperature, max_new_tokens=f.max_new_tokens,
-                 seed=f.seed, batch_size=f.batch_size, pairs_per_prompt=f.pairs_per_prompt,
-                 verifier=f.verifier, chat_template=f.chat_template,
-                 require_format=f.require_format)
-  except USER_ERRORS as e:
-    sys.exit(f"{PROG}: error: {' '.join(str(e).split())}")
-  print(json.dumps(stats))
+  print_json_or_exit(PROG, USER_ERRORS, lambda: make(
+      f.from_workdir, f.out, f.prompt_files, step=f.step, n_prompts=f.n_prompts, k=f.k,
+      temperature=f.temperature, max_new_tokens=f.max_new_tokens, seed=f.seed,
+      batch_size=f.batch_size, pairs_per_prompt=f.pairs_per_prompt, verifier=f.verifier,
+      chat_template=f.chat_template, require_format=f.require_format))
 
 
 if __name__ == "__main__":

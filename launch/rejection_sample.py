@@ -39,14 +39,13 @@ non-zero with one line naming it, before anything compiles.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 
 from absl import app, flags
 
-from launch.config_flag import begin_main, parse_flags_or_exit
+from launch.config_flag import begin_main, parse_flags_or_exit, print_json_or_exit
 
 PROG = "launch.rejection_sample"
 # A user's mistake: the messages name the flag, file or field and the fix.
@@ -205,19 +204,14 @@ def _define_flags() -> None:
 def main(argv):
   begin_main(argv, PROG)
   f = flags.FLAGS
-  try:
-    stats = sample(f.from_workdir, f.out, step=f.step, n_prompts=f.n_prompts, k=f.k,
-                   temperature=f.temperature, max_new_tokens=f.max_new_tokens, seed=f.seed,
-                   batch_size=f.batch_size, keep_per_prompt=f.keep_per_prompt,
-                   dedupe=f.dedupe, canonical_only=f.canonical_only,
-                   max_digits=f.max_digits, task_kinds=f.task_kinds,
-                   prompt_files=f.prompt_files, verifier=f.verifier,
-                   chat_template=f.chat_template, require_format=f.require_format,
-                   judge=f.judge, judge_rubric=f.judge_rubric,
-                   judge_threshold=f.judge_threshold)
-  except USER_ERRORS as e:
-    sys.exit(f"{PROG}: error: {' '.join(str(e).split())}")
-  print(json.dumps(stats))
+  print_json_or_exit(PROG, USER_ERRORS, lambda: sample(
+      f.from_workdir, f.out, step=f.step, n_prompts=f.n_prompts, k=f.k,
+      temperature=f.temperature, max_new_tokens=f.max_new_tokens, seed=f.seed,
+      batch_size=f.batch_size, keep_per_prompt=f.keep_per_prompt, dedupe=f.dedupe,
+      canonical_only=f.canonical_only, max_digits=f.max_digits, task_kinds=f.task_kinds,
+      prompt_files=f.prompt_files, verifier=f.verifier, chat_template=f.chat_template,
+      require_format=f.require_format, judge=f.judge, judge_rubric=f.judge_rubric,
+      judge_threshold=f.judge_threshold))
 
 
 if __name__ == "__main__":
